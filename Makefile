@@ -1,0 +1,46 @@
+# distnn: `make run` trains, `make test` tests. Each target installs what it needs into .venv.
+#
+# torch is pinned to the CPU wheel that lies on this project's machines (TORCH=... overrides,
+# e.g. TORCH=torch for the newest CUDA build on a GPU machine). An unpinned torch would pull a
+# CUDA build of several GB into every fresh install.
+
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV ?= .venv
+NPROC ?= 4
+ARGS ?=
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test test-cpu test-gpu lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,dev]'
+	touch $(STAMP)
+
+# 4 ranks on the GPUs when there are at least 4, else on the CPU over gloo (device auto).
+run: $(STAMP)
+	$(BIN)/torchrun --nproc_per_node=$(NPROC) -m distnn.train $(ARGS)
+
+# All tests; the CUDA ones skip cleanly on a machine without a GPU.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# The whole suite forced onto the CPU (gloo), as on a machine with no GPU.
+test-cpu: $(STAMP)
+	CUDA_VISIBLE_DEVICES= $(BIN)/python -m pytest -q
+
+# Only the tests that need CUDA (they fail, not skip, when CUDA is missing).
+test-gpu: $(STAMP)
+	DISTNN_REQUIRE_GPU=1 $(BIN)/python -m pytest -q -m gpu
+
+lint: $(STAMP)
+	$(BIN)/ruff check distnn tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

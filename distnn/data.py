@@ -1,0 +1,36 @@
+"""The training data and how it is split across ranks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from distnn.config import TrainConfig
+from distnn.model import build_model
+
+
+def shard_bounds(total: int, world_size: int, rank: int) -> tuple[int, int]:
+    """The rows [start, stop) of a batch of ``total`` rows that ``rank`` owns.
+
+    Shards are contiguous, in rank order, and their sizes differ by at most one (the first
+    ``total % world_size`` ranks hold one row more). A shard may be empty when
+    ``total < world_size``; with a sum loss an empty shard simply contributes zero gradient.
+    """
+    if world_size < 1 or not 0 <= rank < world_size or total < 0:
+        raise ValueError(f"shard_bounds: total={total}, world_size={world_size}, rank={rank}")
+    base, extra = divmod(total, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def reference_setup(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, nn.Sequential]:
+    """The reference program's batch and initial model, drawn on the CPU in its order.
+
+    ``torch.manual_seed(seed)``, then ``x = randn(N, D_in)``, ``y = randn(N, D_out)``, then the
+    model. Every rank calls this, so every rank starts from the same data and weights.
+    """
+    torch.manual_seed(config.seed)
+    x = torch.randn(config.batch_size, config.d_in)
+    y = torch.randn(config.batch_size, config.d_out)
+    model = build_model(config.d_in, config.hidden, config.d_out)
+    return x, y, model
