@@ -7,8 +7,8 @@ set this is a single process and needs no process group.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from distnn.config import UsageError
 
@@ -26,11 +26,12 @@ class LaunchEnv:
     local_world_size: int
     restart_count: int = 0  # TORCHELASTIC_RESTART_COUNT: which attempt of an elastic job
     prefer_cpu: bool = False  # accelerate launch --cpu
+    rendezvous: bool = False  # the launcher gave RANK, WORLD_SIZE and MASTER_ADDR/PORT
 
     @property
     def needs_process_group(self) -> bool:
-        """True under any launcher, even at world size 1 (so NCCL can be used there too)."""
-        return self.launcher != "none"
+        """True whenever a launcher set up a rendezvous, even at world size 1 (NCCL works there)."""
+        return self.rendezvous
 
     @property
     def is_main(self) -> bool:
@@ -88,7 +89,7 @@ def detect_launch(environ: Mapping[str, str]) -> LaunchEnv:
     return LaunchEnv(launcher=launcher, rank=rank, local_rank=local_rank, world_size=world_size,
                      local_world_size=local_world_size,
                      restart_count=_int_var(environ, "TORCHELASTIC_RESTART_COUNT", default=0),
-                     prefer_cpu=prefer_cpu)
+                     prefer_cpu=prefer_cpu, rendezvous=True)
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -30,7 +30,6 @@ def process_group(launch: LaunchEnv, placement: Placement, *, timeout_s: float) 
     dist.init_process_group(backend=placement.backend, timeout=timedelta(seconds=timeout_s))
     try:
         yield True
-        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -100,9 +100,19 @@ def train(config: TrainConfig, launch: LaunchEnv, placement: Placement, *,
     return TrainResult(model=model, wall_s=wall_s)
 
 
-def _say_error(launch: LaunchEnv | None, message: str) -> None:
+_REPORTED = (UsageError, dist.DistError)
+
+
+def _report(launch: LaunchEnv | None, error: Exception) -> int:
+    """Prints ``error`` as one line on stderr, naming the rank in a multi-rank job; returns 2."""
+    message = str(error).strip()
+    if isinstance(error, dist.DistError):
+        first_line = message.splitlines()[0] if message else type(error).__name__
+        message = ("a collective failed: a peer died, is unreachable, or exceeded --timeout-s "
+                   f"({first_line})")
     where = f"rank {launch.rank}: " if launch and launch.world_size > 1 else ""
     print(f"distnn: {where}error: {message}", file=sys.stderr, flush=True)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,15 +126,14 @@ def main(argv: list[str] | None = None) -> int:
         if placement.notice and launch.is_main:
             print(f"distnn: note: {placement.notice}", file=sys.stderr, flush=True)
         with process_group(launch, placement, timeout_s=config.timeout_s) as distributed:
-            train(config, launch, placement, distributed=distributed)
-    except UsageError as error:
-        _say_error(launch, str(error))
-        return 2
-    except dist.DistError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
-        _say_error(launch, f"a collective failed: a peer died, is unreachable or exceeded "
-                           f"--timeout-s ({first_line})")
-        return 2
+            try:
+                train(config, launch, placement, distributed=distributed)
+            except _REPORTED as error:
+                # Said before the group is torn down: once a peer exits, the launcher may
+                # stop this rank at any moment.
+                return _report(launch, error)
+    except _REPORTED as error:
+        return _report(launch, error)
     return 0
 
 

@@ -1,0 +1,108 @@
+"""Shared helpers: real gloo process groups in spawned processes, and CLI runners."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parent.parent
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+               "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without launcher or accelerate variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in LAUNCH_VARS and not k.startswith("ACCELERATE_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def _rank_worker(rank: int, world_size: int, port: int, argv: list[str], out_dir: str) -> None:
+    # The launcher's part: describe this rank's place in the job, as torchrun would.
+    os.environ.update({
+        "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+    })
+    torch.set_num_threads(1)
+    from safetensors.torch import save_file
+
+    from distnn.config import parse_config
+    from distnn.environment import detect_launch, resolve_placement
+    from distnn.process_group import process_group
+    from distnn.train import train
+
+    config = parse_config(argv)
+    launch = detect_launch(os.environ)
+    placement = resolve_placement(device=config.device, backend=config.backend, launch=launch,
+                                  cuda_devices=torch.cuda.device_count())
+    with process_group(launch, placement, timeout_s=config.timeout_s) as distributed:
+        result = train(config, launch, placement, distributed=distributed)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in result.model.state_dict().items()}
+    save_file(state, os.path.join(out_dir, f"rank{rank}.safetensors"))
+
+
+def run_world(world_size: int, argv: list[str], out_dir: Path) -> dict:
+    """Trains with ``world_size`` real gloo ranks in spawned processes.
+
+    Returns {"losses": rank 0's per-step global losses, "weights": [each rank's state_dict]}.
+    """
+    from safetensors.torch import load_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = out_dir / "metrics.jsonl"
+    argv = [*argv, "--log-every", "1", "--metrics", str(metrics), "--device", "cpu"]
+    mp.start_processes(_rank_worker, args=(world_size, free_port(), argv, str(out_dir)),
+                       nprocs=world_size, start_method="spawn")
+    return {
+        "losses": read_losses(metrics),
+        "weights": [load_file(out_dir / f"rank{r}.safetensors") for r in range(world_size)],
+    }
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def read_losses(path: Path) -> list[float]:
+    return [row["loss"] for row in read_metrics(path) if "step" in row]
+
+
+def run_cli(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 120,
+            ) -> subprocess.CompletedProcess:
+    """Runs a command (a list, the program first) with a clean launch environment."""
+    return subprocess.run(args, env=env or clean_env(), capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def bin_path(name: str) -> str:
+    """A console script installed beside this Python (torchrun, accelerate)."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        pytest.skip(f"{name} is not installed beside {sys.executable}")
+    return str(path)
+
+
+@pytest.fixture
+def no_launcher(monkeypatch):
+    """In-process runs of distnn.train.main see no launcher in the environment."""
+    for name in LAUNCH_VARS:
+        monkeypatch.delenv(name, raising=False)
+    for name in [k for k in os.environ if k.startswith("ACCELERATE_")]:
+        monkeypatch.delenv(name)

@@ -1,0 +1,114 @@
+"""The command line in one process: bad input, output formats, and the single-process result."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from safetensors.torch import load_file
+
+from distnn.config import TrainConfig, UsageError, parse_config
+from distnn.train import main
+from tests.conftest import read_metrics, run_cli
+from tests.reference import assert_matches_reference, reference_run
+
+BAD_INPUT = [
+    (["--batch-size", "0"], "--batch-size: got 0; allowed: an integer >= 1"),
+    (["--d-in", "-3"], "--d-in: got -3"),
+    (["--hidden", "2.5"], "--hidden: got '2.5'; allowed: an integer >= 1"),
+    (["--d-out", "ten"], "--d-out: got 'ten'"),
+    (["--steps", "0"], "--steps: got 0"),
+    (["--lr", "0"], "--lr: got 0.0; allowed: a finite number > 0"),
+    (["--lr=-1e-4"], "--lr: got -0.0001"),
+    (["--lr", "nan"], "--lr: got nan"),
+    (["--lr", "inf"], "--lr: got inf"),
+    (["--lr", "fast"], "--lr: got 'fast'"),
+    (["--seed", "-1"], "--seed: got -1; allowed: an integer >= 0"),
+    (["--device", "tpu"], "--device: got 'tpu'; allowed: auto, cpu, cuda"),
+    (["--backend", "mpi"], "--backend: got 'mpi'; allowed: auto, nccl, gloo"),
+    (["--log-every", "-1"], "--log-every: got -1; allowed: an integer >= 0"),
+    (["--timeout-s", "0"], "--timeout-s: got 0.0"),
+    (["--save", "/no/such/dir/w.safetensors"], "--save: got '/no/such/dir/w.safetensors' but"),
+    (["--metrics", "/no/such/dir/m.jsonl"], "directory '/no/such/dir' does not exist"),
+    (["--steps"], "argument --steps: expected one argument"),
+    (["--stepz", "3"], "unrecognized arguments: --stepz 3"),
+]
+
+
+@pytest.mark.parametrize("argv, words", BAD_INPUT)
+def test_bad_input_is_one_line_and_exit_code_2(argv, words, capsys, no_launcher):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("distnn: error: ") and words in lines[0], lines[0]
+
+
+def test_output_paths_that_are_directories_or_under_a_file_are_refused(tmp_path, capsys,
+                                                                        no_launcher):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    assert main(["--save", str(tmp_path)]) == 2
+    assert "which is a directory" in capsys.readouterr().err
+    assert main(["--metrics", str(a_file / "m.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, value", [("steps", True), ("lr", math.inf), ("device", "gpu")])
+def test_config_validates_values_given_in_code_too(field, value):
+    with pytest.raises(UsageError, match=f"--{field}"):
+        TrainConfig(**{field: value})
+
+
+def test_defaults_are_the_reference_program():
+    config = parse_config([])
+    assert (config.batch_size, config.d_in, config.hidden, config.d_out) == (64, 1000, 100, 10)
+    assert (config.steps, config.lr, config.seed, config.log_every) == (500, 1e-4, 0, 1)
+    assert (config.device, config.backend, config.timeout_s) == ("auto", "auto", 300.0)
+
+
+def test_single_process_matches_the_reference_with_its_output_formats(tmp_path, capsys,
+                                                                      no_launcher):
+    metrics, weights = tmp_path / "m.jsonl", tmp_path / "w.safetensors"
+    assert main(["--steps", "150", "--device", "cpu", "--metrics", str(metrics),
+                 "--save", str(weights)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    ref_losses, _ = reference_run(steps=150)
+
+    # stdout: the reference's `step loss` lines, then one summary line
+    assert len(out) == 151
+    assert out[0].split()[0] == "0" and float(out[0].split()[1]) == pytest.approx(ref_losses[0])
+    assert out[-1].startswith("summary: world_size=1 device=cpu backend=none steps=150 ")
+
+    rows = read_metrics(metrics)
+    assert [row["step"] for row in rows[:-1]] == list(range(150))
+    assert rows[-1]["event"] == "summary"
+    assert set(rows[-1]) == {"event", "world_size", "device", "backend", "steps", "wall_s",
+                             "samples_per_s", "final_loss"}
+    assert rows[-1]["final_loss"] == rows[-2]["loss"]
+    state = load_file(weights)
+    assert sorted(state) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    assert_matches_reference([row["loss"] for row in rows[:-1]], state, steps=150)
+    assert not list(tmp_path.glob(".distnn-*")), "a temporary file was left behind"
+
+
+def test_log_every_selects_steps_and_zero_prints_only_the_summary(tmp_path, capsys,
+                                                                   no_launcher):
+    metrics = tmp_path / "m.jsonl"
+    assert main(["--steps", "10", "--log-every", "4", "--metrics", str(metrics)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out[:-1]] == ["0", "4", "8"]
+    assert [row.get("step") for row in read_metrics(metrics)] == [0, 4, 8, None]
+    assert main(["--steps", "10", "--log-every", "0"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith("summary: ")
+
+
+def test_the_module_entry_point_fails_without_a_traceback():
+    import sys
+
+    result = run_cli([sys.executable, "-m", "distnn.train", "--lr", "nan"])
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["distnn: error: --lr: got nan; allowed: "
+                                          "a finite number > 0"]

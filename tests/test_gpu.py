@@ -1,0 +1,66 @@
+"""CUDA: the GPU result equals the CPU reference; NCCL at world 1; ranks sharing a GPU over gloo.
+
+Skipped without CUDA; `make test-gpu` (DISTNN_REQUIRE_GPU=1) turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distnn.train import main
+from tests.conftest import bin_path, read_losses, read_metrics, run_cli
+from tests.reference import assert_matches_reference
+
+if not torch.cuda.is_available():
+    if os.environ.get("DISTNN_REQUIRE_GPU") == "1":
+        raise RuntimeError("DISTNN_REQUIRE_GPU=1 but CUDA is not available")
+    pytest.skip("CUDA is not available", allow_module_level=True)
+
+pytestmark = pytest.mark.gpu
+STEPS = 200
+
+
+def outputs(tmp_path) -> list[str]:
+    return ["--steps", str(STEPS), "--metrics", str(tmp_path / "m.jsonl"),
+            "--save", str(tmp_path / "w.safetensors")]
+
+
+def check(tmp_path, *, world_size: int, device: str, backend: str) -> None:
+    summary = read_metrics(tmp_path / "m.jsonl")[-1]
+    assert (summary["world_size"], summary["device"], summary["backend"]) == (
+        world_size, device, backend)
+    assert_matches_reference(read_losses(tmp_path / "m.jsonl"),
+                             load_file(tmp_path / "w.safetensors"), steps=STEPS)
+
+
+def test_one_process_on_cuda_matches_the_cpu_reference(tmp_path, no_launcher):
+    assert main(["--device", "cuda", *outputs(tmp_path)]) == 0
+    check(tmp_path, world_size=1, device="cuda:0", backend="none")
+
+
+def test_nccl_world_one_under_torchrun(tmp_path):
+    result = run_cli([bin_path("torchrun"), "--nproc_per_node=1", "-m", "distnn.train",
+                      "--backend", "nccl", *outputs(tmp_path)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    check(tmp_path, world_size=1, device="cuda:0", backend="nccl")
+
+
+def test_two_ranks_share_one_gpu_over_gloo(tmp_path):
+    ranks = torch.cuda.device_count() + 1  # at least two ranks on one GPU
+    result = run_cli([bin_path("torchrun"), f"--nproc_per_node={ranks}", "-m", "distnn.train",
+                      "--device", "cuda", "--backend", "gloo", *outputs(tmp_path)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    check(tmp_path, world_size=ranks, device="cuda:0", backend="gloo")
+
+
+def test_nccl_with_more_ranks_than_gpus_is_refused_on_every_rank():
+    ranks = torch.cuda.device_count() + 1
+    result = run_cli([bin_path("torchrun"), f"--nproc_per_node={ranks}", "-m", "distnn.train",
+                      "--backend", "nccl"], timeout=60)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("distnn:")]
+    assert len(lines) == ranks and all("use --backend gloo" in line for line in lines)
