@@ -45,6 +45,15 @@ class TrainConfig:
                                metavar="PATH")
     timeout_s: float = _option(300.0, "seconds a collective may wait for a peer before failing",
                                minimum=0.0)
+    checkpoint_dir: str | None = _option(
+        None, "write checkpoints here (rank 0) and resume from the newest good one",
+        metavar="DIR")
+    checkpoint_every: int = _option(100, "checkpoint every K steps, and at the end; 0: only at "
+                                    "the end", minimum=0, metavar="K")
+    keep_checkpoints: int = _option(3, "how many of the newest checkpoints to keep", minimum=1)
+    verify_every: int = _option(50, "every K steps, check for non-finite values and compare the "
+                                "replicas' weights; 0: only at checkpoints and the end",
+                                minimum=0, metavar="K")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

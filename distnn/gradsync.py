@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from distnn.process_group import collective
+
 
 class FlatGradSync:
     """Keeps ``module``'s parameters and gradients in flat buffers and sums them across ranks.
@@ -24,7 +26,7 @@ class FlatGradSync:
     detaches the gradients from the buffer.
     """
 
-    def __init__(self, module: nn.Module, *, distributed: bool) -> None:
+    def __init__(self, module: nn.Module, *, distributed: bool, extra_slots: int = 1) -> None:
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             raise ValueError("FlatGradSync: the module has no trainable parameters")
@@ -38,8 +40,7 @@ class FlatGradSync:
         self.numel = sum(p.numel() for p in params)
         with torch.no_grad():
             self.flat_params = torch.cat([p.detach().reshape(-1) for p in params])
-        # One slot more than the gradients: the rank's loss rides along in the all-reduce.
-        self.flat_grads = torch.zeros(self.numel + 1, dtype=params[0].dtype,
+        self.flat_grads = torch.zeros(self.numel + extra_slots, dtype=params[0].dtype,
                                       device=params[0].device)
         offset = 0
         for p in params:
@@ -52,23 +53,35 @@ class FlatGradSync:
     def broadcast_parameters(self, src: int = 0) -> None:
         """Makes every rank's parameters equal to rank ``src``'s (one collective)."""
         if self.distributed:
-            dist.broadcast(self.flat_params, src=src)
+            with collective("broadcasting the parameters"):
+                dist.broadcast(self.flat_params, src=src)
 
     def zero_grad(self) -> None:
         """Zeroes every gradient (and the loss slot) in place; autograd then accumulates into it."""
         self.flat_grads.zero_()
 
-    def all_reduce(self, local_loss: torch.Tensor) -> torch.Tensor:
-        """Sums gradients and losses over all ranks; returns the global loss (a 0-dim tensor).
+    def all_reduce(self, *extras: torch.Tensor | float) -> torch.Tensor:
+        """Sums the gradients and ``extras`` over all ranks; returns the summed extras.
 
-        Call after ``backward()``. The returned tensor is a view into the buffer: it is
-        overwritten by the next step, so copy it to keep it. No host synchronisation.
+        Call after ``backward()``. ``extras`` (0-dim tensors or floats, at most
+        ``extra_slots``; the first is usually the rank's loss) are written into the slots after
+        the gradients. The returned 1-dim tensor is a view into the buffer, overwritten by the
+        next step: copy what you keep. No host synchronisation.
         """
-        loss_slot = self.flat_grads[self.numel]
-        loss_slot.copy_(local_loss.detach())
+        slots = self.flat_grads[self.numel:self.numel + len(extras)]
+        for slot, value in zip(slots, extras, strict=True):
+            if isinstance(value, torch.Tensor):
+                slot.copy_(value.detach())
+            else:
+                slot.fill_(value)
         if self.distributed:
-            dist.all_reduce(self.flat_grads, op=dist.ReduceOp.SUM)
-        return loss_slot
+            with collective("the gradient all-reduce"):
+                dist.all_reduce(self.flat_grads, op=dist.ReduceOp.SUM)
+        return slots
+
+    def all_finite(self) -> torch.Tensor:
+        """A 0-dim bool tensor: are all gradients and extras of this step finite? (no sync)"""
+        return torch.isfinite(self.flat_grads).all()
 
     @torch.no_grad()
     def sgd_step(self, lr: float) -> None:

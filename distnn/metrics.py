@@ -18,28 +18,38 @@ FLUSH_SECONDS = 1.0
 
 
 class StepLog:
-    """Collects the global loss of every step and writes the logged ones.
+    """Writes the logged steps' global losses from the trainer's per-step loss tensor.
 
-    ``record`` only copies a device scalar into a preallocated device tensor. Steps
+    ``record`` only counts; the losses stay on the device until a flush. Steps
     ``0, K, 2K, ...`` (K = ``log_every``) are printed as ``step loss``, the reference
     program's format; K = 0 prints none. The metrics file, when given, is opened at once
     (so an unwritable path fails before any training) and gets one ``{"step", "loss"}``
     object per logged step and a final ``{"event": "summary", ...}`` object.
     """
 
-    def __init__(self, *, steps: int, log_every: int, device: torch.device | str,
-                 metrics_path: str | None, out: IO[str] | None = None) -> None:
+    def __init__(self, *, losses: torch.Tensor, log_every: int, metrics_path: str | None,
+                 out: IO[str] | None = None) -> None:
+        self.losses = losses  # the trainer's per-step global losses, on the device
         self.log_every = log_every
         self.out = out if out is not None else sys.stdout
-        self.losses = torch.zeros(steps, device=device)
         self.recorded = 0  # steps recorded so far
         self.written = 0  # steps already moved to the host and written
         self.last_flush = time.monotonic()
         self.metrics = open(metrics_path, "w", encoding="utf-8") if metrics_path else None
 
-    def record(self, step: int, global_loss: torch.Tensor) -> None:
-        """Keeps ``global_loss`` for ``step`` (steps come in order, from 0)."""
-        self.losses[step].copy_(global_loss)
+    def restore(self, steps: int) -> None:
+        """Takes the first ``steps`` losses as recorded (steps done by a checkpointed run).
+
+        They go to the metrics file, not to stdout, so the file matches an uninterrupted run.
+        """
+        if self.metrics:
+            for step, loss in enumerate(self.losses[:steps].tolist()):
+                if self.log_every and step % self.log_every == 0:
+                    self.metrics.write(json.dumps({"step": step, "loss": loss}) + "\n")
+        self.recorded = self.written = steps
+
+    def record(self, step: int) -> None:
+        """Notes that ``losses[step]`` now holds that step's loss (steps come in order)."""
         self.recorded = step + 1
         if time.monotonic() - self.last_flush >= FLUSH_SECONDS:
             self.flush()

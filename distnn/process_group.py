@@ -5,11 +5,31 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from distnn.environment import LaunchEnv, Placement
+
+
+class CollectiveFailed(RuntimeError):
+    """A collective did not complete: a peer died, is unreachable, or exceeded the timeout."""
+
+
+@contextmanager
+def collective(what: str) -> Iterator[None]:
+    """Turns a failing collective's error (gloo raises plain RuntimeErrors) into CollectiveFailed.
+
+    Wrap each collective call in it, so that a lost peer is reported in one line while a
+    bug elsewhere still shows its traceback.
+    """
+    try:
+        yield
+    except RuntimeError as error:
+        text = str(error).strip()
+        first_line = text.splitlines()[0] if text else type(error).__name__
+        raise CollectiveFailed(f"{what} failed: {first_line}") from error
 
 
 @contextmanager
@@ -27,21 +47,24 @@ def process_group(launch: LaunchEnv, placement: Placement, *, timeout_s: float) 
     if not launch.needs_process_group:
         yield False
         return
-    dist.init_process_group(backend=placement.backend, timeout=timedelta(seconds=timeout_s))
+    with collective("joining the process group"):
+        dist.init_process_group(backend=placement.backend,
+                                timeout=timedelta(seconds=timeout_s))
     try:
         yield True
     finally:
         dist.destroy_process_group()
 
 
-def first_error(local_error: str | None, *, distributed: bool) -> str | None:
-    """Every rank's verdict on a check, shared: returns the lowest rank's error, or None.
+def gather_objects(local: Any, *, distributed: bool) -> list[Any]:
+    """Every rank's ``local`` (picklable), in rank order; all ranks must call it.
 
-    All ranks must call it. It lets one rank's failed check (rank 0's output paths, say) stop
-    every rank with the same message, instead of leaving the others waiting in a collective.
+    Used once at start-up, so that one rank's failed check (rank 0's output paths, say)
+    stops every rank with the same message instead of leaving the others in a collective.
     """
     if not distributed:
-        return local_error
-    errors: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, local_error)
-    return next((error for error in errors if error), None)
+        return [local]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    with collective("the start-up exchange"):
+        dist.all_gather_object(gathered, local)
+    return gathered

@@ -84,8 +84,8 @@ def test_single_process_matches_the_reference_with_its_output_formats(tmp_path, 
     rows = read_metrics(metrics)
     assert [row["step"] for row in rows[:-1]] == list(range(150))
     assert rows[-1]["event"] == "summary"
-    assert set(rows[-1]) == {"event", "world_size", "device", "backend", "steps", "wall_s",
-                             "samples_per_s", "final_loss"}
+    assert set(rows[-1]) == {"event", "world_size", "device", "backend", "steps", "start_step",
+                             "wall_s", "samples_per_s", "final_loss"}
     assert rows[-1]["final_loss"] == rows[-2]["loss"]
     state = load_file(weights)
     assert sorted(state) == ["0.bias", "0.weight", "2.bias", "2.weight"]

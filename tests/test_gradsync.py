@@ -43,7 +43,7 @@ def test_one_step_equals_the_per_parameter_update():
     sync.zero_grad()
     flat_loss = loss_fn(flat(x), y)
     flat_loss.backward()
-    global_loss = sync.all_reduce(flat_loss)
+    global_loss = sync.all_reduce(flat_loss)[0]
     sync.sgd_step(0.01)
 
     assert global_loss.item() == plain_loss.item()

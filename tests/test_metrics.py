@@ -13,7 +13,8 @@ from distnn.metrics import StepLog
 
 def drive(log: StepLog, losses: list[float]) -> None:
     for step, loss in enumerate(losses):
-        log.record(step, torch.tensor(loss))
+        log.losses[step] = loss
+        log.record(step)
     log.summary({"steps": len(losses), "final_loss": log.final_loss()})
     log.close()
 
@@ -25,7 +26,7 @@ def test_batched_flushes_print_what_per_step_printing_would(tmp_path, monkeypatc
         monkeypatch.setattr(metrics, "FLUSH_SECONDS", flush_seconds)
         out = io.StringIO()
         path = tmp_path / f"m{flush_seconds}.jsonl"
-        drive(StepLog(steps=5, log_every=2, device="cpu", metrics_path=str(path), out=out),
+        drive(StepLog(losses=torch.zeros(5), log_every=2, metrics_path=str(path), out=out),
               losses)
         outputs.append((out.getvalue(), path.read_text()))
     assert outputs[0] == outputs[1]
@@ -41,9 +42,23 @@ def test_close_writes_what_was_recorded_before_a_failure(tmp_path, monkeypatch):
     monkeypatch.setattr(metrics, "FLUSH_SECONDS", 1e9)
     out = io.StringIO()
     path = tmp_path / "m.jsonl"
-    log = StepLog(steps=10, log_every=1, device="cpu", metrics_path=str(path), out=out)
-    log.record(0, torch.tensor(2.0))
-    log.record(1, torch.tensor(1.0))
+    log = StepLog(losses=torch.tensor([2.0, 1.0, 0.0]), log_every=1, metrics_path=str(path),
+                  out=out)
+    log.record(0)
+    log.record(1)
     log.close()  # what the trainer's `finally` does when a step raises
     assert out.getvalue().splitlines() == ["0 2.0", "1 1.0"]
     assert len(path.read_text().splitlines()) == 2
+
+
+def test_restored_steps_go_to_the_metrics_file_not_to_stdout(tmp_path):
+    out = io.StringIO()
+    path = tmp_path / "m.jsonl"
+    log = StepLog(losses=torch.tensor([4.0, 3.0, 2.0, 1.0]), log_every=1, metrics_path=str(path),
+                  out=out)
+    log.restore(2)
+    log.record(2)
+    log.record(3)
+    log.close()
+    assert out.getvalue().splitlines() == ["2 2.0", "3 1.0"]
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2, 3]

@@ -1,0 +1,137 @@
+"""Checkpoints: ``DIR/step-N/`` folders written atomically, found and verified on resume.
+
+A checkpoint folder holds ``weights.safetensors`` (the model's state_dict), ``losses.safetensors``
+(the global loss of every step so far) and ``state.json`` (the step, the config, the world
+size, library versions and the SHA-256 of both tensor files). It is written under a
+temporary name, every file flushed to disk, then renamed: a folder named ``step-N`` is
+complete, or a crash happened before it got that name. Nothing is read with pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from distnn.config import UsageError
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+WEIGHTS, LOSSES, STATE = "weights.safetensors", "losses.safetensors", "state.json"
+# A checkpoint is refused when these differ from the run's: they fix the data and the shapes.
+MUST_MATCH = ("batch_size", "d_in", "hidden", "d_out", "seed")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A verified checkpoint: training resumes after ``step`` completed steps."""
+
+    path: str
+    step: int
+    weights: dict[str, torch.Tensor]
+    losses: torch.Tensor  # float32, one global loss per completed step
+    state: dict[str, Any]
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(directory: str, *, step: int, weights: dict[str, torch.Tensor],
+                    losses: torch.Tensor, state: dict[str, Any], keep: int) -> str:
+    """Writes ``directory/step-{step}`` atomically, then keeps only the newest ``keep``.
+
+    ``state`` is stored in state.json with the step and the files' checksums added.
+    Returns the checkpoint's path. Rank 0 alone calls this.
+    """
+    final = os.path.join(directory, f"step-{step}")
+    tmp = tempfile.mkdtemp(dir=directory, prefix=f".step-{step}.tmp-")
+    try:
+        save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()},
+                  os.path.join(tmp, WEIGHTS))
+        save_file({"loss": losses.detach().to("cpu", torch.float32, copy=True).contiguous()},
+                  os.path.join(tmp, LOSSES))
+        record = {**state, "step": step,
+                  "sha256": {name: _sha256(os.path.join(tmp, name)) for name in (WEIGHTS, LOSSES)}}
+        with open(os.path.join(tmp, STATE), "w", encoding="utf-8") as file:
+            json.dump(record, file, indent=1, sort_keys=True)
+        for name in (WEIGHTS, LOSSES, STATE):
+            _fsync(os.path.join(tmp, name))
+        if os.path.exists(final):  # a step saved twice (e.g. after a restart): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(directory)[:-keep]:
+        shutil.rmtree(os.path.join(directory, f"step-{old}"), ignore_errors=True)
+    return final
+
+
+def list_checkpoints(directory: str) -> list[int]:
+    """The steps of the ``step-N`` folders in ``directory``, oldest first."""
+    if not os.path.isdir(directory):
+        return []
+    steps = [int(m.group(1)) for name in os.listdir(directory) if (m := STEP_DIR.match(name))]
+    return sorted(steps)
+
+
+def read_checkpoint(path: str) -> Checkpoint:
+    """Reads and verifies one checkpoint folder; raises ValueError saying what is wrong."""
+    try:
+        with open(os.path.join(path, STATE), encoding="utf-8") as file:
+            state = json.load(file)
+        for name in (WEIGHTS, LOSSES):
+            if _sha256(os.path.join(path, name)) != state["sha256"][name]:
+                raise ValueError(f"{name} does not match its checksum")
+        weights = load_file(os.path.join(path, WEIGHTS))
+        losses = load_file(os.path.join(path, LOSSES))["loss"]
+        step = int(state["step"])
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
+        raise ValueError(f"unreadable ({type(error).__name__}: {error})") from None
+    if losses.numel() != step:
+        raise ValueError(f"holds {losses.numel()} losses for {step} steps")
+    return Checkpoint(path=path, step=step, weights=weights, losses=losses, state=state)
+
+
+def latest_checkpoint(directory: str) -> tuple[Checkpoint | None, list[str]]:
+    """The newest checkpoint in ``directory`` that verifies, and one notice per one skipped."""
+    notices = []
+    for step in reversed(list_checkpoints(directory)):
+        path = os.path.join(directory, f"step-{step}")
+        try:
+            return read_checkpoint(path), notices
+        except ValueError as error:
+            notices.append(f"checkpoint {path} is corrupt or partial ({error}); skipping it")
+    return None, notices
+
+
+def check_compatible(checkpoint: Checkpoint, config: dict[str, Any]) -> None:
+    """Raises UsageError when the checkpoint was made for other shapes, batch or data."""
+    saved = checkpoint.state.get("config", {})
+    differ = [f"--{name.replace('_', '-')} {saved.get(name)!r} (now {config[name]!r})"
+              for name in MUST_MATCH if saved.get(name) != config[name]]
+    if differ:
+        raise UsageError(f"--checkpoint-dir: {checkpoint.path} was made with "
+                         f"{', '.join(differ)}; allowed: resume with the same model shape, "
+                         "batch and seed, or use another --checkpoint-dir")

@@ -1,0 +1,64 @@
+"""Fault injection for tests and drills, set through the environment.
+
+``DISTNN_FAULT_STEP=K`` and ``DISTNN_FAULT_RANK=R`` make rank R misbehave when it reaches
+step K, on the first attempt of a job only (TORCHELASTIC_RESTART_COUNT=0), so an elastic
+restart runs clean. ``DISTNN_FAULT_KIND`` says how:
+
+- ``exit`` (default): ``os._exit(1)``, no cleanup, as a crashed or killed process;
+- ``hang``: sleeps forever without entering the step's collective, as a wedged process;
+- ``diverge``: nudges one weight on that rank only, as a silent corruption would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from distnn.config import UsageError
+
+KINDS = ("exit", "hang", "diverge")
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """One fault: which rank, at which step, of which kind."""
+
+    step: int
+    rank: int
+    kind: str = "exit"
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str], *, restart_count: int) -> FaultPlan | None:
+        """The planned fault, or None (none asked for, or this is a restarted attempt)."""
+        if "DISTNN_FAULT_STEP" not in environ or restart_count > 0:
+            return None
+        values = {}
+        for name, key in (("DISTNN_FAULT_STEP", "step"), ("DISTNN_FAULT_RANK", "rank")):
+            text = environ.get(name, "0")
+            if not text.isdigit():
+                raise UsageError(f"environment: {name}={text!r}; allowed: an integer >= 0")
+            values[key] = int(text)
+        kind = environ.get("DISTNN_FAULT_KIND", "exit")
+        if kind not in KINDS:
+            raise UsageError(f"environment: DISTNN_FAULT_KIND={kind!r}; "
+                             f"allowed: {', '.join(KINDS)}")
+        return cls(kind=kind, **values)
+
+    def maybe_fire(self, *, step: int, rank: int, flat_params: torch.Tensor) -> None:
+        """Misbehaves if this is the planned rank and step; otherwise does nothing."""
+        if step != self.step or rank != self.rank:
+            return
+        if self.kind == "exit":
+            os._exit(1)
+        if self.kind == "hang":
+            # Wedged, but a launcher's SIGTERM still ends it, as it would a process stuck in C.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            while True:
+                time.sleep(3600)
+        with torch.no_grad():
+            flat_params[0] += 1e-3

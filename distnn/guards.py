@@ -1,0 +1,73 @@
+"""Guards against silent failure: config agreement, replica agreement, non-finite values."""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+from typing import Any
+
+import safetensors
+import torch
+import torch.distributed as dist
+
+import distnn
+from distnn.config import TrainConfig, flag_name
+from distnn.process_group import collective
+
+
+class RunFailed(Exception):
+    """The run cannot go on; ``exit_code`` says why (3: non-finite values or diverged replicas).
+
+    ``label`` heads the one-line report: "error", or "stopped" for a requested stop.
+    """
+
+    def __init__(self, message: str, exit_code: int, label: str = "error") -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.label = label
+
+
+def fingerprint(config: TrainConfig) -> dict[str, Any]:
+    """What every rank of one job must agree on: its config and its library versions."""
+    return {
+        **{flag_name(f.name): getattr(config, f.name) for f in dataclasses.fields(config)},
+        "distnn": distnn.__version__,
+        "torch": torch.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def disagreements(fingerprints: list[dict[str, Any]]) -> list[str]:
+    """One description per field on which some rank differs from rank 0 (empty: all agree)."""
+    differ = []
+    for key, value in fingerprints[0].items():
+        others = {rank: fp.get(key) for rank, fp in enumerate(fingerprints) if fp.get(key) != value}
+        if others:
+            described = ", ".join(f"rank {rank} {v!r}" for rank, v in others.items())
+            differ.append(f"{key} (rank 0 {value!r}, {described})")
+    return differ
+
+
+def replica_checksum(flat_params: torch.Tensor) -> torch.Tensor:
+    """Two int64 sums over the parameters' bit patterns: equal iff the replicas (almost surely) are.
+
+    Exact integer arithmetic, so the result does not depend on summation order.
+    """
+    int_type = {2: torch.int16, 4: torch.int32, 8: torch.int64}[flat_params.element_size()]
+    bits = flat_params.view(int_type).to(torch.int64)
+    return torch.stack([bits.sum(), (bits * bits).sum()])
+
+
+def check_replicas(flat_params: torch.Tensor, *, step: int, distributed: bool) -> None:
+    """Compares every rank's weights (one small all-gather); raises RunFailed if they differ."""
+    if not distributed:
+        return
+    local = replica_checksum(flat_params)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    with collective("the replica check"):
+        dist.all_gather(gathered, local)
+    differ = [rank for rank, value in enumerate(gathered) if not torch.equal(value, gathered[0])]
+    if differ:
+        raise RunFailed(f"replicas diverged: after step {step} the weights of rank(s) "
+                        f"{', '.join(map(str, differ))} differ from rank 0's; stopping", 3)

@@ -1,0 +1,211 @@
+"""Faults made to happen: resume, elastic restart, preemption, and the guards.
+
+Every "same result" claim here is bitwise: the same world size and device must give the
+same bits, interrupted or not.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distnn.train import main
+from tests.conftest import REPO, bin_path, clean_env, free_port, read_losses, run_cli
+
+# Small and quick: at this size a step is one gloo round trip.
+TINY = ["--d-in", "10", "--hidden", "10", "--log-every", "1"]
+STEPS = 1200
+
+
+def assert_same_bits(path_a, path_b) -> None:
+    a, b = load_file(path_a), load_file(path_b)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def distnn_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("distnn:")]
+
+
+def torchrun(nproc: int, args: list[str]) -> list[str]:
+    return [bin_path("torchrun"), f"--nproc_per_node={nproc}", *args, "-m", "distnn.train"]
+
+
+# -- resume, in one process ---------------------------------------------------------------
+
+def test_resume_is_bitwise_an_uninterrupted_run(tmp_path, capsys, no_launcher):
+    parts = tmp_path / "parts"
+    assert main(["--steps", "60", "--save", str(tmp_path / "a.safetensors"),
+                 "--metrics", str(tmp_path / "a.jsonl")]) == 0
+    common = ["--checkpoint-dir", str(parts), "--checkpoint-every", "10"]
+    assert main(["--steps", "35", *common]) == 0  # the first part ends with step-35
+    capsys.readouterr()
+    assert main(["--steps", "60", *common, "--save", str(tmp_path / "b.safetensors"),
+                 "--metrics", str(tmp_path / "b.jsonl")]) == 0
+    captured = capsys.readouterr()
+    assert "resuming from " + str(parts / "step-35") in captured.err
+    assert captured.out.splitlines()[0].startswith("35 ")  # continues where it stopped
+    assert_same_bits(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    assert read_losses(tmp_path / "a.jsonl") == read_losses(tmp_path / "b.jsonl")
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys, no_launcher):
+    assert main(["--steps", "40", "--save", str(tmp_path / "a.safetensors")]) == 0
+    common = ["--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "10"]
+    assert main(["--steps", "30", *common]) == 0
+    (tmp_path / "ck" / "step-30" / "weights.safetensors").write_bytes(b"torn")
+    capsys.readouterr()
+    assert main(["--steps", "40", *common, "--save", str(tmp_path / "b.safetensors")]) == 0
+    err = capsys.readouterr().err
+    assert "step-30 is corrupt or partial" in err and "resuming from" in err and "step-20" in err
+    assert_same_bits(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path, capsys, no_launcher):
+    common = ["--steps", "5", "--checkpoint-dir", str(tmp_path)]
+    assert main(common) == 0
+    capsys.readouterr()
+    assert main([*common, "--hidden", "50"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "--hidden 100 (now 50)" in lines[0]
+
+
+def test_non_finite_loss_stops_with_exit_3_and_keeps_the_last_good_checkpoint(
+        tmp_path, capsys, no_launcher):
+    assert main(["--lr", "1e3", "--steps", "100", "--log-every", "0", "--checkpoint-dir",
+                 str(tmp_path), "--checkpoint-every", "1"]) == 3
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    match = re.search(r"non-finite loss or gradient at step (\d+) .*last finite loss", lines[0])
+    assert match, lines[0]
+    bad_step = int(match.group(1))
+    kept = sorted(int(p.name.split("-")[1]) for p in tmp_path.glob("step-*"))
+    assert kept and max(kept) <= bad_step
+    for tensor in load_file(tmp_path / f"step-{max(kept)}" / "weights.safetensors").values():
+        assert torch.isfinite(tensor).all()
+
+
+# -- multi-rank faults under torchrun -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The 2-rank run that the interrupted runs must reproduce bit for bit."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = run_cli([*torchrun(2, []), *TINY, "--steps", str(STEPS),
+                      "--save", str(out / "w.safetensors"), "--metrics", str(out / "m.jsonl")])
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+def test_elastic_restart_resumes_to_the_same_bits(tmp_path, uninterrupted):
+    env = clean_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", DISTNN_FAULT_STEP="150",
+                    DISTNN_FAULT_RANK="1")
+    result = run_cli([*torchrun(2, ["--max-restarts=2"]), *TINY, "--steps", str(STEPS),
+                      "--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "100",
+                      "--save", str(tmp_path / "w.safetensors"),
+                      "--metrics", str(tmp_path / "m.jsonl")], env=env, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from " + str(tmp_path / "ck" / "step-100") in result.stderr
+    assert_same_bits(uninterrupted / "w.safetensors", tmp_path / "w.safetensors")
+    assert read_losses(tmp_path / "m.jsonl") == read_losses(uninterrupted / "m.jsonl")
+
+
+def test_preemption_checkpoints_and_a_rerun_finishes_the_same(tmp_path, uninterrupted):
+    command = [*torchrun(2, []), *TINY, "--steps", str(STEPS), "--checkpoint-dir",
+               str(tmp_path / "ck"), "--checkpoint-every", "100",
+               "--save", str(tmp_path / "w.safetensors")]
+    job = subprocess.Popen(command, env=clean_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "ck" / "step-100").exists() and job.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=60)
+    lines = distnn_lines(stderr)
+    assert job.returncode != 0 and len(lines) == 2, stderr[-3000:]
+    match = re.search(r"preempted \(SIGTERM\) after step (\d+) of", lines[0])
+    assert match and all("stopped: preempted (SIGTERM)" in line for line in lines), lines
+    stopped_at = int(match.group(1))
+    assert stopped_at < STEPS, "the run finished before the signal: make it longer"
+    assert (tmp_path / "ck" / f"step-{stopped_at}").is_dir()
+
+    rerun = run_cli(command, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resuming from {tmp_path / 'ck' / f'step-{stopped_at}'}" in rerun.stderr
+    assert_same_bits(uninterrupted / "w.safetensors", tmp_path / "w.safetensors")
+
+
+def test_resuming_on_another_world_size_is_allowed_with_a_notice(tmp_path):
+    ck = tmp_path / "ck"
+    first = run_cli([*torchrun(2, []), *TINY, "--steps", "200", "--checkpoint-dir", str(ck)])
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = run_cli([*torchrun(3, []), *TINY, "--steps", "250", "--checkpoint-dir", str(ck)])
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "written by 2 ranks and this run has 3" in second.stderr
+
+
+def test_ranks_started_with_different_flags_all_stop(tmp_path):
+    port = free_port()
+    agents = []
+    for lr in ("1e-4", "2e-4"):
+        agents.append(subprocess.Popen(
+            [bin_path("torchrun"), "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+             f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=mismatch", "-m", "distnn.train",
+             "--steps", "5", "--lr", lr],
+            env=clean_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [agent.communicate(timeout=120) for agent in agents]
+    lines = [line for _, err in outputs for line in distnn_lines(err)]
+    assert all(agent.returncode != 0 for agent in agents)
+    assert len(lines) == 2, outputs
+    for line in lines:
+        assert "the ranks were started differently: --lr (rank 0 0.0001, rank 1 0.0002)" in line
+
+
+def test_a_diverged_replica_is_named_and_stops_the_run(tmp_path):
+    env = clean_env(DISTNN_FAULT_KIND="diverge", DISTNN_FAULT_STEP="30", DISTNN_FAULT_RANK="1")
+    result = run_cli([*torchrun(2, []), *TINY, "--steps", "100", "--verify-every", "10"],
+                     env=env)
+    assert result.returncode != 0
+    lines = distnn_lines(result.stderr)
+    assert lines and all("replicas diverged: after step 40 the weights of rank(s) 1 differ"
+                         in line for line in lines), result.stderr[-2000:]
+    assert re.search(r"exitcode\s*:\s*3", result.stderr)
+
+
+def test_a_wedged_peer_ends_the_run_after_the_timeout(tmp_path):
+    env = clean_env(DISTNN_FAULT_KIND="hang", DISTNN_FAULT_STEP="20", DISTNN_FAULT_RANK="1")
+    started = time.monotonic()
+    result = run_cli([*torchrun(2, []), *TINY, "--steps", "100", "--timeout-s", "3"], env=env,
+                     timeout=60)
+    assert time.monotonic() - started < 40
+    lines = distnn_lines(result.stderr)
+    assert result.returncode != 0 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith("distnn: rank 0: error: the gradient all-reduce failed")
+    assert "--timeout-s 3" in lines[0]
+
+
+def test_a_peer_that_never_arrives_ends_the_run_after_the_timeout():
+    env = clean_env(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(free_port()))
+    started = time.monotonic()
+    result = run_cli([sys.executable, "-m", "distnn.train", "--timeout-s", "2"], env=env,
+                     timeout=60)
+    assert time.monotonic() - started < 30
+    assert result.returncode == 2
+    assert distnn_lines(result.stderr) == result.stderr.splitlines()
+    assert "joining the process group failed" in result.stderr and "--timeout-s 2" in result.stderr
+
+
+def test_fault_variables_are_validated(no_launcher, capsys, monkeypatch):
+    monkeypatch.setenv("DISTNN_FAULT_STEP", "soon")
+    assert main(["--steps", "3"]) == 2
+    assert "DISTNN_FAULT_STEP='soon'" in capsys.readouterr().err
