@@ -67,7 +67,7 @@ class Trainer:
         self.losses = torch.zeros(config.steps, device=self.device)  # global loss per step
         self.finite = torch.ones(config.steps, dtype=torch.bool, device=self.device)
         self.verified = 0  # steps checked for non-finite values so far
-        self.last_checkpoint: str | None = None
+        self.last_checkpoint: str | None = None  # the newest written or resumed from
         self.log: StepLog | None = None
 
     # -- start-up -------------------------------------------------------------------------
@@ -154,11 +154,11 @@ class Trainer:
         """Verifies, then rank 0 writes ``step-{done}``: a checkpoint never holds bad weights."""
         self._verify(done, sync)
         if self.launch.is_main:
-            self.last_checkpoint = save_checkpoint(
-                self.config.checkpoint_dir, step=done, weights=model.state_dict(),
-                losses=self.losses[:done], keep=self.config.keep_checkpoints,
-                state={"config": dataclasses.asdict(self.config),
-                       "world_size": self.launch.world_size})
+            save_checkpoint(self.config.checkpoint_dir, step=done, weights=model.state_dict(),
+                            losses=self.losses[:done], keep=self.config.keep_checkpoints,
+                            state={"config": dataclasses.asdict(self.config),
+                                   "world_size": self.launch.world_size})
+        self.last_checkpoint = os.path.join(self.config.checkpoint_dir, f"step-{done}")
 
     # -- the run --------------------------------------------------------------------------
 
@@ -183,6 +183,8 @@ class Trainer:
         sync.broadcast_parameters(src=0)  # rank 0's weights (fresh or resumed) everywhere
         self.losses[:start] = torch.tensor(done_losses, dtype=torch.float32)
         self.verified = start
+        if start:
+            self.last_checkpoint = os.path.join(config.checkpoint_dir, f"step-{start}")
         loss_fn = nn.MSELoss(reduction="sum")
 
         if launch.is_main:
@@ -225,11 +227,14 @@ class Trainer:
                 self._verify(done, sync)
             if done < config.steps:
                 name = signal.Signals(stop.signum or signal.SIGTERM).name
-                where = (f"checkpoint {self.last_checkpoint} written" if self.last_checkpoint
-                         else "checkpoint written by rank 0" if config.checkpoint_dir
-                         else "no --checkpoint-dir, so nothing was saved")
+                if config.checkpoint_dir and done > start:
+                    saved = f"wrote {os.path.join(config.checkpoint_dir, f'step-{done}')}"
+                elif config.checkpoint_dir:
+                    saved = "no new step to checkpoint"
+                else:
+                    saved = "no --checkpoint-dir, so nothing was saved"
                 raise RunFailed(f"preempted ({name}) after step {done} of {config.steps}: "
-                                f"{where}; run the same command to continue", stop.exit_code,
+                                f"{saved}; run the same command to continue", stop.exit_code,
                                 label="stopped")
             if self.log:
                 ran = done - start
@@ -300,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
                 return _report(launch, error, config)
     except _REPORTED as error:
         return _report(launch, error, config)
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one
+        _say("distnn: interrupted")
+        return 130
     return 0
 
 

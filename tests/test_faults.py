@@ -137,6 +137,7 @@ def test_preemption_checkpoints_and_a_rerun_finishes_the_same(tmp_path, uninterr
     stopped_at = int(match.group(1))
     assert stopped_at < STEPS, "the run finished before the signal: make it longer"
     assert (tmp_path / "ck" / f"step-{stopped_at}").is_dir()
+    assert f"wrote {tmp_path / 'ck' / f'step-{stopped_at}'};" in lines[0]
 
     rerun = run_cli(command, timeout=120)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
