@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from distnn.config import UsageError
+from distnn.config import UsageError, flag_name, flag_text
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 WEIGHTS, LOSSES, STATE = "weights.safetensors", "losses.safetensors", "state.json"
@@ -129,8 +129,9 @@ def latest_checkpoint(directory: str) -> tuple[Checkpoint | None, list[str]]:
 def check_compatible(checkpoint: Checkpoint, config: dict[str, Any]) -> None:
     """Raises UsageError when the checkpoint was made for other shapes, batch or data."""
     saved = checkpoint.state.get("config", {})
-    differ = [f"--{name.replace('_', '-')} {saved.get(name)!r} (now {config[name]!r})"
-              for name in MUST_MATCH if saved.get(name) != config[name]]
+    now = json.loads(json.dumps(config))  # tuples become lists, as in state.json
+    differ = [f"{flag_name(name)} {flag_text(saved.get(name))} (now {flag_text(now[name])})"
+              for name in MUST_MATCH if saved.get(name) != now[name]]
     if differ:
         raise UsageError(f"--checkpoint-dir: {checkpoint.path} was made with "
                          f"{', '.join(differ)}; allowed: resume with the same model shape, "

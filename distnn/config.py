@@ -29,9 +29,14 @@ def _option(default: Any, help: str, *, minimum: float | None = None,
 class TrainConfig:
     """Everything that defines a run. Defaults reproduce the reference program."""
 
+    data: str | None = _option(None, "train on tensors x [N, D_in] and y [N, D_out] from this "
+                               ".safetensors, .npz or .pt file instead of the random batch; "
+                               "N, D_in and D_out then come from the file", metavar="PATH")
     batch_size: int = _option(64, "global batch size N, split across the ranks", minimum=1)
     d_in: int = _option(1000, "input features D_in", minimum=1)
-    hidden: int = _option(100, "hidden units H", minimum=1)
+    hidden: tuple[int, ...] = _option((100,), "hidden units per layer, comma-separated "
+                                      "(512,256 is two hidden layers)", minimum=1,
+                                      metavar="H[,H...]")
     d_out: int = _option(10, "output features D_out", minimum=1)
     steps: int = _option(500, "training steps", minimum=1)
     lr: float = _option(1e-4, "learning rate of the update p -= lr * grad", minimum=0.0)
@@ -55,13 +60,30 @@ class TrainConfig:
                                 "replicas' weights; 0: only at checkpoints and the end",
                                 minimum=0, metavar="K")
 
+    quiet: bool = _option(False, "print only the summary, warnings and errors")
+    verbose: bool = _option(False, "print debugging notes too")
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check_field(f, getattr(self, f.name))
+        if self.quiet and self.verbose:
+            raise UsageError("--quiet and --verbose: got both; allowed: one of them")
+
+    @property
+    def verbosity(self) -> int:
+        """-1 with --quiet, 1 with --verbose, else 0."""
+        return -1 if self.quiet else 1 if self.verbose else 0
 
 
 def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
+
+
+def flag_text(value: Any) -> str:
+    """A value as it is written on the command line (lists comma-separated)."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 def _allowed(f: dataclasses.Field) -> str:
@@ -71,16 +93,26 @@ def _allowed(f: dataclasses.Field) -> str:
         return ", ".join(choices)
     if f.type == "int":
         return f"an integer >= {int(minimum)}"
+    if f.type == "tuple[int, ...]":
+        return f"integers >= {int(minimum)}, comma-separated"
     if f.type == "float":
         return f"a finite number > {minimum:g}"
+    if f.type == "bool":
+        return "true or false"
     return "a file path"
 
 
 def _check_field(f: dataclasses.Field, value: Any) -> None:
     minimum, choices = f.metadata["minimum"], f.metadata["choices"]
     bad = False
-    if f.type == "int":
+    if f.type == "bool":
+        bad = not isinstance(value, bool)
+    elif f.type == "int":
         bad = isinstance(value, bool) or not isinstance(value, int) or value < minimum
+    elif f.type == "tuple[int, ...]":
+        bad = (not isinstance(value, tuple) or not value
+               or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum
+                      for v in value))
     elif f.type == "float":
         bad = (isinstance(value, bool) or not isinstance(value, (int, float))
                or not math.isfinite(value) or value <= minimum)
@@ -99,6 +131,8 @@ def _convert(f: dataclasses.Field, text: str) -> Any:
             return int(text)
         if f.type == "float":
             return float(text)
+        if f.type == "tuple[int, ...]":
+            return tuple(int(part) for part in text.split(","))
     except ValueError:
         raise UsageError(f"{flag_name(f.name)}: got {text!r}; allowed: {_allowed(f)}") from None
     return text
@@ -117,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in dataclasses.fields(TrainConfig):
+        if f.type == "bool":
+            parser.add_argument(flag_name(f.name), dest=f.name, action="store_true",
+                                help=f.metadata["help"])
+            continue
         parser.add_argument(
             flag_name(f.name), dest=f.name, default=f.default, help=f.metadata["help"],
             metavar=f.metadata["metavar"] or (

@@ -1,4 +1,4 @@
-"""Rank 0's record of the run: loss lines on stdout and JSON Lines in a metrics file.
+"""Rank 0's record of the run: loss lines on stdout, JSON Lines metrics, a progress bar.
 
 Losses stay on the device during the step loop and are copied to the host in batches
 (about once a second and at the end), so logging never makes a step wait for the device.
@@ -13,6 +13,7 @@ import time
 from typing import IO, Any
 
 import torch
+from tqdm import tqdm
 
 FLUSH_SECONDS = 1.0
 
@@ -22,50 +23,69 @@ class StepLog:
 
     ``record`` only counts; the losses stay on the device until a flush. Steps
     ``0, K, 2K, ...`` (K = ``log_every``) are printed as ``step loss``, the reference
-    program's format; K = 0 prints none. The metrics file, when given, is opened at once
-    (so an unwritable path fails before any training) and gets one ``{"step", "loss"}``
-    object per logged step and a final ``{"event": "summary", ...}`` object.
+    program's format; K = 0 prints none. The metrics file, when given, is opened at once and
+    gets one object per logged step (``step``, ``loss``, and the ``ms_per_step`` and
+    ``samples_per_s`` measured over the flush window holding that step), then a final
+    ``{"event": "summary", ...}`` object. On an interactive terminal a progress bar (tqdm)
+    shows the step, the loss and steps/s, with the loss lines printed above it.
     """
 
-    def __init__(self, *, losses: torch.Tensor, log_every: int, metrics_path: str | None,
-                 out: IO[str] | None = None) -> None:
+    def __init__(self, *, losses: torch.Tensor, log_every: int, batch_size: int,
+                 metrics_path: str | None, out: IO[str] | None = None,
+                 progress: bool | None = None) -> None:
         self.losses = losses  # the trainer's per-step global losses, on the device
         self.log_every = log_every
+        self.batch_size = batch_size
         self.out = out if out is not None else sys.stdout
         self.recorded = 0  # steps recorded so far
         self.written = 0  # steps already moved to the host and written
-        self.last_flush = time.monotonic()
+        self.last_flush = time.perf_counter()
         self.metrics = open(metrics_path, "w", encoding="utf-8") if metrics_path else None
+        if progress is None:
+            progress = self.out.isatty()
+        self.bar = (tqdm(total=losses.numel(), unit="step", file=self.out, dynamic_ncols=True)
+                    if progress else None)
 
-    def restore(self, steps: int) -> None:
-        """Takes the first ``steps`` losses as recorded (steps done by a checkpointed run).
+    def begin(self, steps: int = 0) -> None:
+        """Call just before the first step; ``steps`` were already done (by a checkpointed run).
 
-        They go to the metrics file, not to stdout, so the file matches an uninterrupted run.
+        Their losses go to the metrics file, not to stdout, so the file matches an
+        uninterrupted run. The timing of the first flush window starts now.
         """
         if self.metrics:
             for step, loss in enumerate(self.losses[:steps].tolist()):
                 if self.log_every and step % self.log_every == 0:
                     self.metrics.write(json.dumps({"step": step, "loss": loss}) + "\n")
         self.recorded = self.written = steps
+        if self.bar:
+            self.bar.update(steps)
+        self.last_flush = time.perf_counter()
 
     def record(self, step: int) -> None:
         """Notes that ``losses[step]`` now holds that step's loss (steps come in order)."""
         self.recorded = step + 1
-        if time.monotonic() - self.last_flush >= FLUSH_SECONDS:
+        if time.perf_counter() - self.last_flush >= FLUSH_SECONDS:
             self.flush()
 
     def flush(self) -> None:
         """Writes every recorded step not yet written (one host synchronisation)."""
         if self.recorded > self.written:
-            values = self.losses[self.written:self.recorded].tolist()
+            values = self.losses[self.written:self.recorded].tolist()  # waits for the device
+            now = time.perf_counter()
+            seconds_per_step = (now - self.last_flush) / len(values)
+            timing = {"ms_per_step": round(seconds_per_step * 1e3, 6),
+                      "samples_per_s": round(self.batch_size / seconds_per_step, 1)}
             for step, loss in enumerate(values, start=self.written):
                 if self.log_every and step % self.log_every == 0:
-                    self._write({"step": step, "loss": loss}, f"{step} {loss}")
+                    self._write({"step": step, "loss": loss, **timing}, f"{step} {loss}")
+            if self.bar:
+                self.bar.set_postfix(loss=f"{values[-1]:.6g}", refresh=False)
+                self.bar.update(len(values))
             self.written = self.recorded
         self.out.flush()
         if self.metrics:
             self.metrics.flush()
-        self.last_flush = time.monotonic()
+        self.last_flush = time.perf_counter()
 
     def final_loss(self) -> float:
         """The global loss of the last recorded step."""
@@ -74,6 +94,9 @@ class StepLog:
     def summary(self, fields: dict[str, Any]) -> None:
         """Writes the summary line and the metrics file's closing object."""
         self.flush()
+        if self.bar:
+            self.bar.close()
+            self.bar = None
         text = " ".join(f"{key}={_format(value)}" for key, value in fields.items())
         self._write({"event": "summary", **fields}, f"summary: {text}")
         self.flush()
@@ -83,12 +106,18 @@ class StepLog:
         try:
             self.flush()
         finally:
+            if self.bar:
+                self.bar.close()
+                self.bar = None
             if self.metrics:
                 self.metrics.close()
                 self.metrics = None
 
     def _write(self, record: dict[str, Any], line: str) -> None:
-        print(line, file=self.out)
+        if self.bar:
+            self.bar.write(line, file=self.out)
+        else:
+            print(line, file=self.out)
         if self.metrics:
             self.metrics.write(json.dumps(record) + "\n")
 

@@ -7,11 +7,13 @@ the result equals the single-process reference program.
 
 A run: agree on the config and find the newest good checkpoint -> steps, with checks
 (non-finite values, replica agreement) and checkpoints every few steps -> summary and save.
+It uses the same public pieces a user's own loop would (README, "Library API").
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import signal
 import sys
@@ -24,15 +26,26 @@ from torch import nn
 
 from distnn.checkpoint import Checkpoint, check_compatible, latest_checkpoint, save_checkpoint
 from distnn.config import TrainConfig, UsageError, parse_config
-from distnn.data import reference_setup, shard_bounds
-from distnn.environment import LaunchEnv, Placement, detect_launch, resolve_placement
+from distnn.data import (
+    config_for_data,
+    inspect_data,
+    load_shard,
+    reference_setup,
+    seeded_model,
+    shard_bounds,
+)
+from distnn.environment import detect_launch
 from distnn.faults import FaultPlan
 from distnn.gradsync import FlatGradSync
 from distnn.guards import RunFailed, check_replicas, disagreements, fingerprint
+from distnn.logs import configure_logging
 from distnn.metrics import StepLog
 from distnn.preemption import StopRequests
-from distnn.process_group import CollectiveFailed, gather_objects, process_group
+from distnn.process_group import CollectiveFailed, gather_objects
+from distnn.runtime import Runtime, setup
 from distnn.weights import check_writable, save_weights
+
+log = logging.getLogger("distnn")
 
 
 @dataclass
@@ -43,37 +56,95 @@ class TrainResult:
     wall_s: float
 
 
-def _say(line: str) -> None:
-    """One line on stderr in one write, so lines from ranks sharing a terminal never mix."""
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
-
-
-def _note(message: str) -> None:
-    _say(f"distnn: note: {message}")
-
-
 class Trainer:
     """One rank's part of a run. Rank 0 alone prints, writes metrics, checkpoints and saves."""
 
-    def __init__(self, config: TrainConfig, launch: LaunchEnv, placement: Placement, *,
-                 distributed: bool, environ: Mapping[str, str]) -> None:
-        self.config = config
-        self.launch = launch
-        self.placement = placement
-        self.distributed = distributed
-        self.device = torch.device(placement.device)
-        self.fault = FaultPlan.from_environ(environ, restart_count=launch.restart_count)
-        self.losses = torch.zeros(config.steps, device=self.device)  # global loss per step
-        self.finite = torch.ones(config.steps, dtype=torch.bool, device=self.device)
+    def __init__(self, config: TrainConfig, runtime: Runtime, *,
+                 environ: Mapping[str, str]) -> None:
+        self.config = config  # with --data, replaced by the file's sizes at start-up
+        self.rt = runtime
+        self.fault = FaultPlan.from_environ(environ, restart_count=runtime.launch.restart_count)
+        self.losses = torch.zeros(config.steps, device=runtime.device)  # global loss per step
+        self.finite = torch.ones(config.steps, dtype=torch.bool, device=runtime.device)
         self.verified = 0  # steps checked for non-finite values so far
         self.last_checkpoint: str | None = None  # the newest written or resumed from
         self.log: StepLog | None = None
 
+    def train(self) -> TrainResult:
+        """load checkpoint -> steps -> checkpoint, summary, save. Raises RunFailed to stop."""
+        checkpoint, start, model, x_shard, y_shard = self._start_up()
+        sync = self._place_model(model, checkpoint, start)
+        if self.rt.is_main:
+            quiet = self.config.quiet
+            self.log = StepLog(losses=self.losses, batch_size=self.config.batch_size,
+                               log_every=0 if quiet else self.config.log_every,
+                               metrics_path=self.config.metrics, progress=False if quiet else None)
+        stop = StopRequests(self.rt.device)
+        try:
+            with stop.installed():
+                if self.log:
+                    self.log.begin(start)
+                started = time.perf_counter()
+                done = self._run_steps(model, sync, stop, start, x_shard, y_shard)
+                if self.log:
+                    self.log.flush()  # waits for the device, so the wall time below is honest
+                wall_s = time.perf_counter() - started
+            self._finish(model, sync, stop, start, done, wall_s)
+        finally:
+            if self.log:
+                self.log.close()
+        return TrainResult(model=model, wall_s=wall_s)
+
     # -- start-up -------------------------------------------------------------------------
 
-    def _prepare_rank0(self) -> Checkpoint | None:
-        """Rank 0's checks before training: output paths, then the checkpoint to resume."""
+    def _start_up(self) -> tuple[Checkpoint | None, int, nn.Module, torch.Tensor, torch.Tensor]:
+        """Every rank's checks, shared in one gather: any rank's error stops all of them.
+
+        Returns rank 0's checkpoint (None elsewhere), the step to start at, the initial model
+        (on the CPU) and this rank's shard of x and y on its device.
+        """
+        error, checkpoint, loaded = None, None, None
+        try:
+            loaded = self._load()
+            if self.rt.is_main:
+                checkpoint = self._prepare_outputs()
+        except UsageError as usage_error:
+            error = str(usage_error)
+        views = gather_objects({
+            "error": error,
+            "fingerprint": fingerprint(self.config),
+            "done_losses": checkpoint.losses.tolist() if checkpoint else [],
+        }, distributed=self.rt.distributed)
+        errors = [view["error"] for view in views if view["error"]]
+        if errors:
+            raise UsageError(errors[0])
+        differ = disagreements([view["fingerprint"] for view in views])
+        if differ:
+            raise UsageError("the ranks were started differently: " + "; ".join(differ)
+                             + "; allowed: the same flags and library versions on every rank")
+        done_losses = views[0]["done_losses"]
+        start = len(done_losses)
+        self.losses[:start] = torch.tensor(done_losses, dtype=torch.float32)
+        self.verified = start
+        if start:
+            self.last_checkpoint = os.path.join(self.config.checkpoint_dir, f"step-{start}")
+        model, x_shard, y_shard = loaded
+        return checkpoint, start, model, x_shard.to(self.rt.device), y_shard.to(self.rt.device)
+
+    def _load(self) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+        """The initial model and this rank's rows: from --data, or the reference's batch."""
+        config, rt = self.config, self.rt
+        if config.data:
+            self.config = config = config_for_data(config, inspect_data(config.data))
+            start, stop = shard_bounds(config.batch_size, rt.world_size, rt.rank)
+            x_shard, y_shard = load_shard(config.data, start, stop)
+            return seeded_model(config), x_shard, y_shard
+        x, y, model = reference_setup(config)
+        start, stop = shard_bounds(config.batch_size, rt.world_size, rt.rank)
+        return model, x[start:stop], y[start:stop]
+
+    def _prepare_outputs(self) -> Checkpoint | None:
+        """Rank 0, before training: output paths writable, and the checkpoint to resume."""
         config = self.config
         if config.checkpoint_dir:
             try:
@@ -90,7 +161,7 @@ class Trainer:
             return None
         checkpoint, notices = latest_checkpoint(config.checkpoint_dir)
         for notice in notices:
-            _note(notice)
+            log.warning(notice)
         if checkpoint:
             check_compatible(checkpoint, dataclasses.asdict(config))
             if checkpoint.step > config.steps:
@@ -98,34 +169,53 @@ class Trainer:
                                  f"done {checkpoint.step}; allowed: --steps >= {checkpoint.step}")
         return checkpoint
 
-    def _agree(self) -> tuple[Checkpoint | None, int, list[float]]:
-        """All ranks: share rank 0's verdict and compare configs (one gather of small objects).
+    def _place_model(self, model: nn.Module, checkpoint: Checkpoint | None,
+                     start: int) -> FlatGradSync:
+        """Moves the model to this rank's device with rank 0's weights (fresh or resumed)."""
+        config = self.config
+        if checkpoint:
+            model.load_state_dict(checkpoint.weights)
+            log.info(f"resuming from {checkpoint.path}: {start} of {config.steps} steps done")
+            saved_world = checkpoint.state.get("world_size")
+            if saved_world != self.rt.world_size:
+                log.warning(f"the checkpoint was written by {saved_world} ranks and this run "
+                            f"has {self.rt.world_size}: the result differs from an "
+                            "uninterrupted run only by rounding")
+        model.to(self.rt.device)
+        # Slots after the gradients: the rank's loss and its stop vote.
+        sync = FlatGradSync(model, distributed=self.rt.distributed, extra_slots=2)
+        sync.broadcast_parameters(src=0)
+        return sync
 
-        Returns rank 0's checkpoint (None elsewhere), the step to start at and the losses of
-        the steps already done.
-        """
-        error, checkpoint = None, None
-        if self.launch.is_main:
-            try:
-                checkpoint = self._prepare_rank0()
-            except UsageError as usage_error:
-                error = str(usage_error)
-        views = gather_objects({
-            "error": error,
-            "fingerprint": fingerprint(self.config),
-            "done_losses": checkpoint.losses.tolist() if checkpoint else [],
-        }, distributed=self.distributed)
-        errors = [view["error"] for view in views if view["error"]]
-        if errors:
-            raise UsageError(errors[0])
-        differ = disagreements([view["fingerprint"] for view in views])
-        if differ:
-            raise UsageError("the ranks were started differently: " + "; ".join(differ)
-                             + "; allowed: the same flags and library versions on every rank")
-        done_losses = views[0]["done_losses"]
-        return checkpoint, len(done_losses), done_losses
+    # -- the steps ------------------------------------------------------------------------
 
-    # -- checks and checkpoints -----------------------------------------------------------
+    def _run_steps(self, model: nn.Module, sync: FlatGradSync, stop: StopRequests, start: int,
+                   x_shard: torch.Tensor, y_shard: torch.Tensor) -> int:
+        """Steps from ``start`` until ``--steps`` or an agreed stop; returns the steps done."""
+        config, rank = self.config, self.rt.rank
+        loss_fn = nn.MSELoss(reduction="sum")
+        done = start
+        for step in range(start, config.steps):
+            if self.fault:
+                self.fault.maybe_fire(step=step, rank=rank, flat_params=sync.flat_params)
+            sync.zero_grad()
+            local_loss = loss_fn(model(x_shard), y_shard)
+            local_loss.backward()
+            summed = sync.all_reduce(local_loss, stop.vote())
+            self.finite[step] = sync.all_finite()
+            sync.sgd_step(config.lr)
+            self.losses[step] = summed[0]
+            done = step + 1
+            if self.log:
+                self.log.record(step)
+            if stop.agreed(summed[1]):
+                break
+            if config.verify_every and done % config.verify_every == 0:
+                self._verify(done, sync)
+            if (config.checkpoint_dir and config.checkpoint_every
+                    and done % config.checkpoint_every == 0 and done < config.steps):
+                self._checkpoint(done, model, sync)
+        return done
 
     def _verify(self, done: int, sync: FlatGradSync) -> None:
         """Stops the run (RunFailed, exit 3) on non-finite values or diverged replicas.
@@ -141,144 +231,79 @@ class Trainer:
             bad = torch.tensor([[done - 1 - self.verified]])  # the last update overflowed
         if bad.numel():
             step = self.verified + bad[0].item()
-            last = (f"{self.losses[step - 1].item()!r} at step {step - 1}" if step else "none")
+            last = f"{self.losses[step - 1].item()!r} at step {step - 1}" if step else "none"
             kept = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
                     else "no checkpoint was written")
             raise RunFailed(f"non-finite loss or gradient at step {step} (loss "
                             f"{self.losses[step].item()!r}; last finite loss {last}); stopping: "
                             f"{kept}; try a smaller --lr", 3)
         self.verified = done
-        check_replicas(sync.flat_params, step=done, distributed=self.distributed)
+        check_replicas(sync.flat_params, step=done, distributed=self.rt.distributed)
 
     def _checkpoint(self, done: int, model: nn.Module, sync: FlatGradSync) -> None:
         """Verifies, then rank 0 writes ``step-{done}``: a checkpoint never holds bad weights."""
         self._verify(done, sync)
-        if self.launch.is_main:
+        if self.rt.is_main:
             save_checkpoint(self.config.checkpoint_dir, step=done, weights=model.state_dict(),
                             losses=self.losses[:done], keep=self.config.keep_checkpoints,
                             state={"config": dataclasses.asdict(self.config),
-                                   "world_size": self.launch.world_size})
+                                   "world_size": self.rt.world_size})
+            log.debug(f"wrote checkpoint step-{done}")
         self.last_checkpoint = os.path.join(self.config.checkpoint_dir, f"step-{done}")
 
-    # -- the run --------------------------------------------------------------------------
+    # -- the end --------------------------------------------------------------------------
 
-    def train(self) -> TrainResult:
-        config, launch = self.config, self.launch
-        checkpoint, start, done_losses = self._agree()
-        x, y, model = reference_setup(config)
-        if checkpoint:
-            model.load_state_dict(checkpoint.weights)
-            saved_world = checkpoint.state.get("world_size")
-            _note(f"resuming from {checkpoint.path}: {start} of {config.steps} steps done")
-            if saved_world != launch.world_size:
-                _note(f"the checkpoint was written by {saved_world} ranks and this run has "
-                      f"{launch.world_size}: the result differs from an uninterrupted run "
-                      "only by rounding")
-        row_start, row_stop = shard_bounds(config.batch_size, launch.world_size, launch.rank)
-        x_shard, y_shard = x[row_start:row_stop].to(self.device), y[row_start:row_stop].to(
-            self.device)
-        model.to(self.device)
-        # Slots after the gradients: the rank's loss and its stop vote.
-        sync = FlatGradSync(model, distributed=self.distributed, extra_slots=2)
-        sync.broadcast_parameters(src=0)  # rank 0's weights (fresh or resumed) everywhere
-        self.losses[:start] = torch.tensor(done_losses, dtype=torch.float32)
-        self.verified = start
-        if start:
-            self.last_checkpoint = os.path.join(config.checkpoint_dir, f"step-{start}")
-        loss_fn = nn.MSELoss(reduction="sum")
-
-        if launch.is_main:
-            self.log = StepLog(losses=self.losses, log_every=config.log_every,
-                               metrics_path=config.metrics)
-            self.log.restore(start)
-        stop = StopRequests(self.device)
-        done = start
-        try:
-            with stop.installed():
-                started = time.perf_counter()
-                for step in range(start, config.steps):
-                    if self.fault:
-                        self.fault.maybe_fire(step=step, rank=launch.rank,
-                                              flat_params=sync.flat_params)
-                    sync.zero_grad()
-                    local_loss = loss_fn(model(x_shard), y_shard)
-                    local_loss.backward()
-                    summed = sync.all_reduce(local_loss, stop.vote())
-                    self.finite[step] = sync.all_finite()
-                    sync.sgd_step(config.lr)
-                    self.losses[step] = summed[0]
-                    done = step + 1
-                    if self.log:
-                        self.log.record(step)
-                    if stop.agreed(summed[1]):
-                        break
-                    if config.verify_every and done % config.verify_every == 0:
-                        self._verify(done, sync)
-                    if (config.checkpoint_dir and config.checkpoint_every
-                            and done % config.checkpoint_every == 0 and done < config.steps):
-                        self._checkpoint(done, model, sync)
-                if self.log:
-                    self.log.flush()  # waits for the device, so the wall time below is honest
-                wall_s = time.perf_counter() - started
-
+    def _finish(self, model: nn.Module, sync: FlatGradSync, stop: StopRequests, start: int,
+                done: int, wall_s: float) -> None:
+        """Final check and checkpoint; then the summary and --save, or the preemption report."""
+        config, rt = self.config, self.rt
+        if config.checkpoint_dir and done > start:
+            self._checkpoint(done, model, sync)
+        else:
+            self._verify(done, sync)
+        if done < config.steps:
+            name = signal.Signals(stop.signum or signal.SIGTERM).name
             if config.checkpoint_dir and done > start:
-                self._checkpoint(done, model, sync)
+                saved = f"wrote {os.path.join(config.checkpoint_dir, f'step-{done}')}"
+            elif config.checkpoint_dir:
+                saved = "no new step to checkpoint"
             else:
-                self._verify(done, sync)
-            if done < config.steps:
-                name = signal.Signals(stop.signum or signal.SIGTERM).name
-                if config.checkpoint_dir and done > start:
-                    saved = f"wrote {os.path.join(config.checkpoint_dir, f'step-{done}')}"
-                elif config.checkpoint_dir:
-                    saved = "no new step to checkpoint"
-                else:
-                    saved = "no --checkpoint-dir, so nothing was saved"
-                raise RunFailed(f"preempted ({name}) after step {done} of {config.steps}: "
-                                f"{saved}; run the same command to continue", stop.exit_code,
-                                label="stopped")
-            if self.log:
-                ran = done - start
-                self.log.summary({
-                    "world_size": launch.world_size,
-                    "device": self.placement.device,
-                    "backend": self.placement.backend if self.distributed else "none",
-                    "steps": config.steps,
-                    "start_step": start,
-                    "wall_s": round(wall_s, 6),
-                    "samples_per_s": round(config.batch_size * ran / wall_s, 1) if ran else 0.0,
-                    "final_loss": self.log.final_loss(),
-                })
-                if config.save:
-                    save_weights(model, config.save)
-        finally:
-            if self.log:
-                self.log.close()
-        return TrainResult(model=model, wall_s=wall_s)
-
-
-def train(config: TrainConfig, launch: LaunchEnv, placement: Placement, *,
-          distributed: bool) -> TrainResult:
-    """Runs the whole training on this rank; see :class:`Trainer`."""
-    return Trainer(config, launch, placement, distributed=distributed,
-                   environ=os.environ).train()
+                saved = "no --checkpoint-dir, so nothing was saved"
+            raise RunFailed(f"preempted ({name}) after step {done} of {config.steps}: {saved}; "
+                            "run the same command to continue", stop.exit_code, label="stopped")
+        if self.log:
+            ran = done - start
+            self.log.summary({
+                "world_size": rt.world_size,
+                "device": rt.placement.device,
+                "backend": rt.placement.backend if rt.distributed else "none",
+                "steps": config.steps,
+                "start_step": start,
+                "wall_s": round(wall_s, 6),
+                "samples_per_s": round(config.batch_size * ran / wall_s, 1) if ran else 0.0,
+                "final_loss": self.log.final_loss(),
+            })
+        if rt.is_main and config.save:
+            save_weights(model, config.save)
 
 
 _REPORTED = (UsageError, RunFailed, CollectiveFailed)
 
 
-def _report(launch: LaunchEnv | None, error: Exception, config: TrainConfig | None) -> int:
-    """Prints ``error`` as one line on stderr, naming the rank in a multi-rank job.
+def _report(error: Exception, config: TrainConfig | None) -> int:
+    """Logs ``error`` as one line (naming the rank in a multi-rank job); returns the exit code.
 
-    Returns the exit code: 2 for usage and communication errors, RunFailed's own otherwise.
+    2 for usage and communication errors, RunFailed's own code otherwise.
     """
     message = str(error).strip()
     if isinstance(error, CollectiveFailed):
         timeout = f" (--timeout-s {config.timeout_s:g})" if config else ""
         message = (f"{message} (a peer died, is unreachable, or did not answer within the "
                    f"timeout{timeout})")
-    where = f"rank {launch.rank}: " if launch and launch.world_size > 1 else ""
-    label = error.label if isinstance(error, RunFailed) else "error"
-    _say(f"distnn: {where}{label}: {message}")
+    if isinstance(error, RunFailed) and error.label == "stopped":
+        log.warning(f"stopped: {message}")
+    else:
+        log.error(message)
     return error.exit_code if isinstance(error, RunFailed) else 2
 
 
@@ -288,25 +313,26 @@ def main(argv: list[str] | None = None) -> int:
     0: done. 2: bad input, bad launch environment, or a peer lost. 3: non-finite values or
     diverged replicas. 128+N: stopped by signal N (preempted), after a checkpoint.
     """
-    launch, config = None, None
+    config = None
+    configure_logging(rank=0, world_size=1)
     try:
         launch = detect_launch(os.environ)
+        configure_logging(rank=launch.rank, world_size=launch.world_size)
         config = parse_config(argv)
-        placement = resolve_placement(device=config.device, backend=config.backend,
-                                      launch=launch, cuda_devices=torch.cuda.device_count())
-        if placement.notice and launch.is_main:
-            _note(placement.notice)
-        with process_group(launch, placement, timeout_s=config.timeout_s) as distributed:
+        configure_logging(rank=launch.rank, world_size=launch.world_size,
+                          verbosity=config.verbosity)
+        with setup(device=config.device, backend=config.backend, timeout_s=config.timeout_s,
+                   launch=launch) as runtime:
             try:
-                train(config, launch, placement, distributed=distributed)
+                Trainer(config, runtime, environ=os.environ).train()
             except _REPORTED as error:
                 # Said before the group is torn down: once a peer exits, the launcher may
                 # stop this rank at any moment.
-                return _report(launch, error, config)
+                return _report(error, config)
     except _REPORTED as error:
-        return _report(launch, error, config)
+        return _report(error, config)
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second one
-        _say("distnn: interrupted")
+        log.error("interrupted")
         return 130
     return 0
 

@@ -44,16 +44,12 @@ def _rank_worker(rank: int, world_size: int, port: int, argv: list[str], out_dir
     from safetensors.torch import save_file
 
     from distnn.config import parse_config
-    from distnn.environment import detect_launch, resolve_placement
-    from distnn.process_group import process_group
-    from distnn.train import train
+    from distnn.runtime import setup
+    from distnn.train import Trainer
 
     config = parse_config(argv)
-    launch = detect_launch(os.environ)
-    placement = resolve_placement(device=config.device, backend=config.backend, launch=launch,
-                                  cuda_devices=torch.cuda.device_count())
-    with process_group(launch, placement, timeout_s=config.timeout_s) as distributed:
-        result = train(config, launch, placement, distributed=distributed)
+    with setup(device=config.device, backend=config.backend, timeout_s=config.timeout_s) as rt:
+        result = Trainer(config, rt, environ=os.environ).train()
     state = {k: v.detach().cpu().contiguous().clone() for k, v in result.model.state_dict().items()}
     save_file(state, os.path.join(out_dir, f"rank{rank}.safetensors"))
 

@@ -9,21 +9,31 @@ from __future__ import annotations
 import functools
 
 import torch
+from safetensors.torch import load_file
 
 
 @functools.cache
-def reference_run(*, seed: int = 0, batch_size: int = 64, d_in: int = 1000, hidden: int = 100,
-                  d_out: int = 10, steps: int = 500, lr: float = 1e-4,
+def reference_run(*, seed: int = 0, batch_size: int = 64, d_in: int = 1000,
+                  hidden: tuple[int, ...] = (100,), d_out: int = 10, steps: int = 500,
+                  lr: float = 1e-4, data: str | None = None,
                   ) -> tuple[tuple[float, ...], dict[str, torch.Tensor]]:
-    """Returns (the loss printed at each step, the final state_dict)."""
+    """Returns (the loss printed at each step, the final state_dict).
+
+    With ``data`` (a safetensors file holding x and y) the batch comes from the file and
+    the seed draws only the weights. ``hidden`` lists the widths of the hidden layers.
+    """
     torch.manual_seed(seed)
-    x = torch.randn(batch_size, d_in)
-    y = torch.randn(batch_size, d_out)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(d_in, hidden),
-        torch.nn.ReLU(),
-        torch.nn.Linear(hidden, d_out),
-    )
+    if data is None:
+        x = torch.randn(batch_size, d_in)
+        y = torch.randn(batch_size, d_out)
+    else:
+        tensors = load_file(data)
+        x, y = tensors["x"].float(), tensors["y"].float()
+        d_in, d_out = x.shape[1], y.shape[1]
+    layers = []
+    for width_in, width_out in zip((d_in, *hidden[:-1]), hidden, strict=True):
+        layers += [torch.nn.Linear(width_in, width_out), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(hidden[-1], d_out))
     loss_fn = torch.nn.MSELoss(reduction="sum")
     losses = []
     for _ in range(steps):

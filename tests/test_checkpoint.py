@@ -18,12 +18,12 @@ from distnn.checkpoint import (
 from distnn.config import TrainConfig, UsageError
 from distnn.model import build_model
 
-CONFIG = dataclasses.asdict(TrainConfig(d_in=6, hidden=4, d_out=2, batch_size=8))
+CONFIG = dataclasses.asdict(TrainConfig(d_in=6, hidden=(4,), d_out=2, batch_size=8))
 
 
 def save(directory, step, keep=3):
     torch.manual_seed(step)
-    model = build_model(6, 4, 2)
+    model = build_model(6, [4], 2)
     save_checkpoint(str(directory), step=step, weights=model.state_dict(),
                     losses=torch.arange(step, dtype=torch.float32), keep=keep,
                     state={"config": CONFIG, "world_size": 2})
@@ -89,7 +89,7 @@ def test_a_checkpoint_of_other_shapes_or_data_is_refused(tmp_path):
     checkpoint = read_checkpoint(str(tmp_path / "step-10"))
     check_compatible(checkpoint, {**CONFIG, "lr": 0.5, "steps": 99})  # may change
     with pytest.raises(UsageError) as info:
-        check_compatible(checkpoint, {**CONFIG, "hidden": 5, "seed": 1})
+        check_compatible(checkpoint, {**CONFIG, "hidden": (5,), "seed": 1})
     assert "--hidden 4 (now 5)" in str(info.value) and "--seed 0 (now 1)" in str(info.value)
 
 
@@ -97,4 +97,4 @@ def test_state_json_records_checksums(tmp_path):
     save(tmp_path, 3)
     state = json.loads((tmp_path / "step-3" / "state.json").read_text())
     assert set(state["sha256"]) == {"weights.safetensors", "losses.safetensors"}
-    assert state["step"] == 3 and state["config"]["hidden"] == 4
+    assert state["step"] == 3 and state["config"]["hidden"] == [4]

@@ -15,7 +15,9 @@ from tests.reference import assert_matches_reference, reference_run
 BAD_INPUT = [
     (["--batch-size", "0"], "--batch-size: got 0; allowed: an integer >= 1"),
     (["--d-in", "-3"], "--d-in: got -3"),
-    (["--hidden", "2.5"], "--hidden: got '2.5'; allowed: an integer >= 1"),
+    (["--hidden", "2.5"], "--hidden: got '2.5'; allowed: integers >= 1, comma-separated"),
+    (["--hidden", "100,0"], "--hidden: got (100, 0); allowed: integers >= 1"),
+    (["--hidden", ""], "--hidden: got ''"),
     (["--d-out", "ten"], "--d-out: got 'ten'"),
     (["--steps", "0"], "--steps: got 0"),
     (["--lr", "0"], "--lr: got 0.0; allowed: a finite number > 0"),
@@ -63,7 +65,7 @@ def test_config_validates_values_given_in_code_too(field, value):
 
 def test_defaults_are_the_reference_program():
     config = parse_config([])
-    assert (config.batch_size, config.d_in, config.hidden, config.d_out) == (64, 1000, 100, 10)
+    assert (config.batch_size, config.d_in, config.hidden, config.d_out) == (64, 1000, (100,), 10)
     assert (config.steps, config.lr, config.seed, config.log_every) == (500, 1e-4, 0, 1)
     assert (config.device, config.backend, config.timeout_s) == ("auto", "auto", 300.0)
 

@@ -31,7 +31,7 @@ def test_invalid_shard_requests_raise(args):
 
 
 def test_reference_setup_draws_what_the_reference_program_draws():
-    x, y, model = reference_setup(TrainConfig(seed=5, batch_size=4, d_in=6, hidden=3, d_out=2))
+    x, y, model = reference_setup(TrainConfig(seed=5, batch_size=4, d_in=6, hidden=(3,), d_out=2))
     torch.manual_seed(5)
     want_x, want_y = torch.randn(4, 6), torch.randn(4, 2)
     want_model = torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))

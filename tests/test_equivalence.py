@@ -34,7 +34,7 @@ def test_uneven_shards_and_other_sizes_match(tmp_path):
             "--steps", "300", "--lr", "1e-3", "--seed", "11"]
     result = run_world(3, argv, tmp_path)  # shards of 3, 2 and 2 rows
     assert_matches_reference(result["losses"], result["weights"][0], batch_size=7, d_in=13,
-                             hidden=5, d_out=3, steps=300, lr=1e-3, seed=11)
+                             hidden=(5,), d_out=3, steps=300, lr=1e-3, seed=11)
     assert_replicas_identical(result["weights"])
 
 

@@ -42,7 +42,7 @@ def test_check_writable_refuses_a_read_only_directory(tmp_path):
 def test_save_replaces_the_file_whole_and_round_trips(tmp_path):
     path = tmp_path / "w.safetensors"
     path.write_bytes(b"an older file")
-    model = build_model(5, 4, 3)
+    model = build_model(5, [4], 3)
     save_weights(model, str(path))
     loaded = load_weights(str(path))
     assert sorted(loaded) == ["0.bias", "0.weight", "2.bias", "2.weight"]

@@ -1,0 +1,63 @@
+"""The library's entry: ``with distnn.setup() as rt:`` joins the job, and leaves it after."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from distnn.environment import LaunchEnv, Placement, detect_launch, resolve_placement
+from distnn.process_group import process_group
+
+log = logging.getLogger("distnn")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """This process's place in the job and where it computes."""
+
+    launch: LaunchEnv
+    placement: Placement
+    distributed: bool  # True when a process group exists (any launcher, even world size 1)
+
+    @property
+    def rank(self) -> int:
+        return self.launch.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.launch.world_size
+
+    @property
+    def is_main(self) -> bool:
+        """Global rank 0: the rank that prints and writes files."""
+        return self.launch.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.placement.device)
+
+
+@contextmanager
+def setup(*, device: str = "auto", backend: str = "auto", timeout_s: float = 300.0,
+          launch: LaunchEnv | None = None) -> Iterator[Runtime]:
+    """Joins the job described by the launcher's environment; leaves it on every way out.
+
+    Reads torchrun's/accelerate's variables (``launch``, when given, instead of reading
+    ``os.environ``), picks the device and backend (``auto``: ``cuda:LOCAL_RANK`` with NCCL
+    when every local rank has a GPU, else the CPU with gloo), sets the CUDA device, then
+    creates the process group with ``timeout_s`` as the bound on every collective. Without
+    a launcher it yields a single-process runtime with no process group.
+    Raises UsageError for an impossible device/backend or launch environment.
+    """
+    launch = launch or detect_launch(os.environ)
+    placement = resolve_placement(device=device, backend=backend, launch=launch,
+                                  cuda_devices=torch.cuda.device_count())
+    if placement.notice and launch.is_main:
+        log.warning(placement.notice)
+    with process_group(launch, placement, timeout_s=timeout_s) as distributed:
+        yield Runtime(launch=launch, placement=placement, distributed=distributed)
