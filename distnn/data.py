@@ -2,16 +2,21 @@
 
 Either the reference program's random batch (the default) or ``x`` and ``y`` tensors from a
 file (``--data``): ``.safetensors``, ``.npz`` or ``.pt``. From a file each rank reads only
-its own rows: safetensors slices, npz members read from the row offset on, ``.pt`` memory-
-mapped. Every problem with a file is a UsageError naming it.
+its own rows: safetensors slices, uncompressed npz members read from the row offset on
+(compressed ones are streamed up to it, in bounded memory), ``.pt`` memory-mapped. Every
+problem with a file is a UsageError naming it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import struct
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import IO
 
 import numpy as np
 import torch
@@ -87,7 +92,7 @@ class _Reader:
                 view = file.get_slice(name)
                 return tuple(view.get_shape()), view.get_dtype() in _SAFETENSORS_FLOATS
         if self.suffix == ".npz":
-            with zipfile.ZipFile(self.path) as archive, archive.open(f"{name}.npy") as member:
+            with _open_npy(self.path, name) as member:
                 shape, _, dtype = _npy_header(member)
                 return shape, np.issubdtype(dtype, np.floating)
         tensor = self._pt()[name]
@@ -99,11 +104,13 @@ class _Reader:
             with safe_open(self.path, "pt") as file:
                 return file.get_slice(name)[start:stop].float()
         if self.suffix == ".npz":
-            with zipfile.ZipFile(self.path) as archive, archive.open(f"{name}.npy") as member:
+            with _open_npy(self.path, name) as member:
                 shape, fortran_order, dtype = _npy_header(member)
                 if fortran_order:  # column-major: the rows are not contiguous, read it all
-                    whole = np.lib.format.read_array(member)  # after the header
-                    return torch.from_numpy(np.ascontiguousarray(whole[start:stop])).float()
+                    count = int(np.prod(shape, dtype=np.int64))
+                    whole = np.frombuffer(member.read(count * dtype.itemsize), dtype=dtype,
+                                          count=count).reshape(shape, order="F")
+                    return torch.from_numpy(np.array(whole[start:stop], order="C")).float()
                 row_items = int(np.prod(shape[1:], dtype=np.int64))
                 member.seek(member.tell() + start * row_items * dtype.itemsize)
                 count = (stop - start) * row_items
@@ -121,6 +128,30 @@ class _Reader:
                 raise KeyError("x")
             self._pt_tensors = loaded
         return self._pt_tensors
+
+
+@contextmanager
+def _open_npy(path: str, name: str) -> Iterator[IO[bytes]]:
+    """The ``name.npy`` member of an .npz file, as a file object at the member's first byte.
+
+    A stored (uncompressed) member is read straight from the archive file, so seeking to a
+    shard's rows reads nothing before them; a compressed one is decompressed as a stream.
+    """
+    with zipfile.ZipFile(path) as archive:
+        try:
+            info = archive.getinfo(f"{name}.npy")
+        except KeyError:
+            raise KeyError(name) from None
+        if info.compress_type != zipfile.ZIP_STORED:
+            with archive.open(info) as member:
+                yield member
+            return
+    with open(path, "rb") as raw:
+        raw.seek(info.header_offset)
+        local_header = raw.read(30)  # the zip local file header: fixed part
+        name_length, extra_length = struct.unpack("<HH", local_header[26:30])
+        raw.seek(info.header_offset + 30 + name_length + extra_length)
+        yield raw
 
 
 def _npy_header(member) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -147,9 +178,10 @@ def inspect_data(path: str) -> DataShape:
         except KeyError:
             raise _fail(path, f"has no tensor named {name!r}",
                         "a file holding tensors named 'x' and 'y'") from None
-        except Exception as error:  # a damaged file: say what the reader said
-            raise _fail(path, f"cannot be read ({type(error).__name__}: {error})",
-                        "a valid " + reader.suffix + " file") from None
+        except Exception as error:  # a damaged file: say what the reader said, briefly
+            said = (str(error).strip().splitlines() or [""])[0]
+            raise _fail(path, f"cannot be read ({type(error).__name__}: {said})",
+                        "a valid " + reader.suffix + " file without pickled objects") from None
         if not floating:
             raise _fail(path, f"holds {name} as a non-floating-point dtype",
                         "float16, bfloat16, float32 or float64 data")
@@ -168,7 +200,8 @@ def load_shard(path: str, start: int, stop: int) -> tuple[torch.Tensor, torch.Te
     """This rank's rows [start, stop) of x and y as float32 CPU tensors; checks they are finite."""
     reader = _Reader(path)
     x, y = reader.rows("x", start, stop), reader.rows("y", start, stop)
-    y = y.reshape(len(y), -1)
+    if y.dim() == 1:  # a 1-D target is one output per row
+        y = y.unsqueeze(1)
     for name, tensor in (("x", x), ("y", y)):
         if not torch.isfinite(tensor).all():
             raise _fail(path, f"holds a non-finite value in {name}, rows [{start}, {stop})",

@@ -295,7 +295,7 @@ def _report(error: Exception, config: TrainConfig | None) -> int:
 
     2 for usage and communication errors, RunFailed's own code otherwise.
     """
-    message = str(error).strip()
+    message = " ".join(str(error).split())  # one line, whatever the error text held
     if isinstance(error, CollectiveFailed):
         timeout = f" (--timeout-s {config.timeout_s:g})" if config else ""
         message = (f"{message} (a peer died, is unreachable, or did not answer within the "

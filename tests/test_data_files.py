@@ -1,0 +1,171 @@
+"""--data: each format, each rank reading its own rows, every kind of bad file refused."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from distnn.data import inspect_data, load_shard
+from distnn.train import main
+from tests.conftest import bin_path, read_losses, run_cli, run_world
+from tests.reference import assert_matches_reference
+
+
+def make_tensors(rows=10, d_in=6, d_out=3, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, d_in, generator=generator),
+            torch.randn(rows, d_out, generator=generator))
+
+
+def write(path, x, y, **npz_options):
+    suffix = path.suffix
+    if suffix == ".safetensors":
+        save_file({"x": x, "y": y}, path)
+    elif suffix == ".npz":
+        (np.savez_compressed if npz_options.get("compressed") else np.savez)(
+            path, x=x.numpy() if npz_options.get("c_order", True) else np.asfortranarray(x),
+            y=y.numpy())
+    else:
+        torch.save({"x": x, "y": y}, path)
+    return path
+
+
+@pytest.mark.parametrize("name, options", [
+    ("d.safetensors", {}), ("d.pt", {}), ("d.npz", {}), ("c.npz", {"compressed": True}),
+    ("f.npz", {"c_order": False}),
+])
+def test_every_format_yields_the_same_rows(tmp_path, name, options):
+    x, y = make_tensors()
+    path = write(tmp_path / name, x, y, **options)
+    shape = inspect_data(str(path))
+    assert (shape.rows, shape.d_in, shape.d_out) == (10, 6, 3)
+    for start, stop in [(0, 4), (4, 7), (7, 10), (10, 10)]:
+        x_shard, y_shard = load_shard(str(path), start, stop)
+        assert torch.equal(x_shard, x[start:stop]) and torch.equal(y_shard, y[start:stop])
+        assert x_shard.dtype == torch.float32
+
+
+def test_an_uncompressed_npz_shard_reads_only_its_rows(tmp_path, monkeypatch):
+    x, y = make_tensors(rows=1000, d_in=50)
+    path = write(tmp_path / "d.npz", x, y)
+    x_shard, _ = load_shard(str(path), 100, 110)
+    assert torch.equal(x_shard, x[100:110])
+    # The rows before the shard are skipped by seeking, never read: reads stay small.
+    read_sizes = []
+    real_open = open
+
+    class CountingFile(io.FileIO):
+        def read(self, size=-1):
+            data = super().read(size)
+            read_sizes.append(len(data))
+            return data
+
+    def counting_open(file, mode="r", *args, **kwargs):
+        if str(file) == str(path) and mode == "rb":
+            return io.BufferedReader(CountingFile(file, "rb"), buffer_size=64)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    load_shard(str(path), 900, 910)
+    assert sum(read_sizes) < 30_000, f"read {sum(read_sizes)} bytes; x alone is 200 kB"
+
+
+def test_training_on_a_file_matches_the_reference_on_three_ranks(tmp_path):
+    x, y = make_tensors(rows=11, d_in=7, d_out=2, seed=3)
+    path = write(tmp_path / "d.safetensors", x, y)
+    result = run_world(3, ["--data", str(path), "--hidden", "5", "--steps", "200",
+                           "--lr", "1e-3", "--seed", "4"], tmp_path / "run")
+    assert_matches_reference(result["losses"], result["weights"][0], data=str(path),
+                             hidden=(5,), steps=200, lr=1e-3, seed=4)
+
+
+def test_deeper_models_match_the_reference(tmp_path):
+    argv = ["--hidden", "16,8", "--d-in", "12", "--batch-size", "9", "--steps", "150",
+            "--lr", "1e-3"]
+    result = run_world(2, argv, tmp_path)
+    assert sorted(result["weights"][0]) == ["0.bias", "0.weight", "2.bias", "2.weight",
+                                            "4.bias", "4.weight"]
+    assert_matches_reference(result["losses"], result["weights"][0], hidden=(16, 8), d_in=12,
+                             batch_size=9, steps=150, lr=1e-3)
+
+
+def test_a_data_file_sets_the_model_sizes(tmp_path, capsys, no_launcher):
+    x, y = make_tensors(rows=5, d_in=4, d_out=1)
+    path = write(tmp_path / "d.pt", x, y.reshape(5))  # a 1-D target is one output
+    same = write(tmp_path / "same.safetensors", x, y)  # the reference reads this copy
+    metrics, weights = tmp_path / "m.jsonl", tmp_path / "w.safetensors"
+    assert main(["--data", str(path), "--steps", "40", "--metrics", str(metrics),
+                 "--save", str(weights)]) == 0
+    state = load_file(weights)
+    assert state["0.weight"].shape == (100, 4) and state["2.weight"].shape == (1, 100)
+    assert_matches_reference(read_losses(metrics), state, data=str(same), steps=40)
+
+
+BAD_FILES = {
+    "missing": "does not exist",
+    "d.csv": "has an unknown format; allowed: .safetensors, .npz, .pt files",
+    "no_y.safetensors": "has no tensor named 'y'",
+    "ints.safetensors": "holds x as a non-floating-point dtype",
+    "rows.safetensors": "holds 4 rows of x and 3 of y",
+    "shape.npz": "holds x of shape [4]",
+    "nan.safetensors": "holds a non-finite value in x",
+    "torn.safetensors": "cannot be read",
+    "pickle.pt": "cannot be read",
+}
+
+
+def make_bad(tmp_path, name):
+    path = tmp_path / name
+    x, y = make_tensors(rows=4, d_in=3, d_out=2)
+    if name == "d.csv":
+        path.write_text("1,2\n")
+    elif name == "no_y.safetensors":
+        save_file({"x": x}, path)
+    elif name == "ints.safetensors":
+        save_file({"x": x.long(), "y": y}, path)
+    elif name == "rows.safetensors":
+        save_file({"x": x, "y": y[:3].contiguous()}, path)
+    elif name == "shape.npz":
+        np.savez(path, x=np.zeros(4, dtype=np.float32), y=y.numpy())
+    elif name == "nan.safetensors":
+        x[2, 1] = float("nan")
+        save_file({"x": x, "y": y}, path)
+    elif name == "torn.safetensors":
+        save_file({"x": x, "y": y}, path)
+        path.write_bytes(path.read_bytes()[:40])
+    elif name == "pickle.pt":
+        torch.save({"x": x, "y": y, "evil": object()}, path)  # needs pickle: refused
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_bad_data_files_are_one_line_and_exit_2(tmp_path, capsys, no_launcher, name):
+    path = make_bad(tmp_path, name)
+    assert main(["--data", str(path), "--steps", "2"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"distnn: error: --data: {str(path)!r}")
+    assert BAD_FILES[name] in lines[0], lines[0]
+
+
+def test_sizes_that_contradict_the_file_are_refused(tmp_path, capsys, no_launcher):
+    x, y = make_tensors(rows=4, d_in=3, d_out=2)
+    path = write(tmp_path / "d.safetensors", x, y)
+    assert main(["--data", str(path), "--d-in", "5"]) == 2
+    assert "--d-in: got 5 but --data" in capsys.readouterr().err
+
+
+def test_a_bad_shard_on_another_rank_stops_every_rank(tmp_path):
+    x, y = make_tensors(rows=8, d_in=3, d_out=2)
+    x[7, 0] = float("inf")  # in rank 1's rows only
+    path = write(tmp_path / "d.safetensors", x, y)
+    result = run_cli([bin_path("torchrun"), "--nproc_per_node=2", "-m", "distnn.train",
+                      "--data", str(path), "--steps", "2"], timeout=60)
+    lines = sorted(line for line in result.stderr.splitlines() if line.startswith("distnn:"))
+    assert result.returncode != 0 and len(lines) == 2, result.stderr[-2000:]
+    for rank, line in enumerate(lines):
+        assert line.startswith(f"distnn: rank {rank}: error: --data: ")
+        assert "non-finite value in x, rows [4, 8)" in line
