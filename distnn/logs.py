@@ -30,11 +30,13 @@ class _RankFormatter(logging.Formatter):
 def configure_logging(*, rank: int, world_size: int, verbosity: int = 0) -> logging.Logger:
     """Sends the ``distnn`` logger to stderr, one write per line; returns it.
 
-    ``verbosity``: -1 quiet, 0 normal, 1 verbose. Safe to call again (replaces the handler).
+    ``verbosity``: -1 quiet, 0 normal, 1 verbose. Safe to call again: it replaces the
+    handler it added before and leaves other handlers alone.
     """
     logger = logging.getLogger(LOGGER)
     for handler in list(logger.handlers):
-        logger.removeHandler(handler)
+        if isinstance(handler.formatter, _RankFormatter):
+            logger.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)  # emits message + newline in one write
     handler.setFormatter(_RankFormatter(rank, world_size))
     logger.addHandler(handler)

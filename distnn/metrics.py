@@ -8,6 +8,7 @@ What is printed is the same as printing every step as it happens.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from typing import IO, Any
@@ -43,8 +44,9 @@ class StepLog:
         self.metrics = open(metrics_path, "w", encoding="utf-8") if metrics_path else None
         if progress is None:
             progress = self.out.isatty()
-        self.bar = (tqdm(total=losses.numel(), unit="step", file=self.out, dynamic_ncols=True)
-                    if progress else None)
+        # A terminal that reports no size (some ptys) gets 80 columns, not an empty bar.
+        self.bar = (tqdm(total=losses.numel(), unit="step", file=self.out,
+                         ncols=shutil.get_terminal_size().columns) if progress else None)
 
     def begin(self, steps: int = 0) -> None:
         """Call just before the first step; ``steps`` were already done (by a checkpointed run).

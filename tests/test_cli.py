@@ -114,3 +114,31 @@ def test_the_module_entry_point_fails_without_a_traceback():
     assert result.returncode == 2
     assert result.stderr.splitlines() == ["distnn: error: --lr: got nan; allowed: "
                                           "a finite number > 0"]
+
+
+def test_quiet_prints_only_the_summary_and_verbose_adds_debug_notes(tmp_path, capsys,
+                                                                    no_launcher):
+    assert main(["--steps", "5", "--quiet", "--checkpoint-dir", str(tmp_path / "a")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0].startswith("summary: ") and captured.err == ""
+    assert main(["--steps", "5", "--verbose", "--checkpoint-dir", str(tmp_path / "b")]) == 0
+    assert "distnn: debug: wrote checkpoint step-5" in capsys.readouterr().err
+    assert main(["--steps", "5", "--quiet", "--verbose"]) == 2
+    assert "--quiet and --verbose: got both" in capsys.readouterr().err
+
+
+def test_notes_and_warnings_go_through_the_distnn_logger(tmp_path, caplog, no_launcher):
+    import logging
+
+    assert main(["--steps", "4", "--checkpoint-dir", str(tmp_path)]) == 0
+    assert main(["--steps", "6", "--checkpoint-dir", str(tmp_path)]) == 0
+    (tmp_path / "step-6" / "state.json").write_text("{")
+    logging.getLogger("distnn").addHandler(caplog.handler)
+    try:
+        assert main(["--steps", "8", "--checkpoint-dir", str(tmp_path)]) == 0
+    finally:
+        logging.getLogger("distnn").removeHandler(caplog.handler)
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert any(level == "WARNING" and "step-6 is corrupt" in text for level, text in messages)
+    assert any(level == "INFO" and "resuming from" in text for level, text in messages)
+

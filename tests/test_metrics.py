@@ -75,3 +75,16 @@ def test_the_progress_bar_keeps_the_loss_lines(tmp_path):
     for line in ("0 3.0", "1 2.0", "2 1.0", "summary: steps=3 final_loss=1"):
         assert line in text.splitlines()
     assert "3/3" in text and "loss=1" in text  # the bar, finished
+
+
+def test_the_bar_appears_on_a_terminal_only(tmp_path):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    on_terminal = StepLog(losses=torch.zeros(2), log_every=1, batch_size=1, metrics_path=None,
+                          out=Terminal())
+    in_a_log = StepLog(losses=torch.zeros(2), log_every=1, batch_size=1, metrics_path=None,
+                       out=io.StringIO())
+    assert on_terminal.bar is not None and in_a_log.bar is None
+    on_terminal.close()
