@@ -60,6 +60,14 @@ class TrainConfig:
                                 "replicas' weights; 0: only at checkpoints and the end",
                                 minimum=0, metavar="K")
 
+    bucket_mb: float = _option(25.0, "gradient bucket size in MiB: larger models all-reduce "
+                               "bucket by bucket, overlapped with backward", minimum=0.0)
+    micro_batches: int = _option(1, "split each rank's shard into M pieces and accumulate their "
+                                 "gradients before the one all-reduce (bounds activation "
+                                 "memory; the result is unchanged)", minimum=1, metavar="M")
+    precision: str = _option("fp32", "fp32 (the reference's numbers), tf32 (CUDA matmuls in "
+                             "TF32) or bf16 (autocast; fp32 weights and all-reduce)",
+                             choices=("fp32", "tf32", "bf16"))
     quiet: bool = _option(False, "print only the summary, warnings and errors")
     verbose: bool = _option(False, "print debugging notes too")
 

@@ -2,8 +2,15 @@
 
 Each parameter's ``.data`` and ``.grad`` become views into two contiguous buffers, so the
 all-reduce needs no copy in or out and the update is one fused operation. The gradient
-buffer has one extra slot at the end that carries the rank's loss, so the global loss
-travels in the same collective as the gradients: one collective per step in total.
+buffer has extra slots at the end for small per-step values that must be summed too (the
+rank's loss, a stop vote), so they travel in the same collective as the gradients.
+
+For a large model the gradient buffer is split into buckets (``bucket_mb``). Backward
+produces gradients from the last layer to the first, so the buffers hold the parameters in
+that reverse order: a bucket's all-reduce starts, asynchronously, as soon as backward has
+finished its gradients, and overlaps with the rest of backward. The last bucket (which
+holds the extra slots) starts in :meth:`FlatGradSync.all_reduce`. A model that fits in one
+bucket uses one collective per step.
 
 Why SUM and no division: the loss is a sum over samples, so the full batch's gradient is
 the sum of the shards' gradients for any partition of the batch, empty shards included.
@@ -11,22 +18,50 @@ the sum of the shards' gradients for any partition of the batch, empty shards in
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from distnn.process_group import collective
 
+DEFAULT_BUCKET_MB = 25.0
+
+
+def plan_buckets(sizes: Sequence[int], capacity: int) -> list[tuple[int, int]]:
+    """Groups consecutive tensors of ``sizes`` elements into buckets of at most ``capacity``.
+
+    Returns [first, stop) index ranges into ``sizes``, in order. A tensor larger than
+    ``capacity`` gets a bucket of its own; no tensor is split.
+    """
+    if capacity < 1:
+        raise ValueError(f"plan_buckets: capacity must be >= 1, got {capacity}")
+    buckets, first, filled = [], 0, 0
+    for index, size in enumerate(sizes):
+        if index > first and filled + size > capacity:
+            buckets.append((first, index))
+            first, filled = index, 0
+        filled += size
+    if sizes:
+        buckets.append((first, len(sizes)))
+    return buckets
+
 
 class FlatGradSync:
     """Keeps ``module``'s parameters and gradients in flat buffers and sums them across ranks.
 
-    Build it after the module is on its device and before training. Zero gradients with
+    Build it after the module is on its device and before training. Per step:
+    :meth:`zero_grad`, forward, ``backward()``, :meth:`all_reduce`, then :meth:`sgd_step` (or
+    any optimizer: ``p.grad`` are views into the summed buffer). Zero gradients with
     :meth:`zero_grad`, not ``module.zero_grad()``: the latter sets ``.grad`` to None and
-    detaches the gradients from the buffer.
+    detaches the gradients from the buffer. Every rank must produce gradients for the same
+    parameters in the same order (the same model and code on every rank).
     """
 
-    def __init__(self, module: nn.Module, *, distributed: bool, extra_slots: int = 1) -> None:
+    def __init__(self, module: nn.Module, *, distributed: bool, extra_slots: int = 1,
+                 bucket_mb: float = DEFAULT_BUCKET_MB) -> None:
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             raise ValueError("FlatGradSync: the module has no trainable parameters")
@@ -36,19 +71,43 @@ class FlatGradSync:
             raise ValueError("FlatGradSync: all parameters must share one dtype and one device; "
                              f"got dtypes {sorted(map(str, dtypes))}, "
                              f"devices {sorted(map(str, devices))}")
+        if not bucket_mb > 0:
+            raise ValueError(f"FlatGradSync: bucket_mb must be > 0, got {bucket_mb}")
         self.distributed = distributed
-        self.numel = sum(p.numel() for p in params)
+        self.params = params[::-1]  # the order in which backward produces the gradients
+        self.numel = sum(p.numel() for p in self.params)
         with torch.no_grad():
-            self.flat_params = torch.cat([p.detach().reshape(-1) for p in params])
+            self.flat_params = torch.cat([p.detach().reshape(-1) for p in self.params])
         self.flat_grads = torch.zeros(self.numel + extra_slots, dtype=params[0].dtype,
                                       device=params[0].device)
-        offset = 0
-        for p in params:
+        offsets, offset = [], 0
+        for p in self.params:
             n = p.numel()
             p.data = self.flat_params[offset:offset + n].view_as(p)
             p.grad = self.flat_grads[offset:offset + n].view_as(p)
+            offsets.append(offset)
             offset += n
-        self.params = params
+
+        capacity = max(1, int(bucket_mb * 2**20) // params[0].element_size())
+        groups = plan_buckets([p.numel() for p in self.params], capacity)
+        # Bucket b covers flat_grads[start:stop]; the last one also covers the extra slots.
+        self.bucket_ranges = [(offsets[first], offsets[stop - 1] + self.params[stop - 1].numel())
+                              for first, stop in groups]
+        self.bucket_ranges[-1] = (self.bucket_ranges[-1][0], self.numel + extra_slots)
+        self._bucket_sizes = [stop - first for first, stop in groups]
+        self._pending = list(self._bucket_sizes)  # gradients each bucket still waits for
+        self._handles: dict[int, dist.Work] = {}
+        self._syncing = True
+        if distributed and len(groups) > 1:
+            for bucket, (first, stop) in enumerate(groups[:-1]):
+                for p in self.params[first:stop]:
+                    p.register_post_accumulate_grad_hook(
+                        lambda _, bucket=bucket: self._grad_ready(bucket))
+
+    @property
+    def buckets(self) -> int:
+        """How many all-reduces a step makes."""
+        return len(self.bucket_ranges)
 
     def broadcast_parameters(self, src: int = 0) -> None:
         """Makes every rank's parameters equal to rank ``src``'s (one collective)."""
@@ -57,16 +116,46 @@ class FlatGradSync:
                 dist.broadcast(self.flat_params, src=src)
 
     def zero_grad(self) -> None:
-        """Zeroes every gradient (and the loss slot) in place; autograd then accumulates into it."""
+        """Zeroes every gradient (and the extra slots) in place; backward accumulates into it."""
         self.flat_grads.zero_()
+        self._pending = list(self._bucket_sizes)
+        self._handles.clear()
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside only accumulate locally (gradient accumulation).
+
+        Use it for every micro-batch but the last of a step; the last one's backward, outside,
+        starts the buckets' all-reduces as usual.
+        """
+        self._syncing = False
+        try:
+            yield
+        finally:
+            self._syncing = True
+            self._pending = list(self._bucket_sizes)
+
+    def _grad_ready(self, bucket: int) -> None:
+        if not self._syncing:
+            return
+        self._pending[bucket] -= 1
+        if self._pending[bucket] == 0:
+            self._start(bucket)
+
+    def _start(self, bucket: int) -> None:
+        start, stop = self.bucket_ranges[bucket]
+        with collective("the gradient all-reduce"):
+            self._handles[bucket] = dist.all_reduce(self.flat_grads[start:stop],
+                                                    op=dist.ReduceOp.SUM, async_op=True)
 
     def all_reduce(self, *extras: torch.Tensor | float) -> torch.Tensor:
         """Sums the gradients and ``extras`` over all ranks; returns the summed extras.
 
         Call after ``backward()``. ``extras`` (0-dim tensors or floats, at most
         ``extra_slots``; the first is usually the rank's loss) are written into the slots after
-        the gradients. The returned 1-dim tensor is a view into the buffer, overwritten by the
-        next step: copy what you keep. No host synchronisation.
+        the gradients. Starts the buckets backward has not started, then waits for all. The
+        returned 1-dim tensor is a view into the buffer, overwritten by the next step: copy
+        what you keep. No host synchronisation on a GPU.
         """
         slots = self.flat_grads[self.numel:self.numel + len(extras)]
         for slot, value in zip(slots, extras, strict=True):
@@ -75,8 +164,13 @@ class FlatGradSync:
             else:
                 slot.fill_(value)
         if self.distributed:
+            for bucket in range(self.buckets):
+                if bucket not in self._handles:
+                    self._start(bucket)
             with collective("the gradient all-reduce"):
-                dist.all_reduce(self.flat_grads, op=dist.ReduceOp.SUM)
+                for bucket in range(self.buckets):
+                    self._handles[bucket].wait()
+            self._handles.clear()
         return slots
 
     def all_finite(self) -> torch.Tensor:

@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -134,6 +135,13 @@ class Trainer:
     def _load(self) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
         """The initial model and this rank's rows: from --data, or the reference's batch."""
         config, rt = self.config, self.rt
+        if config.precision == "tf32":
+            if rt.device.type != "cuda":
+                raise UsageError("--precision: got 'tf32' but this rank computes on the CPU; "
+                                 "TF32 is a CUDA tensor-core format; allowed on the CPU: "
+                                 "fp32, bf16")
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         if config.data:
             self.config = config = config_for_data(config, inspect_data(config.data))
             start, stop = shard_bounds(config.batch_size, rt.world_size, rt.rank)
@@ -183,7 +191,8 @@ class Trainer:
                             "uninterrupted run only by rounding")
         model.to(self.rt.device)
         # Slots after the gradients: the rank's loss and its stop vote.
-        sync = FlatGradSync(model, distributed=self.rt.distributed, extra_slots=2)
+        sync = FlatGradSync(model, distributed=self.rt.distributed, extra_slots=2,
+                            bucket_mb=config.bucket_mb)
         sync.broadcast_parameters(src=0)
         return sync
 
@@ -194,13 +203,24 @@ class Trainer:
         """Steps from ``start`` until ``--steps`` or an agreed stop; returns the steps done."""
         config, rank = self.config, self.rt.rank
         loss_fn = nn.MSELoss(reduction="sum")
+        pieces = [(x_shard[first:stop], y_shard[first:stop]) for first, stop in
+                  (shard_bounds(len(x_shard), config.micro_batches, index)
+                   for index in range(config.micro_batches))]
         done = start
         for step in range(start, config.steps):
             if self.fault:
                 self.fault.maybe_fire(step=step, rank=rank, flat_params=sync.flat_params)
             sync.zero_grad()
-            local_loss = loss_fn(model(x_shard), y_shard)
-            local_loss.backward()
+            piece_losses = []
+            for index, (x_piece, y_piece) in enumerate(pieces):
+                # Every piece but the last only accumulates; the last one's backward starts
+                # the all-reduce of the buckets.
+                with sync.no_sync() if index < len(pieces) - 1 else nullcontext():
+                    with self._autocast():
+                        piece_loss = loss_fn(model(x_piece), y_piece)
+                    piece_loss.backward()
+                piece_losses.append(piece_loss.detach())
+            local_loss = sum(piece_losses[1:], piece_losses[0])
             summed = sync.all_reduce(local_loss, stop.vote())
             self.finite[step] = sync.all_finite()
             sync.sgd_step(config.lr)
@@ -216,6 +236,12 @@ class Trainer:
                     and done % config.checkpoint_every == 0 and done < config.steps):
                 self._checkpoint(done, model, sync)
         return done
+
+    def _autocast(self) -> AbstractContextManager:
+        """bf16 autocast for --precision bf16 (weights, gradients and all-reduce stay fp32)."""
+        if self.config.precision == "bf16":
+            return torch.autocast(device_type=self.rt.device.type, dtype=torch.bfloat16)
+        return nullcontext()
 
     def _verify(self, done: int, sync: FlatGradSync) -> None:
         """Stops the run (RunFailed, exit 3) on non-finite values or diverged replicas.

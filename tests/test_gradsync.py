@@ -18,8 +18,9 @@ def test_parameters_and_gradients_are_views_into_the_buffers_after_backward():
     sync = FlatGradSync(model, distributed=False)
     sync.zero_grad()
     model(torch.randn(5, 4)).pow(2).sum().backward()
+    assert [id(p) for p in sync.params] == [id(p) for p in model.parameters()][::-1]
     offset = 0
-    for p in model.parameters():
+    for p in sync.params:  # in the order backward produces their gradients
         assert p.data_ptr() == sync.flat_params[offset:].data_ptr()
         assert p.grad.data_ptr() == sync.flat_grads[offset:].data_ptr()
         assert torch.equal(p.grad.reshape(-1), sync.flat_grads[offset:offset + p.numel()])

@@ -1,0 +1,70 @@
+"""Buckets, micro-batches and precision change speed or memory, not the result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distnn.gradsync import FlatGradSync, plan_buckets
+from distnn.train import main
+from tests.conftest import read_losses, run_world
+from tests.reference import assert_matches_reference, reference_run
+
+
+@pytest.mark.parametrize("sizes, capacity, want", [
+    ([10, 1000, 100, 100000], 26214, [(0, 3), (3, 4)]),
+    ([5, 5, 5], 10, [(0, 2), (2, 3)]),
+    ([50, 5], 10, [(0, 1), (1, 2)]),  # too big for a bucket: alone, not split
+    ([1, 2, 3], 100, [(0, 3)]),
+    ([], 10, []),
+])
+def test_plan_buckets(sizes, capacity, want):
+    assert plan_buckets(sizes, capacity) == want
+
+
+def test_a_small_model_is_one_bucket_and_a_tiny_bucket_size_splits_it():
+    model = torch.nn.Sequential(torch.nn.Linear(1000, 100), torch.nn.ReLU(),
+                                torch.nn.Linear(100, 10))
+    assert FlatGradSync(model, distributed=False).buckets == 1
+    split = FlatGradSync(model, distributed=False, extra_slots=2, bucket_mb=0.1)
+    assert split.buckets == 2
+    assert split.bucket_ranges == [(0, 1110), (1110, 101112)]  # the last holds the extras
+
+
+def test_buckets_overlapped_with_backward_give_the_same_bits(tmp_path):
+    one = run_world(2, ["--steps", "100"], tmp_path / "one")
+    two = run_world(2, ["--steps", "100", "--bucket-mb", "0.1"], tmp_path / "two")
+    assert one["losses"] == two["losses"]  # two ranks: a + b in any layout is the same sum
+    for name, tensor in one["weights"][0].items():
+        assert torch.equal(tensor, two["weights"][0][name]), name
+        assert torch.equal(tensor, two["weights"][1][name]), name
+
+
+def test_micro_batches_on_three_ranks_match_the_reference(tmp_path):
+    # 64 rows on 3 ranks (22, 21, 21) in 4 pieces each, 2 buckets
+    result = run_world(3, ["--micro-batches", "4", "--bucket-mb", "0.1"], tmp_path)
+    assert_matches_reference(result["losses"], result["weights"][0])
+
+
+def test_more_micro_batches_than_rows_is_still_right(tmp_path, no_launcher):
+    assert main(["--batch-size", "3", "--micro-batches", "5", "--steps", "50", "--metrics",
+                 str(tmp_path / "m.jsonl"), "--save", str(tmp_path / "w.safetensors")]) == 0
+    from safetensors.torch import load_file
+
+    assert_matches_reference(read_losses(tmp_path / "m.jsonl"),
+                             load_file(tmp_path / "w.safetensors"), batch_size=3, steps=50)
+
+
+def test_bf16_autocast_trains_close_to_the_fp32_reference(tmp_path, no_launcher):
+    assert main(["--precision", "bf16", "--steps", "100", "--log-every", "1",
+                 "--metrics", str(tmp_path / "m.jsonl")]) == 0
+    losses = read_losses(tmp_path / "m.jsonl")
+    want, _ = reference_run(steps=100)
+    for got, ref in zip(losses, want, strict=True):
+        assert got == pytest.approx(ref, rel=0.05)  # bf16 keeps about 3 significant digits
+    assert losses[-1] < losses[0] / 100
+
+
+def test_tf32_on_the_cpu_is_refused(capsys, no_launcher):
+    assert main(["--precision", "tf32", "--device", "cpu", "--steps", "1"]) == 2
+    assert "--precision: got 'tf32' but this rank computes on the CPU" in capsys.readouterr().err
