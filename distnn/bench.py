@@ -1,0 +1,402 @@
+"""``python -m distnn.bench``: distnn against the reference loop, DDP and Accelerate, side by side.
+
+Every variant trains the same model on the same data with the same sum-loss SGD, in the
+same run, in alternating order over ``--repeats`` rounds; the table gives medians. Before a
+variant's times count, its global losses are checked against the reference's. World sizes
+above 1 run as real gloo process groups (spawned processes); on a GPU the run is world 1
+over NCCL. Writes ``bench.md`` (the table), ``bench.json`` (every sample) and ``bench.png``.
+
+How each is timed: the loops written here run ``--warmup`` steps, then ``--steps`` timed
+steps ending in a device synchronisation. distnn runs its real trainer twice, with S and 2S
+steps, and takes the difference, which cancels its start-up (``(t_2S - t_S) / S``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from distnn.config import TrainConfig
+from distnn.data import reference_setup, shard_bounds
+from distnn.runtime import setup
+from distnn.train import Trainer
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    batch_size: int
+    d_in: int
+    hidden: int
+    d_out: int
+    lr: float
+
+    @property
+    def flop_per_step(self) -> float:
+        """Forward and backward matmuls: 6 * N * (D_in*H + H*D_out)."""
+        return 6.0 * self.batch_size * (self.d_in * self.hidden + self.hidden * self.d_out)
+
+    def config(self, **changes: Any) -> TrainConfig:
+        return TrainConfig(batch_size=self.batch_size, d_in=self.d_in, hidden=(self.hidden,),
+                           d_out=self.d_out, lr=self.lr, log_every=0, quiet=True,
+                           verify_every=0, **changes)
+
+
+REFERENCE = Workload("reference", 64, 1000, 100, 10, 1e-4)
+# Compute-bound: big matmuls. The GPU size is the one in ../shared/FACTS.md; the CPU one is
+# smaller so that a step takes a fraction of a second on a few cores.
+COMPUTE_GPU = Workload("compute", 8192, 4096, 4096, 4096, 1e-9)
+COMPUTE_CPU = Workload("compute", 1024, 1024, 1024, 1024, 1e-7)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _model_and_shard(work: Workload, rank: int, world: int, device: torch.device):
+    x, y, model = reference_setup(work.config())
+    start, stop = shard_bounds(work.batch_size, world, rank)
+    return model.to(device), x[start:stop].to(device), y[start:stop].to(device)
+
+
+def reference_loop(work: Workload, steps: int, warmup: int, device: torch.device,
+                   per_step_sync: bool) -> tuple[float, list[float]]:
+    """The tutorial loop in one process: ``loss.item()`` every step, or losses kept on device."""
+    model, x, y = _model_and_shard(work, 0, 1, device)
+    loss_fn = nn.MSELoss(reduction="sum")
+    params = list(model.parameters())
+    losses = torch.zeros(warmup + steps, device=device)
+    printed = []
+    started = 0.0
+    for step in range(warmup + steps):
+        if step == warmup:
+            _sync(device)
+            started = time.perf_counter()
+        loss = loss_fn(model(x), y)
+        if per_step_sync:
+            printed.append(loss.item())
+        else:
+            losses[step] = loss.detach()
+        model.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            if per_step_sync:
+                for param in params:
+                    param -= work.lr * param.grad
+            else:
+                torch._foreach_add_(params, [p.grad for p in params], alpha=-work.lr)
+    _sync(device)
+    elapsed = time.perf_counter() - started
+    return elapsed / steps * 1e3, printed if per_step_sync else losses.tolist()
+
+
+def ddp_loop(work: Workload, steps: int, warmup: int, device: torch.device,
+             use_accelerate: bool) -> tuple[float, list[float]]:
+    """PyTorch DDP (directly, or through Accelerate) on the same work.
+
+    DDP averages gradients, so the loss is scaled by the world size to get the sum; the
+    update is the same manual SGD. The global loss is summed once, after the timed steps.
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    model, x, y = _model_and_shard(work, rank, world, device)
+    accelerator = None
+    if use_accelerate:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=device.type == "cpu")
+        wrapped = accelerator.prepare(model)
+    else:
+        device_ids = [device.index] if device.type == "cuda" else None
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    loss_fn = nn.MSELoss(reduction="sum")
+    params = list(model.parameters())
+    losses = torch.zeros(warmup + steps, device=device)
+    started = 0.0
+    for step in range(warmup + steps):
+        if step == warmup:
+            _sync(device)
+            started = time.perf_counter()
+        loss = loss_fn(wrapped(x), y)
+        losses[step] = loss.detach()
+        wrapped.zero_grad()
+        if accelerator:
+            accelerator.backward(loss * world)
+        else:
+            (loss * world).backward()
+        with torch.no_grad():
+            torch._foreach_add_(params, [p.grad for p in params], alpha=-work.lr)
+    _sync(device)
+    elapsed = time.perf_counter() - started
+    dist.all_reduce(losses)  # local losses -> global, outside the timed steps
+    # DDP's teardown on gloo can abort the process at exit unless it is dropped first
+    # (../shared/FACTS.md): delete it, collect, and meet at a barrier.
+    del wrapped, accelerator
+    gc.collect()
+    dist.barrier()
+    return elapsed / steps * 1e3, losses.tolist()
+
+
+def distnn_trainer(work: Workload, steps: int, rt, **config_changes: Any
+                   ) -> tuple[float, list[float]]:
+    """distnn's own trainer, timed by the difference of an S-step and a 2S-step run."""
+    walls, losses = [], []
+    for count in (steps, 2 * steps):
+        trainer = Trainer(work.config(steps=count, **config_changes), rt, environ={})
+        with contextlib.redirect_stdout(io.StringIO()):  # its summary line
+            result = trainer.train()
+        walls.append(result.wall_s)
+        losses = trainer.losses.tolist()
+    return (walls[1] - walls[0]) / steps * 1e3, losses
+
+
+def _variants(work: Workload, world: int, device: torch.device) -> list[str]:
+    names = []
+    if world == 1:
+        names += ["reference loop", "reference loop, no per-step sync"]
+    names += ["DDP", "Accelerate", "distnn eager"]
+    if work.name == "compute":
+        if device.type == "cuda":
+            names.append("distnn eager, tf32")
+        names.append("distnn eager, bf16")
+    return names
+
+
+def _run_variant(name: str, work: Workload, steps: int, warmup: int, rt) -> tuple[float, list]:
+    device = rt.device
+    if name == "reference loop":
+        return reference_loop(work, steps, warmup, device, per_step_sync=True)
+    if name == "reference loop, no per-step sync":
+        return reference_loop(work, steps, warmup, device, per_step_sync=False)
+    if name in ("DDP", "Accelerate"):
+        return ddp_loop(work, steps, warmup, device, use_accelerate=name == "Accelerate")
+    precision = {"distnn eager": "fp32", "distnn eager, tf32": "tf32",
+                 "distnn eager, bf16": "bf16"}[name]
+    return distnn_trainer(work, steps, rt, precision=precision)
+
+
+def matmul_tflops(device: torch.device, size: int, dtype: torch.dtype, repeats: int = 5) -> float:
+    """The plain ``size``^3 matmul rate on this device, in TFLOP/s (median of ``repeats``)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    rates = []
+    for _ in range(repeats):
+        _sync(device)
+        started = time.perf_counter()
+        a @ b
+        _sync(device)
+        rates.append(2 * size**3 / (time.perf_counter() - started) / 1e12)
+    return statistics.median(rates)
+
+
+def _worker(rank: int, world: int, port: int, plan: dict, out_path: str) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+    if plan["threads"]:
+        torch.set_num_threads(plan["threads"])
+    samples = []
+    with setup(device=plan["device"], timeout_s=600) as rt:
+        for work in (Workload(**w) for w in plan["workloads"]):
+            for repeat in range(plan["repeats"]):
+                for name in _variants(work, world, rt.device):
+                    ms, losses = _run_variant(name, work, plan["steps"][work.name],
+                                              plan["warmup"], rt)
+                    samples.append({"workload": work.name, "world_size": world, "variant": name,
+                                    "repeat": repeat, "ms_per_step": ms, "losses": losses})
+                    dist.barrier()
+    if rank == 0:
+        with open(out_path, "w", encoding="utf-8") as file:
+            json.dump(samples, file)
+
+
+def _check_losses(samples: list[dict], reference: dict[str, list[float]]) -> list[str]:
+    """Marks samples whose losses stray from the reference loop's; returns the problems."""
+    problems = []
+    for sample in samples:
+        want = reference[sample["workload"]]
+        got = sample.pop("losses")
+        count = min(len(got), len(want), 20)
+        tolerance = 0.05 if "bf16" in sample["variant"] or "tf32" in sample["variant"] else 1e-4
+        worst = max(abs(g - w) / max(abs(w), 1e-12) for g, w in zip(got[:count], want[:count],
+                                                                     strict=True))
+        sample["loss_check_rel"] = worst
+        sample["loss_ok"] = worst <= tolerance
+        if not sample["loss_ok"]:
+            problems.append(f"{sample['variant']} (world {sample['world_size']}, "
+                            f"{sample['workload']}): losses differ by {worst:.3g}")
+    return problems
+
+
+def summarise(samples: list[dict], workloads: dict[str, Workload],
+              matmul: dict[str, float]) -> list[dict]:
+    """One row per (workload, world size, variant): medians of the samples that passed."""
+    rows = []
+    keys = dict.fromkeys((s["workload"], s["world_size"], s["variant"]) for s in samples)
+    baseline = {}
+    for workload, world, variant in sorted(keys, key=lambda k: (k[0] != "reference", k[1])):
+        times = [s["ms_per_step"] for s in samples if (s["workload"], s["world_size"],
+                 s["variant"]) == (workload, world, variant) and s["loss_ok"]]
+        if not times:
+            continue
+        work = workloads[workload]
+        ms = statistics.median(times)
+        if variant == "reference loop" and world == 1:
+            baseline[workload] = ms
+        row = {"workload": workload, "world_size": world, "variant": variant,
+               "ms_per_step": ms, "min_ms": min(times), "max_ms": max(times), "runs": len(times),
+               "samples_per_s": work.batch_size / ms * 1e3}
+        if workload == "compute":
+            tflops = work.flop_per_step / (ms / 1e3) / 1e12
+            rate = matmul.get("bf16" if "bf16" in variant else "tf32" if "tf32" in variant
+                              else "fp32")
+            row["tflops"] = tflops
+            row["matmul_pct"] = 100 * tflops / rate if rate else None
+        rows.append(row)
+    for row in rows:
+        base = baseline.get(row["workload"])
+        row["speedup_vs_reference"] = base / row["ms_per_step"] if base else None
+    return rows
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    lines = [header, "",
+             "| workload | world | variant | ms/step (median) | min-max | samples/s "
+             "| vs reference loop | TFLOP/s | % of matmul |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        speedup = f"{r['speedup_vs_reference']:.2f}x" if r["speedup_vs_reference"] else ""
+        tflops = f"{r['tflops']:.3f}" if "tflops" in r else ""
+        pct = f"{r['matmul_pct']:.0f}%" if r.get("matmul_pct") else ""
+        lines.append(f"| {r['workload']} | {r['world_size']} | {r['variant']} "
+                     f"| {r['ms_per_step']:.3f} | {r['min_ms']:.3f}-{r['max_ms']:.3f} "
+                     f"| {r['samples_per_s']:.0f} | {speedup} | {tflops} | {pct} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = sorted({r["workload"] for r in rows}, key=lambda w: w != "reference")
+    figure, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4.5),
+                                squeeze=False)
+    for ax, workload in zip(axes[0], workloads, strict=True):
+        mine = [r for r in rows if r["workload"] == workload]
+        labels = [f"{r['variant']}\n(world {r['world_size']})" for r in mine]
+        ax.barh(labels, [r["ms_per_step"] for r in mine],
+                color=["tab:blue" if "distnn" in r["variant"] else "tab:gray" for r in mine])
+        ax.set_xlabel("ms per step (median, lower is better)")
+        ax.set_title(f"{workload} workload")
+        ax.invert_yaxis()
+        ax.tick_params(axis="y", labelsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m distnn.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worlds", default=None,
+                        help="world sizes, comma-separated (default: 1,2,4 on the CPU, 1 on a GPU)")
+    parser.add_argument("--workloads", default="reference,compute")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=200, help="timed steps, reference workload")
+    parser.add_argument("--compute-steps", type=int, default=10,
+                        help="timed steps, compute workload")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--out", default="bench-results", help="folder for the three files")
+    args = parser.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    worlds = [int(w) for w in (args.worlds or ("1" if cuda else "1,2,4")).split(",")]
+    known = {"reference": REFERENCE, "compute": COMPUTE_GPU if cuda else COMPUTE_CPU}
+    workloads = {name: known[name] for name in args.workloads.split(",")}
+    os.makedirs(args.out, exist_ok=True)
+
+    matmul = {}
+    if "compute" in workloads:
+        size = 8192 if cuda else 1024
+        dev = torch.device(device)
+        matmul["fp32"] = matmul_tflops(dev, size, torch.float32)
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            matmul["tf32"] = matmul_tflops(dev, size, torch.float32)
+            torch.backends.cuda.matmul.allow_tf32 = False
+        matmul["bf16"] = matmul_tflops(dev, size, torch.bfloat16)
+
+    samples = []
+    for world in worlds:
+        plan = {"device": device, "repeats": args.repeats, "warmup": args.warmup,
+                "workloads": [w.__dict__ for w in workloads.values()],
+                "steps": {"reference": args.steps, "compute": args.compute_steps},
+                "threads": max(1, (os.cpu_count() or 1) // world) if not cuda else 0}
+        out_path = os.path.join(args.out, f".samples-{world}.json")
+        port = _free_port()
+        print(f"world size {world}: running...", file=sys.stderr, flush=True)
+        mp.start_processes(_worker, args=(world, port, plan, out_path), nprocs=world,
+                           start_method="spawn")
+        with open(out_path, encoding="utf-8") as file:
+            samples += json.load(file)
+        os.remove(out_path)
+
+    reference = {}
+    for work in workloads:
+        _, reference[work] = reference_loop(workloads[work], 20, 0, torch.device(device),
+                                            per_step_sync=True)
+    problems = _check_losses(samples, reference)
+    rows = summarise(samples, workloads, matmul)
+    machine = (f"{torch.cuda.get_device_name()}" if cuda else
+               f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})")
+    header = (f"Machine: {machine}; torch {torch.__version__}; {args.repeats} repeats, "
+              f"{args.steps} timed steps (reference), {args.compute_steps} (compute)."
+              + (" Matmul rate, same run: " + ", ".join(f"{k} {v:.3f} TFLOP/s"
+                                                         for k, v in matmul.items())
+                 if matmul else ""))
+    table = markdown(rows, header)
+    with open(os.path.join(args.out, "bench.md"), "w", encoding="utf-8") as file:
+        file.write(table)
+    with open(os.path.join(args.out, "bench.json"), "w", encoding="utf-8") as file:
+        json.dump({"machine": machine, "torch": torch.__version__, "matmul_tflops": matmul,
+                   "workloads": {k: w.__dict__ for k, w in workloads.items()},
+                   "rows": rows, "samples": samples}, file, indent=1)
+    try:
+        plot(rows, os.path.join(args.out, "bench.png"))
+    except ImportError:
+        print("distnn: note: no matplotlib, so no bench.png", file=sys.stderr)
+    print(table)
+    for problem in problems:
+        print(f"distnn: warning: left out: {problem}", file=sys.stderr)
+    return 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
