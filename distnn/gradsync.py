@@ -71,6 +71,8 @@ class FlatGradSync:
             raise ValueError("FlatGradSync: all parameters must share one dtype and one device; "
                              f"got dtypes {sorted(map(str, dtypes))}, "
                              f"devices {sorted(map(str, devices))}")
+        if extra_slots < 1:
+            raise ValueError(f"FlatGradSync: extra_slots must be >= 1, got {extra_slots}")
         if not bucket_mb > 0:
             raise ValueError(f"FlatGradSync: bucket_mb must be > 0, got {bucket_mb}")
         self.distributed = distributed
@@ -80,6 +82,10 @@ class FlatGradSync:
             self.flat_params = torch.cat([p.detach().reshape(-1) for p in self.params])
         self.flat_grads = torch.zeros(self.numel + extra_slots, dtype=params[0].dtype,
                                       device=params[0].device)
+        # Views made once: slicing in the step loop would cost a dispatch each time.
+        self._grads = self.flat_grads[:self.numel]
+        self._extras = self.flat_grads[self.numel:]
+        self._slots = list(self._extras)
         offsets, offset = [], 0
         for p in self.params:
             n = p.numel()
@@ -148,20 +154,20 @@ class FlatGradSync:
             self._handles[bucket] = dist.all_reduce(self.flat_grads[start:stop],
                                                     op=dist.ReduceOp.SUM, async_op=True)
 
-    def all_reduce(self, *extras: torch.Tensor | float) -> torch.Tensor:
-        """Sums the gradients and ``extras`` over all ranks; returns the summed extras.
+    def all_reduce(self, *extras: torch.Tensor | float | None) -> torch.Tensor:
+        """Sums the gradients and ``extras`` over all ranks; returns the summed extra slots.
 
-        Call after ``backward()``. ``extras`` (0-dim tensors or floats, at most
-        ``extra_slots``; the first is usually the rank's loss) are written into the slots after
-        the gradients. Starts the buckets backward has not started, then waits for all. The
-        returned 1-dim tensor is a view into the buffer, overwritten by the next step: copy
-        what you keep. No host synchronisation on a GPU.
+        Call after ``backward()``. ``extras`` (0-dim tensors, floats, or None for "leave the
+        slot at zero"; at most ``extra_slots``; the first is usually the rank's loss) are
+        written into the slots after the gradients. Starts the buckets backward has not
+        started, then waits for all. The returned 1-dim tensor (all ``extra_slots``) is a view
+        into the buffer, overwritten by the next step: copy what you keep. No host
+        synchronisation on a GPU.
         """
-        slots = self.flat_grads[self.numel:self.numel + len(extras)]
-        for slot, value in zip(slots, extras, strict=True):
+        for slot, value in zip(self._slots, extras, strict=False):
             if isinstance(value, torch.Tensor):
                 slot.copy_(value.detach())
-            else:
+            elif value is not None:
                 slot.fill_(value)
         if self.distributed:
             for bucket in range(self.buckets):
@@ -171,13 +177,9 @@ class FlatGradSync:
                 for bucket in range(self.buckets):
                     self._handles[bucket].wait()
             self._handles.clear()
-        return slots
-
-    def all_finite(self) -> torch.Tensor:
-        """A 0-dim bool tensor: are all gradients and extras of this step finite? (no sync)"""
-        return torch.isfinite(self.flat_grads).all()
+        return self._extras
 
     @torch.no_grad()
     def sgd_step(self, lr: float) -> None:
         """``p -= lr * p.grad`` for every parameter, as one operation over the flat buffer."""
-        self.flat_params.add_(self.flat_grads[:self.numel], alpha=-lr)
+        self.flat_params.add_(self._grads, alpha=-lr)

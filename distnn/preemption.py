@@ -48,9 +48,10 @@ class StopRequests:
             for sig, old in previous.items():
                 signal.signal(sig, old)
 
-    def vote(self) -> float:
-        """This rank's vote for the step's all-reduce: 1.0 once it has been signalled."""
-        return 1.0 if self.signum is not None else 0.0
+    def vote(self) -> float | None:
+        """This rank's vote for the step's all-reduce: 1.0 once signalled, else None (the
+        slot stays at the zero it was cleared to, so a quiet step writes nothing)."""
+        return 1.0 if self.signum is not None else None
 
     def agreed(self, votes: torch.Tensor) -> bool:
         """Whether the ranks agreed to stop, from the all-reduced ``votes`` (a 0-dim tensor).

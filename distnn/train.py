@@ -66,7 +66,6 @@ class Trainer:
         self.rt = runtime
         self.fault = FaultPlan.from_environ(environ, restart_count=runtime.launch.restart_count)
         self.losses = torch.zeros(config.steps, device=runtime.device)  # global loss per step
-        self.finite = torch.ones(config.steps, dtype=torch.bool, device=runtime.device)
         self.verified = 0  # steps checked for non-finite values so far
         self.last_checkpoint: str | None = None  # the newest written or resumed from
         self.log: StepLog | None = None
@@ -222,7 +221,6 @@ class Trainer:
                 piece_losses.append(piece_loss.detach())
             local_loss = sum(piece_losses[1:], piece_losses[0])
             summed = sync.all_reduce(local_loss, stop.vote())
-            self.finite[step] = sync.all_finite()
             sync.sgd_step(config.lr)
             self.losses[step] = summed[0]
             done = step + 1
@@ -246,13 +244,14 @@ class Trainer:
     def _verify(self, done: int, sync: FlatGradSync) -> None:
         """Stops the run (RunFailed, exit 3) on non-finite values or diverged replicas.
 
-        Every rank reaches the same verdict on non-finite values without communicating (the
-        losses and gradients are all-reduced, so equal everywhere); the replica check is one
-        small all-gather.
+        A non-finite gradient makes the weights non-finite, and those the next loss, so the
+        checks are: the losses since the last check, and the weights now. Every rank reaches
+        the same verdict without communicating (the losses are all-reduced, so equal
+        everywhere); the replica check is one small all-gather.
         """
         if done <= self.verified:
             return
-        bad = (~self.finite[self.verified:done]).nonzero()
+        bad = (~self.losses[self.verified:done].isfinite()).nonzero()
         if not bad.numel() and not sync.flat_params.isfinite().all():
             bad = torch.tensor([[done - 1 - self.verified]])  # the last update overflowed
         if bad.numel():
