@@ -48,8 +48,12 @@ class Workload:
 
     @property
     def flop_per_step(self) -> float:
-        """Forward and backward matmuls: 6 * N * (D_in*H + H*D_out)."""
-        return 6.0 * self.batch_size * (self.d_in * self.hidden + self.hidden * self.d_out)
+        """The matmuls of one step: forward 2NDH + 2NHD', backward 2NHD' (weight) + 2NHD'
+        (input) for the output layer and 2NDH (weight) for the first; the input's own
+        gradient is never computed. So 4*N*D_in*H + 6*N*H*D_out (6*N*(D_in*H + H*D_out), as
+        often quoted, counts one matmul too many)."""
+        n = self.batch_size
+        return 4.0 * n * self.d_in * self.hidden + 6.0 * n * self.hidden * self.d_out
 
     def config(self, **changes: Any) -> TrainConfig:
         return TrainConfig(batch_size=self.batch_size, d_in=self.d_in, hidden=(self.hidden,),
@@ -190,18 +194,22 @@ def _run_variant(name: str, work: Workload, steps: int, warmup: int, rt) -> tupl
     return distnn_trainer(work, steps, rt, precision=precision)
 
 
-def matmul_tflops(device: torch.device, size: int, dtype: torch.dtype, repeats: int = 5) -> float:
-    """The plain ``size``^3 matmul rate on this device, in TFLOP/s (median of ``repeats``)."""
+def matmul_tflops(device: torch.device, size: int, dtype: torch.dtype, repeats: int = 5,
+                  batch: int = 10) -> float:
+    """The plain ``size``^3 matmul rate on this device in TFLOP/s: the median over ``repeats``
+    of ``batch`` back-to-back matmuls (as a training step runs them)."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    a @ b
+    for _ in range(3):
+        a @ b
     rates = []
     for _ in range(repeats):
         _sync(device)
         started = time.perf_counter()
-        a @ b
+        for _ in range(batch):
+            a @ b
         _sync(device)
-        rates.append(2 * size**3 / (time.perf_counter() - started) / 1e12)
+        rates.append(batch * 2 * size**3 / (time.perf_counter() - started) / 1e12)
     return statistics.median(rates)
 
 
@@ -210,6 +218,7 @@ def _worker(rank: int, world: int, port: int, plan: dict, out_path: str) -> None
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port)})
     if plan["threads"]:
+        os.environ["OMP_NUM_THREADS"] = str(plan["threads"])  # as torchrun sets it
         torch.set_num_threads(plan["threads"])
     samples = []
     with setup(device=plan["device"], timeout_s=600) as rt:
