@@ -173,7 +173,7 @@ def _variants(work: Workload, world: int, device: torch.device) -> list[str]:
     names = []
     if world == 1:
         names += ["reference loop", "reference loop, no per-step sync"]
-    names += ["DDP", "Accelerate", "distnn eager"]
+    names += ["DDP", "Accelerate", "distnn eager", "distnn --compile"]
     if work.name == "compute" and device.type == "cuda":
         # On a CPU without bf16 matrix units, bf16 matmuls run hundreds of times slower than
         # fp32 (measured on this project's CPU machine), and TF32 does not exist.
@@ -189,6 +189,8 @@ def _run_variant(name: str, work: Workload, steps: int, warmup: int, rt) -> tupl
         return reference_loop(work, steps, warmup, device, per_step_sync=False)
     if name in ("DDP", "Accelerate"):
         return ddp_loop(work, steps, warmup, device, use_accelerate=name == "Accelerate")
+    if name == "distnn --compile":
+        return distnn_trainer(work, steps, rt, compile=True)
     precision = {"distnn eager": "fp32", "distnn eager, tf32": "tf32",
                  "distnn eager, bf16": "bf16"}[name]
     return distnn_trainer(work, steps, rt, precision=precision)

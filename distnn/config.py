@@ -68,6 +68,8 @@ class TrainConfig:
     precision: str = _option("fp32", "fp32 (the reference's numbers), tf32 (CUDA matmuls in "
                              "TF32) or bf16 (autocast; fp32 weights and all-reduce)",
                              choices=("fp32", "tf32", "bf16"))
+    compile: bool = _option(False, "torch.compile the forward and loss (compiled before the "
+                            "timed steps; compile_s in the summary)")
     quiet: bool = _option(False, "print only the summary, warnings and errors")
     verbose: bool = _option(False, "print debugging notes too")
 

@@ -87,7 +87,7 @@ def test_single_process_matches_the_reference_with_its_output_formats(tmp_path, 
     assert [row["step"] for row in rows[:-1]] == list(range(150))
     assert rows[-1]["event"] == "summary"
     assert set(rows[-1]) == {"event", "world_size", "device", "backend", "steps", "start_step",
-                             "wall_s", "samples_per_s", "final_loss"}
+                             "wall_s", "compile_s", "samples_per_s", "final_loss"}
     assert rows[-1]["final_loss"] == rows[-2]["loss"]
     state = load_file(weights)
     assert sorted(state) == ["0.bias", "0.weight", "2.bias", "2.weight"]

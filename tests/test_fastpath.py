@@ -68,3 +68,19 @@ def test_bf16_autocast_trains_close_to_the_fp32_reference(tmp_path, no_launcher)
 def test_tf32_on_the_cpu_is_refused(capsys, no_launcher):
     assert main(["--precision", "tf32", "--device", "cpu", "--steps", "1"]) == 2
     assert "--precision: got 'tf32' but this rank computes on the CPU" in capsys.readouterr().err
+
+
+def test_compiled_forward_matches_the_reference_and_reports_its_compile_time(tmp_path,
+                                                                            no_launcher):
+    metrics, weights = tmp_path / "m.jsonl", tmp_path / "w.safetensors"
+    # Two uneven pieces: two shapes to compile.
+    assert main(["--compile", "--micro-batches", "2", "--batch-size", "9", "--steps", "100",
+                 "--metrics", str(metrics), "--save", str(weights)]) == 0
+    from safetensors.torch import load_file
+
+    from tests.conftest import read_metrics
+
+    assert_matches_reference(read_losses(metrics), load_file(weights), batch_size=9,
+                             steps=100)
+    summary = read_metrics(metrics)[-1]
+    assert summary["compile_s"] > 0 and summary["wall_s"] < summary["compile_s"]
