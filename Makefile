@@ -13,7 +13,7 @@ ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-cpu test-gpu lint clean
+.PHONY: install run test test-cpu test-gpu lint bench clean
 
 install: $(STAMP)
 
@@ -38,6 +38,10 @@ test-cpu: $(STAMP)
 # Only the tests that need CUDA (they fail, not skip, when CUDA is missing).
 test-gpu: $(STAMP)
 	DISTNN_REQUIRE_GPU=1 $(BIN)/python -m pytest -q -m gpu
+
+# distnn against the reference loop, DDP and Accelerate; results in bench-results/.
+bench: $(STAMP)
+	$(BIN)/python -m distnn.bench --out bench-results
 
 lint: $(STAMP)
 	$(BIN)/ruff check distnn tests

@@ -23,6 +23,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +67,9 @@ REFERENCE = Workload("reference", 64, 1000, 100, 10, 1e-4)
 # smaller so that a step takes a fraction of a second on a few cores.
 COMPUTE_GPU = Workload("compute", 8192, 4096, 4096, 4096, 1e-9)
 COMPUTE_CPU = Workload("compute", 1024, 1024, 1024, 1024, 1e-7)
+# Communication-heavy: 33.6M parameters (134 MB of gradients) for a batch of 64, to show
+# what overlapping bucketed all-reduces with backward buys.
+LARGE = Workload("large", 64, 4096, 4096, 4096, 1e-6)
 
 
 def _sync(device: torch.device) -> None:
@@ -79,6 +83,19 @@ def _model_and_shard(work: Workload, rank: int, world: int, device: torch.device
     return model.to(device), x[start:stop].to(device), y[start:stop].to(device)
 
 
+def _time_steps(step: Callable[[int], None], steps: int, warmup: int,
+                device: torch.device) -> float:
+    """Runs ``step(i)`` for ``warmup`` untimed then ``steps`` timed steps; returns ms/step."""
+    for index in range(warmup):
+        step(index)
+    _sync(device)
+    started = time.perf_counter()
+    for index in range(warmup, warmup + steps):
+        step(index)
+    _sync(device)
+    return (time.perf_counter() - started) / steps * 1e3
+
+
 def reference_loop(work: Workload, steps: int, warmup: int, device: torch.device,
                    per_step_sync: bool) -> tuple[float, list[float]]:
     """The tutorial loop in one process: ``loss.item()`` every step, or losses kept on device."""
@@ -87,16 +104,13 @@ def reference_loop(work: Workload, steps: int, warmup: int, device: torch.device
     params = list(model.parameters())
     losses = torch.zeros(warmup + steps, device=device)
     printed = []
-    started = 0.0
-    for step in range(warmup + steps):
-        if step == warmup:
-            _sync(device)
-            started = time.perf_counter()
+
+    def step(index: int) -> None:
         loss = loss_fn(model(x), y)
         if per_step_sync:
             printed.append(loss.item())
         else:
-            losses[step] = loss.detach()
+            losses[index] = loss.detach()
         model.zero_grad()
         loss.backward()
         with torch.no_grad():
@@ -105,9 +119,9 @@ def reference_loop(work: Workload, steps: int, warmup: int, device: torch.device
                     param -= work.lr * param.grad
             else:
                 torch._foreach_add_(params, [p.grad for p in params], alpha=-work.lr)
-    _sync(device)
-    elapsed = time.perf_counter() - started
-    return elapsed / steps * 1e3, printed if per_step_sync else losses.tolist()
+
+    ms = _time_steps(step, steps, warmup, device)
+    return ms, printed if per_step_sync else losses.tolist()
 
 
 def ddp_loop(work: Workload, steps: int, warmup: int, device: torch.device,
@@ -131,13 +145,10 @@ def ddp_loop(work: Workload, steps: int, warmup: int, device: torch.device,
     loss_fn = nn.MSELoss(reduction="sum")
     params = list(model.parameters())
     losses = torch.zeros(warmup + steps, device=device)
-    started = 0.0
-    for step in range(warmup + steps):
-        if step == warmup:
-            _sync(device)
-            started = time.perf_counter()
+
+    def step(index: int) -> None:
         loss = loss_fn(wrapped(x), y)
-        losses[step] = loss.detach()
+        losses[index] = loss.detach()
         wrapped.zero_grad()
         if accelerator:
             accelerator.backward(loss * world)
@@ -145,15 +156,15 @@ def ddp_loop(work: Workload, steps: int, warmup: int, device: torch.device,
             (loss * world).backward()
         with torch.no_grad():
             torch._foreach_add_(params, [p.grad for p in params], alpha=-work.lr)
-    _sync(device)
-    elapsed = time.perf_counter() - started
+
+    ms = _time_steps(step, steps, warmup, device)
     dist.all_reduce(losses)  # local losses -> global, outside the timed steps
     # DDP's teardown on gloo can abort the process at exit unless it is dropped first
-    # (../shared/FACTS.md): delete it, collect, and meet at a barrier.
-    del wrapped, accelerator
+    # (../shared/FACTS.md): drop it, collect, and meet at a barrier.
+    wrapped = accelerator = None
     gc.collect()
     dist.barrier()
-    return elapsed / steps * 1e3, losses.tolist()
+    return ms, losses.tolist()
 
 
 def distnn_trainer(work: Workload, steps: int, rt, **config_changes: Any
@@ -170,6 +181,8 @@ def distnn_trainer(work: Workload, steps: int, rt, **config_changes: Any
 
 
 def _variants(work: Workload, world: int, device: torch.device) -> list[str]:
+    if work.name == "large":
+        return ["DDP", "distnn eager, one bucket", "distnn eager"]
     names = []
     if world == 1:
         names += ["reference loop", "reference loop, no per-step sync"]
@@ -191,6 +204,8 @@ def _run_variant(name: str, work: Workload, steps: int, warmup: int, rt) -> tupl
         return ddp_loop(work, steps, warmup, device, use_accelerate=name == "Accelerate")
     if name == "distnn --compile":
         return distnn_trainer(work, steps, rt, compile=True)
+    if name == "distnn eager, one bucket":
+        return distnn_trainer(work, steps, rt, bucket_mb=1e6)
     precision = {"distnn eager": "fp32", "distnn eager, tf32": "tf32",
                  "distnn eager, bf16": "bf16"}[name]
     return distnn_trainer(work, steps, rt, precision=precision)
@@ -260,8 +275,9 @@ def summarise(samples: list[dict], workloads: dict[str, Workload],
     """One row per (workload, world size, variant): medians of the samples that passed."""
     rows = []
     keys = dict.fromkeys((s["workload"], s["world_size"], s["variant"]) for s in samples)
+    order = {"reference": 0, "compute": 1, "large": 2}
     baseline = {}
-    for workload, world, variant in sorted(keys, key=lambda k: (k[0] != "reference", k[1])):
+    for workload, world, variant in sorted(keys, key=lambda k: (order[k[0]], k[1])):
         times = [s["ms_per_step"] for s in samples if (s["workload"], s["world_size"],
                  s["variant"]) == (workload, world, variant) and s["loss_ok"]]
         if not times:
@@ -273,7 +289,7 @@ def summarise(samples: list[dict], workloads: dict[str, Workload],
         row = {"workload": workload, "world_size": world, "variant": variant,
                "ms_per_step": ms, "min_ms": min(times), "max_ms": max(times), "runs": len(times),
                "samples_per_s": work.batch_size / ms * 1e3}
-        if workload == "compute":
+        if workload != "reference":
             tflops = work.flop_per_step / (ms / 1e3) / 1e12
             rate = matmul.get("bf16" if "bf16" in variant else "tf32" if "tf32" in variant
                               else "fp32")
@@ -307,7 +323,7 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    workloads = sorted({r["workload"] for r in rows}, key=lambda w: w != "reference")
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
     figure, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4.5),
                                 squeeze=False)
     for ax, workload in zip(axes[0], workloads, strict=True):
@@ -329,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worlds", default=None,
                         help="world sizes, comma-separated (default: 1,2,4 on the CPU, 1 on a GPU)")
-    parser.add_argument("--workloads", default="reference,compute")
+    parser.add_argument("--workloads", default="reference,compute",
+                        help="reference, compute and/or large (bucketed overlap), comma-separated")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=200, help="timed steps, reference workload")
     parser.add_argument("--compute-steps", type=int, default=10,
@@ -341,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     worlds = [int(w) for w in (args.worlds or ("1" if cuda else "1,2,4")).split(",")]
-    known = {"reference": REFERENCE, "compute": COMPUTE_GPU if cuda else COMPUTE_CPU}
+    known = {"reference": REFERENCE, "compute": COMPUTE_GPU if cuda else COMPUTE_CPU,
+             "large": LARGE}
     workloads = {name: known[name] for name in args.workloads.split(",")}
     os.makedirs(args.out, exist_ok=True)
 
@@ -360,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     for world in worlds:
         plan = {"device": device, "repeats": args.repeats, "warmup": args.warmup,
                 "workloads": [w.__dict__ for w in workloads.values()],
-                "steps": {"reference": args.steps, "compute": args.compute_steps},
+                "steps": {"reference": args.steps, "compute": args.compute_steps,
+                          "large": args.compute_steps},
                 "threads": max(1, (os.cpu_count() or 1) // world) if not cuda else 0}
         out_path = os.path.join(args.out, f".samples-{world}.json")
         port = _free_port()
