@@ -281,11 +281,13 @@ class Trainer:
         """
         if done <= self.verified:
             return
-        bad = (~self.losses[self.verified:done].isfinite()).nonzero()
-        if not bad.numel() and not sync.flat_params.isfinite().all():
-            bad = torch.tensor([[done - 1 - self.verified]])  # the last update overflowed
-        if bad.numel():
-            step = self.verified + bad[0].item()
+        bad = (~self.losses[self.verified:done].isfinite()).nonzero().flatten().tolist()
+        step = None
+        if bad:
+            step = self.verified + bad[0]
+        elif not sync.flat_params.isfinite().all():
+            step = done - 1  # the last update made the weights non-finite
+        if step is not None:
             last = f"{self.losses[step - 1].item()!r} at step {step - 1}" if step else "none"
             kept = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
                     else "no checkpoint was written")

@@ -40,3 +40,14 @@ def test_the_tutorial_loss_lines_are_what_the_program_prints():
     result = run_cli([sys.executable, "-m", "distnn.train", "--steps", "3"])
     assert result.returncode == 0
     assert result.stdout.startswith(shown.group(1))
+
+
+def test_every_flag_is_in_the_readme_flags_table():
+    import dataclasses
+
+    from distnn.config import TrainConfig, flag_name
+
+    table = README.split("## Flags", 1)[1].split("\n## ", 1)[0]
+    for field in dataclasses.fields(TrainConfig):
+        assert f"`{flag_name(field.name)}" in table or f"{flag_name(field.name)}`" in table, (
+            f"{flag_name(field.name)} is missing from the README's Flags table")
