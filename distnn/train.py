@@ -47,6 +47,7 @@ from distnn.runtime import Runtime, setup
 from distnn.weights import check_writable, save_weights
 
 log = logging.getLogger("distnn")
+PEER_GRACE_S = 2.0  # how long a rank that failed alone waits before exiting (see main)
 
 
 @dataclass
@@ -371,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     0: done. 2: bad input, bad launch environment, or a peer lost. 3: non-finite values or
     diverged replicas. 128+N: stopped by signal N (preempted), after a checkpoint.
     """
-    config = None
+    launch, config = None, None
     configure_logging(rank=0, world_size=1)
     try:
         launch = detect_launch(os.environ)
@@ -388,7 +389,13 @@ def main(argv: list[str] | None = None) -> int:
                 # stop this rank at any moment.
                 return _report(error, config)
     except _REPORTED as error:
-        return _report(error, config)
+        code = _report(error, config)
+        if launch and launch.world_size > 1:
+            # Failed before the ranks could share errors: each rank checks alone. As soon as
+            # one exits, torchrun stops the others, so linger long enough for the slower
+            # ranks (still importing torch, say) to say their own line first.
+            time.sleep(PEER_GRACE_S)
+        return code
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second one
         log.error("interrupted")
         return 130
