@@ -42,6 +42,18 @@ def test_the_tutorial_loss_lines_are_what_the_program_prints():
     assert result.stdout.startswith(shown.group(1))
 
 
+def test_the_four_rank_tutorial_output_is_what_torchrun_prints():
+    shown = re.search(r"\$ torchrun --nproc_per_node=4 -m distnn.train --log-every 100\n"
+                      r"(.*?)summary: (world_size=4 device=cpu backend=gloo steps=500) .* "
+                      r"(final_loss=\S+)\n", README, re.S)
+    result = run_cli([bin_path("torchrun"), "--nproc_per_node=4", "-m", "distnn.train",
+                      "--log-every", "100", "--device", "cpu"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(shown.group(1))  # same world size: the same bits
+    summary = result.stdout.splitlines()[-1]
+    assert shown.group(2) in summary and shown.group(3) in summary
+
+
 def test_every_flag_is_in_the_readme_flags_table():
     import dataclasses
 
