@@ -47,6 +47,8 @@ from distnn.runtime import Runtime, setup
 from distnn.weights import check_writable, save_weights
 
 log = logging.getLogger("distnn")
+# Gradient buffers up to this size are summed by reduce + broadcast on gloo (see gradsync).
+TREE_MAX_MB = 1.0
 PEER_GRACE_S = 2.0  # how long a rank that failed alone waits before exiting (see main)
 
 
@@ -194,7 +196,8 @@ class Trainer:
         model.to(self.rt.device)
         # Slots after the gradients: the rank's loss and its stop vote.
         sync = FlatGradSync(model, distributed=self.rt.distributed, extra_slots=2,
-                            bucket_mb=config.bucket_mb)
+                            bucket_mb=config.bucket_mb,
+                            tree_max_mb=TREE_MAX_MB if self.rt.placement.backend == "gloo" else 0)
         sync.broadcast_parameters(src=0)
         return sync
 

@@ -84,3 +84,13 @@ def test_compiled_forward_matches_the_reference_and_reports_its_compile_time(tmp
                              steps=100)
     summary = read_metrics(metrics)[-1]
     assert summary["compile_s"] > 0 and summary["wall_s"] < summary["compile_s"]
+
+
+def test_reduce_and_broadcast_is_chosen_only_for_one_small_cpu_bucket():
+    model = torch.nn.Sequential(torch.nn.Linear(1000, 100), torch.nn.ReLU(),
+                                torch.nn.Linear(100, 10))  # 404 KB of gradients
+    assert FlatGradSync(model, distributed=True, tree_max_mb=1.0).tree
+    assert not FlatGradSync(model, distributed=True, tree_max_mb=0.0).tree
+    assert not FlatGradSync(model, distributed=True, tree_max_mb=0.1).tree  # too big for it
+    assert not FlatGradSync(model, distributed=False, tree_max_mb=1.0).tree
+    assert not FlatGradSync(model, distributed=True, tree_max_mb=1.0, bucket_mb=0.1).tree
