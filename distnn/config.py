@@ -70,7 +70,8 @@ class TrainConfig:
                              choices=("fp32", "tf32", "bf16"))
     compile: bool = _option(False, "torch.compile the forward and loss (compiled before the "
                             "timed steps; compile_s in the summary)")
-    quiet: bool = _option(False, "print only the summary, warnings and errors")
+    quiet: bool = _option(False, "print only the summary, warnings and errors (--metrics "
+                          "still gets every logged step)")
     verbose: bool = _option(False, "print debugging notes too")
 
     def __post_init__(self) -> None:

@@ -123,7 +123,7 @@ class FlatGradSync:
 
     @property
     def buckets(self) -> int:
-        """How many all-reduces a step makes."""
+        """How many parts the gradient buffer is summed in (each an all-reduce)."""
         return len(self.bucket_ranges)
 
     def broadcast_parameters(self, src: int = 0) -> None:
@@ -150,7 +150,6 @@ class FlatGradSync:
             yield
         finally:
             self._syncing = True
-            self._pending = list(self._bucket_sizes)
 
     def _grad_ready(self, bucket: int) -> None:
         if not self._syncing:

@@ -33,9 +33,10 @@ class StepLog:
 
     def __init__(self, *, losses: torch.Tensor, log_every: int, batch_size: int,
                  metrics_path: str | None, out: IO[str] | None = None,
-                 progress: bool | None = None) -> None:
+                 progress: bool | None = None, print_steps: bool = True) -> None:
         self.losses = losses  # the trainer's per-step global losses, on the device
         self.log_every = log_every
+        self.print_steps = print_steps  # False (--quiet): logged steps go to the metrics only
         self.batch_size = batch_size
         self.out = out if out is not None else sys.stdout
         self.recorded = 0  # steps recorded so far
@@ -79,7 +80,8 @@ class StepLog:
                       "samples_per_s": round(self.batch_size / seconds_per_step, 1)}
             for step, loss in enumerate(values, start=self.written):
                 if self.log_every and step % self.log_every == 0:
-                    self._write({"step": step, "loss": loss, **timing}, f"{step} {loss}")
+                    self._write({"step": step, "loss": loss, **timing},
+                                f"{step} {loss}" if self.print_steps else None)
             if self.bar:
                 self.bar.set_postfix(loss=f"{values[-1]:.6g}", refresh=False)
                 self.bar.update(len(values))
@@ -115,11 +117,12 @@ class StepLog:
                 self.metrics.close()
                 self.metrics = None
 
-    def _write(self, record: dict[str, Any], line: str) -> None:
-        if self.bar:
-            self.bar.write(line, file=self.out)
-        else:
-            print(line, file=self.out)
+    def _write(self, record: dict[str, Any], line: str | None) -> None:
+        if line is not None:
+            if self.bar:
+                self.bar.write(line, file=self.out)
+            else:
+                print(line, file=self.out)
         if self.metrics:
             self.metrics.write(json.dumps(record) + "\n")
 

@@ -35,7 +35,7 @@ class Runtime:
     @property
     def is_main(self) -> bool:
         """Global rank 0: the rank that prints and writes files."""
-        return self.launch.rank == 0
+        return self.launch.is_main
 
     @property
     def device(self) -> torch.device:

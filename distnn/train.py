@@ -81,8 +81,8 @@ class Trainer:
         if self.rt.is_main:
             quiet = self.config.quiet
             self.log = StepLog(losses=self.losses, batch_size=self.config.batch_size,
-                               log_every=0 if quiet else self.config.log_every,
-                               metrics_path=self.config.metrics, progress=False if quiet else None)
+                               log_every=self.config.log_every, metrics_path=self.config.metrics,
+                               progress=False if quiet else None, print_steps=not quiet)
         stop = StopRequests(self.rt.device)
         try:
             pieces = self._prepare_pieces(model, sync, x_shard, y_shard)

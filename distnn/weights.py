@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from distnn.config import UsageError
@@ -53,7 +52,3 @@ def save_weights(module: nn.Module, path: str) -> None:
             os.remove(tmp_path)
         raise
 
-
-def load_weights(path: str) -> dict[str, torch.Tensor]:
-    """Reads a safetensors weights file (no pickle) into CPU tensors."""
-    return load_file(path)

@@ -118,9 +118,12 @@ def test_the_module_entry_point_fails_without_a_traceback():
 
 def test_quiet_prints_only_the_summary_and_verbose_adds_debug_notes(tmp_path, capsys,
                                                                     no_launcher):
-    assert main(["--steps", "5", "--quiet", "--checkpoint-dir", str(tmp_path / "a")]) == 0
+    metrics = tmp_path / "m.jsonl"
+    assert main(["--steps", "5", "--quiet", "--checkpoint-dir", str(tmp_path / "a"),
+                 "--metrics", str(metrics)]) == 0
     captured = capsys.readouterr()
     assert captured.out.splitlines()[0].startswith("summary: ") and captured.err == ""
+    assert [row.get("step") for row in read_metrics(metrics)] == [0, 1, 2, 3, 4, None]
     assert main(["--steps", "5", "--verbose", "--checkpoint-dir", str(tmp_path / "b")]) == 0
     assert "distnn: debug: wrote checkpoint step-5" in capsys.readouterr().err
     assert main(["--steps", "5", "--quiet", "--verbose"]) == 2
