@@ -187,6 +187,8 @@ def _variants(work: Workload, world: int, device: torch.device) -> list[str]:
     if world == 1:
         names += ["reference loop", "reference loop, no per-step sync"]
     names += ["DDP", "Accelerate", "distnn eager", "distnn --compile"]
+    if device.type == "cuda" and world == 1:  # gloo (several ranks on one GPU) cannot be captured
+        names += ["distnn --cuda-graph", "distnn --cuda-graph --compile"]
     if work.name == "compute" and device.type == "cuda":
         # On a CPU without bf16 matrix units, bf16 matmuls run hundreds of times slower than
         # fp32 (measured on this project's CPU machine), and TF32 does not exist.
@@ -202,13 +204,19 @@ def _run_variant(name: str, work: Workload, steps: int, warmup: int, rt) -> tupl
         return reference_loop(work, steps, warmup, device, per_step_sync=False)
     if name in ("DDP", "Accelerate"):
         return ddp_loop(work, steps, warmup, device, use_accelerate=name == "Accelerate")
-    if name == "distnn --compile":
-        return distnn_trainer(work, steps, rt, compile=True)
-    if name == "distnn eager, one bucket":
-        return distnn_trainer(work, steps, rt, bucket_mb=1e6)
-    precision = {"distnn eager": "fp32", "distnn eager, tf32": "tf32",
-                 "distnn eager, bf16": "bf16"}[name]
-    return distnn_trainer(work, steps, rt, precision=precision)
+    return distnn_trainer(work, steps, rt, **DISTNN_VARIANTS[name])
+
+
+# The distnn variants: their TrainConfig changes.
+DISTNN_VARIANTS: dict[str, dict[str, Any]] = {
+    "distnn eager": {},
+    "distnn --compile": {"compile": True},
+    "distnn --cuda-graph": {"cuda_graph": True},
+    "distnn --cuda-graph --compile": {"cuda_graph": True, "compile": True},
+    "distnn eager, one bucket": {"bucket_mb": 1e6},
+    "distnn eager, tf32": {"precision": "tf32"},
+    "distnn eager, bf16": {"precision": "bf16"},
+}
 
 
 def matmul_tflops(device: torch.device, size: int, dtype: torch.dtype, repeats: int = 5,

@@ -70,6 +70,9 @@ class TrainConfig:
                              choices=("fp32", "tf32", "bf16"))
     compile: bool = _option(False, "torch.compile the forward and loss (compiled before the "
                             "timed steps; compile_s in the summary)")
+    cuda_graph: bool = _option(False, "capture the whole step (forward, loss, backward, NCCL "
+                               "all-reduce, update) as one CUDA graph and replay it; needs "
+                               "CUDA, and NCCL when there are several ranks")
     quiet: bool = _option(False, "print only the summary, warnings and errors (--metrics "
                           "still gets every logged step)")
     verbose: bool = _option(False, "print debugging notes too")
@@ -79,6 +82,12 @@ class TrainConfig:
             _check_field(f, getattr(self, f.name))
         if self.quiet and self.verbose:
             raise UsageError("--quiet and --verbose: got both; allowed: one of them")
+        if self.cuda_graph and (self.device == "cpu" or self.backend == "gloo"):
+            flag = "--device cpu" if self.device == "cpu" else "--backend gloo"
+            raise UsageError(f"--cuda-graph: got it with {flag}; a CUDA graph captures CUDA "
+                             "kernels and NCCL collectives, and gloo runs on the CPU; allowed: "
+                             "--cuda-graph with --device cuda (or auto on a GPU) and --backend "
+                             "nccl (or auto)")
 
     @property
     def verbosity(self) -> int:

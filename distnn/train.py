@@ -27,6 +27,7 @@ from torch import nn
 
 from distnn.checkpoint import Checkpoint, check_compatible, latest_checkpoint, save_checkpoint
 from distnn.config import TrainConfig, UsageError, parse_config
+from distnn.cudagraph import capture_step
 from distnn.data import (
     config_for_data,
     inspect_data,
@@ -72,7 +73,8 @@ class Trainer:
         self.verified = 0  # steps checked for non-finite values so far
         self.last_checkpoint: str | None = None  # the newest written or resumed from
         self.log: StepLog | None = None
-        self.compile_s = 0.0  # --compile: seconds spent compiling, outside the step timings
+        # --compile, --cuda-graph: seconds spent compiling and capturing, outside the timings
+        self.compile_s = 0.0
 
     def train(self) -> TrainResult:
         """load checkpoint -> steps -> checkpoint, summary, save. Raises RunFailed to stop."""
@@ -85,12 +87,13 @@ class Trainer:
                                progress=False if quiet else None, print_steps=not quiet)
         stop = StopRequests(self.rt.device)
         try:
-            pieces = self._prepare_pieces(model, sync, x_shard, y_shard)
+            run_step = self._prepare_step(sync, stop,
+                                          self._prepare_pieces(model, sync, x_shard, y_shard))
             with stop.installed():
                 if self.log:
                     self.log.begin(start)
                 started = time.perf_counter()
-                done = self._run_steps(model, sync, stop, start, pieces)
+                done = self._run_steps(model, sync, stop, start, run_step)
                 if self.log:
                     self.log.flush()  # waits for the device, so the wall time below is honest
                 wall_s = time.perf_counter() - started
@@ -146,6 +149,13 @@ class Trainer:
                                  "fp32, bf16")
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        if config.cuda_graph and rt.device.type != "cuda":
+            raise UsageError("--cuda-graph: this rank computes on the CPU, and a CUDA graph "
+                             "captures CUDA kernels; allowed: --cuda-graph on a CUDA device")
+        if config.cuda_graph and rt.distributed and rt.placement.backend != "nccl":
+            raise UsageError(f"--cuda-graph: the backend is {rt.placement.backend}, whose "
+                             "collectives run on the CPU and cannot be captured in a CUDA "
+                             "graph; allowed: --backend nccl (one GPU per rank), or one process")
         if config.data:
             self.config = config = config_for_data(config, inspect_data(config.data))
             start, stop = shard_bounds(config.batch_size, rt.world_size, rt.rank)
@@ -235,27 +245,59 @@ class Trainer:
             log.info(f"compiled the forward and loss in {self.compile_s:.1f} s")
         return pieces
 
+    def _step(self, sync: FlatGradSync, pieces: list[tuple[Callable, torch.Tensor, torch.Tensor]],
+              vote: torch.Tensor | float | None) -> torch.Tensor:
+        """One step's work on the device; returns the summed extra slots [loss, stop votes].
+
+        Every piece but the last only accumulates its gradients; the last one's backward
+        starts the all-reduce of the buckets.
+        """
+        sync.zero_grad()
+        piece_losses = []
+        for index, (loss_of, x_piece, y_piece) in enumerate(pieces):
+            with sync.no_sync() if index < len(pieces) - 1 else nullcontext():
+                with self._autocast():
+                    piece_loss = loss_of(x_piece, y_piece)
+                piece_loss.backward()
+            piece_losses.append(piece_loss.detach())
+        local_loss = sum(piece_losses[1:], piece_losses[0])
+        summed = sync.all_reduce(local_loss, vote)
+        sync.sgd_step(self.config.lr)
+        return summed
+
+    def _prepare_step(self, sync: FlatGradSync, stop: StopRequests,
+                      pieces: list[tuple[Callable, torch.Tensor, torch.Tensor]]
+                      ) -> Callable[[], torch.Tensor]:
+        """The function that runs one step: eager, or a replay of the captured step.
+
+        With --cuda-graph the step is captured here (warm-up included, with the weights put
+        back after it), so capturing stays out of the step timings (in ``compile_s``).
+        """
+        if not self.config.cuda_graph:
+            return lambda: self._step(sync, pieces, stop.vote())
+        started = time.perf_counter()
+        graph, summed = capture_step(lambda: self._step(sync, pieces, stop.ballot()),
+                                     restore=[sync.flat_params])
+        captured_s = time.perf_counter() - started
+        self.compile_s += captured_s
+        log.info(f"captured the step as a CUDA graph in {captured_s:.1f} s")
+
+        def replay() -> torch.Tensor:
+            stop.ballot()  # sets this rank's vote in the tensor the graph reads, once signalled
+            graph.replay()
+            return summed
+
+        return replay
+
     def _run_steps(self, model: nn.Module, sync: FlatGradSync, stop: StopRequests, start: int,
-                   pieces: list[tuple[Callable, torch.Tensor, torch.Tensor]]) -> int:
+                   run_step: Callable[[], torch.Tensor]) -> int:
         """Steps from ``start`` until ``--steps`` or an agreed stop; returns the steps done."""
         config, rank = self.config, self.rt.rank
         done = start
         for step in range(start, config.steps):
             if self.fault:
                 self.fault.maybe_fire(step=step, rank=rank, flat_params=sync.flat_params)
-            sync.zero_grad()
-            piece_losses = []
-            for index, (loss_of, x_piece, y_piece) in enumerate(pieces):
-                # Every piece but the last only accumulates; the last one's backward starts
-                # the all-reduce of the buckets.
-                with sync.no_sync() if index < len(pieces) - 1 else nullcontext():
-                    with self._autocast():
-                        piece_loss = loss_of(x_piece, y_piece)
-                    piece_loss.backward()
-                piece_losses.append(piece_loss.detach())
-            local_loss = sum(piece_losses[1:], piece_losses[0])
-            summed = sync.all_reduce(local_loss, stop.vote())
-            sync.sgd_step(config.lr)
+            summed = run_step()
             self.losses[step] = summed[0]
             done = step + 1
             if self.log:
@@ -270,9 +312,14 @@ class Trainer:
         return done
 
     def _autocast(self) -> AbstractContextManager:
-        """bf16 autocast for --precision bf16 (weights, gradients and all-reduce stay fp32)."""
+        """bf16 autocast for --precision bf16 (weights, gradients and all-reduce stay fp32).
+
+        Under --cuda-graph without autocast's weight-cast cache, as the torch.cuda.graphs
+        documentation asks for capture: the casts are then kernels in the graph itself.
+        """
         if self.config.precision == "bf16":
-            return torch.autocast(device_type=self.rt.device.type, dtype=torch.bfloat16)
+            return torch.autocast(device_type=self.rt.device.type, dtype=torch.bfloat16,
+                                  cache_enabled=not self.config.cuda_graph)
         return nullcontext()
 
     def _verify(self, done: int, sync: FlatGradSync) -> None:

@@ -70,6 +70,23 @@ def test_tf32_on_the_cpu_is_refused(capsys, no_launcher):
     assert "--precision: got 'tf32' but this rank computes on the CPU" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, given", [(["--device", "cpu"], "--device cpu"),
+                                         (["--backend", "gloo"], "--backend gloo")])
+def test_cuda_graph_with_the_cpu_or_gloo_is_refused_up_front(argv, given, capsys, no_launcher):
+    assert main(["--cuda-graph", *argv]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"distnn: error: --cuda-graph: got it with {given};"), lines
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU --cuda-graph runs (test_gpu)")
+def test_cuda_graph_on_a_machine_without_cuda_is_refused(capsys, no_launcher):
+    assert main(["--cuda-graph", "--steps", "1"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["distnn: error: --cuda-graph: this rank computes on the CPU, and a CUDA "
+                     "graph captures CUDA kernels; allowed: --cuda-graph on a CUDA device"]
+
+
 def test_compiled_forward_matches_the_reference_and_reports_its_compile_time(tmp_path,
                                                                             no_launcher):
     metrics, weights = tmp_path / "m.jsonl", tmp_path / "w.safetensors"

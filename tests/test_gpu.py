@@ -64,3 +64,56 @@ def test_nccl_with_more_ranks_than_gpus_is_refused_on_every_rank():
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("distnn:")]
     assert len(lines) == ranks and all("use --backend gloo" in line for line in lines)
+
+
+def run_one(tmp_path, name: str, flags: list[str], *, torchrun: bool = False):
+    """One run on the GPU: (losses, final weights, summary)."""
+    out = tmp_path / name
+    out.mkdir()
+    args = ["--device", "cuda", *outputs(out), *flags]
+    if torchrun:
+        result = run_cli([bin_path("torchrun"), "--nproc_per_node=1", "-m", "distnn.train",
+                          "--backend", "nccl", *args])
+        assert result.returncode == 0, result.stderr[-3000:]
+    else:
+        assert main(args) == 0
+    return (read_losses(out / "m.jsonl"), load_file(out / "w.safetensors"),
+            read_metrics(out / "m.jsonl")[-1])
+
+
+def assert_same_bits(eager, graph) -> None:
+    assert graph[0] == eager[0]
+    for name, tensor in eager[1].items():
+        assert torch.equal(graph[1][name], tensor), name
+
+
+@pytest.mark.parametrize("flags", [[], ["--micro-batches", "3", "--bucket-mb", "0.1"]])
+def test_cuda_graph_with_nccl_gives_the_bits_of_the_eager_step(tmp_path, flags):
+    # Under torchrun the NCCL all-reduce (two buckets, in the second case) is in the graph.
+    eager = run_one(tmp_path, "eager", flags, torchrun=True)
+    graph = run_one(tmp_path, "graph", ["--cuda-graph", *flags], torchrun=True)
+    assert_same_bits(eager, graph)
+    assert_matches_reference(graph[0], graph[1], steps=STEPS)
+    assert graph[2]["compile_s"] > 0  # the capture, outside the step timings
+
+
+def test_cuda_graph_in_one_process_with_bf16_gives_the_bits_of_the_eager_step(tmp_path,
+                                                                               no_launcher):
+    eager = run_one(tmp_path, "eager", ["--precision", "bf16"])
+    graph = run_one(tmp_path, "graph", ["--precision", "bf16", "--cuda-graph"])
+    assert_same_bits(eager, graph)
+
+
+def test_cuda_graph_of_the_compiled_forward_matches_the_reference(tmp_path, no_launcher):
+    losses, weights, summary = run_one(tmp_path, "graph", ["--cuda-graph", "--compile"])
+    assert_matches_reference(losses, weights, steps=STEPS)
+    assert summary["compile_s"] > 0
+
+
+def test_cuda_graph_over_gloo_is_refused_on_every_rank():
+    result = run_cli([bin_path("torchrun"), "--nproc_per_node=2", "-m", "distnn.train",
+                      "--device", "cuda", "--backend", "gloo", "--cuda-graph"], timeout=60)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("distnn:")]
+    assert len(lines) == 2 and all("--cuda-graph: got it with --backend gloo" in line
+                                   for line in lines), lines
