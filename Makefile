@@ -4,6 +4,7 @@
 # e.g. TORCH=torch for the newest CUDA build on a GPU machine). An unpinned torch would pull a
 # CUDA build of several GB into every fresh install.
 
+SHELL := /bin/bash
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV ?= .venv
@@ -13,7 +14,7 @@ ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-cpu test-gpu lint bench clean
+.PHONY: install run test test-cpu test-gpu gpu-check lint bench clean
 
 install: $(STAMP)
 
@@ -38,6 +39,17 @@ test-cpu: $(STAMP)
 # Only the tests that need CUDA (they fail, not skip, when CUDA is missing).
 test-gpu: $(STAMP)
 	DISTNN_REQUIRE_GPU=1 $(BIN)/python -m pytest -q -m gpu
+
+# On a GPU machine whose $(PYTHON) already has torch, accelerate, safetensors and pytest (no
+# venv, nothing installed): the CUDA tests, then the benchmark. Logs and bench files go to OUT.
+OUT ?= gpu-results
+BENCH_ARGS ?=
+gpu-check:
+	mkdir -p $(OUT)
+	set -o pipefail; DISTNN_REQUIRE_GPU=1 PYTHONPATH=. PYTHONUNBUFFERED=1 \
+	  $(PYTHON) -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee $(OUT)/test-gpu.log
+	set -o pipefail; PYTHONPATH=. PYTHONUNBUFFERED=1 \
+	  $(PYTHON) -m distnn.bench --out $(OUT) $(BENCH_ARGS) 2>&1 | tee $(OUT)/bench.log
 
 # distnn against the reference loop, DDP and Accelerate; results in bench-results/.
 bench: $(STAMP)

@@ -204,8 +204,10 @@ class Trainer:
                             f"has {self.rt.world_size}: the result differs from an "
                             "uninterrupted run only by rounding")
         model.to(self.rt.device)
-        # Slots after the gradients: the rank's loss and its stop vote.
-        sync = FlatGradSync(model, distributed=self.rt.distributed, extra_slots=2,
+        # Slots after the gradients: the rank's loss and its stop vote. A group of one rank
+        # has nothing to sum, so its steps make no collective (torchrun --nproc_per_node=1).
+        sync = FlatGradSync(model, distributed=self.rt.distributed and self.rt.world_size > 1,
+                            extra_slots=2,
                             bucket_mb=config.bucket_mb,
                             tree_max_mb=TREE_MAX_MB if self.rt.placement.backend == "gloo" else 0)
         sync.broadcast_parameters(src=0)
