@@ -12,12 +12,14 @@ finished its gradients, and overlaps with the rest of backward. The last bucket 
 holds the extra slots) starts in :meth:`FlatGradSync.all_reduce`. A model that fits in one
 bucket uses one all-reduce per step.
 
-A small model on gloo (CPU tensors) is latency-bound: a ring all-reduce takes 2(W-1)
-rounds of messages, while a reduce to rank 0 followed by a broadcast takes about 2*log2(W).
-With ``tree_max_mb``, a gradient buffer that small is summed that way (measured on a 2-core
-machine, 400 KB at 4 ranks: 7.2 ms for the all-reduce, 5.0 for reduce + broadcast; from 4 MB
-on the ring wins; docs/benchmarks.md). Every rank then receives rank 0's bits, so the
-replicas stay identical.
+A small model on gloo (CPU tensors) is latency-bound, and gloo's ring all-reduce of a few
+hundred KB is slow: 2(W-1) rounds of chunks, each a wake-up of gloo's threads. With
+``via_root_max_mb``, a gradient buffer that small, on at most ``VIA_ROOT_MAX_RANKS`` ranks,
+is summed through rank 0 instead: every other rank sends its buffer to rank 0 (one
+point-to-point message each, received concurrently), rank 0 adds them in rank order and
+sends the sum back. Measured on a 2-core machine, 404 KB: 2.2 ms for the all-reduce against
+0.5 through rank 0 at 2 ranks, 5.8 against 1.35 at 4 (docs/benchmarks.md). Every rank then
+holds rank 0's bits, so the replicas stay identical.
 
 Why SUM and no division: the loss is a sum over samples, so the full batch's gradient is
 the sum of the shards' gradients for any partition of the batch, empty shards included.
@@ -35,6 +37,7 @@ from torch import nn
 from distnn.process_group import collective
 
 DEFAULT_BUCKET_MB = 25.0
+VIA_ROOT_MAX_RANKS = 8  # rank 0 receives one buffer from each peer: keep that small
 
 
 def plan_buckets(sizes: Sequence[int], capacity: int) -> list[tuple[int, int]]:
@@ -56,6 +59,14 @@ def plan_buckets(sizes: Sequence[int], capacity: int) -> list[tuple[int, int]]:
     return buckets
 
 
+def sums_via_root(*, buckets: int, world_size: int, device: torch.device, nbytes: int,
+                  max_mb: float) -> bool:
+    """Whether a gradient buffer is summed through rank 0 rather than by a ring all-reduce:
+    one bucket of CPU tensors, at most ``max_mb`` MiB, on 2 to VIA_ROOT_MAX_RANKS ranks."""
+    return (buckets == 1 and device.type == "cpu" and 1 < world_size <= VIA_ROOT_MAX_RANKS
+            and nbytes <= max_mb * 2**20)
+
+
 class FlatGradSync:
     """Keeps ``module``'s parameters and gradients in flat buffers and sums them across ranks.
 
@@ -68,7 +79,7 @@ class FlatGradSync:
     """
 
     def __init__(self, module: nn.Module, *, distributed: bool, extra_slots: int = 1,
-                 bucket_mb: float = DEFAULT_BUCKET_MB, tree_max_mb: float = 0.0) -> None:
+                 bucket_mb: float = DEFAULT_BUCKET_MB, via_root_max_mb: float = 0.0) -> None:
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             raise ValueError("FlatGradSync: the module has no trainable parameters")
@@ -111,10 +122,14 @@ class FlatGradSync:
         self._pending = list(self._bucket_sizes)  # gradients each bucket still waits for
         self._handles: dict[int, dist.Work] = {}
         self._syncing = True
-        # Reduce + broadcast instead of a ring all-reduce: one small bucket of CPU tensors.
-        self.tree = (distributed and len(groups) == 1 and self.flat_grads.device.type == "cpu"
-                     and self.flat_grads.numel() * self.flat_grads.element_size()
-                     <= tree_max_mb * 2**20)
+        world = dist.get_world_size() if distributed else 1
+        self.via_root = sums_via_root(
+            buckets=len(groups), world_size=world, device=self.flat_grads.device,
+            nbytes=self.flat_grads.numel() * self.flat_grads.element_size(),
+            max_mb=via_root_max_mb)
+        # Rank 0 receives each peer's buffer into one of these.
+        self._inbox = ([torch.empty_like(self.flat_grads) for _ in range(world - 1)]
+                       if self.via_root and dist.get_rank() == 0 else [])
         if distributed and len(groups) > 1:
             for bucket, (first, stop) in enumerate(groups[:-1]):
                 for p in self.params[first:stop]:
@@ -179,10 +194,9 @@ class FlatGradSync:
                 slot.copy_(value.detach())
             elif value is not None:
                 slot.fill_(value)
-        if self.tree:
-            with collective("the gradient sum (reduce and broadcast)"):
-                dist.reduce(self.flat_grads, dst=0, op=dist.ReduceOp.SUM)
-                dist.broadcast(self.flat_grads, src=0)
+        if self.via_root:
+            with collective("the gradient sum (through rank 0)"):
+                self._sum_via_root()
         elif self.distributed:
             for bucket in range(self.buckets):
                 if bucket not in self._handles:
@@ -192,6 +206,21 @@ class FlatGradSync:
                     self._handles[bucket].wait()
             self._handles.clear()
         return self._extras
+
+    def _sum_via_root(self) -> None:
+        """The gradient buffer summed over all ranks by rank 0, which sends the sum back."""
+        if dist.get_rank() != 0:
+            dist.send(self.flat_grads, dst=0)
+            dist.recv(self.flat_grads, src=0)
+            return
+        receives = [dist.irecv(inbox, src=peer) for peer, inbox in enumerate(self._inbox, 1)]
+        for receive in receives:
+            receive.wait()
+        for inbox in self._inbox:  # in rank order: the same bits on every run
+            self.flat_grads.add_(inbox)
+        sends = [dist.isend(self.flat_grads, dst=peer) for peer in range(1, len(receives) + 1)]
+        for send in sends:
+            send.wait()
 
     @torch.no_grad()
     def sgd_step(self, lr: float) -> None:

@@ -48,8 +48,8 @@ from distnn.runtime import Runtime, setup
 from distnn.weights import check_writable, save_weights
 
 log = logging.getLogger("distnn")
-# Gradient buffers up to this size are summed by reduce + broadcast on gloo (see gradsync).
-TREE_MAX_MB = 1.0
+# Gradient buffers up to this size are summed through rank 0 on gloo (see gradsync).
+VIA_ROOT_MAX_MB = 1.0
 PEER_GRACE_S = 2.0  # how long a rank that failed alone waits before exiting (see main)
 
 
@@ -206,10 +206,10 @@ class Trainer:
         model.to(self.rt.device)
         # Slots after the gradients: the rank's loss and its stop vote. A group of one rank
         # has nothing to sum, so its steps make no collective (torchrun --nproc_per_node=1).
+        gloo = self.rt.placement.backend == "gloo"
         sync = FlatGradSync(model, distributed=self.rt.distributed and self.rt.world_size > 1,
-                            extra_slots=2,
-                            bucket_mb=config.bucket_mb,
-                            tree_max_mb=TREE_MAX_MB if self.rt.placement.backend == "gloo" else 0)
+                            extra_slots=2, bucket_mb=config.bucket_mb,
+                            via_root_max_mb=VIA_ROOT_MAX_MB if gloo else 0.0)
         sync.broadcast_parameters(src=0)
         return sync
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distnn.gradsync import FlatGradSync, plan_buckets
+from distnn.gradsync import FlatGradSync, plan_buckets, sums_via_root
 from distnn.train import main
 from tests.conftest import read_losses, run_world
 from tests.reference import assert_matches_reference, reference_run
@@ -103,11 +103,18 @@ def test_compiled_forward_matches_the_reference_and_reports_its_compile_time(tmp
     assert summary["compile_s"] > 0 and summary["wall_s"] < summary["compile_s"]
 
 
-def test_reduce_and_broadcast_is_chosen_only_for_one_small_cpu_bucket():
-    model = torch.nn.Sequential(torch.nn.Linear(1000, 100), torch.nn.ReLU(),
-                                torch.nn.Linear(100, 10))  # 404 KB of gradients
-    assert FlatGradSync(model, distributed=True, tree_max_mb=1.0).tree
-    assert not FlatGradSync(model, distributed=True, tree_max_mb=0.0).tree
-    assert not FlatGradSync(model, distributed=True, tree_max_mb=0.1).tree  # too big for it
-    assert not FlatGradSync(model, distributed=False, tree_max_mb=1.0).tree
-    assert not FlatGradSync(model, distributed=True, tree_max_mb=1.0, bucket_mb=0.1).tree
+@pytest.mark.parametrize("changes, want", [
+    ({}, True),
+    ({"max_mb": 0.0}, False),
+    ({"max_mb": 0.1}, False),  # 404 KB is too big for it
+    ({"world_size": 1}, False),  # nothing to sum
+    ({"world_size": 9}, False),  # too many peers for rank 0 to receive from
+    ({"world_size": 8}, True),
+    ({"buckets": 2}, False),  # buckets overlap with backward: ring all-reduces
+    ({"device": torch.device("cuda", 0)}, False),
+])
+def test_summing_through_rank_0_is_chosen_only_for_one_small_cpu_bucket(changes, want):
+    # The reference model's gradients and the two extra slots: 101112 floats, 404 KB.
+    args = {"buckets": 1, "world_size": 4, "device": torch.device("cpu"),
+            "nbytes": 101112 * 4, "max_mb": 1.0}
+    assert sums_via_root(**{**args, **changes}) is want

@@ -191,7 +191,7 @@ def test_a_wedged_peer_ends_the_run_after_the_timeout(tmp_path):
     lines = distnn_lines(result.stderr)
     assert result.returncode != 0 and len(lines) == 1, result.stderr[-2000:]
     # "the gradient all-reduce failed" or, for a small model on gloo, "the gradient sum
-    # (reduce and broadcast) failed"
+    # (through rank 0) failed"
     assert lines[0].startswith("distnn: rank 0: error: the gradient ") and "failed" in lines[0]
     assert "--timeout-s 3" in lines[0]
 
