@@ -1,15 +1,25 @@
 """Summing gradients across ranks through one flat buffer, and the SGD update over it.
 
-Each parameter's ``.data`` and ``.grad`` become views into two contiguous buffers, so the
-all-reduce needs no copy in or out and the update is one fused operation. The gradient
-buffer has extra slots at the end for small per-step values that must be summed too (the
-rank's loss, a stop vote), so they travel in the same collective as the gradients.
+Each parameter's ``.data`` becomes a view into one contiguous buffer, so the update is one
+fused operation over it. Backward produces each gradient as a tensor of its own, which one
+``torch.cat`` packs into a flat gradient buffer just before the all-reduce; after it,
+every ``p.grad`` is a view into the summed buffer. The gradient buffer has extra slots at
+the end for small per-step values that must be summed too (the rank's loss, a stop vote):
+the same ``cat`` packs them, so they travel in the same collective as the gradients.
+
+Why pack rather than let backward accumulate into views of the buffer (as DDP's
+``gradient_as_bucket_view`` does): accumulating needs the buffer zeroed first and then one
+add per parameter, five kernels for the reference net where the ``cat`` is one (on a GPU
+each kernel is a launch: ../shared/FACTS.md counts 25 kernels for a graph-captured step
+with views, 20 without), and it reads and writes the buffer more often. The cost is memory:
+the gradients exist twice for a moment.
 
 For a large model the gradient buffer is split into buckets (``bucket_mb``). Backward
 produces gradients from the last layer to the first, so the buffers hold the parameters in
 that reverse order: a bucket's all-reduce starts, asynchronously, as soon as backward has
-finished its gradients, and overlaps with the rest of backward. The last bucket (which
-holds the extra slots) starts in :meth:`FlatGradSync.all_reduce`. A model that fits in one
+finished its gradients (packed by a ``cat`` of its own), and overlaps with the rest of
+backward. The last bucket (which holds the extra slots) starts in
+:meth:`FlatGradSync.all_reduce`. A model that fits in one
 bucket uses one all-reduce per step.
 
 A small model on gloo (CPU tensors) is latency-bound, and gloo's ring all-reduce of a few
@@ -72,10 +82,9 @@ class FlatGradSync:
 
     Build it after the module is on its device and before training. Per step:
     :meth:`zero_grad`, forward, ``backward()``, :meth:`all_reduce`, then :meth:`sgd_step` (or
-    any optimizer: ``p.grad`` are views into the summed buffer). Zero gradients with
-    :meth:`zero_grad`, not ``module.zero_grad()``: the latter sets ``.grad`` to None and
-    detaches the gradients from the buffer. Every rank must produce gradients for the same
-    parameters in the same order (the same model and code on every rank).
+    any optimizer: after :meth:`all_reduce`, ``p.grad`` are views into the summed buffer).
+    Every rank must produce gradients for the same parameters in the same order (the same
+    model and code on every rank); a parameter that gets no gradient counts as zero.
     """
 
     def __init__(self, module: nn.Module, *, distributed: bool, extra_slots: int = 1,
@@ -103,12 +112,13 @@ class FlatGradSync:
         # Views made once: slicing in the step loop would cost a dispatch each time.
         self._grads = self.flat_grads[:self.numel]
         self._extras = self.flat_grads[self.numel:]
-        self._slots = list(self._extras)
-        offsets, offset = [], 0
+        self._no_extras = torch.zeros_like(self._extras)  # what an unset extra slot packs
+        self._grad_views, offsets, offset = [], [], 0
         for p in self.params:
             n = p.numel()
             p.data = self.flat_params[offset:offset + n].view_as(p)
-            p.grad = self.flat_grads[offset:offset + n].view_as(p)
+            p.grad = None
+            self._grad_views.append(self.flat_grads[offset:offset + n].view_as(p))
             offsets.append(offset)
             offset += n
 
@@ -119,6 +129,9 @@ class FlatGradSync:
                               for first, stop in groups]
         self.bucket_ranges[-1] = (self.bucket_ranges[-1][0], self.numel + extra_slots)
         self._bucket_sizes = [stop - first for first, stop in groups]
+        self._bucket_params = [self.params[first:stop] for first, stop in groups]
+        self._bucket_buffers = [self.flat_grads[start:stop] for start, stop in self.bucket_ranges]
+        self._extra_pieces: list[torch.Tensor] = []  # the last bucket's, set by all_reduce
         self._pending = list(self._bucket_sizes)  # gradients each bucket still waits for
         self._handles: dict[int, dist.Work] = {}
         self._syncing = True
@@ -148,8 +161,9 @@ class FlatGradSync:
                 dist.broadcast(self.flat_params, src=src)
 
     def zero_grad(self) -> None:
-        """Zeroes every gradient (and the extra slots) in place; backward accumulates into it."""
-        self.flat_grads.zero_()
+        """Starts a step: every ``p.grad`` to None, so backward creates them afresh."""
+        for p in self.params:
+            p.grad = None
         self._pending = list(self._bucket_sizes)
         self._handles.clear()
 
@@ -173,28 +187,37 @@ class FlatGradSync:
         if self._pending[bucket] == 0:
             self._start(bucket)
 
+    def _pack(self, bucket: int) -> None:
+        """Copies the bucket's gradients (and, for the last, the extras) into its buffer."""
+        pieces = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                  for p in self._bucket_params[bucket]]
+        if bucket == len(self._bucket_params) - 1:
+            pieces += self._extra_pieces
+        torch.cat(pieces, out=self._bucket_buffers[bucket])
+
     def _start(self, bucket: int) -> None:
-        start, stop = self.bucket_ranges[bucket]
+        self._pack(bucket)
         with collective("the gradient all-reduce"):
-            self._handles[bucket] = dist.all_reduce(self.flat_grads[start:stop],
+            self._handles[bucket] = dist.all_reduce(self._bucket_buffers[bucket],
                                                     op=dist.ReduceOp.SUM, async_op=True)
 
     def all_reduce(self, *extras: torch.Tensor | float | None) -> torch.Tensor:
         """Sums the gradients and ``extras`` over all ranks; returns the summed extra slots.
 
-        Call after ``backward()``. ``extras`` (0-dim tensors, floats, or None for "leave the
-        slot at zero"; at most ``extra_slots``; the first is usually the rank's loss) are
-        written into the slots after the gradients. Starts the buckets backward has not
-        started, then waits for all. The returned 1-dim tensor (all ``extra_slots``) is a view
-        into the buffer, overwritten by the next step: copy what you keep. No host
-        synchronisation on a GPU.
+        Call after ``backward()``. ``extras`` (0-dim tensors, floats, or None for zero; at
+        most ``extra_slots``; the first is usually the rank's loss) go into the slots after
+        the gradients, the slots not given are zero. Starts the buckets backward has not
+        started, then waits for all; then every ``p.grad`` is a view into the summed buffer.
+        The returned 1-dim tensor (all ``extra_slots``) is a view into the buffer,
+        overwritten by the next step: copy what you keep. No host synchronisation on a GPU.
         """
-        for slot, value in zip(self._slots, extras, strict=False):
-            if isinstance(value, torch.Tensor):
-                slot.copy_(value.detach())
-            elif value is not None:
-                slot.fill_(value)
+        if len(extras) > len(self._no_extras):
+            raise ValueError(f"FlatGradSync.all_reduce: {len(extras)} extras given, but there "
+                             f"are {len(self._no_extras)} extra slots")
+        self._extra_pieces = [self._extra_piece(slot, value) for slot, value in
+                              enumerate(extras)] + [self._no_extras[len(extras):]]
         if self.via_root:
+            self._pack(0)
             with collective("the gradient sum (through rank 0)"):
                 self._sum_via_root()
         elif self.distributed:
@@ -205,7 +228,21 @@ class FlatGradSync:
                 for bucket in range(self.buckets):
                     self._handles[bucket].wait()
             self._handles.clear()
+        else:
+            for bucket in range(self.buckets):
+                self._pack(bucket)
+        for p, view in zip(self.params, self._grad_views, strict=True):
+            p.grad = view
         return self._extras
+
+    def _extra_piece(self, slot: int, value: torch.Tensor | float | None) -> torch.Tensor:
+        """One extra slot's value as a 1-element tensor on the buffer's device and dtype."""
+        if value is None:
+            return self._no_extras[slot:slot + 1]
+        if isinstance(value, torch.Tensor):
+            return value.detach().reshape(1).to(self.flat_grads.dtype)
+        return torch.full((1,), value, dtype=self.flat_grads.dtype,
+                          device=self.flat_grads.device)
 
     def _sum_via_root(self) -> None:
         """The gradient buffer summed over all ranks by rank 0, which sends the sum back."""

@@ -3,9 +3,10 @@
 A signal only sets a flag. Each step every rank adds its vote (1 if it was signalled) to a
 slot of the step's all-reduce (a captured step reads it from a device tensor), so all ranks
 see the same total and stop after the same step, with no extra collective. On the CPU the
-total is read at once; on a GPU it is read ``VOTE_LAG`` steps late, from a copy that
-finished while later steps ran, so the host can queue steps ahead of the device instead of
-waiting for it (a captured step takes well under 0.1 ms on the GPU).
+total is read at once. On a GPU the total is copied to the host every ``VOTE_EVERY`` steps
+and read at the next copy, by which time that copy has long finished: the host queues
+steps ahead of the device instead of waiting for it, and pays for one small copy every few
+steps rather than every step (a captured step takes well under 0.1 ms on the GPU).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from contextlib import contextmanager
 import torch
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-VOTE_LAG = 4  # on a GPU: steps between a step's vote total and the host reading it
+VOTE_EVERY = 4  # on a GPU: steps between copies of the vote total to the host
 
 
 class StopRequests:
@@ -27,9 +28,8 @@ class StopRequests:
         self.signum: int | None = None
         self.on_cpu = device.type == "cpu"
         self._steps = 0
-        if not self.on_cpu:  # a ring of VOTE_LAG host copies, each with its "copied" event
-            self._host = [torch.zeros((), pin_memory=True) for _ in range(VOTE_LAG)]
-            self._copied = [torch.cuda.Event() for _ in range(VOTE_LAG)]
+        self._host: torch.Tensor | None = None  # on a GPU: the latest copy of the total
+        self._copied: torch.cuda.Event | None = None  # ... done when this event is
         self._ballot = torch.zeros((), device=device)
         self._ballot_cast = False
 
@@ -54,14 +54,11 @@ class StopRequests:
             for sig, old in previous.items():
                 signal.signal(sig, old)
 
-    def vote(self) -> float | None:
-        """This rank's vote for the step's all-reduce: 1.0 once signalled, else None (the
-        slot stays at the zero it was cleared to, so a quiet step writes nothing)."""
-        return 1.0 if self.signum is not None else None
-
     def ballot(self) -> torch.Tensor:
-        """This rank's vote as a 0-dim device tensor: for a captured step (--cuda-graph),
-        which copies it into its slot at every replay. Call it before each replay."""
+        """This rank's vote for the step's all-reduce: a 0-dim device tensor, 1.0 once
+        signalled, else 0.0. Call it before each step: a captured step (--cuda-graph) reads
+        the tensor at every replay, so it must be set before the replay, not captured as a
+        number."""
         if self.signum is not None and not self._ballot_cast:
             self._ballot.fill_(1.0)
             self._ballot_cast = True
@@ -74,14 +71,18 @@ class StopRequests:
         """
         if self.on_cpu:
             return votes.item() > 0
-        slot = self._steps % VOTE_LAG
-        stop = False
-        if self._steps >= VOTE_LAG:
-            self._copied[slot].synchronize()  # VOTE_LAG steps ago: done by now, or nearly
-            stop = self._host[slot].item() > 0
-        self._host[slot].copy_(votes, non_blocking=True)
-        self._copied[slot].record()
         self._steps += 1
+        if self._steps % VOTE_EVERY:
+            return False
+        stop = False
+        if self._copied is None:
+            self._host = torch.zeros((), pin_memory=True)
+            self._copied = torch.cuda.Event()
+        else:
+            self._copied.synchronize()  # VOTE_EVERY steps ago: done by now, or nearly
+            stop = self._host.item() > 0
+        self._host.copy_(votes, non_blocking=True)
+        self._copied.record()
         return stop
 
     @property

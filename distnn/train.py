@@ -248,7 +248,7 @@ class Trainer:
         return pieces
 
     def _step(self, sync: FlatGradSync, pieces: list[tuple[Callable, torch.Tensor, torch.Tensor]],
-              vote: torch.Tensor | float | None) -> torch.Tensor:
+              vote: torch.Tensor) -> torch.Tensor:
         """One step's work on the device; returns the summed extra slots [loss, stop votes].
 
         Every piece but the last only accumulates its gradients; the last one's backward
@@ -276,7 +276,7 @@ class Trainer:
         back after it), so capturing stays out of the step timings (in ``compile_s``).
         """
         if not self.config.cuda_graph:
-            return lambda: self._step(sync, pieces, stop.vote())
+            return lambda: self._step(sync, pieces, stop.ballot())
         started = time.perf_counter()
         graph, summed = capture_step(lambda: self._step(sync, pieces, stop.ballot()),
                                      restore=[sync.flat_params])

@@ -13,17 +13,26 @@ def small_model() -> torch.nn.Sequential:
     return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
 
 
-def test_parameters_and_gradients_are_views_into_the_buffers_after_backward():
+def plain_gradients(x: torch.Tensor) -> list[torch.Tensor]:
+    """The gradients of a separate copy of the model, by plain autograd, in sync.params order."""
+    model = small_model()
+    model(x).pow(2).sum().backward()
+    return [p.grad for p in model.parameters()][::-1]
+
+
+def test_parameters_are_views_and_the_gradients_are_views_after_all_reduce():
     model = small_model()
     sync = FlatGradSync(model, distributed=False)
+    x = torch.randn(5, 4)
     sync.zero_grad()
-    model(torch.randn(5, 4)).pow(2).sum().backward()
+    model(x).pow(2).sum().backward()
+    sync.all_reduce()
     assert [id(p) for p in sync.params] == [id(p) for p in model.parameters()][::-1]
     offset = 0
-    for p in sync.params:  # in the order backward produces their gradients
+    for p, want in zip(sync.params, plain_gradients(x), strict=True):  # backward's order
         assert p.data_ptr() == sync.flat_params[offset:].data_ptr()
         assert p.grad.data_ptr() == sync.flat_grads[offset:].data_ptr()
-        assert torch.equal(p.grad.reshape(-1), sync.flat_grads[offset:offset + p.numel()])
+        assert torch.equal(p.grad, want)
         offset += p.numel()
     assert offset == sync.numel == 4 * 3 + 3 + 3 * 2 + 2
 
@@ -53,15 +62,39 @@ def test_one_step_equals_the_per_parameter_update():
         torch.testing.assert_close(got, want, rtol=0, atol=1e-7, msg=name)
 
 
-def test_zero_grad_clears_gradients_and_loss_slot_in_place():
+def test_a_step_packs_only_its_own_gradients_and_extras():
+    model = small_model()
+    sync = FlatGradSync(model, distributed=False, extra_slots=2)
+    grad_ptr = sync.flat_grads.data_ptr()
+    model(torch.randn(2, 4)).pow(2).sum().backward()
+    sync.all_reduce(torch.tensor(3.0), 1.0)
+    sync.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    x = torch.randn(5, 4)
+    model(x).pow(2).sum().backward()
+    extras = sync.all_reduce(torch.tensor(7.0))  # the vote slot not given: zero
+    assert sync.flat_grads.data_ptr() == grad_ptr
+    assert extras.tolist() == [7.0, 0.0]
+    for p, want in zip(sync.params, plain_gradients(x), strict=True):
+        assert torch.equal(p.grad, want)  # not accumulated onto the first step's
+
+
+def test_a_parameter_without_a_gradient_counts_as_zero():
     model = small_model()
     sync = FlatGradSync(model, distributed=False)
-    grad_ptr = sync.flat_grads.data_ptr()
-    model(torch.randn(2, 4)).sum().backward()
-    sync.all_reduce(torch.tensor(3.0))
     sync.zero_grad()
-    assert sync.flat_grads.data_ptr() == grad_ptr
-    assert not sync.flat_grads.any()
+    model[2](torch.randn(3, 3)).sum().backward()  # the first layer takes no part
+    sync.all_reduce()
+    assert not model[0].weight.grad.any() and not model[0].bias.grad.any()
+    assert model[2].bias.grad.tolist() == [3.0, 3.0]
+
+
+def test_more_extras_than_slots_is_an_error():
+    model = small_model()
+    sync = FlatGradSync(model, distributed=False, extra_slots=1)
+    model(torch.randn(2, 4)).sum().backward()
+    with pytest.raises(ValueError, match="2 extras given, but there are 1 extra slots"):
+        sync.all_reduce(1.0, 2.0)
 
 
 def test_mixed_dtypes_are_refused():
