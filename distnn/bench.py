@@ -7,8 +7,9 @@ above 1 run as real gloo process groups (spawned processes); on a GPU the run is
 over NCCL. Writes ``bench.md`` (the table), ``bench.json`` (every sample) and ``bench.png``.
 
 How each is timed: the loops written here run ``--warmup`` steps, then ``--steps`` timed
-steps ending in a device synchronisation. distnn runs its real trainer twice, with S and 2S
-steps, and takes the difference, which cancels its start-up (``(t_2S - t_S) / S``).
+steps ending in a device synchronisation. distnn runs its real trainer for ``--warmup``
+steps, untimed, then for ``--steps`` steps, timed by the trainer's own ``wall_s`` (the step
+loop and its final flush; start-up, compiling and capturing come before it).
 """
 
 from __future__ import annotations
@@ -167,17 +168,18 @@ def ddp_loop(work: Workload, steps: int, warmup: int, device: torch.device,
     return ms, losses.tolist()
 
 
-def distnn_trainer(work: Workload, steps: int, rt, **config_changes: Any
+def distnn_trainer(work: Workload, steps: int, warmup: int, rt, **config_changes: Any
                    ) -> tuple[float, list[float]]:
-    """distnn's own trainer, timed by the difference of an S-step and a 2S-step run."""
-    walls, losses = [], []
-    for count in (steps, 2 * steps):
+    """distnn's own trainer: a ``warmup``-step run, untimed, then a timed ``steps``-step run.
+
+    The time is the trainer's own ``wall_s``: its step loop and final flush, without the
+    start-up, compiling or capturing before it.
+    """
+    for count in (max(warmup, 1), steps):
         trainer = Trainer(work.config(steps=count, **config_changes), rt, environ={})
         with contextlib.redirect_stdout(io.StringIO()):  # its summary line
             result = trainer.train()
-        walls.append(result.wall_s)
-        losses = trainer.losses.tolist()
-    return (walls[1] - walls[0]) / steps * 1e3, losses
+    return result.wall_s / steps * 1e3, trainer.losses.tolist()
 
 
 def _variants(work: Workload, world: int, device: torch.device) -> list[str]:
@@ -204,7 +206,7 @@ def _run_variant(name: str, work: Workload, steps: int, warmup: int, rt) -> tupl
         return reference_loop(work, steps, warmup, device, per_step_sync=False)
     if name in ("DDP", "Accelerate"):
         return ddp_loop(work, steps, warmup, device, use_accelerate=name == "Accelerate")
-    return distnn_trainer(work, steps, rt, **DISTNN_VARIANTS[name])
+    return distnn_trainer(work, steps, warmup, rt, **DISTNN_VARIANTS[name])
 
 
 # The distnn variants: their TrainConfig changes.

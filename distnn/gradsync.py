@@ -19,8 +19,8 @@ produces gradients from the last layer to the first, so the buffers hold the par
 that reverse order: a bucket's all-reduce starts, asynchronously, as soon as backward has
 finished its gradients (packed by a ``cat`` of its own), and overlaps with the rest of
 backward. The last bucket (which holds the extra slots) starts in
-:meth:`FlatGradSync.all_reduce`. A model that fits in one
-bucket uses one all-reduce per step.
+:meth:`FlatGradSync.all_reduce`. A model that fits in one bucket uses one all-reduce per
+step.
 
 A small model on gloo (CPU tensors) is latency-bound, and gloo's ring all-reduce of a few
 hundred KB is slow: 2(W-1) rounds of chunks, each a wake-up of gloo's threads. With
@@ -189,8 +189,12 @@ class FlatGradSync:
 
     def _pack(self, bucket: int) -> None:
         """Copies the bucket's gradients (and, for the last, the extras) into its buffer."""
-        pieces = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                  for p in self._bucket_params[bucket]]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p)
+                 for p in self._bucket_params[bucket]]
+        if any(grad._base is self.flat_grads for grad in grads):
+            raise RuntimeError("FlatGradSync: backward added to the previous step's summed "
+                               "gradients; call zero_grad() at the start of every step")
+        pieces = [grad.reshape(-1) for grad in grads]
         if bucket == len(self._bucket_params) - 1:
             pieces += self._extra_pieces
         torch.cat(pieces, out=self._bucket_buffers[bucket])
@@ -207,8 +211,9 @@ class FlatGradSync:
         Call after ``backward()``. ``extras`` (0-dim tensors, floats, or None for zero; at
         most ``extra_slots``; the first is usually the rank's loss) go into the slots after
         the gradients, the slots not given are zero. Starts the buckets backward has not
-        started, then waits for all; then every ``p.grad`` is a view into the summed buffer.
-        The returned 1-dim tensor (all ``extra_slots``) is a view into the buffer,
+        started, then waits for all; then every ``p.grad`` is a view into the summed buffer
+        (not distributed: ``p.grad`` are left as backward made them, already the sum). The
+        returned 1-dim tensor (all ``extra_slots``) is a view into the buffer,
         overwritten by the next step: copy what you keep. No host synchronisation on a GPU.
         """
         if len(extras) > len(self._no_extras):
@@ -228,9 +233,9 @@ class FlatGradSync:
                 for bucket in range(self.buckets):
                     self._handles[bucket].wait()
             self._handles.clear()
-        else:
-            for bucket in range(self.buckets):
-                self._pack(bucket)
+        else:  # one rank: the gradients are the sum already, only the extras are packed
+            torch.cat(self._extra_pieces, out=self._extras)
+            return self._extras
         for p, view in zip(self.params, self._grad_views, strict=True):
             p.grad = view
         return self._extras
@@ -261,5 +266,11 @@ class FlatGradSync:
 
     @torch.no_grad()
     def sgd_step(self, lr: float) -> None:
-        """``p -= lr * p.grad`` for every parameter, as one operation over the flat buffer."""
-        self.flat_params.add_(self._grads, alpha=-lr)
+        """``p -= lr * p.grad`` for every parameter: one operation over the flat buffers, or
+        (not distributed: no buffer was packed) one multi-tensor operation over the
+        parameters."""
+        if self.distributed:
+            self.flat_params.add_(self._grads, alpha=-lr)
+            return
+        with_grads = [p for p in self.params if p.grad is not None]
+        torch._foreach_add_(with_grads, [p.grad for p in with_grads], alpha=-lr)

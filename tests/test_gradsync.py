@@ -1,4 +1,4 @@
-"""The flat buffers, in one process (no process group needed)."""
+"""The flat buffers, in one process: without a process group, or in a real gloo group of one."""
 
 from __future__ import annotations
 
@@ -6,6 +6,18 @@ import pytest
 import torch
 
 from distnn.gradsync import FlatGradSync
+from tests.conftest import free_port
+
+
+@pytest.fixture
+def group_of_one():
+    """A real gloo process group with this process as its only rank."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    yield
+    dist.destroy_process_group()
 
 
 def small_model() -> torch.nn.Sequential:
@@ -20,9 +32,9 @@ def plain_gradients(x: torch.Tensor) -> list[torch.Tensor]:
     return [p.grad for p in model.parameters()][::-1]
 
 
-def test_parameters_are_views_and_the_gradients_are_views_after_all_reduce():
+def test_parameters_are_views_and_the_gradients_are_views_after_all_reduce(group_of_one):
     model = small_model()
-    sync = FlatGradSync(model, distributed=False)
+    sync = FlatGradSync(model, distributed=True)
     x = torch.randn(5, 4)
     sync.zero_grad()
     model(x).pow(2).sum().backward()
@@ -79,14 +91,25 @@ def test_a_step_packs_only_its_own_gradients_and_extras():
         assert torch.equal(p.grad, want)  # not accumulated onto the first step's
 
 
-def test_a_parameter_without_a_gradient_counts_as_zero():
+def test_a_parameter_without_a_gradient_counts_as_zero(group_of_one):
     model = small_model()
-    sync = FlatGradSync(model, distributed=False)
+    sync = FlatGradSync(model, distributed=True)
     sync.zero_grad()
     model[2](torch.randn(3, 3)).sum().backward()  # the first layer takes no part
     sync.all_reduce()
     assert not model[0].weight.grad.any() and not model[0].bias.grad.any()
     assert model[2].bias.grad.tolist() == [3.0, 3.0]
+
+
+def test_a_step_without_zero_grad_is_an_error_when_distributed(group_of_one):
+    model = small_model()
+    sync = FlatGradSync(model, distributed=True)
+    sync.zero_grad()
+    model(torch.randn(2, 4)).sum().backward()
+    sync.all_reduce()  # p.grad are now views into the summed buffer
+    model(torch.randn(2, 4)).sum().backward()  # no zero_grad: it adds into those views
+    with pytest.raises(RuntimeError, match="call zero_grad"):
+        sync.all_reduce()
 
 
 def test_more_extras_than_slots_is_an_error():
