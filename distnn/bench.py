@@ -1,7 +1,8 @@
 """``python -m distnn.bench``: distnn against the reference loop, DDP and Accelerate, side by side.
 
 Every variant trains the same model on the same data with the same sum-loss SGD, in the
-same run, in alternating order over ``--repeats`` rounds; the table gives medians. Before a
+same run, in alternating order over ``--repeats`` rounds (each round starting one variant
+later); the table gives medians. Before a
 variant's times count, its global losses are checked against the reference's. World sizes
 above 1 run as real gloo process groups (spawned processes); on a GPU the run is world 1
 over NCCL. Writes ``bench.md`` (the table), ``bench.json`` (every sample) and ``bench.png``.
@@ -250,8 +251,13 @@ def _worker(rank: int, world: int, port: int, plan: dict, out_path: str) -> None
     samples = []
     with setup(device=plan["device"], timeout_s=600) as rt:
         for work in (Workload(**w) for w in plan["workloads"]):
+            names = _variants(work, world, rt.device)
             for repeat in range(plan["repeats"]):
-                for name in _variants(work, world, rt.device):
+                # Each round starts one variant later: a variant that leaves the process
+                # slower for a while (measured here after DDP and Accelerate) does not always
+                # slow the same neighbour.
+                shift = repeat % len(names)
+                for name in names[shift:] + names[:shift]:
                     ms, losses = _run_variant(name, work, plan["steps"][work.name],
                                               plan["warmup"], rt)
                     samples.append({"workload": work.name, "world_size": world, "variant": name,

@@ -150,6 +150,11 @@ class FlatGradSync:
                         lambda _, bucket=bucket: self._grad_ready(bucket))
 
     @property
+    def extras(self) -> torch.Tensor:
+        """The summed extra slots (1-dim), overwritten in place by every :meth:`all_reduce`."""
+        return self._extras
+
+    @property
     def buckets(self) -> int:
         """How many parts the gradient buffer is summed in (each an all-reduce)."""
         return len(self.bucket_ranges)
@@ -208,7 +213,7 @@ class FlatGradSync:
     def all_reduce(self, *extras: torch.Tensor | float | None) -> torch.Tensor:
         """Sums the gradients and ``extras`` over all ranks; returns the summed extra slots.
 
-        Call after ``backward()``. ``extras`` (0-dim tensors, floats, or None for zero; at
+        Call after ``backward()``. ``extras`` (1-element tensors, floats, or None for zero; at
         most ``extra_slots``; the first is usually the rank's loss) go into the slots after
         the gradients, the slots not given are zero. Starts the buckets backward has not
         started, then waits for all; then every ``p.grad`` is a view into the summed buffer
@@ -244,8 +249,13 @@ class FlatGradSync:
         """One extra slot's value as a 1-element tensor on the buffer's device and dtype."""
         if value is None:
             return self._no_extras[slot:slot + 1]
-        if isinstance(value, torch.Tensor):
-            return value.detach().reshape(1).to(self.flat_grads.dtype)
+        if isinstance(value, torch.Tensor):  # no call that is not needed: each costs us
+            if value.dim() == 0:
+                value = value.detach().view(1)
+            elif value.requires_grad:
+                value = value.detach()
+            return value if value.dtype == self.flat_grads.dtype else value.to(
+                self.flat_grads.dtype)
         return torch.full((1,), value, dtype=self.flat_grads.dtype,
                           device=self.flat_grads.device)
 

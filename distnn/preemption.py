@@ -1,12 +1,13 @@
 """Preemption: SIGTERM or SIGINT stops every rank at the same step, cleanly.
 
 A signal only sets a flag. Each step every rank adds its vote (1 if it was signalled) to a
-slot of the step's all-reduce (a captured step reads it from a device tensor), so all ranks
-see the same total and stop after the same step, with no extra collective. On the CPU the
-total is read at once. On a GPU the total is copied to the host every ``VOTE_EVERY`` steps
-and read at the next copy, by which time that copy has long finished: the host queues
-steps ahead of the device instead of waiting for it, and pays for one small copy every few
-steps rather than every step (a captured step takes well under 0.1 ms on the GPU).
+slot of the step's all-reduce (read from a device tensor, which a captured step can read
+too), so all ranks see the same total and stop after the same step, with no extra
+collective. The total is looked at every ``VOTE_EVERY`` steps: on the CPU it is read then;
+on a GPU it is copied to the host then and read at the next look, by which time that copy
+has long finished. So the host queues steps ahead of the device instead of waiting for it,
+and pays for one small copy every few steps rather than every step (a captured step takes
+well under 0.1 ms on the GPU).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from contextlib import contextmanager
 import torch
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-VOTE_EVERY = 4  # on a GPU: steps between copies of the vote total to the host
+VOTE_EVERY = 4  # steps between looks at the vote total
 
 
 class StopRequests:
@@ -30,7 +31,7 @@ class StopRequests:
         self._steps = 0
         self._host: torch.Tensor | None = None  # on a GPU: the latest copy of the total
         self._copied: torch.cuda.Event | None = None  # ... done when this event is
-        self._ballot = torch.zeros((), device=device)
+        self._ballot = torch.zeros(1, device=device)
         self._ballot_cast = False
 
     @contextmanager
@@ -55,7 +56,7 @@ class StopRequests:
                 signal.signal(sig, old)
 
     def ballot(self) -> torch.Tensor:
-        """This rank's vote for the step's all-reduce: a 0-dim device tensor, 1.0 once
+        """This rank's vote for the step's all-reduce: a 1-element device tensor, 1.0 once
         signalled, else 0.0. Call it before each step: a captured step (--cuda-graph) reads
         the tensor at every replay, so it must be set before the replay, not captured as a
         number."""
@@ -65,15 +66,15 @@ class StopRequests:
         return self._ballot
 
     def agreed(self, votes: torch.Tensor) -> bool:
-        """Whether the ranks agreed to stop, from the all-reduced ``votes`` (a 0-dim tensor).
+        """Whether the ranks agreed to stop, from the all-reduced ``votes`` (1 element).
 
         Every rank gets the same answer at the same step.
         """
-        if self.on_cpu:
-            return votes.item() > 0
         self._steps += 1
         if self._steps % VOTE_EVERY:
             return False
+        if self.on_cpu:
+            return votes.item() > 0
         stop = False
         if self._copied is None:
             self._host = torch.zeros((), pin_memory=True)

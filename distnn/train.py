@@ -248,28 +248,36 @@ class Trainer:
         return pieces
 
     def _step(self, sync: FlatGradSync, pieces: list[tuple[Callable, torch.Tensor, torch.Tensor]],
-              vote: torch.Tensor) -> torch.Tensor:
-        """One step's work on the device; returns the summed extra slots [loss, stop votes].
+              vote: torch.Tensor) -> None:
+        """One step's work on the device; the summed loss and votes land in ``sync.extras``.
 
         Every piece but the last only accumulates its gradients; the last one's backward
         starts the all-reduce of the buckets.
         """
         sync.zero_grad()
-        piece_losses = []
-        for index, (loss_of, x_piece, y_piece) in enumerate(pieces):
-            with sync.no_sync() if index < len(pieces) - 1 else nullcontext():
-                with self._autocast():
-                    piece_loss = loss_of(x_piece, y_piece)
-                piece_loss.backward()
-            piece_losses.append(piece_loss.detach())
-        local_loss = sum(piece_losses[1:], piece_losses[0])
-        summed = sync.all_reduce(local_loss, vote)
+        *early, last = pieces
+        local_loss = None
+        if early:
+            with sync.no_sync():
+                for piece in early:
+                    piece_loss = self._backward(*piece).detach()
+                    local_loss = piece_loss if local_loss is None else local_loss + piece_loss
+        piece_loss = self._backward(*last)
+        if local_loss is not None:
+            piece_loss = local_loss + piece_loss.detach()
+        sync.all_reduce(piece_loss, vote)
         sync.sgd_step(self.config.lr)
-        return summed
+
+    def _backward(self, loss_of: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of one piece; returns its sum loss."""
+        with self._autocast():
+            loss = loss_of(x, y)
+        loss.backward()
+        return loss
 
     def _prepare_step(self, sync: FlatGradSync, stop: StopRequests,
                       pieces: list[tuple[Callable, torch.Tensor, torch.Tensor]]
-                      ) -> Callable[[], torch.Tensor]:
+                      ) -> Callable[[], None]:
         """The function that runs one step: eager, or a replay of the captured step.
 
         With --cuda-graph the step is captured here (warm-up included, with the weights put
@@ -278,33 +286,33 @@ class Trainer:
         if not self.config.cuda_graph:
             return lambda: self._step(sync, pieces, stop.ballot())
         started = time.perf_counter()
-        graph, summed = capture_step(lambda: self._step(sync, pieces, stop.ballot()),
-                                     restore=[sync.flat_params])
+        graph, _ = capture_step(lambda: self._step(sync, pieces, stop.ballot()),
+                                restore=[sync.flat_params])
         captured_s = time.perf_counter() - started
         self.compile_s += captured_s
         log.info(f"captured the step as a CUDA graph in {captured_s:.1f} s")
 
-        def replay() -> torch.Tensor:
+        def replay() -> None:
             stop.ballot()  # sets this rank's vote in the tensor the graph reads, once signalled
             graph.replay()
-            return summed
 
         return replay
 
     def _run_steps(self, model: nn.Module, sync: FlatGradSync, stop: StopRequests, start: int,
-                   run_step: Callable[[], torch.Tensor]) -> int:
+                   run_step: Callable[[], None]) -> int:
         """Steps from ``start`` until ``--steps`` or an agreed stop; returns the steps done."""
         config, rank = self.config, self.rt.rank
+        loss, votes = sync.extras[0], sync.extras[1]  # views that every step overwrites
         done = start
         for step in range(start, config.steps):
             if self.fault:
                 self.fault.maybe_fire(step=step, rank=rank, flat_params=sync.flat_params)
-            summed = run_step()
-            self.losses[step] = summed[0]
+            run_step()
+            self.losses[step] = loss
             done = step + 1
             if self.log:
                 self.log.record(step)
-            if stop.agreed(summed[1]):
+            if stop.agreed(votes):
                 break
             if config.verify_every and done % config.verify_every == 0:
                 self._verify(done, sync)

@@ -1,9 +1,14 @@
-"""Buckets, micro-batches and precision change speed or memory, not the result."""
+"""Buckets, micro-batches and precision change speed or memory, not the result; and the
+step's operator count, which on a GPU is its kernel launches."""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from distnn.gradsync import FlatGradSync, plan_buckets, sums_via_root
 from distnn.train import main
@@ -118,3 +123,59 @@ def test_summing_through_rank_0_is_chosen_only_for_one_small_cpu_bucket(changes,
     args = {"buckets": 1, "world_size": 4, "device": torch.device("cpu"),
             "nbytes": 101112 * 4, "max_mb": 1.0}
     assert sums_via_root(**{**args, **changes}) is want
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the operators that compute (views are left out): on a GPU, each is a kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(run: Callable[[int], None]) -> Counter:
+    """The operators one step of ``run(steps)`` adds: (a 16-step run - an 8-step run) / 8."""
+    counts = []
+    for steps in (8, 16):
+        counter = OpCounter()
+        with counter:
+            run(steps)
+        counts.append(counter.counts)
+    return Counter({name: n / 8 for name, n in (counts[1] - counts[0]).items()})
+
+
+def tutorial_without_sync(steps: int) -> None:
+    """The tutorial's loop with its losses kept on the device and one multi-tensor update:
+    the leanest eager step the tutorial's model allows."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 1000), torch.randn(64, 10)
+    model = torch.nn.Sequential(torch.nn.Linear(1000, 100), torch.nn.ReLU(),
+                                torch.nn.Linear(100, 10))
+    params = list(model.parameters())
+    loss_fn = torch.nn.MSELoss(reduction="sum")
+    losses = torch.zeros(steps)
+    for step in range(steps):
+        loss = loss_fn(model(x), y)
+        losses[step] = loss
+        model.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            torch._foreach_add_(params, [p.grad for p in params], alpha=-1e-4)
+
+
+def test_a_one_process_step_dispatches_one_op_more_than_the_leanest_loop(capsys, no_launcher):
+    def distnn_run(steps: int) -> None:
+        assert main(["--steps", str(steps), "--device", "cpu", "--log-every", "0",
+                     "--verify-every", "0", "--quiet"]) == 0
+
+    mine, lean = ops_per_step(distnn_run), ops_per_step(tutorial_without_sync)
+    assert lean["addmm"] == 2 and lean["_foreach_add_"] == 1, lean  # the counter sees the step
+    # cat: the loss and the stop vote into the extra slots. _local_scalar_dense: the stop
+    # votes, read every 4 steps (on a GPU: copied to the host every 4 steps).
+    assert mine - lean == Counter({"cat": 1, "_local_scalar_dense": 0.25}), (mine, lean)
+    assert not lean - mine, (mine, lean)
