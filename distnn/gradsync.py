@@ -249,9 +249,9 @@ class FlatGradSync:
         """One extra slot's value as a 1-element tensor on the buffer's device and dtype."""
         if value is None:
             return self._no_extras[slot:slot + 1]
-        if isinstance(value, torch.Tensor):  # no call that is not needed: each costs us
-            if value.dim() == 0:
-                value = value.detach().view(1)
+        if isinstance(value, torch.Tensor):  # only the calls needed: each costs microseconds
+            if value.dim() != 1:
+                value = value.detach().reshape(1)
             elif value.requires_grad:
                 value = value.detach()
             return value if value.dtype == self.flat_grads.dtype else value.to(
