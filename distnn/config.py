@@ -82,12 +82,6 @@ class TrainConfig:
             _check_field(f, getattr(self, f.name))
         if self.quiet and self.verbose:
             raise UsageError("--quiet and --verbose: got both; allowed: one of them")
-        if self.cuda_graph and (self.device == "cpu" or self.backend == "gloo"):
-            flag = "--device cpu" if self.device == "cpu" else "--backend gloo"
-            raise UsageError(f"--cuda-graph: got it with {flag}; a CUDA graph captures CUDA "
-                             "kernels and NCCL collectives, and gloo runs on the CPU; allowed: "
-                             "--cuda-graph with --device cuda (or auto on a GPU) and --backend "
-                             "nccl (or auto)")
 
     @property
     def verbosity(self) -> int:

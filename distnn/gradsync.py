@@ -128,11 +128,11 @@ class FlatGradSync:
         self.bucket_ranges = [(offsets[first], offsets[stop - 1] + self.params[stop - 1].numel())
                               for first, stop in groups]
         self.bucket_ranges[-1] = (self.bucket_ranges[-1][0], self.numel + extra_slots)
-        self._bucket_sizes = [stop - first for first, stop in groups]
         self._bucket_params = [self.params[first:stop] for first, stop in groups]
         self._bucket_buffers = [self.flat_grads[start:stop] for start, stop in self.bucket_ranges]
         self._extra_pieces: list[torch.Tensor] = []  # the last bucket's, set by all_reduce
-        self._pending = list(self._bucket_sizes)  # gradients each bucket still waits for
+        self._pending = [len(ps) for ps in self._bucket_params]  # gradients still awaited
+        self._stepped = False  # all_reduce ran since the last zero_grad
         self._handles: dict[int, dist.Work] = {}
         self._syncing = True
         world = dist.get_world_size() if distributed else 1
@@ -169,7 +169,8 @@ class FlatGradSync:
         """Starts a step: every ``p.grad`` to None, so backward creates them afresh."""
         for p in self.params:
             p.grad = None
-        self._pending = list(self._bucket_sizes)
+        self._pending = [len(ps) for ps in self._bucket_params]
+        self._stepped = False
         self._handles.clear()
 
     @contextmanager
@@ -194,12 +195,8 @@ class FlatGradSync:
 
     def _pack(self, bucket: int) -> None:
         """Copies the bucket's gradients (and, for the last, the extras) into its buffer."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p)
-                 for p in self._bucket_params[bucket]]
-        if any(grad._base is self.flat_grads for grad in grads):
-            raise RuntimeError("FlatGradSync: backward added to the previous step's summed "
-                               "gradients; call zero_grad() at the start of every step")
-        pieces = [grad.reshape(-1) for grad in grads]
+        pieces = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                  for p in self._bucket_params[bucket]]
         if bucket == len(self._bucket_params) - 1:
             pieces += self._extra_pieces
         torch.cat(pieces, out=self._bucket_buffers[bucket])
@@ -221,6 +218,10 @@ class FlatGradSync:
         returned 1-dim tensor (all ``extra_slots``) is a view into the buffer,
         overwritten by the next step: copy what you keep. No host synchronisation on a GPU.
         """
+        if self._stepped:
+            raise RuntimeError("FlatGradSync.all_reduce: called again without zero_grad() "
+                               "since the last one; call zero_grad() at the start of every step")
+        self._stepped = True
         if len(extras) > len(self._no_extras):
             raise ValueError(f"FlatGradSync.all_reduce: {len(extras)} extras given, but there "
                              f"are {len(self._no_extras)} extra slots")

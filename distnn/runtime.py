@@ -33,6 +33,11 @@ class Runtime:
         return self.launch.world_size
 
     @property
+    def communicates(self) -> bool:
+        """True when there are other ranks to sum with: a group of one has nothing to sum."""
+        return self.distributed and self.world_size > 1
+
+    @property
     def is_main(self) -> bool:
         """Global rank 0: the rank that prints and writes files."""
         return self.launch.is_main

@@ -152,7 +152,7 @@ class Trainer:
         if config.cuda_graph and rt.device.type != "cuda":
             raise UsageError("--cuda-graph: this rank computes on the CPU, and a CUDA graph "
                              "captures CUDA kernels; allowed: --cuda-graph on a CUDA device")
-        if config.cuda_graph and rt.distributed and rt.placement.backend != "nccl":
+        if config.cuda_graph and rt.communicates and rt.placement.backend != "nccl":
             raise UsageError(f"--cuda-graph: the backend is {rt.placement.backend}, whose "
                              "collectives run on the CPU and cannot be captured in a CUDA "
                              "graph; allowed: --backend nccl (one GPU per rank), or one process")
@@ -205,9 +205,9 @@ class Trainer:
                             "uninterrupted run only by rounding")
         model.to(self.rt.device)
         # Slots after the gradients: the rank's loss and its stop vote. A group of one rank
-        # has nothing to sum, so its steps make no collective (torchrun --nproc_per_node=1).
+        # (torchrun --nproc_per_node=1) makes no collective in its steps.
         gloo = self.rt.placement.backend == "gloo"
-        sync = FlatGradSync(model, distributed=self.rt.distributed and self.rt.world_size > 1,
+        sync = FlatGradSync(model, distributed=self.rt.communicates,
                             extra_slots=2, bucket_mb=config.bucket_mb,
                             via_root_max_mb=VIA_ROOT_MAX_MB if gloo else 0.0)
         sync.broadcast_parameters(src=0)
@@ -356,7 +356,7 @@ class Trainer:
                             f"{self.losses[step].item()!r}; last finite loss {last}); stopping: "
                             f"{kept}; try a smaller --lr", 3)
         self.verified = done
-        check_replicas(sync.flat_params, step=done, distributed=self.rt.distributed)
+        check_replicas(sync.flat_params, step=done, distributed=self.rt.communicates)
 
     def _checkpoint(self, done: int, model: nn.Module, sync: FlatGradSync) -> None:
         """Verifies, then rank 0 writes ``step-{done}``: a checkpoint never holds bad weights."""

@@ -177,5 +177,5 @@ def test_cuda_graph_over_gloo_is_refused_on_every_rank():
                       "--device", "cuda", "--backend", "gloo", "--cuda-graph"], timeout=60)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("distnn:")]
-    assert len(lines) == 2 and all("--cuda-graph: got it with --backend gloo" in line
+    assert len(lines) == 2 and all("--cuda-graph: the backend is gloo" in line
                                    for line in lines), lines

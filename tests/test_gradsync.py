@@ -101,14 +101,17 @@ def test_a_parameter_without_a_gradient_counts_as_zero(group_of_one):
     assert model[2].bias.grad.tolist() == [3.0, 3.0]
 
 
-def test_a_step_without_zero_grad_is_an_error_when_distributed(group_of_one):
+@pytest.mark.parametrize("distributed", [False, True])
+def test_a_step_without_zero_grad_is_an_error(distributed, request):
+    if distributed:
+        request.getfixturevalue("group_of_one")
     model = small_model()
-    sync = FlatGradSync(model, distributed=True)
+    sync = FlatGradSync(model, distributed=distributed)
     sync.zero_grad()
     model(torch.randn(2, 4)).sum().backward()
-    sync.all_reduce()  # p.grad are now views into the summed buffer
-    model(torch.randn(2, 4)).sum().backward()  # no zero_grad: it adds into those views
-    with pytest.raises(RuntimeError, match="call zero_grad"):
+    sync.all_reduce()
+    model(torch.randn(2, 4)).sum().backward()  # no zero_grad: it adds to the last step's
+    with pytest.raises(RuntimeError, match="called again without zero_grad"):
         sync.all_reduce()
 
 
