@@ -1,11 +1,13 @@
 """``python -m distnn.bench``: distnn against the reference loop, DDP and Accelerate, side by side.
 
 Every variant trains the same model on the same data with the same sum-loss SGD, in the
-same run, in alternating order over ``--repeats`` rounds (each round starting one variant
-later); the table gives medians. Before a
-variant's times count, its global losses are checked against the reference's. World sizes
-above 1 run as real gloo process groups (spawned processes); on a GPU the run is world 1
-over NCCL. Writes ``bench.md`` (the table), ``bench.json`` (every sample) and ``bench.png``.
+same run, in alternating order over ``--repeats`` rounds (each round runs every workload,
+starting one variant later than the round before; ``--budget-s`` can end the rounds
+early); the table gives medians. Before a variant's times count, its global losses are
+checked against the reference's. World sizes above 1 run as real gloo process groups
+(spawned processes); on a GPU the run is world 1 over NCCL. Writes ``bench.md`` (the
+table), ``bench.json`` (every sample) and ``bench.png``. A variant that fails gets a row
+with its error instead of times, the others still run, and the exit code is 1.
 
 How each is timed: the loops written here run ``--warmup`` steps, then ``--steps`` timed
 steps ending in a device synchronisation. distnn runs its real trainer for ``--warmup``
@@ -183,7 +185,12 @@ def distnn_trainer(work: Workload, steps: int, warmup: int, rt, **config_changes
     return result.wall_s / steps * 1e3, trainer.losses.tolist()
 
 
-def _variants(work: Workload, world: int, device: torch.device) -> list[str]:
+def _variants(work: Workload, world: int, device: torch.device,
+              chosen: list[str] | None = None) -> list[str]:
+    """The variants run for ``work``: those that apply to it, world and device, or ``chosen``
+    (``--variant``) as given, less the one-process reference loops at world sizes above 1."""
+    if chosen:
+        return [name for name in chosen if world == 1 or not name.startswith("reference loop")]
     if work.name == "large":
         return ["DDP", "distnn eager, one bucket", "distnn eager"]
     names = []
@@ -210,6 +217,18 @@ def _run_variant(name: str, work: Workload, steps: int, warmup: int, rt) -> tupl
     return distnn_trainer(work, steps, warmup, rt, **DISTNN_VARIANTS[name])
 
 
+def measure(name: str, work: Workload, steps: int, warmup: int, rt) -> dict[str, Any]:
+    """One sample of variant ``name``: ``ms_per_step`` and ``losses``, or the ``error`` it
+    raised, in one line. A failing variant (say, a capture the GPU refuses) costs its own row,
+    not the rest of the run: on a lent GPU, one run has to bring back every number it can."""
+    try:
+        ms, losses = _run_variant(name, work, steps, warmup, rt)
+    except Exception as error:  # noqa: BLE001 - reported in the table and the exit code
+        text = " ".join(str(error).split()) or type(error).__name__
+        return {"error": f"{type(error).__name__}: {text}"[:300]}
+    return {"ms_per_step": ms, "losses": losses}
+
+
 # The distnn variants: their TrainConfig changes.
 DISTNN_VARIANTS: dict[str, dict[str, Any]] = {
     "distnn eager": {},
@@ -220,6 +239,10 @@ DISTNN_VARIANTS: dict[str, dict[str, Any]] = {
     "distnn eager, tf32": {"precision": "tf32"},
     "distnn eager, bf16": {"precision": "bf16"},
 }
+
+
+VARIANTS = ["reference loop", "reference loop, no per-step sync", "DDP", "Accelerate",
+            *DISTNN_VARIANTS]
 
 
 def matmul_tflops(device: torch.device, size: int, dtype: torch.dtype, repeats: int = 5,
@@ -249,29 +272,51 @@ def _worker(rank: int, world: int, port: int, plan: dict, out_path: str) -> None
         os.environ["OMP_NUM_THREADS"] = str(plan["threads"])  # as torchrun sets it
         torch.set_num_threads(plan["threads"])
     samples = []
+    works = [Workload(**w) for w in plan["workloads"]]
     with setup(device=plan["device"], timeout_s=600) as rt:
-        for work in (Workload(**w) for w in plan["workloads"]):
-            names = _variants(work, world, rt.device)
-            for repeat in range(plan["repeats"]):
+        started = round_started = time.perf_counter()
+        for repeat in range(plan["repeats"]):
+            if repeat and _out_of_time(started, round_started, plan["budget_s"]):
+                if rank == 0:
+                    print(f"world size {world}: --budget-s {plan['budget_s']:g} reached, so "
+                          f"{repeat} of {plan['repeats']} rounds", file=sys.stderr, flush=True)
+                break
+            round_started = time.perf_counter()
+            for work in works:
+                names = _variants(work, world, rt.device, plan["variants"])
                 # Each round starts one variant later: a variant that leaves the process
                 # slower for a while (measured here after DDP and Accelerate) does not always
                 # slow the same neighbour.
                 shift = repeat % len(names)
                 for name in names[shift:] + names[:shift]:
-                    ms, losses = _run_variant(name, work, plan["steps"][work.name],
-                                              plan["warmup"], rt)
-                    samples.append({"workload": work.name, "world_size": world, "variant": name,
-                                    "repeat": repeat, "ms_per_step": ms, "losses": losses})
+                    sample = {"workload": work.name, "world_size": world, "variant": name,
+                              "repeat": repeat}
+                    sample.update(measure(name, work, plan["steps"][work.name], plan["warmup"],
+                                          rt))
+                    samples.append(sample)
                     dist.barrier()
     if rank == 0:
         with open(out_path, "w", encoding="utf-8") as file:
             json.dump(samples, file)
 
 
+def _out_of_time(started: float, round_started: float, budget_s: float | None) -> bool:
+    """Whether another round, as long as the last one, would end past ``budget_s`` seconds.
+
+    Rank 0's clock decides for every rank, so all of them run the same rounds.
+    """
+    now = time.perf_counter()
+    verdict = [budget_s is not None and now - started + (now - round_started) > budget_s]
+    dist.broadcast_object_list(verdict, src=0)
+    return verdict[0]
+
+
 def _check_losses(samples: list[dict], reference: dict[str, list[float]]) -> list[str]:
     """Marks samples whose losses stray from the reference loop's; returns the problems."""
     problems = []
     for sample in samples:
+        if "error" in sample:
+            continue
         want = reference[sample["workload"]]
         got = sample.pop("losses")
         count = min(len(got), len(want), 20)
@@ -294,8 +339,14 @@ def summarise(samples: list[dict], workloads: dict[str, Workload],
     order = {"reference": 0, "compute": 1, "large": 2}
     baseline = {}
     for workload, world, variant in sorted(keys, key=lambda k: (order[k[0]], k[1])):
-        times = [s["ms_per_step"] for s in samples if (s["workload"], s["world_size"],
-                 s["variant"]) == (workload, world, variant) and s["loss_ok"]]
+        mine = [s for s in samples if (s["workload"], s["world_size"], s["variant"]) == (
+            workload, world, variant)]
+        times = [s["ms_per_step"] for s in mine if s.get("loss_ok")]
+        errors = [s["error"] for s in mine if "error" in s]
+        if errors:  # the run failed: its row says how, first time, whatever else it measured
+            rows.append({"workload": workload, "world_size": world, "variant": variant,
+                         "error": errors[0], "failed_runs": len(errors), "runs": len(mine)})
+            continue
         if not times:
             continue
         work = workloads[workload]
@@ -314,7 +365,8 @@ def summarise(samples: list[dict], workloads: dict[str, Workload],
         rows.append(row)
     for row in rows:
         base = baseline.get(row["workload"])
-        row["speedup_vs_reference"] = base / row["ms_per_step"] if base else None
+        if "ms_per_step" in row:
+            row["speedup_vs_reference"] = base / row["ms_per_step"] if base else None
     return rows
 
 
@@ -324,6 +376,11 @@ def markdown(rows: list[dict], header: str) -> str:
              "| vs reference loop | TFLOP/s | % of matmul |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['workload']} | {r['world_size']} | {r['variant']} | failed "
+                         f"({r['failed_runs']} of {r['runs']} runs): {r['error']} "
+                         "| | | | | |")
+            continue
         speedup = f"{r['speedup_vs_reference']:.2f}x" if r["speedup_vs_reference"] else ""
         tflops = f"{r['tflops']:.3f}" if "tflops" in r else ""
         pct = f"{r['matmul_pct']:.0f}%" if r.get("matmul_pct") else ""
@@ -343,7 +400,7 @@ def plot(rows: list[dict], path: str) -> None:
     figure, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4.5),
                                 squeeze=False)
     for ax, workload in zip(axes[0], workloads, strict=True):
-        mine = [r for r in rows if r["workload"] == workload]
+        mine = [r for r in rows if r["workload"] == workload and "ms_per_step" in r]
         labels = [f"{r['variant']}\n(world {r['world_size']})" for r in mine]
         ax.barh(labels, [r["ms_per_step"] for r in mine],
                 color=["tab:blue" if "distnn" in r["variant"] else "tab:gray" for r in mine])
@@ -368,6 +425,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compute-steps", type=int, default=10,
                         help="timed steps, compute workload")
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="seconds per world size: no round starts that would end past it "
+                             "(judged by the last round), so fewer than --repeats may run")
+    parser.add_argument("--variant", action="append", choices=VARIANTS, metavar="NAME",
+                        help="run only this variant (repeatable), even where it does not "
+                             f"apply; one of: {'; '.join(VARIANTS)}")
     parser.add_argument("--out", default="bench-results", help="folder for the three files")
     args = parser.parse_args(argv)
 
@@ -393,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     samples = []
     for world in worlds:
         plan = {"device": device, "repeats": args.repeats, "warmup": args.warmup,
+                "variants": args.variant, "budget_s": args.budget_s,
                 "workloads": [w.__dict__ for w in workloads.values()],
                 "steps": {"reference": args.steps, "compute": args.compute_steps,
                           "large": args.compute_steps},
@@ -414,7 +478,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarise(samples, workloads, matmul)
     machine = (f"{torch.cuda.get_device_name()}" if cuda else
                f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})")
-    header = (f"Machine: {machine}; torch {torch.__version__}; {args.repeats} repeats, "
+    done = {w: 1 + max(s["repeat"] for s in samples if s["world_size"] == w) for w in worlds}
+    rounds = (str(done[worlds[0]]) if len(set(done.values())) == 1
+              else ", ".join(f"{count} at world {w}" for w, count in done.items()))
+    header = (f"Machine: {machine}; torch {torch.__version__}; rounds: {rounds}; "
               f"{args.steps} timed steps (reference), {args.compute_steps} (compute)."
               + (" Matmul rate, same run: " + ", ".join(f"{k} {v:.3f} TFLOP/s"
                                                          for k, v in matmul.items())
@@ -433,7 +500,11 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     for problem in problems:
         print(f"distnn: warning: left out: {problem}", file=sys.stderr)
-    return 0
+    failed = [r for r in rows if "error" in r]
+    for row in failed:
+        print(f"distnn: error: {row['variant']} (world {row['world_size']}, {row['workload']}) "
+              f"failed: {row['error']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _free_port() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from distnn.bench import REFERENCE, main
 
@@ -27,3 +28,31 @@ def test_bench_smoke_run_writes_table_samples_and_plot(tmp_path, capsys):
 def test_flop_count_of_the_reference_workload():
     # forward 2*64*1000*100 + 2*64*100*10; backward 2*64*1000*100 + 4*64*100*10
     assert REFERENCE.flop_per_step == 4 * 64 * 1000 * 100 + 6 * 64 * 100 * 10
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where the graph fails")
+def test_a_failing_variant_costs_its_own_row_not_the_run(tmp_path, capsys):
+    # --cuda-graph on the CPU is refused by the trainer; the run goes on and exits 1.
+    assert main(["--worlds", "1", "--workloads", "reference", "--repeats", "2", "--steps", "5",
+                 "--warmup", "1", "--variant", "distnn --cuda-graph", "--variant",
+                 "distnn eager", "--out", str(tmp_path)]) == 1
+    table = (tmp_path / "bench.md").read_text()
+    assert ("| reference | 1 | distnn --cuda-graph | failed (2 of 2 runs): UsageError: "
+            "--cuda-graph: this rank computes on the CPU") in table, table
+    assert "| reference | 1 | distnn eager | " in table
+    assert "| reference | 1 | reference loop" not in table  # only the chosen variants ran
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert {s["variant"] for s in data["samples"]} == {"distnn --cuda-graph", "distnn eager"}
+    err = capsys.readouterr().err
+    assert "distnn: error: distnn --cuda-graph (world 1, reference) failed: UsageError" in err
+
+
+def test_budget_ends_the_rounds_early_with_every_workload_measured(tmp_path, capfd):
+    assert main(["--worlds", "1", "--workloads", "reference,compute", "--repeats", "3",
+                 "--steps", "3", "--compute-steps", "1", "--warmup", "1", "--budget-s", "0",
+                 "--variant", "distnn eager", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert sorted((s["workload"], s["repeat"]) for s in data["samples"]) == [
+        ("compute", 0), ("reference", 0)]
+    assert "rounds: 1;" in (tmp_path / "bench.md").read_text()
+    assert "--budget-s 0 reached, so 1 of 3 rounds" in capfd.readouterr().err  # the worker's
