@@ -55,7 +55,7 @@ gpu-check:
 	mkdir -p $(OUT)
 	set -o pipefail; failed=0; \
 	DISTNN_REQUIRE_GPU=1 PYTHONPATH=. PYTHONUNBUFFERED=1 timeout $(GPU_TEST_LIMIT) \
-	  $(PYTHON) -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee $(OUT)/test-gpu.log || failed=1; \
+	  $(PYTHON) -m pytest -v --durations=0 -m gpu tests/test_gpu.py 2>&1 | tee $(OUT)/test-gpu.log || failed=1; \
 	PYTHONPATH=. PYTHONUNBUFFERED=1 timeout $(BENCH_LIMIT) $(PYTHON) -m distnn.bench \
 	  --out $(OUT) --budget-s $(BENCH_BUDGET) $(BENCH_ARGS) 2>&1 | tee $(OUT)/bench.log \
 	  || failed=1; \
