@@ -41,24 +41,32 @@ test-gpu: $(STAMP)
 	DISTNN_REQUIRE_GPU=1 $(BIN)/python -m pytest -q -m gpu
 
 # On a GPU machine whose $(PYTHON) already has torch, accelerate, safetensors and pytest (no
-# venv, nothing installed): the CUDA tests, then the benchmark. Logs and bench files go to OUT.
-# Made for a lent machine's one short call (under 9 minutes): the benchmark runs even when a
-# test fails; the tests are cut off after GPU_TEST_LIMIT seconds; the benchmark starts no
-# round past BENCH_BUDGET seconds and is cut off (a hang) after BENCH_LIMIT; the target fails
-# if either part did.
+# venv, nothing installed), in one call of under 10 minutes: the CUDA tests (cut off after
+# GPU_TEST_LIMIT seconds); the benchmark on the GPU, even if a test failed (no round starts
+# past BENCH_BUDGET seconds, cut off after BENCH_LIMIT); and the bucketed-overlap benchmark on
+# that machine's CPU cores, 2 gloo ranks of LARGE_THREADS threads, leaving cores free for the
+# communication. Logs and bench files go to OUT; the target fails if any part did.
 OUT ?= gpu-results
 BENCH_ARGS ?=
-GPU_TEST_LIMIT ?= 200
-BENCH_BUDGET ?= 200
-BENCH_LIMIT ?= 320
+GPU_TEST_LIMIT ?= 180
+BENCH_BUDGET ?= 180
+BENCH_LIMIT ?= 270
+LARGE_BUDGET ?= 60
+LARGE_LIMIT ?= 120
+LARGE_THREADS ?= 4
 gpu-check:
-	mkdir -p $(OUT)
+	mkdir -p $(OUT)/cpu-large
 	set -o pipefail; failed=0; \
 	DISTNN_REQUIRE_GPU=1 PYTHONPATH=. PYTHONUNBUFFERED=1 timeout $(GPU_TEST_LIMIT) \
-	  $(PYTHON) -m pytest -v --durations=0 -m gpu tests/test_gpu.py 2>&1 | tee $(OUT)/test-gpu.log || failed=1; \
+	  $(PYTHON) -m pytest -v --durations=0 -m gpu tests/test_gpu.py 2>&1 | tee $(OUT)/test-gpu.log \
+	  || failed=1; \
 	PYTHONPATH=. PYTHONUNBUFFERED=1 timeout $(BENCH_LIMIT) $(PYTHON) -m distnn.bench \
 	  --out $(OUT) --budget-s $(BENCH_BUDGET) $(BENCH_ARGS) 2>&1 | tee $(OUT)/bench.log \
 	  || failed=1; \
+	CUDA_VISIBLE_DEVICES= PYTHONPATH=. PYTHONUNBUFFERED=1 timeout $(LARGE_LIMIT) \
+	  $(PYTHON) -m distnn.bench --out $(OUT)/cpu-large --workloads large --worlds 2 \
+	  --compute-steps 5 --threads $(LARGE_THREADS) --budget-s $(LARGE_BUDGET) 2>&1 \
+	  | tee $(OUT)/cpu-large/bench.log || failed=1; \
 	exit $$failed
 
 # distnn against the reference loop, DDP and Accelerate; results in bench-results/.

@@ -423,8 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=200, help="timed steps, reference workload")
     parser.add_argument("--compute-steps", type=int, default=10,
-                        help="timed steps, compute workload")
+                        help="timed steps, compute and large workloads")
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per rank (default: the cores shared among the ranks)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="seconds per world size: no round starts that would end past it "
                              "(judged by the last round), so fewer than --repeats may run")
@@ -453,14 +455,18 @@ def main(argv: list[str] | None = None) -> int:
             torch.backends.cuda.matmul.allow_tf32 = False
             matmul["bf16"] = matmul_tflops(dev, size, torch.bfloat16)
 
+    steps = {"reference": args.steps, "compute": args.compute_steps, "large": args.compute_steps}
+
+    def threads(world: int) -> int:
+        return args.threads or max(1, (os.cpu_count() or 1) // world)
+
     samples = []
     for world in worlds:
         plan = {"device": device, "repeats": args.repeats, "warmup": args.warmup,
                 "variants": args.variant, "budget_s": args.budget_s,
                 "workloads": [w.__dict__ for w in workloads.values()],
-                "steps": {"reference": args.steps, "compute": args.compute_steps,
-                          "large": args.compute_steps},
-                "threads": max(1, (os.cpu_count() or 1) // world) if not cuda else 0}
+                "steps": steps,
+                "threads": 0 if cuda else threads(world)}
         out_path = os.path.join(args.out, f".samples-{world}.json")
         port = _free_port()
         print(f"world size {world}: running...", file=sys.stderr, flush=True)
@@ -477,12 +483,14 @@ def main(argv: list[str] | None = None) -> int:
     problems = _check_losses(samples, reference)
     rows = summarise(samples, workloads, matmul)
     machine = (f"{torch.cuda.get_device_name()}" if cuda else
-               f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})")
+               f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()}; "
+               "threads per rank: " + ", ".join(f"{threads(w)} at world {w}" for w in worlds)
+               + ")")
     done = {w: 1 + max(s["repeat"] for s in samples if s["world_size"] == w) for w in worlds}
     rounds = (str(done[worlds[0]]) if len(set(done.values())) == 1
               else ", ".join(f"{count} at world {w}" for w, count in done.items()))
     header = (f"Machine: {machine}; torch {torch.__version__}; rounds: {rounds}; "
-              f"{args.steps} timed steps (reference), {args.compute_steps} (compute)."
+              "timed steps: " + ", ".join(f"{name} {steps[name]}" for name in workloads) + "."
               + (" Matmul rate, same run: " + ", ".join(f"{k} {v:.3f} TFLOP/s"
                                                          for k, v in matmul.items())
                  if matmul else ""))
