@@ -7,7 +7,8 @@ collective. The total is looked at every ``VOTE_EVERY`` steps: on the CPU it is 
 on a GPU it is copied to the host then and read at the next look, by which time that copy
 has long finished. So the host queues steps ahead of the device instead of waiting for it,
 and pays for one small copy every few steps rather than every step (a captured step takes
-well under 0.1 ms on the GPU).
+well under 0.1 ms on the GPU). A rank alone (one process, or a group of one) has no votes
+to sum: it stops after the step its signal arrived in, reading nothing from the device.
 """
 
 from __future__ import annotations
@@ -65,11 +66,14 @@ class StopRequests:
             self._ballot_cast = True
         return self._ballot
 
-    def agreed(self, votes: torch.Tensor) -> bool:
+    def agreed(self, votes: torch.Tensor | None) -> bool:
         """Whether the ranks agreed to stop, from the all-reduced ``votes`` (1 element).
 
-        Every rank gets the same answer at the same step.
+        Every rank gets the same answer at the same step. ``votes`` None: a rank alone has
+        nobody to agree with, so its own signal decides, after the step it arrived in.
         """
+        if votes is None:
+            return self.signum is not None
         self._steps += 1
         if self._steps % VOTE_EVERY:
             return False

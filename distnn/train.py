@@ -52,6 +52,9 @@ log = logging.getLogger("distnn")
 VIA_ROOT_MAX_MB = 1.0
 PEER_GRACE_S = 2.0  # how long a rank that failed alone waits before exiting (see main)
 
+# What a step returns: the global loss, and the sum of the ranks' stop votes (None alone).
+Summed = tuple[torch.Tensor, torch.Tensor | None]
+
 
 @dataclass
 class TrainResult:
@@ -205,7 +208,7 @@ class Trainer:
                             "uninterrupted run only by rounding")
         model.to(self.rt.device)
         # Slots after the gradients: the rank's loss and its stop vote. A group of one rank
-        # (torchrun --nproc_per_node=1) makes no collective in its steps.
+        # (torchrun --nproc_per_node=1) uses neither: its steps sum nothing (see _step).
         gloo = self.rt.placement.backend == "gloo"
         sync = FlatGradSync(model, distributed=self.rt.communicates,
                             extra_slots=2, bucket_mb=config.bucket_mb,
@@ -248,11 +251,15 @@ class Trainer:
         return pieces
 
     def _step(self, sync: FlatGradSync, pieces: list[tuple[Callable, torch.Tensor, torch.Tensor]],
-              vote: torch.Tensor) -> None:
-        """One step's work on the device; the summed loss and votes land in ``sync.extras``.
+              vote: torch.Tensor) -> Summed:
+        """One step's work on the device; returns the global loss and stop votes.
 
         Every piece but the last only accumulates its gradients; the last one's backward
-        starts the all-reduce of the buckets.
+        starts the all-reduce of the buckets. With other ranks the loss and ``vote`` travel
+        in the gradients' all-reduce, and the sums returned are views into it. Alone, a
+        rank's gradients and loss are the global ones already: nothing is packed or summed,
+        and there are no votes (None), so one step is the tutorial loop's operators and no
+        more (tests/test_fastpath.py).
         """
         sync.zero_grad()
         *early, last = pieces
@@ -265,8 +272,12 @@ class Trainer:
         piece_loss = self._backward(*last)
         if local_loss is not None:
             piece_loss = local_loss + piece_loss.detach()
-        sync.all_reduce(piece_loss, vote)
+        if not sync.distributed:
+            sync.sgd_step(self.config.lr)
+            return piece_loss.detach(), None
+        summed = sync.all_reduce(piece_loss, vote)
         sync.sgd_step(self.config.lr)
+        return summed[0], summed[1]
 
     def _backward(self, loss_of: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Forward and backward of one piece; returns its sum loss."""
@@ -277,37 +288,38 @@ class Trainer:
 
     def _prepare_step(self, sync: FlatGradSync, stop: StopRequests,
                       pieces: list[tuple[Callable, torch.Tensor, torch.Tensor]]
-                      ) -> Callable[[], None]:
+                      ) -> Callable[[], Summed]:
         """The function that runs one step: eager, or a replay of the captured step.
 
         With --cuda-graph the step is captured here (warm-up included, with the weights put
-        back after it), so capturing stays out of the step timings (in ``compile_s``).
+        back after it), so capturing stays out of the step timings (in ``compile_s``). A
+        replay returns the tensors the captured step returned, which it overwrites.
         """
         if not self.config.cuda_graph:
             return lambda: self._step(sync, pieces, stop.ballot())
         started = time.perf_counter()
-        graph, _ = capture_step(lambda: self._step(sync, pieces, stop.ballot()),
-                                restore=[sync.flat_params])
+        graph, summed = capture_step(lambda: self._step(sync, pieces, stop.ballot()),
+                                     restore=[sync.flat_params])
         captured_s = time.perf_counter() - started
         self.compile_s += captured_s
         log.info(f"captured the step as a CUDA graph in {captured_s:.1f} s")
 
-        def replay() -> None:
+        def replay() -> Summed:
             stop.ballot()  # sets this rank's vote in the tensor the graph reads, once signalled
             graph.replay()
+            return summed
 
         return replay
 
     def _run_steps(self, model: nn.Module, sync: FlatGradSync, stop: StopRequests, start: int,
-                   run_step: Callable[[], None]) -> int:
+                   run_step: Callable[[], Summed]) -> int:
         """Steps from ``start`` until ``--steps`` or an agreed stop; returns the steps done."""
         config, rank = self.config, self.rt.rank
-        loss, votes = sync.extras[0], sync.extras[1]  # views that every step overwrites
         done = start
         for step in range(start, config.steps):
             if self.fault:
                 self.fault.maybe_fire(step=step, rank=rank, flat_params=sync.flat_params)
-            run_step()
+            loss, votes = run_step()
             self.losses[step] = loss
             done = step + 1
             if self.log:

@@ -175,14 +175,12 @@ def tutorial_without_sync(steps: int) -> None:
             torch._foreach_add_(params, [p.grad for p in params], alpha=-1e-4)
 
 
-def test_a_one_process_step_dispatches_one_op_more_than_the_leanest_loop(capsys, no_launcher):
+def test_a_one_process_step_dispatches_the_operators_of_the_leanest_loop(capsys, no_launcher):
     def distnn_run(steps: int) -> None:
         assert main(["--steps", str(steps), "--device", "cpu", "--log-every", "0",
                      "--verify-every", "0", "--quiet"]) == 0
 
     mine, lean = ops_per_step(distnn_run), ops_per_step(tutorial_without_sync)
     assert lean["addmm"] == 2 and lean["_foreach_add_"] == 1, lean  # the counter sees the step
-    # cat: the loss and the stop vote into the extra slots. _local_scalar_dense: the stop
-    # votes, read every 4 steps (on a GPU: copied to the host every 4 steps).
-    assert mine - lean == Counter({"cat": 1, "_local_scalar_dense": 0.25}), (mine, lean)
-    assert not lean - mine, (mine, lean)
+    # Nothing packed (a rank alone has nothing to sum), no stop votes read from the device.
+    assert mine == lean, (mine, lean)
