@@ -9,8 +9,9 @@ What a graph needs, and how the trainer provides it:
 
 - Fixed memory. A replay reads and writes the addresses seen at capture: the parameters and
   gradients (flat buffers), this rank's shard, the extra slots (loss, stop vote; one rank
-  alone returns its own loss instead) and the graph's own intermediates. Anything the host changes between steps is a device tensor the
-  step reads, never a Python number, which would be frozen into the graph.
+  alone returns its own loss instead) and the graph's own intermediates. Anything the host
+  changes between steps is a device tensor the step reads, never a Python number, which
+  would be frozen into the graph.
 - No host work inside the step. The step's Python runs once, at capture.
 - NCCL. Its collectives are captured as graph nodes; gloo's run on the CPU and cannot be.
 - A warm-up before capture, on a side stream, so that lazy initialisation (cuBLAS handles,
