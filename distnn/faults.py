@@ -6,7 +6,9 @@ restart runs clean. ``DISTNN_FAULT_KIND`` says how:
 
 - ``exit`` (default): ``os._exit(1)``, no cleanup, as a crashed or killed process;
 - ``hang``: sleeps forever without entering the step's collective, as a wedged process;
-- ``diverge``: nudges one weight on that rank only, as a silent corruption would.
+- ``diverge``: nudges one weight on that rank only, as a silent corruption would;
+- ``stall`` (CUDA only): queues a kernel that keeps the rank's GPU busy for an hour before
+  the step, as a collective waiting for a wedged peer does, while the host goes on.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torch
 
 from distnn.config import UsageError
 
-KINDS = ("exit", "hang", "diverge")
+KINDS = ("exit", "hang", "diverge", "stall")
+STALL_CYCLES = 3600 * 2 * 10**9  # an hour of GPU clock cycles at 2 GHz
 
 
 @dataclass(frozen=True)
@@ -60,5 +63,11 @@ class FaultPlan:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             while True:
                 time.sleep(3600)
+        if self.kind == "stall":
+            if flat_params.device.type != "cuda":
+                raise UsageError("environment: DISTNN_FAULT_KIND=stall needs a CUDA device; "
+                                 f"this rank computes on {flat_params.device}")
+            torch.cuda._sleep(STALL_CYCLES)  # one spinning kernel on the current stream
+            return
         with torch.no_grad():
             flat_params[0] += 1e-3

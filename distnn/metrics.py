@@ -11,6 +11,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from typing import IO, Any
 
 import torch
@@ -33,8 +34,10 @@ class StepLog:
 
     def __init__(self, *, losses: torch.Tensor, log_every: int, batch_size: int,
                  metrics_path: str | None, out: IO[str] | None = None,
-                 progress: bool | None = None, print_steps: bool = True) -> None:
+                 progress: bool | None = None, print_steps: bool = True,
+                 wait: Callable[[], None] | None = None) -> None:
         self.losses = losses  # the trainer's per-step global losses, on the device
+        self.wait = wait  # called before the losses are read: a bounded wait for the device
         self.log_every = log_every
         self.print_steps = print_steps  # False (--quiet): logged steps go to the metrics only
         self.batch_size = batch_size
@@ -73,6 +76,8 @@ class StepLog:
     def flush(self) -> None:
         """Writes every recorded step not yet written (one host synchronisation)."""
         if self.recorded > self.written:
+            if self.wait:
+                self.wait()
             values = self.losses[self.written:self.recorded].tolist()  # waits for the device
             now = time.perf_counter()
             seconds_per_step = (now - self.last_flush) / len(values)

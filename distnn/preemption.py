@@ -19,6 +19,8 @@ from contextlib import contextmanager
 
 import torch
 
+from distnn.process_group import DeviceWatch
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 VOTE_EVERY = 4  # steps between looks at the vote total
 
@@ -26,8 +28,9 @@ VOTE_EVERY = 4  # steps between looks at the vote total
 class StopRequests:
     """Collects stop signals and turns the ranks' votes into one agreed decision."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, watch: DeviceWatch) -> None:
         self.signum: int | None = None
+        self._watch = watch  # waits for the vote copies, within --timeout-s
         self.on_cpu = device.type == "cpu"
         self._steps = 0
         self._host: torch.Tensor | None = None  # on a GPU: the latest copy of the total
@@ -84,7 +87,7 @@ class StopRequests:
             self._host = torch.zeros((), pin_memory=True)
             self._copied = torch.cuda.Event()
         else:
-            self._copied.synchronize()  # VOTE_EVERY steps ago: done by now, or nearly
+            self._watch.wait(self._copied)  # VOTE_EVERY steps ago: done by now, or nearly
             stop = self._host.item() > 0
         self._host.copy_(votes, non_blocking=True)
         self._copied.record()

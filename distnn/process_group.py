@@ -1,7 +1,9 @@
-"""Creating and destroying the process group: the only side effects of the launch."""
+"""Creating and destroying the process group (the only side effects of the launch), and the
+failures of its collectives: CollectiveFailed, and DeviceWatch's bounded waits on the GPU."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -15,6 +17,54 @@ from distnn.environment import LaunchEnv, Placement
 
 class CollectiveFailed(RuntimeError):
     """A collective did not complete: a peer died, is unreachable, or exceeded the timeout."""
+
+
+class DeviceStalled(CollectiveFailed):
+    """This rank's GPU did not finish its queued steps in time: a collective in them waits for
+    a peer that does not come. The GPU stays stuck, so the process must not wait on it again
+    (tearing down the group or CUDA would): exit at once."""
+
+
+SPIN_S = 0.01  # DeviceWatch polls without sleeping for this long, then once a millisecond
+
+
+class DeviceWatch:
+    """Bounded waits for this rank's device: every read of step results waits here first.
+
+    On a GPU the host reads a result (a loss, the stop votes) only once the device is done
+    with it, and CUDA waits for that without a bound. NCCL's watchdog fails a collective that
+    waits too long for a peer, but not one inside a CUDA graph (PyTorch leaves captured work
+    out of it), so under --cuda-graph a peer that hangs while alive would hang every other
+    rank's next read for good. Waiting here instead turns that into DeviceStalled after
+    ``timeout_s`` (--timeout-s): one line, exit 2. After a stall every later wait fails at
+    once. On the CPU there is nothing to wait for: results are ready when a call returns, and
+    gloo's collectives have their own timeout.
+    """
+
+    def __init__(self, device: torch.device, *, timeout_s: float) -> None:
+        self.on_gpu = device.type == "cuda"
+        self.timeout_s = timeout_s
+        self.stalled = False
+
+    def wait(self, event: torch.cuda.Event | None = None) -> None:
+        """Returns once the device has done ``event`` (default: all the work queued so far)."""
+        if not self.on_gpu:
+            return
+        if event is None:
+            event = torch.cuda.Event()
+            event.record()
+        started = time.monotonic()
+        while not self.stalled and not event.query():
+            waited = time.monotonic() - started
+            if waited >= self.timeout_s:
+                self.stalled = True
+            elif waited >= SPIN_S:
+                time.sleep(1e-3)  # a long wait (a big step, say): no CPU spent on it
+            # else spin, as CUDA's own synchronize does: a short wait wakes at once, and the
+            # steps queued behind the event keep the GPU busy meanwhile
+        if self.stalled:
+            raise DeviceStalled(f"waiting for this rank's GPU failed: the steps queued on it did "
+                                f"not finish within {self.timeout_s:g} s")
 
 
 @contextmanager

@@ -43,7 +43,7 @@ from distnn.guards import RunFailed, check_replicas, disagreements, fingerprint
 from distnn.logs import configure_logging
 from distnn.metrics import StepLog
 from distnn.preemption import StopRequests
-from distnn.process_group import CollectiveFailed, gather_objects
+from distnn.process_group import CollectiveFailed, DeviceStalled, DeviceWatch, gather_objects
 from distnn.runtime import Runtime, setup
 from distnn.weights import check_writable, save_weights
 
@@ -73,6 +73,9 @@ class Trainer:
         self.rt = runtime
         self.fault = FaultPlan.from_environ(environ, restart_count=runtime.launch.restart_count)
         self.losses = torch.zeros(config.steps, device=runtime.device)  # global loss per step
+        # Every read of step results waits through it: a GPU stuck behind a collective fails
+        # after --timeout-s instead of hanging (also under --cuda-graph, out of NCCL's sight).
+        self.watch = DeviceWatch(runtime.device, timeout_s=config.timeout_s)
         self.verified = 0  # steps checked for non-finite values so far
         self.last_checkpoint: str | None = None  # the newest written or resumed from
         self.log: StepLog | None = None
@@ -87,8 +90,9 @@ class Trainer:
             quiet = self.config.quiet
             self.log = StepLog(losses=self.losses, batch_size=self.config.batch_size,
                                log_every=self.config.log_every, metrics_path=self.config.metrics,
-                               progress=False if quiet else None, print_steps=not quiet)
-        stop = StopRequests(self.rt.device)
+                               progress=False if quiet else None, print_steps=not quiet,
+                               wait=self.watch.wait)
+        stop = StopRequests(self.rt.device, self.watch)
         try:
             run_step = self._prepare_step(sync, stop,
                                           self._prepare_pieces(model, sync, x_shard, y_shard))
@@ -354,6 +358,7 @@ class Trainer:
         """
         if done <= self.verified:
             return
+        self.watch.wait()
         bad = (~self.losses[self.verified:done].isfinite()).nonzero().flatten().tolist()
         step = None
         if bad:
@@ -459,7 +464,15 @@ def main(argv: list[str] | None = None) -> int:
             except _REPORTED as error:
                 # Said before the group is torn down: once a peer exits, the launcher may
                 # stop this rank at any moment.
-                return _report(error, config)
+                code = _report(error, config)
+                if isinstance(error, DeviceStalled):
+                    # The GPU is stuck behind a collective that will not finish, and tearing
+                    # down the group or CUDA could wait on it for good. Files are closed.
+                    logging.shutdown()
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+                return code
     except _REPORTED as error:
         code = _report(error, config)
         if launch and launch.world_size > 1:

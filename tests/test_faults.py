@@ -212,3 +212,12 @@ def test_fault_variables_are_validated(no_launcher, capsys, monkeypatch):
     monkeypatch.setenv("DISTNN_FAULT_STEP", "soon")
     assert main(["--steps", "3"]) == 2
     assert "DISTNN_FAULT_STEP='soon'" in capsys.readouterr().err
+
+
+def test_the_stall_fault_on_the_cpu_is_refused_in_one_line(capsys, no_launcher, monkeypatch):
+    for name, value in (("DISTNN_FAULT_STEP", "3"), ("DISTNN_FAULT_KIND", "stall")):
+        monkeypatch.setenv(name, value)
+    assert main(["--steps", "5", "--device", "cpu", *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["distnn: error: environment: DISTNN_FAULT_KIND=stall needs a CUDA device; "
+                   "this rank computes on cpu"], err

@@ -179,3 +179,41 @@ def test_cuda_graph_over_gloo_is_refused_on_every_rank():
     lines = [line for line in result.stderr.splitlines() if line.startswith("distnn:")]
     assert len(lines) == 2 and all("--cuda-graph: the backend is gloo" in line
                                    for line in lines), lines
+
+
+def test_a_stuck_gpu_fails_the_wait_after_the_timeout_and_every_later_wait_at_once():
+    import time
+
+    from distnn.process_group import DeviceStalled, DeviceWatch
+
+    watch = DeviceWatch(torch.device("cuda", 0), timeout_s=0.2)
+    watch.wait()  # nothing queued: returns
+    torch.cuda._sleep(3 * 10**9)  # a kernel that spins for about 1.5-2 s
+    started = time.monotonic()
+    with pytest.raises(DeviceStalled, match="did not finish within 0.2 s"):
+        watch.wait()
+    assert time.monotonic() - started < 1.0
+    with pytest.raises(DeviceStalled):
+        watch.wait()  # the device is known to be stuck: no second wait
+    torch.cuda.synchronize()
+
+
+def test_a_gpu_stuck_under_cuda_graph_ends_the_run_in_one_line_after_the_timeout(tmp_path):
+    # As when a peer hangs alive: the collectives inside the graph are out of NCCL's
+    # watchdog's sight, and the GPU waits in them. Here a spinning kernel stands in for them.
+    import time
+
+    from tests.conftest import clean_env
+
+    env = clean_env(DISTNN_FAULT_STEP="20", DISTNN_FAULT_RANK="0", DISTNN_FAULT_KIND="stall")
+    started = time.monotonic()
+    result = run_cli([bin_path("torchrun"), "--nproc_per_node=1", "-m", "distnn.train",
+                      "--backend", "nccl", "--cuda-graph", "--steps", "60", "--timeout-s", "1",
+                      "--metrics", str(tmp_path / "m.jsonl")], env=env, timeout=120)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 60
+    lines = [line for line in result.stderr.splitlines() if line.startswith("distnn:")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert ("waiting for this rank's GPU failed: the steps queued on it did not finish within "
+            "1 s") in lines[0] and "--timeout-s 1" in lines[0], lines
+    read_metrics(tmp_path / "m.jsonl")  # closed on the way out: every line in it is whole
