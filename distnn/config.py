@@ -48,7 +48,8 @@ class TrainConfig:
     metrics: str | None = _option(None, "write JSON Lines metrics here (rank 0)", metavar="PATH")
     save: str | None = _option(None, "write the final weights here as safetensors (rank 0)",
                                metavar="PATH")
-    timeout_s: float = _option(300.0, "seconds a collective may wait for a peer before failing",
+    timeout_s: float = _option(300.0, "seconds a collective may wait for a peer (and, on a GPU, "
+                               "a read of step results for the device) before failing",
                                minimum=0.0)
     checkpoint_dir: str | None = _option(
         None, "write checkpoints here (rank 0) and resume from the newest good one",
