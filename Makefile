@@ -42,7 +42,7 @@ test-gpu: $(STAMP)
 
 # On a GPU machine whose $(PYTHON) already has torch, accelerate, safetensors and pytest (no
 # venv, nothing installed), in one call of under 10 minutes: the CUDA tests (cut off after
-# GPU_TEST_LIMIT seconds); the benchmark on the GPU, even if a test failed (no round starts
+# GPU_TEST_LIMIT seconds, and each after 90 where pytest-timeout is installed); the benchmark on the GPU, even if a test failed (no round starts
 # past BENCH_BUDGET seconds, cut off after BENCH_LIMIT); and the bucketed-overlap benchmark on
 # that machine's CPU cores, 2 gloo ranks of LARGE_THREADS threads, leaving cores free for the
 # communication. Logs and bench files go to OUT; the target fails if any part did.
@@ -57,9 +57,11 @@ LARGE_THREADS ?= 4
 gpu-check:
 	mkdir -p $(OUT)/cpu-large
 	set -o pipefail; failed=0; \
+	per_test=$$(PYTHONPATH=. $(PYTHON) -c 'import pytest_timeout' 2>/dev/null \
+	  && echo -p pytest_timeout --timeout=90); \
 	DISTNN_REQUIRE_GPU=1 PYTHONPATH=. PYTHONUNBUFFERED=1 timeout $(GPU_TEST_LIMIT) \
-	  $(PYTHON) -m pytest -v --durations=0 -m gpu tests/test_gpu.py 2>&1 | tee $(OUT)/test-gpu.log \
-	  || failed=1; \
+	  $(PYTHON) -m pytest -v --durations=0 $$per_test -m gpu tests/test_gpu.py 2>&1 \
+	  | tee $(OUT)/test-gpu.log || failed=1; \
 	PYTHONPATH=. PYTHONUNBUFFERED=1 timeout $(BENCH_LIMIT) $(PYTHON) -m distnn.bench \
 	  --out $(OUT) --budget-s $(BENCH_BUDGET) $(BENCH_ARGS) 2>&1 | tee $(OUT)/bench.log \
 	  || failed=1; \
