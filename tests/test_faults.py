@@ -145,6 +145,38 @@ def test_preemption_checkpoints_and_a_rerun_finishes_the_same(tmp_path, uninterr
     assert_same_bits(uninterrupted / "w.safetensors", tmp_path / "w.safetensors")
 
 
+def test_one_process_stops_after_the_step_its_signal_arrived_in_and_resumes_the_same(tmp_path):
+    # Alone there are no votes to agree on: the rank's own signal decides.
+    steps = 5000
+    whole = run_cli([sys.executable, "-m", "distnn.train", *TINY, "--steps", str(steps),
+                     "--save", str(tmp_path / "whole.safetensors")])
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    command = [sys.executable, "-m", "distnn.train", *TINY, "--steps", str(steps),
+               "--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "100",
+               "--save", str(tmp_path / "w.safetensors")]
+    job = subprocess.Popen(command, env=clean_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "ck" / "step-100").exists() and job.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    job.send_signal(signal.SIGINT)
+    _, stderr = job.communicate(timeout=60)
+    assert job.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    lines = distnn_lines(stderr)
+    match = re.fullmatch(r"distnn: warning: stopped: preempted \(SIGINT\) after step (\d+) "
+                         r"of 5000: wrote (\S+); run the same command to continue", lines[-1])
+    assert len(lines) == 1 and match, lines
+    stopped_at = int(match.group(1))
+    assert 100 <= stopped_at < steps, "the run finished before the signal: make it longer"
+    assert match.group(2) == str(tmp_path / "ck" / f"step-{stopped_at}")
+
+    rerun = run_cli(command)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resuming from {tmp_path / 'ck' / f'step-{stopped_at}'}" in rerun.stderr
+    assert_same_bits(tmp_path / "whole.safetensors", tmp_path / "w.safetensors")
+
+
 def test_resuming_on_another_world_size_is_allowed_with_a_notice(tmp_path):
     ck = tmp_path / "ck"
     first = run_cli([*torchrun(2, []), *TINY, "--steps", "200", "--checkpoint-dir", str(ck)])
