@@ -253,3 +253,28 @@ def test_the_stall_fault_on_the_cpu_is_refused_in_one_line(capsys, no_launcher, 
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["distnn: error: environment: DISTNN_FAULT_KIND=stall needs a CUDA device; "
                    "this rank computes on cpu"], err
+
+
+class EventDoneAfter:
+    """Stands in for a CUDA event (only ``query`` is used): done once ``seconds`` have passed."""
+
+    def __init__(self, seconds: float) -> None:
+        self.done_at = time.monotonic() + seconds
+
+    def query(self) -> bool:
+        return time.monotonic() >= self.done_at
+
+
+def test_waits_for_the_gpu_end_after_the_timeout_and_a_stuck_gpu_is_not_waited_for_again():
+    from distnn.process_group import DeviceStalled, DeviceWatch
+
+    watch = DeviceWatch(torch.device("cuda", 0), timeout_s=0.5)  # no CUDA call until a wait
+    watch.wait(EventDoneAfter(0.05))  # in time: past the spinning, into the sleeping polls
+    started = time.monotonic()
+    with pytest.raises(DeviceStalled, match="the steps queued on it did not finish within 0.5 s"):
+        watch.wait(EventDoneAfter(60))
+    assert 0.5 <= time.monotonic() - started < 1.5
+    started = time.monotonic()
+    with pytest.raises(DeviceStalled):
+        watch.wait(EventDoneAfter(0))  # the GPU is known to be stuck: fails at once
+    assert time.monotonic() - started < 0.1
