@@ -50,9 +50,11 @@ def test_a_failing_variant_costs_its_own_row_not_the_run(tmp_path, capsys):
 def test_budget_ends_the_rounds_early_with_every_workload_measured(tmp_path, capfd):
     assert main(["--worlds", "1", "--workloads", "reference,compute", "--repeats", "3",
                  "--steps", "3", "--compute-steps", "1", "--warmup", "1", "--budget-s", "0",
-                 "--variant", "distnn eager", "--out", str(tmp_path)]) == 0
+                 "--threads", "1", "--variant", "distnn eager", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "bench.json").read_text())
     assert sorted((s["workload"], s["repeat"]) for s in data["samples"]) == [
         ("compute", 0), ("reference", 0)]
-    assert "rounds: 1;" in (tmp_path / "bench.md").read_text()
+    header = (tmp_path / "bench.md").read_text().splitlines()[0]
+    assert "threads per rank: 1 at world 1" in header and "rounds: 1;" in header, header
+    assert "timed steps: reference 3, compute 1." in header, header
     assert "--budget-s 0 reached, so 1 of 3 rounds" in capfd.readouterr().err  # the worker's
