@@ -37,6 +37,7 @@ the sum of the shards' gradients for any partition of the batch, empty shards in
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -144,10 +145,20 @@ class FlatGradSync:
         self._inbox = ([torch.empty_like(self.flat_grads) for _ in range(world - 1)]
                        if self.via_root and dist.get_rank() == 0 else [])
         if distributed and len(groups) > 1:
+            # The hooks hold this object weakly: a parameter keeps its hooks where the garbage
+            # collector cannot see them, so a strong reference would keep both buffers alive
+            # for as long as the model lives, and for good once it is dropped.
+            owner = weakref.ref(self)
+
+            def grad_ready(bucket: int) -> None:
+                sync = owner()
+                if sync is not None:
+                    sync._grad_ready(bucket)
+
             for bucket, (first, stop) in enumerate(groups[:-1]):
                 for p in self.params[first:stop]:
                     p.register_post_accumulate_grad_hook(
-                        lambda _, bucket=bucket: self._grad_ready(bucket))
+                        lambda _, bucket=bucket: grad_ready(bucket))
 
     @property
     def extras(self) -> torch.Tensor:

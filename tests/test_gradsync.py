@@ -128,3 +128,19 @@ def test_mixed_dtypes_are_refused():
     model[2].double()
     with pytest.raises(ValueError, match="one dtype"):
         FlatGradSync(model, distributed=False)
+
+
+def test_dropping_the_sync_frees_it_and_its_buffers_even_while_the_model_lives(group_of_one):
+    import weakref
+
+    model = small_model()
+    sync = FlatGradSync(model, distributed=True, bucket_mb=1e-5)  # one bucket per parameter
+    assert sync.buckets == 4  # so backward hooks start the buckets' all-reduces
+    sync.zero_grad()
+    model(torch.randn(5, 4)).sum().backward()
+    sync.all_reduce()
+    dropped = weakref.ref(sync)
+    del sync  # no gc.collect(): reference counting alone must free it
+    assert dropped() is None
+    model(torch.randn(5, 4)).sum().backward()  # the model still trains; its old hooks are inert
+    assert model[0].weight.grad is not None
