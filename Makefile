@@ -42,20 +42,23 @@ test-gpu: $(STAMP)
 
 # On a GPU machine whose $(PYTHON) already has torch, accelerate, safetensors and pytest (no
 # venv, nothing installed), in one call of under 10 minutes: the CUDA tests (cut off after
-# GPU_TEST_LIMIT seconds, and each after 90 where pytest-timeout is installed); the benchmark on the GPU, even if a test failed (no round starts
-# past BENCH_BUDGET seconds, cut off after BENCH_LIMIT); and the bucketed-overlap benchmark on
-# that machine's CPU cores, 2 gloo ranks of LARGE_THREADS threads, leaving cores free for the
-# communication. Logs and bench files go to OUT; the target fails if any part did.
+# GPU_TEST_LIMIT seconds, each after 90 where pytest-timeout is installed); the benchmark on
+# the GPU, even if a test failed (no round starts past BENCH_BUDGET seconds, cut off after
+# BENCH_LIMIT); and the bucketed-overlap benchmark (the large and deep workloads: overlap,
+# and the bucket size sweep) on that machine's CPU cores, 2 gloo ranks of OVERLAP_THREADS
+# threads, leaving cores free for the communication (OVERLAP_BUDGET, OVERLAP_LIMIT). Logs
+# and bench files go to OUT (the overlap run's to OUT/cpu-overlap); the target fails if any
+# part did.
 OUT ?= gpu-results
 BENCH_ARGS ?=
-GPU_TEST_LIMIT ?= 180
-BENCH_BUDGET ?= 180
-BENCH_LIMIT ?= 270
-LARGE_BUDGET ?= 60
-LARGE_LIMIT ?= 120
-LARGE_THREADS ?= 4
+GPU_TEST_LIMIT ?= 170
+BENCH_BUDGET ?= 170
+BENCH_LIMIT ?= 250
+OVERLAP_BUDGET ?= 90
+OVERLAP_LIMIT ?= 150
+OVERLAP_THREADS ?= 4
 gpu-check:
-	mkdir -p $(OUT)/cpu-large
+	mkdir -p $(OUT)/cpu-overlap
 	set -o pipefail; failed=0; \
 	per_test=$$(PYTHONPATH=. $(PYTHON) -c 'import pytest_timeout' 2>/dev/null \
 	  && echo -p pytest_timeout --timeout=90); \
@@ -65,10 +68,10 @@ gpu-check:
 	PYTHONPATH=. PYTHONUNBUFFERED=1 timeout $(BENCH_LIMIT) $(PYTHON) -m distnn.bench \
 	  --out $(OUT) --budget-s $(BENCH_BUDGET) $(BENCH_ARGS) 2>&1 | tee $(OUT)/bench.log \
 	  || failed=1; \
-	CUDA_VISIBLE_DEVICES= PYTHONPATH=. PYTHONUNBUFFERED=1 timeout $(LARGE_LIMIT) \
-	  $(PYTHON) -m distnn.bench --out $(OUT)/cpu-large --workloads large --worlds 2 \
-	  --compute-steps 5 --threads $(LARGE_THREADS) --budget-s $(LARGE_BUDGET) 2>&1 \
-	  | tee $(OUT)/cpu-large/bench.log || failed=1; \
+	CUDA_VISIBLE_DEVICES= PYTHONPATH=. PYTHONUNBUFFERED=1 timeout $(OVERLAP_LIMIT) \
+	  $(PYTHON) -m distnn.bench --out $(OUT)/cpu-overlap --workloads large,deep --worlds 2 \
+	  --compute-steps 5 --threads $(OVERLAP_THREADS) --budget-s $(OVERLAP_BUDGET) 2>&1 \
+	  | tee $(OUT)/cpu-overlap/bench.log || failed=1; \
 	exit $$failed
 
 # distnn against the reference loop, DDP and Accelerate; results in bench-results/.

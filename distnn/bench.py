@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import gc
 import io
+import itertools
 import json
 import os
 import platform
@@ -47,33 +48,38 @@ class Workload:
     name: str
     batch_size: int
     d_in: int
-    hidden: int
+    hidden: tuple[int, ...]
     d_out: int
     lr: float
 
     @property
     def flop_per_step(self) -> float:
-        """The matmuls of one step: forward 2NDH + 2NHD', backward 2NHD' (weight) + 2NHD'
-        (input) for the output layer and 2NDH (weight) for the first; the input's own
-        gradient is never computed. So 4*N*D_in*H + 6*N*H*D_out (6*N*(D_in*H + H*D_out), as
-        often quoted, counts one matmul too many)."""
-        n = self.batch_size
-        return 4.0 * n * self.d_in * self.hidden + 6.0 * n * self.hidden * self.d_out
+        """The matmuls of one step. Each Linear(a, b) costs 2Nab forward and 2Nab for its
+        weight's gradient; each but the first 2Nab more for its input's gradient (the input
+        itself needs none). One hidden layer H: 4*N*D_in*H + 6*N*H*D_out (the often quoted
+        6*N*(D_in*H + H*D_out) counts one matmul too many)."""
+        widths = (self.d_in, *self.hidden, self.d_out)
+        layers = [a * b for a, b in itertools.pairwise(widths)]
+        return 2.0 * self.batch_size * (2 * sum(layers) + sum(layers[1:]))
 
     def config(self, **changes: Any) -> TrainConfig:
-        return TrainConfig(batch_size=self.batch_size, d_in=self.d_in, hidden=(self.hidden,),
+        return TrainConfig(batch_size=self.batch_size, d_in=self.d_in, hidden=self.hidden,
                            d_out=self.d_out, lr=self.lr, log_every=0, quiet=True,
                            verify_every=0, **changes)
 
 
-REFERENCE = Workload("reference", 64, 1000, 100, 10, 1e-4)
+REFERENCE = Workload("reference", 64, 1000, (100,), 10, 1e-4)
 # Compute-bound: big matmuls. The GPU size is the one in ../shared/FACTS.md; the CPU one is
 # smaller so that a step takes a fraction of a second on a few cores.
-COMPUTE_GPU = Workload("compute", 8192, 4096, 4096, 4096, 1e-9)
-COMPUTE_CPU = Workload("compute", 1024, 1024, 1024, 1024, 1e-7)
+COMPUTE_GPU = Workload("compute", 8192, 4096, (4096,), 4096, 1e-9)
+COMPUTE_CPU = Workload("compute", 1024, 1024, (1024,), 1024, 1e-7)
 # Communication-heavy: 33.6M parameters (134 MB of gradients) for a batch of 64, to show
 # what overlapping bucketed all-reduces with backward buys.
-LARGE = Workload("large", 64, 4096, 4096, 4096, 1e-6)
+LARGE = Workload("large", 64, 4096, (4096,), 4096, 1e-6)
+# The bucket size sweep: 7 layers of 2048 x 2048 (16 MiB of gradients each, 29.4M
+# parameters), so that buckets of a few layers each are possible.
+DEEP = Workload("deep", 64, 2048, (2048,) * 6, 2048, 1e-7)
+BUCKET_SWEEP_MB = (8, 16, 25, 50, 100)
 
 
 def _sync(device: torch.device) -> None:
@@ -193,6 +199,9 @@ def _variants(work: Workload, world: int, device: torch.device,
         return [name for name in chosen if world == 1 or not name.startswith("reference loop")]
     if work.name == "large":
         return ["DDP", "distnn eager, one bucket", "distnn eager"]
+    if work.name == "deep":
+        return ["DDP", "distnn eager, one bucket",
+                *(f"distnn eager, {mb} MiB buckets" for mb in BUCKET_SWEEP_MB)]
     names = []
     if world == 1:
         names += ["reference loop", "reference loop, no per-step sync"]
@@ -237,6 +246,7 @@ DISTNN_VARIANTS: dict[str, dict[str, Any]] = {
     "distnn --cuda-graph": {"cuda_graph": True},
     "distnn --cuda-graph --compile": {"cuda_graph": True, "compile": True},
     "distnn eager, one bucket": {"bucket_mb": 1e6},
+    **{f"distnn eager, {mb} MiB buckets": {"bucket_mb": float(mb)} for mb in BUCKET_SWEEP_MB},
     "distnn eager, tf32": {"precision": "tf32"},
     "distnn eager, bf16": {"precision": "bf16"},
     # The matmuls are the same; the compiled forward and loss fuse the elementwise work
@@ -341,7 +351,7 @@ def summarise(samples: list[dict], workloads: dict[str, Workload],
     """One row per (workload, world size, variant): medians of the samples that passed."""
     rows = []
     keys = dict.fromkeys((s["workload"], s["world_size"], s["variant"]) for s in samples)
-    order = {"reference": 0, "compute": 1, "large": 2}
+    order = {"reference": 0, "compute": 1, "large": 2, "deep": 3}
     baseline = {}
     for workload, world, variant in sorted(keys, key=lambda k: (order[k[0]], k[1])):
         mine = [s for s in samples if (s["workload"], s["world_size"], s["variant"]) == (
@@ -424,11 +434,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worlds", default=None,
                         help="world sizes, comma-separated (default: 1,2,4 on the CPU, 1 on a GPU)")
     parser.add_argument("--workloads", default="reference,compute",
-                        help="reference, compute and/or large (bucketed overlap), comma-separated")
+                        help="reference, compute, large (bucketed overlap) and/or deep (bucket "
+                             "sizes), comma-separated")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=200, help="timed steps, reference workload")
     parser.add_argument("--compute-steps", type=int, default=10,
-                        help="timed steps, compute and large workloads")
+                        help="timed steps, compute, large and deep workloads")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per rank (default: the cores shared among the ranks)")
@@ -445,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if cuda else "cpu"
     worlds = [int(w) for w in (args.worlds or ("1" if cuda else "1,2,4")).split(",")]
     known = {"reference": REFERENCE, "compute": COMPUTE_GPU if cuda else COMPUTE_CPU,
-             "large": LARGE}
+             "large": LARGE, "deep": DEEP}
     workloads = {name: known[name] for name in args.workloads.split(",")}
     os.makedirs(args.out, exist_ok=True)
 
@@ -460,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.backends.cuda.matmul.allow_tf32 = False
             matmul["bf16"] = matmul_tflops(dev, size, torch.bfloat16)
 
-    steps = {"reference": args.steps, "compute": args.compute_steps, "large": args.compute_steps}
+    steps = {"reference": args.steps, "compute": args.compute_steps, "large": args.compute_steps,
+             "deep": args.compute_steps}
 
     def threads(world: int) -> int:
         return args.threads or max(1, (os.cpu_count() or 1) // world)

@@ -58,3 +58,12 @@ def test_budget_ends_the_rounds_early_with_every_workload_measured(tmp_path, cap
     assert "threads per rank: 1 at world 1" in header and "rounds: 1;" in header, header
     assert "timed steps: reference 3, compute 1." in header, header
     assert "--budget-s 0 reached, so 1 of 3 rounds" in capfd.readouterr().err  # the worker's
+
+
+def test_flop_count_of_a_deeper_net_counts_no_input_gradient_for_the_first_layer():
+    from distnn.bench import Workload
+
+    net = Workload("t", 1, 2, (3, 4), 5, 1e-4)  # Linear(2,3), Linear(3,4), Linear(4,5)
+    forward = weights = 2 * (2 * 3 + 3 * 4 + 4 * 5)
+    inputs = 2 * (3 * 4 + 4 * 5)
+    assert net.flop_per_step == forward + weights + inputs
