@@ -79,7 +79,7 @@ LARGE = Workload("large", 64, 4096, (4096,), 4096, 1e-6)
 # The bucket size sweep: 7 layers of 2048 x 2048 (16 MiB of gradients each, 29.4M
 # parameters), so that buckets of a few layers each are possible.
 DEEP = Workload("deep", 64, 2048, (2048,) * 6, 2048, 1e-7)
-BUCKET_SWEEP_MB = (8, 16, 25, 50, 100)
+BUCKET_SWEEP_MB = (8, 25, 40, 64)  # 7, 4, 3 and 2 buckets of the deep workload
 
 
 def _sync(device: torch.device) -> None:

@@ -52,20 +52,22 @@ VIA_ROOT_MAX_RANKS = 8  # rank 0 receives one buffer from each peer: keep that s
 
 
 def plan_buckets(sizes: Sequence[int], capacity: int) -> list[tuple[int, int]]:
-    """Groups consecutive tensors of ``sizes`` elements into buckets of at most ``capacity``.
+    """Groups consecutive tensors of ``sizes`` elements into buckets of about ``capacity``.
 
-    Returns [first, stop) index ranges into ``sizes``, in order. A tensor larger than
-    ``capacity`` gets a bucket of its own; no tensor is split.
+    Returns [first, stop) index ranges into ``sizes``, in order. A bucket closes as soon as
+    it holds ``capacity`` elements or more, so only the last one can hold fewer: a small
+    tensor before a large one (a bias before its weight) goes in with it rather than alone,
+    which would cost a collective of its own. No tensor is split.
     """
     if capacity < 1:
         raise ValueError(f"plan_buckets: capacity must be >= 1, got {capacity}")
     buckets, first, filled = [], 0, 0
     for index, size in enumerate(sizes):
-        if index > first and filled + size > capacity:
-            buckets.append((first, index))
-            first, filled = index, 0
         filled += size
-    if sizes:
+        if filled >= capacity:
+            buckets.append((first, index + 1))
+            first, filled = index + 1, 0
+    if first < len(sizes):
         buckets.append((first, len(sizes)))
     return buckets
 

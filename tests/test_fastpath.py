@@ -17,9 +17,10 @@ from tests.reference import assert_matches_reference, reference_run
 
 
 @pytest.mark.parametrize("sizes, capacity, want", [
-    ([10, 1000, 100, 100000], 26214, [(0, 3), (3, 4)]),
+    ([10, 1000, 100, 100000], 26214, [(0, 4)]),  # the last tensor fills the bucket
+    ([10, 1000, 100, 100000], 1000, [(0, 2), (2, 4)]),  # each bias with its weight
     ([5, 5, 5], 10, [(0, 2), (2, 3)]),
-    ([50, 5], 10, [(0, 1), (1, 2)]),  # too big for a bucket: alone, not split
+    ([50, 5], 10, [(0, 1), (1, 2)]),  # too big for a bucket: closes it, not split
     ([1, 2, 3], 100, [(0, 3)]),
     ([], 10, []),
 ])
@@ -27,18 +28,22 @@ def test_plan_buckets(sizes, capacity, want):
     assert plan_buckets(sizes, capacity) == want
 
 
+# The reference model's gradients in two buckets (checked just below): 1110 and 100000 floats.
+TWO_BUCKETS_MB = 0.004
+
+
 def test_a_small_model_is_one_bucket_and_a_tiny_bucket_size_splits_it():
     model = torch.nn.Sequential(torch.nn.Linear(1000, 100), torch.nn.ReLU(),
                                 torch.nn.Linear(100, 10))
     assert FlatGradSync(model, distributed=False).buckets == 1
-    split = FlatGradSync(model, distributed=False, extra_slots=2, bucket_mb=0.1)
+    split = FlatGradSync(model, distributed=False, extra_slots=2, bucket_mb=TWO_BUCKETS_MB)
     assert split.buckets == 2
     assert split.bucket_ranges == [(0, 1110), (1110, 101112)]  # the last holds the extras
 
 
 def test_buckets_overlapped_with_backward_give_the_same_bits(tmp_path):
     one = run_world(2, ["--steps", "100"], tmp_path / "one")
-    two = run_world(2, ["--steps", "100", "--bucket-mb", "0.1"], tmp_path / "two")
+    two = run_world(2, ["--steps", "100", "--bucket-mb", str(TWO_BUCKETS_MB)], tmp_path / "two")
     assert one["losses"] == two["losses"]  # two ranks: a + b in any layout is the same sum
     for name, tensor in one["weights"][0].items():
         assert torch.equal(tensor, two["weights"][0][name]), name
@@ -47,7 +52,8 @@ def test_buckets_overlapped_with_backward_give_the_same_bits(tmp_path):
 
 def test_micro_batches_on_three_ranks_match_the_reference(tmp_path):
     # 64 rows on 3 ranks (22, 21, 21) in 4 pieces each, 2 buckets
-    result = run_world(3, ["--micro-batches", "4", "--bucket-mb", "0.1"], tmp_path)
+    result = run_world(3, ["--micro-batches", "4", "--bucket-mb", str(TWO_BUCKETS_MB)],
+                       tmp_path)
     assert_matches_reference(result["losses"], result["weights"][0])
 
 
