@@ -250,7 +250,8 @@ DISTNN_VARIANTS: dict[str, dict[str, Any]] = {
     "distnn eager, tf32": {"precision": "tf32"},
     "distnn eager, bf16": {"precision": "bf16"},
     # The matmuls are the same; the compiled forward and loss fuse the elementwise work
-    # around them (bias, ReLU, the loss), which is what keeps a step below the matmul rate.
+    # around them (ReLU, the loss and their gradients): these show how much of the gap to
+    # the matmul rate that work is.
     "distnn --compile, tf32": {"precision": "tf32", "compile": True},
     "distnn --compile, bf16": {"precision": "bf16", "compile": True},
 }

@@ -118,20 +118,27 @@ def test_elastic_restart_resumes_to_the_same_bits(tmp_path, uninterrupted):
     assert read_losses(tmp_path / "m.jsonl") == read_losses(uninterrupted / "m.jsonl")
 
 
+def signal_once(command: list[str], appears, signum: int) -> tuple[int, str]:
+    """Runs ``command``, sends it ``signum`` as soon as the path ``appears``; returns its exit
+    code and standard error."""
+    job = subprocess.Popen(command, env=clean_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not appears.exists() and job.poll() is None:
+        assert time.monotonic() < deadline, f"{appears} did not appear"
+        time.sleep(0.01)
+    job.send_signal(signum)
+    _, stderr = job.communicate(timeout=60)
+    return job.returncode, stderr
+
+
 def test_preemption_checkpoints_and_a_rerun_finishes_the_same(tmp_path, uninterrupted):
     command = [*torchrun(2, []), *TINY, "--steps", str(STEPS), "--checkpoint-dir",
                str(tmp_path / "ck"), "--checkpoint-every", "100",
                "--save", str(tmp_path / "w.safetensors")]
-    job = subprocess.Popen(command, env=clean_env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not (tmp_path / "ck" / "step-100").exists() and job.poll() is None:
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    job.send_signal(signal.SIGTERM)
-    _, stderr = job.communicate(timeout=60)
+    returncode, stderr = signal_once(command, tmp_path / "ck" / "step-100", signal.SIGTERM)
     lines = distnn_lines(stderr)
-    assert job.returncode != 0 and len(lines) == 2, stderr[-3000:]
+    assert returncode != 0 and len(lines) == 2, stderr[-3000:]
     match = re.search(r"preempted \(SIGTERM\) after step (\d+) of", lines[0])
     assert match and all("stopped: preempted (SIGTERM)" in line for line in lines), lines
     stopped_at = int(match.group(1))
@@ -154,15 +161,8 @@ def test_one_process_stops_after_the_step_its_signal_arrived_in_and_resumes_the_
     command = [sys.executable, "-m", "distnn.train", *TINY, "--steps", str(steps),
                "--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "100",
                "--save", str(tmp_path / "w.safetensors")]
-    job = subprocess.Popen(command, env=clean_env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not (tmp_path / "ck" / "step-100").exists() and job.poll() is None:
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.01)
-    job.send_signal(signal.SIGINT)
-    _, stderr = job.communicate(timeout=60)
-    assert job.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    returncode, stderr = signal_once(command, tmp_path / "ck" / "step-100", signal.SIGINT)
+    assert returncode == 128 + signal.SIGINT, stderr[-3000:]
     lines = distnn_lines(stderr)
     match = re.fullmatch(r"distnn: warning: stopped: preempted \(SIGINT\) after step (\d+) "
                          r"of 5000: wrote (\S+); run the same command to continue", lines[-1])
