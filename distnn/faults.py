@@ -36,8 +36,13 @@ class FaultPlan:
     kind: str = "exit"
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str], *, restart_count: int) -> FaultPlan | None:
-        """The planned fault, or None (none asked for, or this is a restarted attempt)."""
+    def from_environ(cls, environ: Mapping[str, str], *, restart_count: int,
+                     device: torch.device) -> FaultPlan | None:
+        """The planned fault, or None (none asked for, or this is a restarted attempt).
+
+        Checked when a rank starts, on every rank alike, so a fault that cannot happen on
+        ``device`` stops them all at once rather than the one rank when it comes to fire.
+        """
         if "DISTNN_FAULT_STEP" not in environ or restart_count > 0:
             return None
         values = {}
@@ -50,6 +55,9 @@ class FaultPlan:
         if kind not in KINDS:
             raise UsageError(f"environment: DISTNN_FAULT_KIND={kind!r}; "
                              f"allowed: {', '.join(KINDS)}")
+        if kind == "stall" and device.type != "cuda":
+            raise UsageError("environment: DISTNN_FAULT_KIND=stall needs a CUDA device; "
+                             f"this rank computes on {device}")
         return cls(kind=kind, **values)
 
     def maybe_fire(self, *, step: int, rank: int, flat_params: torch.Tensor) -> None:
@@ -64,9 +72,6 @@ class FaultPlan:
             while True:
                 time.sleep(3600)
         if self.kind == "stall":
-            if flat_params.device.type != "cuda":
-                raise UsageError("environment: DISTNN_FAULT_KIND=stall needs a CUDA device; "
-                                 f"this rank computes on {flat_params.device}")
             torch.cuda._sleep(STALL_CYCLES)  # one spinning kernel on the current stream
             return
         with torch.no_grad():

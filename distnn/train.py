@@ -71,7 +71,8 @@ class Trainer:
                  environ: Mapping[str, str]) -> None:
         self.config = config  # with --data, replaced by the file's sizes at start-up
         self.rt = runtime
-        self.fault = FaultPlan.from_environ(environ, restart_count=runtime.launch.restart_count)
+        self.fault = FaultPlan.from_environ(environ, restart_count=runtime.launch.restart_count,
+                                            device=runtime.device)
         self.losses = torch.zeros(config.steps, device=runtime.device)  # global loss per step
         # Every read of step results waits through it: a GPU stuck behind a collective fails
         # after --timeout-s instead of hanging (also under --cuda-graph, out of NCCL's sight).

@@ -246,13 +246,15 @@ def test_fault_variables_are_validated(no_launcher, capsys, monkeypatch):
     assert "DISTNN_FAULT_STEP='soon'" in capsys.readouterr().err
 
 
-def test_the_stall_fault_on_the_cpu_is_refused_in_one_line(capsys, no_launcher, monkeypatch):
-    for name, value in (("DISTNN_FAULT_STEP", "3"), ("DISTNN_FAULT_KIND", "stall")):
-        monkeypatch.setenv(name, value)
-    assert main(["--steps", "5", "--device", "cpu", *TINY]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["distnn: error: environment: DISTNN_FAULT_KIND=stall needs a CUDA device; "
-                   "this rank computes on cpu"], err
+def test_the_stall_fault_on_the_cpu_is_refused_at_start_on_every_rank():
+    env = clean_env(DISTNN_FAULT_STEP="3", DISTNN_FAULT_RANK="1", DISTNN_FAULT_KIND="stall")
+    started = time.monotonic()
+    result = run_cli([*torchrun(2, []), *TINY, "--steps", "50"], env=env, timeout=60)
+    assert time.monotonic() - started < 30  # not after a collective's timeout
+    assert result.returncode != 0
+    assert sorted(distnn_lines(result.stderr)) == [
+        f"distnn: rank {rank}: error: environment: DISTNN_FAULT_KIND=stall needs a CUDA "
+        "device; this rank computes on cpu" for rank in (0, 1)], result.stderr[-2000:]
 
 
 class EventDoneAfter:
