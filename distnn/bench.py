@@ -310,10 +310,20 @@ def _worker(rank: int, world: int, port: int, plan: dict, out_path: str) -> None
                     sample.update(measure(name, work, plan["steps"][work.name], plan["warmup"],
                                           rt))
                     samples.append(sample)
+                    if rank == 0:  # as it goes: a run cut off by a time limit still tells
+                        print(_progress(sample), file=sys.stderr, flush=True)
                     dist.barrier()
     if rank == 0:
         with open(out_path, "w", encoding="utf-8") as file:
             json.dump(samples, file)
+
+
+def _progress(sample: dict) -> str:
+    """One line per sample, before its losses are checked."""
+    what = (f"failed: {sample['error']}" if "error" in sample
+            else f"{sample['ms_per_step']:.3f} ms/step")
+    return (f"world size {sample['world_size']}, round {sample['repeat'] + 1}, "
+            f"{sample['workload']}, {sample['variant']}: {what}")
 
 
 def _out_of_time(started: float, round_started: float, budget_s: float | None) -> bool:

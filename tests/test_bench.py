@@ -57,7 +57,10 @@ def test_budget_ends_the_rounds_early_with_every_workload_measured(tmp_path, cap
     header = (tmp_path / "bench.md").read_text().splitlines()[0]
     assert "threads per rank: 1 at world 1" in header and "rounds: 1;" in header, header
     assert "timed steps: reference 3, compute 1." in header, header
-    assert "--budget-s 0 reached, so 1 of 3 rounds" in capfd.readouterr().err  # the worker's
+    err = capfd.readouterr().err  # the worker's
+    assert "--budget-s 0 reached, so 1 of 3 rounds" in err
+    assert "world size 1, round 1, compute, distnn eager: " in err  # a line per sample
+    assert "world size 1, round 2" not in err
 
 
 def test_flop_count_of_a_deeper_net_counts_no_input_gradient_for_the_first_layer():
