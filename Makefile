@@ -41,20 +41,21 @@ test-gpu: $(STAMP)
 	DISTNN_REQUIRE_GPU=1 $(BIN)/python -m pytest -q -m gpu
 
 # On a GPU machine whose $(PYTHON) already has torch, accelerate, safetensors and pytest (no
-# venv, nothing installed), in one call of under 10 minutes: the CUDA tests (4 at a time
-# where pytest-xdist is installed, cut off after GPU_TEST_LIMIT seconds, each after 90 where
-# pytest-timeout is); the benchmark on the GPU, even if a test failed (no round starts past
-# BENCH_BUDGET seconds, cut off after BENCH_LIMIT; each sample is logged as it is taken); and
-# the bucketed-overlap benchmark (the large and deep workloads: overlap, and the bucket size
-# sweep) on that machine's CPU cores, 2 gloo ranks of OVERLAP_THREADS threads, leaving cores
-# free for the communication (OVERLAP_BUDGET, OVERLAP_LIMIT). One log, OUT/gpu-check.log,
-# and the bench files in OUT (the overlap run's in OUT/cpu-overlap): 7 files, as the lent
-# machine returns at most 8. The target fails if any part did.
+# venv, nothing installed), in one call of under 10 minutes: the CUDA tests, one at a time
+# (several torchrun launches at once would contend for its default port; cut off after
+# GPU_TEST_LIMIT seconds, each test after 90 where pytest-timeout is installed); the
+# benchmark on the GPU, even if a test failed (no round starts past BENCH_BUDGET seconds,
+# cut off after BENCH_LIMIT; each sample is logged as it is taken); and the bucketed-overlap
+# benchmark (the large and deep workloads: overlap, and the bucket size sweep) on that
+# machine's CPU cores, 2 gloo ranks of OVERLAP_THREADS threads, leaving cores free for the
+# communication (OVERLAP_BUDGET, OVERLAP_LIMIT). One log, OUT/gpu-check.log, and the bench
+# files in OUT (the overlap run's in OUT/cpu-overlap): 7 files, as the lent machine returns
+# at most 8. The target fails if any part did.
 OUT ?= gpu-results
 BENCH_ARGS ?=
-GPU_TEST_LIMIT ?= 150
-BENCH_BUDGET ?= 200
-BENCH_LIMIT ?= 270
+GPU_TEST_LIMIT ?= 200
+BENCH_BUDGET ?= 150
+BENCH_LIMIT ?= 230
 OVERLAP_BUDGET ?= 90
 OVERLAP_LIMIT ?= 140
 OVERLAP_THREADS ?= 4
@@ -62,10 +63,9 @@ gpu-check:
 	mkdir -p $(OUT)/cpu-overlap
 	set -o pipefail; failed=0; log=$(OUT)/gpu-check.log; \
 	per_test=$$(PYTHONPATH=. $(PYTHON) -c 'import pytest_timeout' 2>/dev/null \
-	  && echo -p pytest_timeout --timeout=90); \
-	parallel=$$(PYTHONPATH=. $(PYTHON) -c 'import xdist' 2>/dev/null && echo --numprocesses=4); \
+	  && echo --timeout=90); \
 	DISTNN_REQUIRE_GPU=1 PYTHONPATH=. PYTHONUNBUFFERED=1 timeout $(GPU_TEST_LIMIT) \
-	  $(PYTHON) -m pytest -v --durations=0 $$per_test $$parallel -m gpu tests/test_gpu.py \
+	  $(PYTHON) -m pytest -v --durations=0 $$per_test -m gpu tests/test_gpu.py \
 	  2>&1 | tee -a $$log || failed=1; \
 	PYTHONPATH=. PYTHONUNBUFFERED=1 timeout $(BENCH_LIMIT) $(PYTHON) -m distnn.bench \
 	  --out $(OUT) --budget-s $(BENCH_BUDGET) $(BENCH_ARGS) 2>&1 | tee -a $$log \

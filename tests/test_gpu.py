@@ -212,7 +212,7 @@ def test_a_gpu_stuck_under_cuda_graph_ends_the_run_in_one_line_after_the_timeout
                       "--metrics", str(tmp_path / "m.jsonl")], env=env, timeout=120)
     assert result.returncode != 0
     assert time.monotonic() - started < 60
-    lines = [line for line in result.stderr.splitlines() if line.startswith("distnn:")]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("distnn: error")]
     assert len(lines) == 1, result.stderr[-3000:]
     assert ("waiting for this rank's GPU failed: the steps queued on it did not finish within "
             "1 s") in lines[0] and "--timeout-s 1" in lines[0], lines
