@@ -280,6 +280,49 @@ def matmul_tflops(device: torch.device, size: int, dtype: torch.dtype, repeats: 
     return statistics.median(rates)
 
 
+def step_matmuls(work: Workload, device: torch.device, dtype: torch.dtype
+                 ) -> Callable[[], None]:
+    """A function that runs one step's matmuls of ``work`` and nothing else: per layer
+    Linear(a, b) on N rows, the forward ``x @ W.T`` ([N, a] by [a, b]), the weight gradient
+    ``g.T @ x`` ([b, N] by [N, a]) and, for every layer but the first, the input gradient
+    ``g @ W`` ([N, b] by [b, a]), with the layouts autograd uses."""
+    widths = (work.d_in, *work.hidden, work.d_out)
+    calls = []
+    for layer, (a, b) in enumerate(itertools.pairwise(widths)):
+        x = torch.randn(work.batch_size, a, device=device, dtype=dtype)
+        w = torch.randn(b, a, device=device, dtype=dtype)
+        g = torch.randn(work.batch_size, b, device=device, dtype=dtype)
+        calls += [(x, w.t()), (g.t(), x)]
+        if layer:
+            calls.append((g, w))
+
+    def run() -> None:
+        for left, right in calls:
+            torch.mm(left, right)
+
+    return run
+
+
+def step_matmul_tflops(work: Workload, device: torch.device, dtype: torch.dtype,
+                       repeats: int = 5, batch: int = 3) -> float:
+    """The rate of a step's own matmuls (:func:`step_matmuls`) run back to back, in TFLOP/s:
+    what a step could reach if nothing but its matmuls took time. The layouts the backward
+    pass needs (a transposed operand) can run slower than a square matmul, so this is the
+    floor to compare a step with, beside the plain matmul rate. The median over ``repeats``
+    of ``batch`` such steps."""
+    matmuls = step_matmuls(work, device, dtype)
+    matmuls()
+    rates = []
+    for _ in range(repeats):
+        _sync(device)
+        started = time.perf_counter()
+        for _ in range(batch):
+            matmuls()
+        _sync(device)
+        rates.append(batch * work.flop_per_step / (time.perf_counter() - started) / 1e12)
+    return statistics.median(rates)
+
+
 def _worker(rank: int, world: int, port: int, plan: dict, out_path: str) -> None:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
@@ -357,8 +400,8 @@ def _check_losses(samples: list[dict], reference: dict[str, list[float]]) -> lis
     return problems
 
 
-def summarise(samples: list[dict], workloads: dict[str, Workload],
-              matmul: dict[str, float]) -> list[dict]:
+def summarise(samples: list[dict], workloads: dict[str, Workload], matmul: dict[str, float],
+              step_matmul: dict[str, float]) -> list[dict]:
     """One row per (workload, world size, variant): medians of the samples that passed."""
     rows = []
     keys = dict.fromkeys((s["workload"], s["world_size"], s["variant"]) for s in samples)
@@ -384,10 +427,11 @@ def summarise(samples: list[dict], workloads: dict[str, Workload],
                "samples_per_s": work.batch_size / ms * 1e3}
         if workload != "reference":
             tflops = work.flop_per_step / (ms / 1e3) / 1e12
-            rate = matmul.get("bf16" if "bf16" in variant else "tf32" if "tf32" in variant
-                              else "fp32")
+            precision = "bf16" if "bf16" in variant else "tf32" if "tf32" in variant else "fp32"
+            rate, floor = matmul.get(precision), step_matmul.get(precision)
             row["tflops"] = tflops
             row["matmul_pct"] = 100 * tflops / rate if rate else None
+            row["step_matmul_pct"] = 100 * tflops / floor if floor else None
         rows.append(row)
     for row in rows:
         base = baseline.get(row["workload"])
@@ -399,20 +443,21 @@ def summarise(samples: list[dict], workloads: dict[str, Workload],
 def markdown(rows: list[dict], header: str) -> str:
     lines = [header, "",
              "| workload | world | variant | ms/step (median) | min-max | samples/s "
-             "| vs reference loop | TFLOP/s | % of matmul |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| vs reference loop | TFLOP/s | % of matmul | % of its matmuls |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['workload']} | {r['world_size']} | {r['variant']} | failed "
                          f"({r['failed_runs']} of {r['runs']} runs): {r['error']} "
-                         "| | | | | |")
+                         "| | | | | | |")
             continue
         speedup = f"{r['speedup_vs_reference']:.2f}x" if r["speedup_vs_reference"] else ""
         tflops = f"{r['tflops']:.3f}" if "tflops" in r else ""
         pct = f"{r['matmul_pct']:.0f}%" if r.get("matmul_pct") else ""
+        own = f"{r['step_matmul_pct']:.0f}%" if r.get("step_matmul_pct") else ""
         lines.append(f"| {r['workload']} | {r['world_size']} | {r['variant']} "
                      f"| {r['ms_per_step']:.3f} | {r['min_ms']:.3f}-{r['max_ms']:.3f} "
-                     f"| {r['samples_per_s']:.0f} | {speedup} | {tflops} | {pct} |")
+                     f"| {r['samples_per_s']:.0f} | {speedup} | {tflops} | {pct} | {own} |")
     return "\n".join(lines) + "\n"
 
 
@@ -471,16 +516,22 @@ def main(argv: list[str] | None = None) -> int:
     workloads = {name: known[name] for name in args.workloads.split(",")}
     os.makedirs(args.out, exist_ok=True)
 
-    matmul = {}
+    # For the compute workload: the plain square matmul rate, and the rate of the step's own
+    # matmuls (its shapes and layouts), per precision.
+    matmul, step_matmul = {}, {}
     if "compute" in workloads:
         size = 8192 if cuda else 1024
         dev = torch.device(device)
-        matmul["fp32"] = matmul_tflops(dev, size, torch.float32)
+        precisions = {"fp32": torch.float32}
         if cuda:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            matmul["tf32"] = matmul_tflops(dev, size, torch.float32)
+            precisions.update({"tf32": torch.float32, "bf16": torch.bfloat16})
+        for precision, dtype in precisions.items():
+            if cuda:
+                torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+            matmul[precision] = matmul_tflops(dev, size, dtype)
+            step_matmul[precision] = step_matmul_tflops(workloads["compute"], dev, dtype)
+        if cuda:
             torch.backends.cuda.matmul.allow_tf32 = False
-            matmul["bf16"] = matmul_tflops(dev, size, torch.bfloat16)
 
     steps = {"reference": args.steps, "compute": args.compute_steps, "large": args.compute_steps,
              "deep": args.compute_steps}
@@ -509,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         _, reference[work] = reference_loop(workloads[work], 20, 0, torch.device(device),
                                             per_step_sync=True)
     problems = _check_losses(samples, reference)
-    rows = summarise(samples, workloads, matmul)
+    rows = summarise(samples, workloads, matmul, step_matmul)
     machine = (f"{torch.cuda.get_device_name()}" if cuda else
                f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()}; "
                "threads per rank: " + ", ".join(f"{threads(w)} at world {w}" for w in worlds)
@@ -519,14 +570,16 @@ def main(argv: list[str] | None = None) -> int:
               else ", ".join(f"{count} at world {w}" for w, count in done.items()))
     header = (f"Machine: {machine}; torch {torch.__version__}; rounds: {rounds}; "
               "timed steps: " + ", ".join(f"{name} {steps[name]}" for name in workloads) + "."
-              + (" Matmul rate, same run: " + ", ".join(f"{k} {v:.3f} TFLOP/s"
-                                                         for k, v in matmul.items())
+              + (" Matmul rate, same run (square; the step's own matmuls): "
+                 + ", ".join(f"{k} {v:.3f}; {step_matmul[k]:.3f} TFLOP/s"
+                             for k, v in matmul.items()) + "."
                  if matmul else ""))
     table = markdown(rows, header)
     with open(os.path.join(args.out, "bench.md"), "w", encoding="utf-8") as file:
         file.write(table)
     with open(os.path.join(args.out, "bench.json"), "w", encoding="utf-8") as file:
         json.dump({"machine": machine, "torch": torch.__version__, "matmul_tflops": matmul,
+                   "step_matmul_tflops": step_matmul,
                    "workloads": {k: w.__dict__ for k, w in workloads.items()},
                    "rows": rows, "samples": samples}, file, indent=1)
     try:

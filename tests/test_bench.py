@@ -70,3 +70,28 @@ def test_flop_count_of_a_deeper_net_counts_no_input_gradient_for_the_first_layer
     forward = weights = 2 * (2 * 3 + 3 * 4 + 4 * 5)
     inputs = 2 * (3 * 4 + 4 * 5)
     assert net.flop_per_step == forward + weights + inputs
+
+
+def test_flop_count_is_what_autograd_runs_and_what_the_matmul_floor_times():
+    # Independent of the formula: count the FLOPs of a real step (forward, sum loss,
+    # backward) of a deeper net, and of the step's matmuls that step_matmul_tflops times.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from distnn.bench import Workload, step_matmuls
+    from distnn.model import build_model
+
+    work = Workload("t", 8, 6, (5, 4), 3, 1e-4)
+    model = build_model(work.d_in, work.hidden, work.d_out)
+    x, y = torch.randn(8, 6), torch.randn(8, 3)
+    with FlopCounterMode(display=False) as real:
+        torch.nn.functional.mse_loss(model(x), y, reduction="sum").backward()
+    with FlopCounterMode(display=False) as timed:
+        step_matmuls(work, torch.device("cpu"), torch.float32)()
+    assert real.get_total_flops() == timed.get_total_flops() == work.flop_per_step
+
+
+def test_step_matmul_rate_is_measured():
+    from distnn.bench import Workload, step_matmul_tflops
+
+    assert step_matmul_tflops(Workload("t", 64, 64, (64,), 64, 1e-4), torch.device("cpu"),
+                              torch.float32, repeats=1, batch=1) > 0
