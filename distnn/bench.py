@@ -40,7 +40,7 @@ from torch import nn
 from distnn.config import TrainConfig
 from distnn.data import reference_setup, shard_bounds
 from distnn.runtime import setup
-from distnn.train import Trainer
+from distnn.train import Trainer, tf32_matmuls
 
 
 @dataclass(frozen=True)
@@ -526,12 +526,9 @@ def main(argv: list[str] | None = None) -> int:
         if cuda:
             precisions.update({"tf32": torch.float32, "bf16": torch.bfloat16})
         for precision, dtype in precisions.items():
-            if cuda:
-                torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-            matmul[precision] = matmul_tflops(dev, size, dtype)
-            step_matmul[precision] = step_matmul_tflops(workloads["compute"], dev, dtype)
-        if cuda:
-            torch.backends.cuda.matmul.allow_tf32 = False
+            with tf32_matmuls(precision == "tf32"):
+                matmul[precision] = matmul_tflops(dev, size, dtype)
+                step_matmul[precision] = step_matmul_tflops(workloads["compute"], dev, dtype)
 
     steps = {"reference": args.steps, "compute": args.compute_steps, "large": args.compute_steps,
              "deep": args.compute_steps}

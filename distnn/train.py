@@ -18,8 +18,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +85,10 @@ class Trainer:
 
     def train(self) -> TrainResult:
         """load checkpoint -> steps -> checkpoint, summary, save. Raises RunFailed to stop."""
+        with tf32_matmuls(self.config.precision == "tf32"):
+            return self._train()
+
+    def _train(self) -> TrainResult:
         checkpoint, start, model, x_shard, y_shard = self._start_up()
         sync = self._place_model(model, checkpoint, start)
         if self.rt.is_main:
@@ -155,8 +159,6 @@ class Trainer:
                 raise UsageError("--precision: got 'tf32' but this rank computes on the CPU; "
                                  "TF32 is a CUDA tensor-core format; allowed on the CPU: "
                                  "fp32, bf16")
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
         if config.cuda_graph and rt.device.type != "cuda":
             raise UsageError("--cuda-graph: this rank computes on the CPU, and a CUDA graph "
                              "captures CUDA kernels; allowed: --cuda-graph on a CUDA device")
@@ -425,6 +427,23 @@ class Trainer:
 
 
 _REPORTED = (UsageError, RunFailed, CollectiveFailed)
+
+
+@contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """CUDA float32 matmuls in TF32 (--precision tf32) or in full fp32 (fp32 and bf16: the
+    reference's numbers), for one run; the process's own setting is put back after it.
+
+    The setting is global to the process: set and left, one tf32 run would turn the fp32
+    runs after it in the same process into TF32 (the benchmark's fp32 rows did exactly that).
+    Compiling and capturing read it inside the run, so they see the run's own.
+    """
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _report(error: Exception, config: TrainConfig | None) -> int:

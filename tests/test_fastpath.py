@@ -190,3 +190,27 @@ def test_a_one_process_step_dispatches_the_operators_of_the_leanest_loop(capsys,
     assert lean["addmm"] == 2 and lean["_foreach_add_"] == 1, lean  # the counter sees the step
     # Nothing packed (a rank alone has nothing to sum), no stop votes read from the device.
     assert mine == lean, (mine, lean)
+
+
+def test_a_run_sets_tf32_for_its_own_steps_and_puts_the_process_setting_back(
+        monkeypatch, no_launcher, tmp_path):
+    # TF32 is a process-wide switch: an fp32 run turns it off while it runs (a process that
+    # had it on, or a tf32 run before it, must not change its numbers) and restores it.
+    from distnn.train import Trainer
+
+    seen = []
+    run_steps = Trainer._run_steps
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return run_steps(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_run_steps", spy)
+    torch.backends.cuda.matmul.allow_tf32 = True  # (a property: monkeypatch cannot undo it)
+    try:
+        assert main(["--steps", "2", "--log-every", "0", "--metrics",
+                     str(tmp_path / "m.jsonl")]) == 0
+        assert seen == [False]
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False

@@ -217,3 +217,13 @@ def test_a_gpu_stuck_under_cuda_graph_ends_the_run_in_one_line_after_the_timeout
     assert ("waiting for this rank's GPU failed: the steps queued on it did not finish within "
             "1 s") in lines[0] and "--timeout-s 1" in lines[0], lines
     read_metrics(tmp_path / "m.jsonl")  # closed on the way out: every line in it is whole
+
+
+def test_a_tf32_run_leaves_the_fp32_runs_after_it_in_fp32(tmp_path, no_launcher):
+    # TF32 is a process-wide switch; the benchmark's fp32 rows once ran in TF32 because a
+    # tf32 run before them in the same process had left it on.
+    alone = run_one(tmp_path, "alone", [])
+    run_one(tmp_path, "tf32", ["--precision", "tf32"])
+    after = run_one(tmp_path, "after", [])
+    assert_same_bits(alone, after)
+    assert not torch.backends.cuda.matmul.allow_tf32
