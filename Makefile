@@ -53,9 +53,9 @@ test-gpu: $(STAMP)
 # at most 8. The target fails if any part did.
 OUT ?= gpu-results
 BENCH_ARGS ?=
-GPU_TEST_LIMIT ?= 200
-BENCH_BUDGET ?= 150
-BENCH_LIMIT ?= 230
+GPU_TEST_LIMIT ?= 180
+BENCH_BUDGET ?= 170
+BENCH_LIMIT ?= 240
 OVERLAP_BUDGET ?= 90
 OVERLAP_LIMIT ?= 140
 OVERLAP_THREADS ?= 4
