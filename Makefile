@@ -41,24 +41,29 @@ test-gpu: $(STAMP)
 	DISTNN_REQUIRE_GPU=1 $(BIN)/python -m pytest -q -m gpu
 
 # On a GPU machine whose $(PYTHON) already has torch, accelerate, safetensors and pytest (no
-# venv, nothing installed), in one call of under 10 minutes: the CUDA tests, one at a time
-# (several torchrun launches at once would contend for its default port; cut off after
-# GPU_TEST_LIMIT seconds, each test after 90 where pytest-timeout is installed); the
-# benchmark on the GPU, even if a test failed (no round starts past BENCH_BUDGET seconds,
-# cut off after BENCH_LIMIT; each sample is logged as it is taken); and the bucketed-overlap
-# benchmark (the large and deep workloads: overlap, and the bucket size sweep) on that
-# machine's CPU cores, 2 gloo ranks of OVERLAP_THREADS threads, leaving cores free for the
-# communication (OVERLAP_BUDGET, OVERLAP_LIMIT). One log, OUT/gpu-check.log, and the bench
-# files in OUT (the overlap run's in OUT/cpu-overlap): 7 files, as the lent machine returns
-# at most 8. The target fails if any part did.
+# venv, nothing installed), in one call of under 10 minutes, each part cut off after its
+# *_LIMIT seconds and run even if an earlier one failed:
+# 1. the CUDA tests, one at a time (several torchrun launches at once would contend for
+#    its default port); each test cut off after 90 s where pytest-timeout is installed;
+# 2. kernel profiles of the step (python -m distnn.profile): eager, --cuda-graph, both
+#    with --compile, and bf16 --compile on the compute-bound size;
+# 3. the benchmark on the GPU: no round starts past BENCH_BUDGET seconds; each sample is
+#    logged as it is taken;
+# 4. the bucketed-overlap benchmark (the large and deep workloads: overlap, and the bucket
+#    size sweep) on that machine's CPU cores, 2 gloo ranks of OVERLAP_THREADS threads,
+#    leaving cores free for the communication.
+# One log, OUT/gpu-check.log, and the bench files in OUT (the overlap run's in
+# OUT/cpu-overlap): 7 files, as the lent machine returns at most 8. Fails if any part did.
 OUT ?= gpu-results
 BENCH_ARGS ?=
-GPU_TEST_LIMIT ?= 180
-BENCH_BUDGET ?= 170
-BENCH_LIMIT ?= 240
-OVERLAP_BUDGET ?= 90
-OVERLAP_LIMIT ?= 140
+GPU_TEST_LIMIT ?= 170
+PROFILE_LIMIT ?= 80
+BENCH_BUDGET ?= 150
+BENCH_LIMIT ?= 210
+OVERLAP_BUDGET ?= 75
+OVERLAP_LIMIT ?= 110
 OVERLAP_THREADS ?= 4
+COMPUTE_SIZE = --batch-size 8192 --d-in 4096 --hidden 4096 --d-out 4096 --lr 1e-9
 gpu-check:
 	mkdir -p $(OUT)/cpu-overlap
 	set -o pipefail; failed=0; log=$(OUT)/gpu-check.log; \
@@ -66,6 +71,11 @@ gpu-check:
 	  && echo --timeout=90); \
 	DISTNN_REQUIRE_GPU=1 PYTHONPATH=. PYTHONUNBUFFERED=1 timeout $(GPU_TEST_LIMIT) \
 	  $(PYTHON) -m pytest -v --durations=0 $$per_test -m gpu tests/test_gpu.py \
+	  2>&1 | tee -a $$log || failed=1; \
+	PYTHONPATH=. PYTHONUNBUFFERED=1 timeout $(PROFILE_LIMIT) bash -c 'status=0; \
+	  for flags in "" "--cuda-graph" "--compile" "--cuda-graph --compile" \
+	      "$(COMPUTE_SIZE) --steps 10 --precision bf16 --compile"; do \
+	    $(PYTHON) -m distnn.profile --steps 200 $$flags || status=1; done; exit $$status' \
 	  2>&1 | tee -a $$log || failed=1; \
 	PYTHONPATH=. PYTHONUNBUFFERED=1 timeout $(BENCH_LIMIT) $(PYTHON) -m distnn.bench \
 	  --out $(OUT) --budget-s $(BENCH_BUDGET) $(BENCH_ARGS) 2>&1 | tee -a $$log \

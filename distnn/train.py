@@ -56,6 +56,9 @@ PEER_GRACE_S = 2.0  # how long a rank that failed alone waits before exiting (se
 Summed = tuple[torch.Tensor, torch.Tensor | None]
 
 
+STEPS_RANGE = "distnn: steps"  # the profiler range around the step loop and its last flush
+
+
 @dataclass
 class TrainResult:
     """What a rank holds at the end: its model (identical on every rank)."""
@@ -104,11 +107,14 @@ class Trainer:
             with stop.installed():
                 if self.log:
                     self.log.begin(start)
-                started = time.perf_counter()
-                done = self._run_steps(model, sync, stop, start, run_step)
-                if self.log:
-                    self.log.flush()  # waits for the device, so the wall time below is honest
-                wall_s = time.perf_counter() - started
+                # The range names the steps in a profile (python -m distnn.profile); it costs
+                # nothing when no profiler runs.
+                with torch.profiler.record_function(STEPS_RANGE):
+                    started = time.perf_counter()
+                    done = self._run_steps(model, sync, stop, start, run_step)
+                    if self.log:
+                        self.log.flush()  # waits for the device: the wall time is honest
+                    wall_s = time.perf_counter() - started
             self._finish(model, sync, stop, start, done, wall_s)
         finally:
             if self.log:

@@ -227,3 +227,17 @@ def test_a_tf32_run_leaves_the_fp32_runs_after_it_in_fp32(tmp_path, no_launcher)
     after = run_one(tmp_path, "after", [])
     assert_same_bits(alone, after)
     assert not torch.backends.cuda.matmul.allow_tf32
+
+
+def test_the_profile_of_a_captured_step_counts_its_kernels_and_gpu_time(no_launcher):
+    from distnn.config import TrainConfig
+    from distnn.profile import profile_steps
+    from distnn.runtime import setup
+
+    with setup(device="cuda") as rt:
+        eager = profile_steps(TrainConfig(steps=50), rt)
+        graph = profile_steps(TrainConfig(steps=50, cuda_graph=True), rt)
+    # The same kernels run in both (the graph replays the eager step's), about twenty.
+    assert 10 <= graph.work_per_step <= 40, graph
+    assert abs(graph.work_per_step - eager.work_per_step) <= 2, (eager, graph)
+    assert 0 < graph.busy_us <= graph.wall_us * 1.05, graph

@@ -1,0 +1,132 @@
+"""``python -m distnn.profile``: what a training step runs on the device, per step.
+
+Takes the flags of ``python -m distnn.train`` (``--cuda-graph``, ``--compile``,
+``--precision``, ``--steps``, ...), runs the trainer once to warm up and once under
+``torch.profiler``, and prints, for the step loop alone (start-up, compiling and capturing
+left out: the trainer marks its steps with a profiler range):
+
+- on a GPU: the kernels per step (memory copies and fills included), the time the GPU was
+  busy running them per step against the wall time per step, and the kernels that took the
+  most of it. In a captured graph the GPU runs the kernels back to back, so busy time is
+  the step's floor, and fewer or shorter kernels are the way below it;
+- on the CPU: the operators per step (the outermost ``aten::`` calls; the kernels of a
+  compiled graph are not operators, so ``--compile`` shows fewer) and their self time.
+
+One process, or every rank of a launch (each profiles its own steps; rank 0 prints).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import os
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from distnn.config import TrainConfig, UsageError, parse_config
+from distnn.environment import detect_launch
+from distnn.runtime import Runtime, setup
+from distnn.train import STEPS_RANGE, Trainer
+
+WARMUP_STEPS = 5
+
+
+@dataclass
+class StepProfile:
+    device: str
+    steps: int
+    wall_us: float  # per step, the trainer's own timing of its step loop, under the profiler
+    work_per_step: float  # kernels (GPU) or outermost operators (CPU)
+    busy_us: float | None  # GPU time spent in kernels, per step; None on the CPU
+    top: list[tuple[str, float, float]]  # (name, calls per step, us per step), longest first
+
+
+def profile_steps(config: TrainConfig, rt: Runtime, top: int = 12) -> StepProfile:
+    """Runs ``config`` twice (a short warm-up, then profiled); returns its steps' profile."""
+    config = dataclasses.replace(config, quiet=True, log_every=0, metrics=None, save=None)
+    cuda = rt.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        # A CUDA graph made before the profiler's first use can break a later profile
+        # (pytorch/pytorch#75504 and PR #100441's workaround): use it once, first.
+        with profile(activities=activities):
+            pass
+    with contextlib.redirect_stdout(io.StringIO()):  # the runs' summary lines
+        Trainer(dataclasses.replace(config, steps=WARMUP_STEPS), rt, environ={}).train()
+        with profile(activities=activities) as prof:
+            result = Trainer(config, rt, environ={}).train()
+    events = prof.events()
+    ranges = [e for e in events if e.name == STEPS_RANGE]
+    if len(ranges) != 1:
+        raise RuntimeError(f"expected one {STEPS_RANGE!r} range in the profile, "
+                           f"found {len(ranges)}")
+    start, end = ranges[0].time_range.start, ranges[0].time_range.end
+    if cuda:
+        # Kernels start after their launch and before the last flush ends (it waits for them).
+        work = [(e.name, e.time_range.elapsed_us()) for e in events
+                if e.device_type == DeviceType.CUDA and start <= e.time_range.start <= end]
+    else:
+        work = [(e.name, e.self_cpu_time_total) for e in events
+                if e.device_type == DeviceType.CPU and e.name.startswith("aten::")
+                and start <= e.time_range.start and e.time_range.end <= end
+                and not _inside_an_operator(e)]
+    steps = config.steps
+    calls, times = Counter(), defaultdict(float)
+    for name, us in work:
+        calls[name] += 1
+        times[name] += us
+    longest = sorted(times, key=times.get, reverse=True)[:top]
+    return StepProfile(
+        device=torch.cuda.get_device_name(rt.device) if cuda else "CPU", steps=steps,
+        wall_us=result.wall_s / steps * 1e6, work_per_step=len(work) / steps,
+        busy_us=sum(times.values()) / steps if cuda else None,
+        top=[(name, calls[name] / steps, times[name] / steps) for name in longest])
+
+
+def _inside_an_operator(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def report(result: StepProfile, flags: list[str]) -> str:
+    what = "kernels" if result.busy_us is not None else "operators"
+    head = (f"{' '.join(flags) or 'eager'} on {result.device}, {result.steps} steps: "
+            f"{result.wall_us:.1f} us/step wall (profiled), {result.work_per_step:.1f} {what} "
+            "per step")
+    if result.busy_us is not None:
+        head += (f", GPU busy {result.busy_us:.1f} us/step "
+                 f"({100 * result.busy_us / result.wall_us:.0f}% of the wall time)")
+    unit = "GPU" if result.busy_us is not None else "self CPU"
+    lines = [head, "", f"| {what[:-1]} | per step | {unit} us per step |", "|---|---|---|"]
+    lines += [f"| `{name[:90]}` | {calls:g} | {us:.2f} |" for name, calls, us in result.top]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        launch = detect_launch(os.environ)
+        config = parse_config(argv)
+        with setup(device=config.device, backend=config.backend, timeout_s=config.timeout_s,
+                   launch=launch) as rt:
+            result = profile_steps(config, rt)
+            if rt.is_main:
+                print(report(result, argv), flush=True)
+    except UsageError as error:
+        print(f"distnn.profile: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
