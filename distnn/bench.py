@@ -231,11 +231,20 @@ def measure(name: str, work: Workload, steps: int, warmup: int, rt) -> dict[str,
     """One sample of variant ``name``: ``ms_per_step`` and ``losses``, or the ``error`` it
     raised, in one line. A failing variant (say, a capture the GPU refuses) costs its own row,
     not the rest of the run: on a lent GPU, one run has to bring back every number it can."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
     try:
         ms, losses = _run_variant(name, work, steps, warmup, rt)
     except Exception as error:  # noqa: BLE001 - reported in the table and the exit code
         text = " ".join(str(error).split()) or type(error).__name__
         return {"error": f"{type(error).__name__}: {text}"[:300]}
+    finally:
+        left = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    if left != tf32:
+        # A process-wide switch left changed would change every variant after this one (a
+        # tf32 run once left fp32 rows running in TF32).
+        return {"error": f"RuntimeError: it left TF32 matmuls {'on' if left else 'off'}, "
+                         "which would change the variants after it"}
     return {"ms_per_step": ms, "losses": losses}
 
 
