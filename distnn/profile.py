@@ -31,6 +31,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from distnn.config import TrainConfig, UsageError, parse_config
 from distnn.environment import detect_launch
+from distnn.guards import RunFailed
+from distnn.process_group import CollectiveFailed
 from distnn.runtime import Runtime, setup
 from distnn.train import STEPS_RANGE, Trainer
 
@@ -43,7 +45,7 @@ class StepProfile:
     steps: int
     wall_us: float  # per step, the trainer's own timing of its step loop, under the profiler
     work_per_step: float  # kernels (GPU) or outermost operators (CPU)
-    busy_us: float | None  # GPU time spent in kernels, per step; None on the CPU
+    busy_us: float | None  # GPU time in kernels per step (summed over streams); None on a CPU
     top: list[tuple[str, float, float]]  # (name, calls per step, us per step), longest first
 
 
@@ -122,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
             result = profile_steps(config, rt)
             if rt.is_main:
                 print(report(result, argv), flush=True)
-    except UsageError as error:
+    except (UsageError, CollectiveFailed, RunFailed) as error:
         print(f"distnn.profile: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
+        return error.exit_code if isinstance(error, RunFailed) else 2
     return 0
 
 
