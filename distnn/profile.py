@@ -64,7 +64,8 @@ def profile_steps(config: TrainConfig, rt: Runtime, top: int = 12) -> StepProfil
         with profile(activities=activities) as prof:
             result = Trainer(config, rt, environ={}).train()
     events = prof.events()
-    ranges = [e for e in events if e.name == STEPS_RANGE]
+    # The trainer's range on the host (on a GPU the profiler also shows it on the device)
+    ranges = [e for e in events if e.name == STEPS_RANGE and e.device_type == DeviceType.CPU]
     if len(ranges) != 1:
         raise RuntimeError(f"expected one {STEPS_RANGE!r} range in the profile, "
                            f"found {len(ranges)}")
@@ -72,7 +73,8 @@ def profile_steps(config: TrainConfig, rt: Runtime, top: int = 12) -> StepProfil
     if cuda:
         # Kernels start after their launch and before the last flush ends (it waits for them).
         work = [(e.name, e.time_range.elapsed_us()) for e in events
-                if e.device_type == DeviceType.CUDA and start <= e.time_range.start <= end]
+                if e.device_type == DeviceType.CUDA and not e.is_user_annotation
+                and start <= e.time_range.start <= end]
     else:
         work = [(e.name, e.self_cpu_time_total) for e in events
                 if e.device_type == DeviceType.CPU and e.name.startswith("aten::")
