@@ -231,20 +231,11 @@ def measure(name: str, work: Workload, steps: int, warmup: int, rt) -> dict[str,
     """One sample of variant ``name``: ``ms_per_step`` and ``losses``, or the ``error`` it
     raised, in one line. A failing variant (say, a capture the GPU refuses) costs its own row,
     not the rest of the run: on a lent GPU, one run has to bring back every number it can."""
-    tf32 = torch.backends.cuda.matmul.allow_tf32
     try:
         ms, losses = _run_variant(name, work, steps, warmup, rt)
     except Exception as error:  # noqa: BLE001 - reported in the table and the exit code
         text = " ".join(str(error).split()) or type(error).__name__
         return {"error": f"{type(error).__name__}: {text}"[:300]}
-    finally:
-        left = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-    if left != tf32:
-        # A process-wide switch left changed would change every variant after this one (a
-        # tf32 run once left fp32 rows running in TF32).
-        return {"error": f"RuntimeError: it left TF32 matmuls {'on' if left else 'off'}, "
-                         "which would change the variants after it"}
     return {"ms_per_step": ms, "losses": losses}
 
 
@@ -270,23 +261,31 @@ VARIANTS = ["reference loop", "reference loop, no per-step sync", "DDP", "Accele
             *DISTNN_VARIANTS]
 
 
+def _tflops(run: Callable[[], None], flop: float, device: torch.device, *, repeats: int,
+            batch: int, warmup: int) -> float:
+    """The rate of ``run`` (``flop`` each) in TFLOP/s: after ``warmup`` calls, the median
+    over ``repeats`` of ``batch`` back-to-back calls, each timed to a device sync."""
+    for _ in range(warmup):
+        run()
+    rates = []
+    for _ in range(repeats):
+        _sync(device)
+        started = time.perf_counter()
+        for _ in range(batch):
+            run()
+        _sync(device)
+        rates.append(batch * flop / (time.perf_counter() - started) / 1e12)
+    return statistics.median(rates)
+
+
 def matmul_tflops(device: torch.device, size: int, dtype: torch.dtype, repeats: int = 5,
                   batch: int = 10) -> float:
     """The plain ``size``^3 matmul rate on this device in TFLOP/s: the median over ``repeats``
     of ``batch`` back-to-back matmuls (as a training step runs them)."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    rates = []
-    for _ in range(repeats):
-        _sync(device)
-        started = time.perf_counter()
-        for _ in range(batch):
-            a @ b
-        _sync(device)
-        rates.append(batch * 2 * size**3 / (time.perf_counter() - started) / 1e12)
-    return statistics.median(rates)
+    return _tflops(lambda: a @ b, 2 * size**3, device, repeats=repeats, batch=batch,
+                   warmup=3)
 
 
 def step_matmuls(work: Workload, device: torch.device, dtype: torch.dtype
@@ -319,17 +318,8 @@ def step_matmul_tflops(work: Workload, device: torch.device, dtype: torch.dtype,
     pass needs (a transposed operand) can run slower than a square matmul, so this is the
     floor to compare a step with, beside the plain matmul rate. The median over ``repeats``
     of ``batch`` such steps."""
-    matmuls = step_matmuls(work, device, dtype)
-    matmuls()
-    rates = []
-    for _ in range(repeats):
-        _sync(device)
-        started = time.perf_counter()
-        for _ in range(batch):
-            matmuls()
-        _sync(device)
-        rates.append(batch * work.flop_per_step / (time.perf_counter() - started) / 1e12)
-    return statistics.median(rates)
+    return _tflops(step_matmuls(work, device, dtype), work.flop_per_step, device,
+                   repeats=repeats, batch=batch, warmup=1)
 
 
 def _worker(rank: int, world: int, port: int, plan: dict, out_path: str) -> None:

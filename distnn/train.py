@@ -52,11 +52,10 @@ log = logging.getLogger("distnn")
 VIA_ROOT_MAX_MB = 1.0
 PEER_GRACE_S = 2.0  # how long a rank that failed alone waits before exiting (see main)
 
+STEPS_RANGE = "distnn: steps"  # the profiler range around the step loop and its last flush
+
 # What a step returns: the global loss, and the sum of the ranks' stop votes (None alone).
 Summed = tuple[torch.Tensor, torch.Tensor | None]
-
-
-STEPS_RANGE = "distnn: steps"  # the profiler range around the step loop and its last flush
 
 
 @dataclass
