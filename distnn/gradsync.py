@@ -16,11 +16,22 @@ the gradients exist twice for a moment.
 
 For a large model the gradient buffer is split into buckets (``bucket_mb``). Backward
 produces gradients from the last layer to the first, so the buffers hold the parameters in
-that reverse order: a bucket's all-reduce starts, asynchronously, as soon as backward has
+that reverse order: a bucket's all-reduce starts, asynchronously, once backward has
 finished its gradients (packed by a ``cat`` of its own), and overlaps with the rest of
 backward. The last bucket (which holds the extra slots) starts in
 :meth:`FlatGradSync.all_reduce`. A model that fits in one bucket uses one all-reduce per
 step.
+
+The buckets' all-reduces start in one fixed order, bucket index order, on every rank (as
+DDP's do): collectives are matched by the order in which ranks call them, so if a rank
+whose forward skips a layer (rank-dependent control flow) started its buckets as they
+became ready, two buckets of equal size would be summed with each other, silently. A bucket
+ready before an earlier one therefore waits until that one has started; the buckets still
+waiting when :meth:`FlatGradSync.all_reduce` is called (one with a parameter the rank did
+not use never becomes ready) start there, in order. With the usual layer order backward
+makes the buckets ready in index order anyway, so no overlap is lost; with rank-dependent
+control flow, a bucket behind one that is not ready yet waits for it, or for
+``all_reduce()``.
 
 A small model on gloo (CPU tensors) is latency-bound, and gloo's ring all-reduce of a few
 hundred KB is slow: 2(W-1) rounds of chunks, each a wake-up of gloo's threads. With
@@ -86,8 +97,11 @@ class FlatGradSync:
     Build it after the module is on its device and before training. Per step:
     :meth:`zero_grad`, forward, ``backward()``, :meth:`all_reduce`, then :meth:`sgd_step` (or
     any optimizer: after :meth:`all_reduce`, ``p.grad`` are views into the summed buffer).
-    Every rank must produce gradients for the same parameters in the same order (the same
-    model and code on every rank); a parameter that gets no gradient counts as zero.
+    Every rank must build it over the same model (the same parameters, so the same buckets).
+    A parameter that gets no gradient on a rank (a layer its forward skipped) counts as zero
+    there, and the buckets' all-reduces start in bucket index order on every rank, however
+    the ranks' backward passes order the gradients: a bucket made ready early waits for the
+    earlier ones (see the module's docstring for what overlap that costs).
     """
 
     def __init__(self, module: nn.Module, *, distributed: bool, extra_slots: int = 1,
@@ -135,6 +149,7 @@ class FlatGradSync:
         self._bucket_buffers = [self.flat_grads[start:stop] for start, stop in self.bucket_ranges]
         self._extra_pieces: list[torch.Tensor] = []  # the last bucket's, set by all_reduce
         self._pending = [len(ps) for ps in self._bucket_params]  # gradients still awaited
+        self._next = 0  # the first bucket not started: they start in index order only
         self._stepped = False  # all_reduce ran since the last zero_grad
         self._handles: dict[int, dist.Work] = {}
         self._syncing = True
@@ -183,6 +198,7 @@ class FlatGradSync:
         for p in self.params:
             p.grad = None
         self._pending = [len(ps) for ps in self._bucket_params]
+        self._next = 0
         self._stepped = False
         self._handles.clear()
 
@@ -203,8 +219,15 @@ class FlatGradSync:
         if not self._syncing:
             return
         self._pending[bucket] -= 1
-        if self._pending[bucket] == 0:
-            self._start(bucket)
+        # Only in index order: every rank must call the all-reduces in the same order, and a
+        # rank-dependent forward can make a later bucket ready first. Started here: this one
+        # if all before it have been, then those after it that were ready and waiting. The
+        # last bucket (the extras) waits for all_reduce().
+        if self._pending[bucket] == 0 and bucket == self._next:
+            last = len(self._pending) - 1
+            while self._next < last and self._pending[self._next] == 0:
+                self._start(self._next)
+                self._next += 1
 
     def _pack(self, bucket: int) -> None:
         """Copies the bucket's gradients (and, for the last, the extras) into its buffer."""
@@ -225,10 +248,10 @@ class FlatGradSync:
 
         Call after ``backward()``. ``extras`` (1-element tensors, floats, or None for zero; at
         most ``extra_slots``; the first is usually the rank's loss) go into the slots after
-        the gradients, the slots not given are zero. Starts the buckets backward has not
-        started, then waits for all; then every ``p.grad`` is a view into the summed buffer
-        (not distributed: ``p.grad`` are left as backward made them, already the sum). The
-        returned 1-dim tensor (all ``extra_slots``) is a view into the buffer,
+        the gradients, the slots not given are zero. Starts, in index order, the buckets
+        backward has not started, then waits for all; then every ``p.grad`` is a view into the
+        summed buffer (not distributed: ``p.grad`` are left as backward made them, already the
+        sum). The returned 1-dim tensor (all ``extra_slots``) is a view into the buffer,
         overwritten by the next step: copy what you keep. No host synchronisation on a GPU.
         """
         if self._stepped:
@@ -245,9 +268,9 @@ class FlatGradSync:
             with collective("the gradient sum (through rank 0)"):
                 self._sum_via_root()
         elif self.distributed:
-            for bucket in range(self.buckets):
-                if bucket not in self._handles:
-                    self._start(bucket)
+            for bucket in range(self._next, self.buckets):  # the rest, in index order
+                self._start(bucket)
+            self._next = self.buckets
             with collective("the gradient all-reduce"):
                 for bucket in range(self.buckets):
                     self._handles[bucket].wait()

@@ -1,6 +1,11 @@
-"""The flat buffers, in one process: without a process group, or in a real gloo group of one."""
+"""The flat buffers, in one process (without a process group, or in a real gloo group of one)
+and in two real gloo ranks whose forward passes skip layers."""
 
 from __future__ import annotations
+
+import copy
+import os
+from datetime import timedelta
 
 import pytest
 import torch
@@ -144,3 +149,103 @@ def test_dropping_the_sync_frees_it_and_its_buffers_even_while_the_model_lives(g
     assert dropped() is None
     model(torch.randn(5, 4)).sum().backward()  # the model still trains; its old hooks are inert
     assert model[0].weight.grad is not None
+
+
+# Two ranks, four equal layers, one bucket per layer: the ranks' control flow differs.
+WIDTH, LAYERS = 32, 4
+LAYER_MB = (WIDTH * WIDTH + WIDTH) * 4 / 2**20  # one layer's weight and bias, float32
+
+
+class SkipNet(torch.nn.Module):
+    """Equal layers, any of which a forward pass may skip (data- or rank-dependent flow)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(WIDTH, WIDTH) for _ in range(LAYERS))
+
+    def forward(self, x: torch.Tensor, skip: set[int]) -> torch.Tensor:
+        for index, layer in enumerate(self.layers):
+            if index not in skip:
+                x = torch.tanh(layer(x))
+        return x
+
+
+def _skip_worker(rank: int, port: int, steps: list[dict[int, set[int]]], out_dir: str) -> None:
+    """Runs ``steps`` (each: the layers each rank skips) through FlatGradSync and, on a plain
+    copy of the model, through plain autograd; saves both gradients of every step."""
+    import torch.distributed as dist
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2, timeout=timedelta(seconds=60))
+    try:
+        model = SkipNet()
+        plain = copy.deepcopy(model)
+        sync = FlatGradSync(model, distributed=True, bucket_mb=LAYER_MB)
+        assert sync.buckets >= LAYERS and not sync.via_root  # hooks start all but the last
+        results = []
+        for step, skips in enumerate(steps):
+            skip = skips.get(rank, set())
+            torch.manual_seed(100 * step + rank)
+            x = torch.randn(8, WIDTH)
+            sync.zero_grad()
+            model(x, skip).pow(2).sum().backward()
+            started = len(sync._handles)  # by backward's hooks, overlapping with it
+            sync.all_reduce()
+            plain.zero_grad(set_to_none=True)
+            plain(x, skip).pow(2).sum().backward()
+            results.append({
+                "started": started,
+                "synced": {n: None if p.grad is None else p.grad.clone()
+                           for n, p in model.named_parameters()},
+                "local": {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                          for n, p in plain.named_parameters()},
+            })
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_skipping(tmp_path, steps: list[dict[int, set[int]]]) -> list[dict]:
+    """Checks each step's gradients after all_reduce on both ranks against the sum of the
+    ranks' plain ones; returns rank 0's results."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_skip_worker, args=(free_port(), steps, str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    checked = []
+    for step, (r0, r1) in enumerate(zip(*ranks, strict=True)):
+        for name, want in r0["local"].items():
+            want = want + r1["local"][name]
+            for rank, got in enumerate((r0["synced"][name], r1["synced"][name])):
+                assert got is not None, f"step {step}, rank {rank}: {name} has no gradient"
+                off = (got - want).abs().max().item()
+                assert off <= 1e-6, f"step {step}, rank {rank}: {name} is off by {off:g}"
+        checked.append({"synced": r0["synced"], "started": [r0["started"], r1["started"]]})
+    return checked
+
+
+def test_buckets_start_in_one_order_when_one_rank_skips_a_layer(tmp_path):
+    # Buckets hold the layers last first: rank 1 skipping layer 2 leaves bucket 1 unready while
+    # bucket 2 (layer 1) becomes ready; started as ready, it would meet rank 0's bucket 1.
+    # The second step, with every layer used, checks that zero_grad resets the order.
+    steps = run_skipping(tmp_path, [{1: {2}}, {}])
+    # Before all_reduce(): rank 1's buckets 1 and 2 waited (the overlap this costs); with
+    # every layer used, backward started all but the last, on both ranks.
+    assert [step["started"] for step in steps] == [[LAYERS - 1, 1], [LAYERS - 1, LAYERS - 1]]
+
+
+def test_buckets_start_in_one_order_when_the_ranks_skip_different_layers(tmp_path):
+    # Rank 0 skips layer 1 and rank 1 layer 2: each rank has a bucket ready the other lacks.
+    run_skipping(tmp_path, [{0: {1}, 1: {2}}, {0: {2}, 1: {1}}])
+
+
+def test_a_parameter_no_rank_uses_gets_a_zero_gradient(tmp_path):
+    # The first step fills every slot of the buffers; in the second no rank uses layer 1.
+    steps = run_skipping(tmp_path, [{}, {0: {1}, 1: {1}}])
+    assert steps[0]["synced"]["layers.1.weight"].any()
+    for name in ("layers.1.weight", "layers.1.bias"):
+        assert not steps[1]["synced"][name].any(), name  # zero, and not None (checked)
