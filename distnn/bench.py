@@ -40,7 +40,7 @@ from torch import nn
 from distnn.config import TrainConfig
 from distnn.data import reference_setup, shard_bounds
 from distnn.runtime import setup
-from distnn.train import Trainer, tf32_matmuls
+from distnn.trainer import Trainer, tf32_matmuls
 
 
 @dataclass(frozen=True)

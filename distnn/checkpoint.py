@@ -1,8 +1,10 @@
 """Checkpoints: ``DIR/step-N/`` folders written atomically, found and verified on resume.
 
 A checkpoint folder holds ``weights.safetensors`` (the model's state_dict), ``losses.safetensors``
-(the global loss of every step so far) and ``state.json`` (the step, the config, the world
-size, library versions and the SHA-256 of both tensor files). It is written under a
+(the global loss of every step so far), with a torch.optim optimizer
+``optimizer.safetensors`` (its per-parameter state), and ``state.json`` (the step, where it
+lies in its epoch, the config, the world size, the validation results so far and the
+SHA-256 of every tensor file). It is written under a
 temporary name, every file flushed to disk, then renamed: a folder named ``step-N`` is
 complete, or a crash happened before it got that name. Nothing is read with pickle.
 """
@@ -25,8 +27,11 @@ from distnn.config import UsageError, flag_name, flag_text
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 WEIGHTS, LOSSES, STATE = "weights.safetensors", "losses.safetensors", "state.json"
-# A checkpoint is refused when these differ from the run's: they fix the data and the shapes.
-MUST_MATCH = ("batch_size", "d_in", "hidden", "d_out", "seed")
+OPTIMIZER = "optimizer.safetensors"
+# A checkpoint is refused when these differ from the run's: they fix the model, the order of
+# the batches and the meaning of the saved state.
+MUST_MATCH = ("batch_size", "d_in", "hidden", "d_out", "model", "seed", "no_shuffle",
+              "drop_last", "loss", "optimizer")
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class Checkpoint:
     weights: dict[str, torch.Tensor]
     losses: torch.Tensor  # float32, one global loss per completed step
     state: dict[str, Any]
+    optimizer: dict[str, torch.Tensor] | None = None  # torch.optim state (optimizers.py)
 
 
 def _sha256(path: str) -> str:
@@ -57,24 +63,29 @@ def _fsync(path: str) -> None:
 
 
 def save_checkpoint(directory: str, *, step: int, weights: dict[str, torch.Tensor],
-                    losses: torch.Tensor, state: dict[str, Any], keep: int) -> str:
+                    losses: torch.Tensor, state: dict[str, Any], keep: int,
+                    optimizer: dict[str, torch.Tensor] | None = None) -> str:
     """Writes ``directory/step-{step}`` atomically, then keeps only the newest ``keep``.
 
-    ``state`` is stored in state.json with the step and the files' checksums added.
+    ``state`` is stored in state.json with the step and the files' checksums added;
+    ``optimizer`` (optimizers.state_tensors) in optimizer.safetensors when given.
     Returns the checkpoint's path. Rank 0 alone calls this.
     """
     final = os.path.join(directory, f"step-{step}")
     tmp = tempfile.mkdtemp(dir=directory, prefix=f".step-{step}.tmp-")
+    files = {WEIGHTS: weights,
+             LOSSES: {"loss": losses.detach().to("cpu", torch.float32, copy=True)}}
+    if optimizer is not None:
+        files[OPTIMIZER] = optimizer
     try:
-        save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()},
-                  os.path.join(tmp, WEIGHTS))
-        save_file({"loss": losses.detach().to("cpu", torch.float32, copy=True).contiguous()},
-                  os.path.join(tmp, LOSSES))
+        for name, tensors in files.items():
+            save_file({k: v.detach().to("cpu", copy=True).contiguous()
+                       for k, v in tensors.items()}, os.path.join(tmp, name))
         record = {**state, "step": step,
-                  "sha256": {name: _sha256(os.path.join(tmp, name)) for name in (WEIGHTS, LOSSES)}}
+                  "sha256": {name: _sha256(os.path.join(tmp, name)) for name in files}}
         with open(os.path.join(tmp, STATE), "w", encoding="utf-8") as file:
             json.dump(record, file, indent=1, sort_keys=True)
-        for name in (WEIGHTS, LOSSES, STATE):
+        for name in (*files, STATE):
             _fsync(os.path.join(tmp, name))
         if os.path.exists(final):  # a step saved twice (e.g. after a restart): replace it
             shutil.rmtree(final)
@@ -101,17 +112,20 @@ def read_checkpoint(path: str) -> Checkpoint:
     try:
         with open(os.path.join(path, STATE), encoding="utf-8") as file:
             state = json.load(file)
-        for name in (WEIGHTS, LOSSES):
+        for name in sorted({WEIGHTS, LOSSES, *state["sha256"]}):
             if _sha256(os.path.join(path, name)) != state["sha256"][name]:
                 raise ValueError(f"{name} does not match its checksum")
         weights = load_file(os.path.join(path, WEIGHTS))
         losses = load_file(os.path.join(path, LOSSES))["loss"]
+        optimizer = (load_file(os.path.join(path, OPTIMIZER))
+                     if OPTIMIZER in state["sha256"] else None)
         step = int(state["step"])
     except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
         raise ValueError(f"unreadable ({type(error).__name__}: {error})") from None
     if losses.numel() != step:
         raise ValueError(f"holds {losses.numel()} losses for {step} steps")
-    return Checkpoint(path=path, step=step, weights=weights, losses=losses, state=state)
+    return Checkpoint(path=path, step=step, weights=weights, losses=losses, state=state,
+                      optimizer=optimizer)
 
 
 def latest_checkpoint(directory: str) -> tuple[Checkpoint | None, list[str]]:
@@ -131,8 +145,8 @@ def check_compatible(checkpoint: Checkpoint, config: dict[str, Any]) -> None:
     saved = checkpoint.state.get("config", {})
     now = json.loads(json.dumps(config))  # tuples become lists, as in state.json
     differ = [f"{flag_name(name)} {flag_text(saved.get(name))} (now {flag_text(now[name])})"
-              for name in MUST_MATCH if saved.get(name) != now[name]]
+              for name in MUST_MATCH if name in now and saved.get(name) != now[name]]
     if differ:
         raise UsageError(f"--checkpoint-dir: {checkpoint.path} was made with "
-                         f"{', '.join(differ)}; allowed: resume with the same model shape, "
-                         "batch and seed, or use another --checkpoint-dir")
+                         f"{', '.join(differ)}; allowed: resume with the same model, batch "
+                         "order, loss and optimizer, or use another --checkpoint-dir")

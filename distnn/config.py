@@ -19,28 +19,59 @@ class UsageError(ValueError):
     """A mistake the user can fix: a bad flag value, a bad launch environment, an unusable path."""
 
 
-def _option(default: Any, help: str, *, minimum: float | None = None,
+def _option(default: Any, help: str, *, minimum: float | None = None, inclusive: bool = False,
             choices: tuple[str, ...] | None = None, metavar: str | None = None) -> Any:
     return field(default=default, metadata={
-        "help": help, "minimum": minimum, "choices": choices, "metavar": metavar})
+        "help": help, "minimum": minimum, "inclusive": inclusive, "choices": choices,
+        "metavar": metavar})
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Everything that defines a run. Defaults reproduce the reference program."""
 
-    data: str | None = _option(None, "train on tensors x [N, D_in] and y [N, D_out] from this "
-                               ".safetensors, .npz or .pt file instead of the random batch; "
-                               "N, D_in and D_out then come from the file", metavar="PATH")
-    batch_size: int = _option(64, "global batch size N, split across the ranks", minimum=1)
-    d_in: int = _option(1000, "input features D_in", minimum=1)
-    hidden: tuple[int, ...] = _option((100,), "hidden units per layer, comma-separated "
-                                      "(512,256 is two hidden layers)", minimum=1,
-                                      metavar="H[,H...]")
-    d_out: int = _option(10, "output features D_out", minimum=1)
-    steps: int = _option(500, "training steps", minimum=1)
-    lr: float = _option(1e-4, "learning rate of the update p -= lr * grad", minimum=0.0)
-    seed: int = _option(0, "torch.manual_seed before the data and weights are drawn", minimum=0)
+    data: str | None = _option(None, "train on tensors x [N, D_in] and y [N, D_out] or [N] from "
+                               "this .safetensors, .npz or .pt file, in mini-batches of "
+                               "--batch-size rows, instead of the random batch",
+                               metavar="PATH")
+    batch_size: int | None = _option(None, "global batch size, split across the ranks (default: "
+                                     "64, the reference's; with --data: the file's rows)",
+                                     minimum=1)
+    d_in: int | None = _option(None, "input features D_in (default: 1000; with --data: the "
+                               "file's)", minimum=1)
+    hidden: tuple[int, ...] | None = _option(None, "hidden units per layer of the MLP, "
+                                             "comma-separated (default: 100; 512,256 is two "
+                                             "hidden layers)", minimum=1, metavar="H[,H...]")
+    d_out: int | None = _option(None, "output features D_out, or classes with --loss "
+                                "cross-entropy (default: 10; with --data: the file's, or the "
+                                "largest label + 1)", minimum=1)
+    model: str | None = _option(None, "build the model with MODULE:FUNCTION(d_in=..., d_out=...) "
+                                "instead of the MLP, right after torch.manual_seed(--seed)",
+                                metavar="MODULE:FUNCTION")
+    steps: int | None = _option(None, "training steps (default: 500, unless --epochs is given)",
+                                minimum=1)
+    epochs: int | None = _option(None, "passes over the data (instead of --steps)", minimum=1)
+    no_shuffle: bool = _option(False, "take each epoch's rows in file order instead of the "
+                               "seeded permutation randperm(N, seed + epoch)")
+    drop_last: bool = _option(False, "drop each epoch's last batch when it is smaller than "
+                              "--batch-size")
+    loss: str = _option("mse", "mse: MSELoss(reduction='sum'); cross-entropy: "
+                        "CrossEntropyLoss(reduction='sum') on integer class labels y [N]",
+                        choices=("mse", "cross-entropy"))
+    optimizer: str = _option("sgd", "sgd: the reference's p -= lr * grad; momentum: "
+                             "torch.optim.SGD with --momentum; adamw: torch.optim.AdamW with "
+                             "--weight-decay", choices=("sgd", "momentum", "adamw"))
+    lr: float = _option(1e-4, "learning rate", minimum=0.0)
+    momentum: float = _option(0.9, "momentum of --optimizer momentum, in [0, 1)", minimum=0.0,
+                              inclusive=True)
+    weight_decay: float = _option(0.01, "weight decay of --optimizer adamw", minimum=0.0,
+                                  inclusive=True)
+    seed: int = _option(0, "torch.manual_seed before the data and weights are drawn; the "
+                        "epoch order is seeded with seed + epoch", minimum=0)
+    val_data: str | None = _option(None, "validate on x and y from this file (the same formats "
+                                   "and widths as --data)", metavar="PATH")
+    val_every: int = _option(0, "validate every K steps; 0: at the end of each epoch; always "
+                             "at the end of the run", minimum=0, metavar="K")
     device: str = _option("auto", "where each rank computes", choices=("auto", "cpu", "cuda"))
     backend: str = _option("auto", "torch.distributed backend", choices=("auto", "nccl", "gloo"))
     log_every: int = _option(1, "print the loss every K steps; 0 prints only the summary",
@@ -81,13 +112,39 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check_field(f, getattr(self, f.name))
-        if self.quiet and self.verbose:
-            raise UsageError("--quiet and --verbose: got both; allowed: one of them")
+        for first, second in (("quiet", "verbose"), ("steps", "epochs"), ("hidden", "model")):
+            if getattr(self, first) not in (None, False) and getattr(self, second) not in (
+                    None, False):
+                raise UsageError(f"{flag_name(first)} and {flag_name(second)}: got both; "
+                                 "allowed: one of them")
+        if self.momentum >= 1:
+            raise UsageError(f"--momentum: got {self.momentum!r}; allowed: a number in [0, 1)")
+        if self.model is not None and ":" not in self.model:
+            raise UsageError(f"--model: got {self.model!r}; allowed: MODULE:FUNCTION, e.g. "
+                             "mymodels:build")
+
+    def resolved(self, **sizes: int) -> TrainConfig:
+        """The config with every size filled in: what a flag gave, else ``sizes`` (from a data
+        file: batch_size, d_in, d_out; steps from --epochs, which is then cleared), else the
+        reference program's."""
+        values = {name: getattr(self, name) for name in REFERENCE_SIZES}
+        for name, value in sizes.items():
+            values[name] = value if values.get(name) is None else values[name]
+        for name, default in REFERENCE_SIZES.items():
+            if values[name] is None and not (name == "hidden" and self.model):
+                values[name] = default
+        if self.epochs is not None:  # now counted in steps
+            values["epochs"] = None
+        return dataclasses.replace(self, **values)
 
     @property
     def verbosity(self) -> int:
         """-1 with --quiet, 1 with --verbose, else 0."""
         return -1 if self.quiet else 1 if self.verbose else 0
+
+
+# What the reference program uses where neither a flag nor a data file says otherwise.
+REFERENCE_SIZES = {"batch_size": 64, "d_in": 1000, "hidden": (100,), "d_out": 10, "steps": 500}
 
 
 def flag_name(field_name: str) -> str:
@@ -101,17 +158,23 @@ def flag_text(value: Any) -> str:
     return str(value)
 
 
+def _base_type(f: dataclasses.Field) -> str:
+    """The field's type without ``| None`` (an optional field: None means not given)."""
+    return f.type.removesuffix(" | None")
+
+
 def _allowed(f: dataclasses.Field) -> str:
     """The words of 'allowed: ...' for a field."""
     minimum, choices = f.metadata["minimum"], f.metadata["choices"]
+    kind = _base_type(f)
     if choices:
         return ", ".join(choices)
-    if f.type == "int":
+    if kind == "int":
         return f"an integer >= {int(minimum)}"
-    if f.type == "tuple[int, ...]":
+    if kind == "tuple[int, ...]":
         return f"integers >= {int(minimum)}, comma-separated"
-    if f.type == "float":
-        return f"a finite number > {minimum:g}"
+    if kind == "float":
+        return f"a finite number {'>=' if f.metadata['inclusive'] else '>'} {minimum:g}"
     if f.type == "bool":
         return "true or false"
     return "a file path"
@@ -119,18 +182,22 @@ def _allowed(f: dataclasses.Field) -> str:
 
 def _check_field(f: dataclasses.Field, value: Any) -> None:
     minimum, choices = f.metadata["minimum"], f.metadata["choices"]
+    kind = _base_type(f)
     bad = False
-    if f.type == "bool":
+    if value is None and kind != f.type:
+        return  # an optional field left out
+    if kind == "bool":
         bad = not isinstance(value, bool)
-    elif f.type == "int":
+    elif kind == "int":
         bad = isinstance(value, bool) or not isinstance(value, int) or value < minimum
-    elif f.type == "tuple[int, ...]":
+    elif kind == "tuple[int, ...]":
         bad = (not isinstance(value, tuple) or not value
                or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum
                       for v in value))
-    elif f.type == "float":
+    elif kind == "float":
         bad = (isinstance(value, bool) or not isinstance(value, (int, float))
-               or not math.isfinite(value) or value <= minimum)
+               or not math.isfinite(value)
+               or (value < minimum if f.metadata["inclusive"] else value <= minimum))
     elif choices:
         bad = value not in choices
     elif value is not None:
@@ -141,12 +208,13 @@ def _check_field(f: dataclasses.Field, value: Any) -> None:
 
 def _convert(f: dataclasses.Field, text: str) -> Any:
     """Turns a flag's text into the field's type, or raises UsageError."""
+    kind = _base_type(f)
     try:
-        if f.type == "int":
+        if kind == "int":
             return int(text)
-        if f.type == "float":
+        if kind == "float":
             return float(text)
-        if f.type == "tuple[int, ...]":
+        if kind == "tuple[int, ...]":
             return tuple(int(part) for part in text.split(","))
     except ValueError:
         raise UsageError(f"{flag_name(f.name)}: got {text!r}; allowed: {_allowed(f)}") from None
@@ -162,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line, one flag per TrainConfig field, every value taken as text."""
     parser = _Parser(
         prog="distnn-train",
-        description="Train the two-layer net data-parallel; the result equals one process.",
+        description="Train data-parallel: the result equals one process, for any number of ranks.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in dataclasses.fields(TrainConfig):

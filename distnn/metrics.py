@@ -27,8 +27,9 @@ class StepLog:
     ``0, K, 2K, ...`` (K = ``log_every``) are printed as ``step loss``, the reference
     program's format; K = 0 prints none. The metrics file, when given, is opened at once and
     gets one object per logged step (``step``, ``loss``, and the ``ms_per_step`` and
-    ``samples_per_s`` measured over the flush window holding that step), then a final
-    ``{"event": "summary", ...}`` object. On an interactive terminal a progress bar (tqdm)
+    ``samples_per_s`` measured over the flush window holding that step), events such as
+    ``{"event": "val", "step": S, ...}`` (after step S - 1's line: S steps were done), then a
+    final ``{"event": "summary", ...}`` object. On an interactive terminal a progress bar (tqdm)
     shows the step, the loss and steps/s, with the loss lines printed above it.
     """
 
@@ -52,16 +53,20 @@ class StepLog:
         self.bar = (tqdm(total=losses.numel(), unit="step", file=self.out,
                          ncols=shutil.get_terminal_size().columns) if progress else None)
 
-    def begin(self, steps: int = 0) -> None:
+    def begin(self, steps: int = 0, events: list[dict[str, Any]] = ()) -> None:
         """Call just before the first step; ``steps`` were already done (by a checkpointed run).
 
-        Their losses go to the metrics file, not to stdout, so the file matches an
+        Their losses, and the ``events`` of those steps (validation results: dicts with a
+        ``step``), go to the metrics file, not to stdout, so the file matches an
         uninterrupted run. The timing of the first flush window starts now.
         """
         if self.metrics:
+            pending = sorted(events, key=lambda event: event["step"])
             for step, loss in enumerate(self.losses[:steps].tolist()):
                 if self.log_every and step % self.log_every == 0:
                     self.metrics.write(json.dumps({"step": step, "loss": loss}) + "\n")
+                while pending and pending[0]["step"] == step + 1:
+                    self.metrics.write(json.dumps({"event": "val", **pending.pop(0)}) + "\n")
         self.recorded = self.written = steps
         if self.bar:
             self.bar.update(steps)
@@ -95,6 +100,16 @@ class StepLog:
         if self.metrics:
             self.metrics.flush()
         self.last_flush = time.perf_counter()
+
+    def event(self, record: dict[str, Any]) -> None:
+        """Writes an event after the steps recorded so far: a line (``val 100 loss=...``)
+        and the record itself in the metrics file."""
+        self.flush()
+        fields = " ".join(f"{key}={_format(value)}" for key, value in record.items()
+                          if key not in ("event", "step"))
+        self._write(record, f"{record['event']} {record['step']} {fields}"
+                    if self.print_steps else None)
+        self.flush()
 
     def final_loss(self) -> float:
         """The global loss of the last recorded step."""

@@ -34,7 +34,7 @@ from distnn.environment import detect_launch
 from distnn.guards import RunFailed
 from distnn.process_group import CollectiveFailed
 from distnn.runtime import Runtime, setup
-from distnn.train import STEPS_RANGE, Trainer
+from distnn.trainer import STEPS_RANGE, Trainer
 
 WARMUP_STEPS = 5
 
@@ -80,7 +80,7 @@ def profile_steps(config: TrainConfig, rt: Runtime, top: int = 12) -> StepProfil
                 if e.device_type == DeviceType.CPU and e.name.startswith("aten::")
                 and start <= e.time_range.start and e.time_range.end <= end
                 and not _inside_an_operator(e)]
-    steps = config.steps
+    steps = result.steps
     calls, times = Counter(), defaultdict(float)
     for name, us in work:
         calls[name] += 1

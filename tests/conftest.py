@@ -57,7 +57,8 @@ def _rank_worker(rank: int, world_size: int, port: int, argv: list[str], out_dir
 def run_world(world_size: int, argv: list[str], out_dir: Path) -> dict:
     """Trains with ``world_size`` real gloo ranks in spawned processes.
 
-    Returns {"losses": rank 0's per-step global losses, "weights": [each rank's state_dict]}.
+    Returns {"losses": rank 0's per-step global losses, "weights": [each rank's state_dict],
+    "val": rank 0's validation records}.
     """
     from safetensors.torch import load_file
 
@@ -68,6 +69,7 @@ def run_world(world_size: int, argv: list[str], out_dir: Path) -> dict:
                        nprocs=world_size, start_method="spawn")
     return {
         "losses": read_losses(metrics),
+        "val": read_events(metrics),
         "weights": [load_file(out_dir / f"rank{r}.safetensors") for r in range(world_size)],
     }
 
@@ -77,7 +79,11 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def read_losses(path: Path) -> list[float]:
-    return [row["loss"] for row in read_metrics(path) if "step" in row]
+    return [row["loss"] for row in read_metrics(path) if "step" in row and "event" not in row]
+
+
+def read_events(path: Path, event: str = "val") -> list[dict]:
+    return [row for row in read_metrics(path) if row.get("event") == event]
 
 
 def run_cli(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 120,

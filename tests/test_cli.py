@@ -64,7 +64,7 @@ def test_config_validates_values_given_in_code_too(field, value):
 
 
 def test_defaults_are_the_reference_program():
-    config = parse_config([])
+    config = parse_config([]).resolved()
     assert (config.batch_size, config.d_in, config.hidden, config.d_out) == (64, 1000, (100,), 10)
     assert (config.steps, config.lr, config.seed, config.log_every) == (500, 1e-4, 0, 1)
     assert (config.device, config.backend, config.timeout_s) == ("auto", "auto", 300.0)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import io
+import os
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from distnn.data import inspect_data, load_shard
+from distnn.datafile import DataFile
 from distnn.train import main
 from tests.conftest import bin_path, read_losses, run_cli, run_world
 from tests.reference import assert_matches_reference
@@ -41,37 +41,46 @@ def write(path, x, y, **npz_options):
 def test_every_format_yields_the_same_rows(tmp_path, name, options):
     x, y = make_tensors()
     path = write(tmp_path / name, x, y, **options)
-    shape = inspect_data(str(path))
-    assert (shape.rows, shape.d_in, shape.d_out) == (10, 6, 3)
+    data = DataFile(str(path))
+    assert (data.rows, data.d_in, data.d_out, data.labels) == (10, 6, 3, False)
     for start, stop in [(0, 4), (4, 7), (7, 10), (10, 10)]:
-        x_shard, y_shard = load_shard(str(path), start, stop)
+        x_shard, y_shard = data.read_range(start, stop)
         assert torch.equal(x_shard, x[start:stop]) and torch.equal(y_shard, y[start:stop])
         assert x_shard.dtype == torch.float32
+    rows = torch.tensor([7, 2, 3, 9, 0, 1])  # any order: a shuffled batch's
+    x_rows, y_rows = data.read(rows)
+    assert torch.equal(x_rows, x[rows]) and torch.equal(y_rows, y[rows])
 
 
-def test_an_uncompressed_npz_shard_reads_only_its_rows(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["d.npz", "d.safetensors"])
+def test_a_file_read_by_row_reads_only_those_rows(tmp_path, monkeypatch, name):
     x, y = make_tensors(rows=1000, d_in=50)
-    path = write(tmp_path / "d.npz", x, y)
-    x_shard, _ = load_shard(str(path), 100, 110)
-    assert torch.equal(x_shard, x[100:110])
-    # The rows before the shard are skipped by seeking, never read: reads stay small.
+    path = write(tmp_path / name, x, y)
+    data = DataFile(str(path))
     read_sizes = []
-    real_open = open
+    real_preadv = os.preadv
 
-    class CountingFile(io.FileIO):
-        def read(self, size=-1):
-            data = super().read(size)
-            read_sizes.append(len(data))
-            return data
+    def counting_preadv(fd, buffers, offset):
+        read_sizes.append(real_preadv(fd, buffers, offset))
+        return read_sizes[-1]
 
-    def counting_open(file, mode="r", *args, **kwargs):
-        if str(file) == str(path) and mode == "rb":
-            return io.BufferedReader(CountingFile(file, "rb"), buffer_size=64)
-        return real_open(file, mode, *args, **kwargs)
+    monkeypatch.setattr(os, "preadv", counting_preadv)
+    rows = torch.tensor([905, 100, 101, 102, 3])
+    x_rows, y_rows = data.read(rows)
+    assert torch.equal(x_rows, x[rows]) and torch.equal(y_rows, y[rows])
+    # one read per run of consecutive rows, for x and for y: the rest of the file is not read
+    assert len(read_sizes) == 6 and sum(read_sizes) == 5 * (50 + 3) * 4
 
-    monkeypatch.setattr("builtins.open", counting_open)
-    load_shard(str(path), 900, 910)
-    assert sum(read_sizes) < 30_000, f"read {sum(read_sizes)} bytes; x alone is 200 kB"
+
+def test_integer_targets_are_class_labels(tmp_path):
+    x, _ = make_tensors(rows=6, d_in=4)
+    labels = torch.tensor([0, 3, 1, 1, 2, 0])
+    for name in ("d.safetensors", "d.npz", "d.pt"):
+        path = write(tmp_path / name, x, labels)
+        data = DataFile(str(path))
+        assert data.labels and data.check_labels() == 3
+        x_rows, y_rows = data.read(torch.tensor([1, 4]))
+        assert y_rows.dtype == torch.int64 and y_rows.tolist() == [3, 2]
 
 
 def test_training_on_a_file_matches_the_reference_on_three_ranks(tmp_path):

@@ -1,0 +1,121 @@
+"""What a run trains: a model, a sum loss, the training rows and their order, validation
+rows, an optimizer. The CLI builds a Job from flags (:func:`job_from_flags`); ``distnn.fit``
+from the user's own objects. The Trainer runs either the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from distnn.batches import BatchPlan, RowSource
+from distnn.config import TrainConfig, UsageError
+from distnn.data import reference_setup, shard_bounds
+from distnn.datafile import DataFile
+from distnn.losses import LossFn, sum_loss
+from distnn.model import seeded_model
+from distnn.optimizers import build_optimizer
+
+
+@dataclass
+class Job:
+    """One rank's view of what to train. ``config`` is resolved (every size filled in).
+
+    The training rows are either ``fixed`` (this rank's shard of the one batch every step
+    trains on: the reference program's) or read per step from ``source`` in ``plan``'s order.
+    """
+
+    config: TrainConfig
+    model: nn.Module  # the initial weights, identical on every rank
+    loss_fn: LossFn  # a sum over the rows it is given
+    optimizer: torch.optim.Optimizer | None  # None: the seed's p -= lr * grad
+    plan: BatchPlan | None = None
+    source: RowSource | None = None
+    fixed: tuple[torch.Tensor, torch.Tensor] | None = None
+    val: RowSource | None = None
+    classification: bool = False
+
+
+def job_from_flags(config: TrainConfig, *, world_size: int, rank: int) -> Job:
+    """The Job of the command line: the reference batch, or --data (and --val-data), with the
+    MLP or --model, --loss and --optimizer. Every check a rank can make alone happens here
+    (UsageError); this rank checks its own share of the training rows."""
+    if config.loss == "cross-entropy" and not config.data:
+        raise UsageError("--loss: got 'cross-entropy' without --data, and the random batch "
+                         "has no class labels; allowed: --loss cross-entropy with --data "
+                         "holding integer labels y [N]")
+    if not config.data:
+        config = config.resolved(steps=config.epochs)  # the batch is the whole data: 1 step
+        x, y, model = reference_setup(config)
+        start, stop = shard_bounds(config.batch_size, world_size, rank)
+        job = Job(config=config, model=model, loss_fn=sum_loss(config.loss),
+                  optimizer=None, fixed=(x[start:stop], y[start:stop]))
+    else:
+        train = DataFile(config.data, flag="--data")
+        classes = _check_targets(train, config)
+        d_out = classes if train.labels else train.d_out
+        for name, value in (("d_in", train.d_in), ("d_out", d_out)):
+            given = getattr(config, name)
+            if given is not None and given != value and not (name == "d_out" and train.labels):
+                raise UsageError(f"--{name.replace('_', '-')}: got {given} but --data "
+                                 f"{config.data!r} gives {value}; allowed: leave it out with "
+                                 "--data")
+        plan = BatchPlan(rows=train.rows, batch_size=config.batch_size or train.rows,
+                         seed=config.seed, shuffle=not config.no_shuffle,
+                         drop_last=config.drop_last)
+        config = config.resolved(batch_size=plan.batch_size, d_in=train.d_in, d_out=d_out,
+                                 steps=config.epochs and config.epochs * plan.per_epoch)
+        start, stop = shard_bounds(train.rows, world_size, rank)
+        train.check_rows(start, stop)
+        job = Job(config=config, model=seeded_model(config), loss_fn=sum_loss(config.loss),
+                  optimizer=None, plan=plan, source=train, classification=train.labels)
+        if plan.per_epoch == 1 and not plan.shuffle:  # every step the same rows: read once
+            job.fixed = train.read(plan.shard(0, world_size, rank))
+    if config.val_data:
+        job.val = _val_file(config, classification=job.classification,
+                            world_size=world_size, rank=rank)
+    job.optimizer = build_optimizer(config.optimizer, job.model.parameters(), lr=config.lr,
+                                    momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
+    return job
+
+
+def _check_targets(file: DataFile, config: TrainConfig) -> int:
+    """Checks that y suits --loss; for class labels returns the number of classes (--d-out,
+    else the largest label + 1: every rank reads all of y, in bounded memory)."""
+    if config.loss == "cross-entropy" and not file.labels:
+        raise file.fail("holds floating-point targets y",
+                        "integer class labels y [N] with --loss cross-entropy")
+    if config.loss == "mse" and file.labels:
+        raise file.fail("holds integer targets y (class labels?)",
+                        "floating-point targets with --loss mse, or --loss cross-entropy "
+                        "for class labels")
+    if not file.labels:
+        return 0
+    largest = file.check_labels()
+    if config.d_out is not None and largest >= config.d_out:
+        raise file.fail(f"holds the class label {largest}, but --d-out is {config.d_out}",
+                        f"labels 0 to {config.d_out - 1}, or a larger --d-out")
+    return config.d_out or largest + 1
+
+
+def _val_file(config: TrainConfig, *, classification: bool, world_size: int,
+              rank: int) -> DataFile:
+    """--val-data, checked against the training data's widths and targets."""
+    val = DataFile(config.val_data, flag="--val-data")
+    if val.d_in != config.d_in:
+        raise val.fail(f"holds {val.d_in} input features", f"{config.d_in}, as the model takes")
+    if classification != val.labels:
+        raise val.fail("holds " + ("integer class labels" if val.labels else "float targets"),
+                       "the same kind of targets as the training data")
+    if val.labels:
+        largest = val.check_labels()
+        if largest >= config.d_out:
+            raise val.fail(f"holds the class label {largest}",
+                           f"labels 0 to {config.d_out - 1}, the training data's classes")
+    elif val.d_out != config.d_out:
+        raise val.fail(f"holds {val.d_out} target columns", f"{config.d_out}, as the model has")
+    val.check_rows(*shard_bounds(val.rows, world_size, rank))
+    return val

@@ -1,0 +1,582 @@
+"""The Trainer: one rank's part of a run, for any Job (the CLI's, or ``distnn.fit``'s).
+
+One step, on every rank: forward and sum loss over the rank's shard of the step's batch,
+backward, one SUM all-reduce of the gradients (with the loss in the same buffer), then the
+update (``p -= lr * grad``, or the torch.optim optimizer). Every rank applies the same
+update to the same weights, so the replicas stay identical and the result equals one
+process training on the whole batch.
+
+A run: agree on the config and find the newest good checkpoint -> steps, with checks
+(non-finite values, replica agreement), validation and checkpoints every few steps ->
+summary and save.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distnn.batches import ShardStream
+from distnn.checkpoint import Checkpoint, check_compatible, latest_checkpoint, save_checkpoint
+from distnn.config import TrainConfig, UsageError
+from distnn.cudagraph import capture_step
+from distnn.data import shard_bounds
+from distnn.faults import FaultPlan
+from distnn.gradsync import FlatGradSync
+from distnn.guards import RunFailed, check_replicas, disagreements, fingerprint
+from distnn.jobs import Job, job_from_flags
+from distnn.metrics import StepLog
+from distnn.optimizers import load_state_tensors, state_tensors
+from distnn.preemption import StopRequests
+from distnn.process_group import DeviceWatch, collective, gather_objects
+from distnn.runtime import Runtime
+from distnn.validation import evaluate
+from distnn.weights import check_writable, save_weights
+
+log = logging.getLogger("distnn")
+# Gradient buffers up to this size are summed through rank 0 on gloo (see gradsync).
+VIA_ROOT_MAX_MB = 1.0
+VAL_CHUNK_ROWS = 4096  # validation rows a rank evaluates at a time, at most
+
+STEPS_RANGE = "distnn: steps"  # the profiler range around the step loop and its last flush
+
+# What a step returns: the global loss, and the sum of the ranks' stop votes (None alone).
+Summed = tuple[torch.Tensor, torch.Tensor | None]
+# A micro-batch: the function computing its sum loss, and its inputs and targets.
+Piece = tuple[Callable, torch.Tensor, torch.Tensor]
+JobBuilder = Callable[[TrainConfig, Runtime], Job]
+
+
+@dataclass
+class TrainResult:
+    """What a rank holds at the end: its model (identical on every rank), the steps it
+    finished, and the validation results (one dict per validation, in order)."""
+
+    model: nn.Module
+    wall_s: float
+    steps: int = 0
+    val: list[dict] = dataclasses.field(default_factory=list)
+
+
+def flag_job(config: TrainConfig, runtime: Runtime) -> Job:
+    """The command line's Job (jobs.job_from_flags) for this rank."""
+    return job_from_flags(config, world_size=runtime.world_size, rank=runtime.rank)
+
+
+class Trainer:
+    """One rank's part of a run. Rank 0 alone prints, writes metrics, checkpoints and saves.
+
+    ``build_job`` makes what to train from the config (default: from the flags); it runs
+    inside the start-up checks, so a UsageError it raises on any rank stops every rank.
+    """
+
+    def __init__(self, config: TrainConfig, runtime: Runtime, *,
+                 environ: Mapping[str, str], build_job: JobBuilder = flag_job) -> None:
+        self.config = config  # resolved at start-up (the job's sizes filled in)
+        self.rt = runtime
+        self.build_job = build_job
+        self.fault = FaultPlan.from_environ(environ, restart_count=runtime.launch.restart_count,
+                                            device=runtime.device)
+        self.job: Job | None = None
+        self.losses = torch.zeros(0)  # global loss per step, on the device (sized at start-up)
+        # Every read of step results waits through it: a GPU stuck behind a collective fails
+        # after --timeout-s instead of hanging (also under --cuda-graph, out of NCCL's sight).
+        self.watch = DeviceWatch(runtime.device, timeout_s=config.timeout_s)
+        self.verified = 0  # steps checked for non-finite values so far
+        self.last_checkpoint: str | None = None  # the newest written or resumed from
+        self.log: StepLog | None = None
+        self.val_results: list[dict] = []  # {"step": S, "loss": ..., ...} per validation
+        self.stream: ShardStream | None = None  # the training rows, when read per step
+        # --compile, --cuda-graph: seconds spent compiling and capturing, outside the timings
+        self.compile_s = 0.0
+
+    def train(self) -> TrainResult:
+        """load checkpoint -> steps -> checkpoint, summary, save. Raises RunFailed to stop."""
+        with tf32_matmuls(self.config.precision == "tf32"):
+            try:
+                return self._train()
+            finally:
+                if self.stream:
+                    self.stream.close()
+
+    def _train(self) -> TrainResult:
+        checkpoint, start = self._start_up()
+        job, config = self.job, self.config
+        sync = self._place_model(checkpoint, start)
+        if self.rt.is_main:
+            quiet = config.quiet
+            self.log = StepLog(losses=self.losses, batch_size=config.batch_size,
+                               log_every=config.log_every, metrics_path=config.metrics,
+                               progress=False if quiet else None, print_steps=not quiet,
+                               wait=self.watch.wait)
+        stop = StopRequests(self.rt.device, self.watch)
+        try:
+            run_step = self._prepare_step(sync, stop, start)
+            with stop.installed():
+                if self.log:
+                    self.log.begin(start, events=self.val_results)
+                # The range names the steps in a profile (python -m distnn.profile); it costs
+                # nothing when no profiler runs.
+                with torch.profiler.record_function(STEPS_RANGE):
+                    started = time.perf_counter()
+                    done = self._run_steps(sync, stop, start, run_step)
+                    if self.log:
+                        self.log.flush()  # waits for the device: the wall time is honest
+                    wall_s = time.perf_counter() - started
+            self._finish(sync, stop, start, done, wall_s)
+        finally:
+            if self.log:
+                self.log.close()
+        return TrainResult(model=job.model, wall_s=wall_s, steps=done, val=self.val_results)
+
+    # -- start-up -------------------------------------------------------------------------
+
+    def _start_up(self) -> tuple[Checkpoint | None, int]:
+        """Every rank's checks, shared in one gather: any rank's error stops all of them.
+
+        Builds the job (self.job, self.config resolved); returns rank 0's checkpoint (None
+        elsewhere) and the step to start at.
+        """
+        error, checkpoint = None, None
+        try:
+            self._check_placement()
+            self.job = self.build_job(self.config, self.rt)
+            self.config = self.job.config
+            self._check_job()
+            if self.rt.is_main:
+                checkpoint = self._prepare_outputs()
+        except UsageError as usage_error:
+            error = str(usage_error)
+        views = gather_objects({
+            "error": error,
+            "fingerprint": fingerprint(self.config),
+            "done_losses": checkpoint.losses.tolist() if checkpoint else [],
+        }, distributed=self.rt.distributed)
+        errors = [view["error"] for view in views if view["error"]]
+        if errors:
+            raise UsageError(errors[0])
+        differ = disagreements([view["fingerprint"] for view in views])
+        if differ:
+            raise UsageError("the ranks were started differently: " + "; ".join(differ)
+                             + "; allowed: the same flags and library versions on every rank")
+        done_losses = views[0]["done_losses"]
+        start = len(done_losses)
+        self.losses = torch.zeros(self.config.steps, device=self.rt.device)
+        self.losses[:start] = torch.tensor(done_losses, dtype=torch.float32)
+        self.verified = start
+        if start:
+            self.last_checkpoint = os.path.join(self.config.checkpoint_dir, f"step-{start}")
+        return checkpoint, start
+
+    def _check_placement(self) -> None:
+        """Refuses what this rank's device or backend cannot do."""
+        config, rt = self.config, self.rt
+        if config.precision == "tf32" and rt.device.type != "cuda":
+            raise UsageError("--precision: got 'tf32' but this rank computes on the CPU; "
+                             "TF32 is a CUDA tensor-core format; allowed on the CPU: "
+                             "fp32, bf16")
+        if config.cuda_graph and rt.device.type != "cuda":
+            raise UsageError("--cuda-graph: this rank computes on the CPU, and a CUDA graph "
+                             "captures CUDA kernels; allowed: --cuda-graph on a CUDA device")
+        if config.cuda_graph and rt.communicates and rt.placement.backend != "nccl":
+            raise UsageError(f"--cuda-graph: the backend is {rt.placement.backend}, whose "
+                             "collectives run on the CPU and cannot be captured in a CUDA "
+                             "graph; allowed: --backend nccl (one GPU per rank), or one process")
+
+    def _check_job(self) -> None:
+        """Refuses combinations of the job and the flags that cannot run."""
+        job, config = self.job, self.config
+        if not config.cuda_graph:
+            return
+        if job.optimizer is not None:
+            raise UsageError(f"--cuda-graph: got --optimizer {config.optimizer}, whose "
+                             "torch.optim step is not captured; allowed: --cuda-graph with "
+                             "--optimizer sgd")
+        if job.fixed is None and not job.plan.uniform:
+            raise UsageError(f"--cuda-graph: the data's {job.plan.rows} rows leave a last batch "
+                             f"smaller than --batch-size {job.plan.batch_size}, and a captured "
+                             "step has one shape; allowed: a --batch-size that divides the "
+                             "rows, or --drop-last")
+
+    def _prepare_outputs(self) -> Checkpoint | None:
+        """Rank 0, before training: output paths writable, and the checkpoint to resume."""
+        config = self.config
+        if config.checkpoint_dir:
+            try:
+                os.makedirs(config.checkpoint_dir, exist_ok=True)
+            except OSError as error:
+                raise UsageError(f"--checkpoint-dir: cannot create {config.checkpoint_dir!r} "
+                                 f"({error.strerror}); allowed: a writable directory") from None
+            check_writable(os.path.join(config.checkpoint_dir, ".distnn-probe"),
+                           "--checkpoint-dir")
+        for flag, path in (("--metrics", config.metrics), ("--save", config.save)):
+            if path:
+                check_writable(path, flag)
+        if not config.checkpoint_dir:
+            return None
+        checkpoint, notices = latest_checkpoint(config.checkpoint_dir)
+        for notice in notices:
+            log.warning(notice)
+        if checkpoint:
+            check_compatible(checkpoint, dataclasses.asdict(config))
+            rows = self.job.plan.rows if self.job.plan else None
+            if checkpoint.state.get("rows") != rows:
+                raise UsageError(f"--checkpoint-dir: {checkpoint.path} was made on "
+                                 f"{checkpoint.state.get('rows')} rows of data and this run "
+                                 f"has {rows}; allowed: resume on the same data, or use "
+                                 "another --checkpoint-dir")
+            if checkpoint.step > config.steps:
+                raise UsageError(f"--steps: got {config.steps} but {checkpoint.path} has already "
+                                 f"done {checkpoint.step}; allowed: --steps >= {checkpoint.step}")
+            if (checkpoint.optimizer is None) != (self.job.optimizer is None):
+                raise UsageError(f"--checkpoint-dir: {checkpoint.path} holds "
+                                 f"{'no ' if checkpoint.optimizer is None else ''}optimizer "
+                                 "state and this run's optimizer "
+                                 f"{'needs' if checkpoint.optimizer is None else 'has'} none; "
+                                 "allowed: resume with the same optimizer")
+        return checkpoint
+
+    def _place_model(self, checkpoint: Checkpoint | None, start: int) -> FlatGradSync:
+        """Moves the model to this rank's device with rank 0's weights (fresh or resumed),
+        and the optimizer's state with them."""
+        config, job = self.config, self.job
+        model = job.model
+        if checkpoint:
+            try:
+                model.load_state_dict(checkpoint.weights)
+            except RuntimeError as error:
+                raise UsageError(f"--checkpoint-dir: {checkpoint.path} holds weights that do "
+                                 f"not fit the model ({str(error).splitlines()[0]}); allowed: "
+                                 "resume with the same model") from None
+            self.val_results = list(checkpoint.state.get("val", []))
+            log.info(f"resuming from {checkpoint.path}: {start} of {config.steps} steps done")
+            saved_world = checkpoint.state.get("world_size")
+            if saved_world != self.rt.world_size:
+                log.warning(f"the checkpoint was written by {saved_world} ranks and this run "
+                            f"has {self.rt.world_size}: the result differs from an "
+                            "uninterrupted run only by rounding")
+        model.to(self.rt.device)
+        # Slots after the gradients: the rank's loss and its stop vote. A group of one rank
+        # (torchrun --nproc_per_node=1) uses neither: its steps sum nothing (see _step).
+        gloo = self.rt.placement.backend == "gloo"
+        try:
+            sync = FlatGradSync(model, distributed=self.rt.communicates,
+                                extra_slots=2, bucket_mb=config.bucket_mb,
+                                via_root_max_mb=VIA_ROOT_MAX_MB if gloo else 0.0)
+        except ValueError as error:  # the same on every rank: the same model everywhere
+            raise UsageError(f"the model: {error}; allowed: a model whose trainable "
+                             "parameters share one dtype and device") from None
+        sync.broadcast_parameters(src=0)
+        if job.optimizer is not None and start:
+            state = [checkpoint.optimizer if checkpoint else None]
+            if self.rt.communicates:  # rank 0 alone read the checkpoint
+                with collective("broadcasting the optimizer state"):
+                    dist.broadcast_object_list(state, src=0)
+            load_state_tensors(job.optimizer, state[0])
+        return sync
+
+    # -- the steps ------------------------------------------------------------------------
+
+    def _loss_function(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The sum loss of a piece: the job's loss of the model's output (compiled with
+        --compile)."""
+        model, loss_fn = self.job.model, self.job.loss_fn
+
+        def piece_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return loss_fn(model(x), y)
+
+        return torch.compile(piece_loss, dynamic=False) if self.config.compile else piece_loss
+
+    def _pieces(self, loss_of: Callable, x_shard: torch.Tensor,
+                y_shard: torch.Tensor) -> list[Piece]:
+        """This rank's micro-batches of a shard, each with the function of its sum loss. An
+        empty piece (more ranks or pieces than rows) adds nothing and runs eagerly."""
+        config, eager = self.config, self._eager_loss
+        pieces = []
+        for index in range(config.micro_batches):
+            first, stop = shard_bounds(len(x_shard), config.micro_batches, index)
+            pieces.append((loss_of if stop > first else eager, x_shard[first:stop],
+                           y_shard[first:stop]))
+        return pieces
+
+    def _eager_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.job.loss_fn(self.job.model(x), y)
+
+    def _warm_up(self, sync: FlatGradSync, pieces: list[Piece]) -> None:
+        """--compile: compiles forward and backward of every piece's shape before the timed
+        steps (``compile_s`` in the summary); the gradients are dropped."""
+        started = time.perf_counter()
+        with sync.no_sync():  # compiles forward and backward; no collective starts
+            for function, x_piece, y_piece in pieces:
+                with self._autocast():
+                    warm_up = function(x_piece, y_piece)
+                warm_up.backward()
+        sync.zero_grad()
+        self.compile_s = time.perf_counter() - started
+        log.info(f"compiled the forward and loss in {self.compile_s:.1f} s")
+
+    def _step(self, sync: FlatGradSync, pieces: list[Piece], vote: torch.Tensor) -> Summed:
+        """One step's work on the device; returns the global loss and stop votes.
+
+        Every piece but the last only accumulates its gradients; the last one's backward
+        starts the all-reduce of the buckets. With other ranks the loss and ``vote`` travel
+        in the gradients' all-reduce, and the sums returned are views into it. Alone, a
+        rank's gradients and loss are the global ones already: nothing is packed or summed,
+        and there are no votes (None), so one step is the tutorial loop's operators and no
+        more (tests/test_fastpath.py).
+        """
+        sync.zero_grad()
+        *early, last = pieces
+        local_loss = None
+        if early:
+            with sync.no_sync():
+                for piece in early:
+                    piece_loss = self._backward(*piece).detach()
+                    local_loss = piece_loss if local_loss is None else local_loss + piece_loss
+        piece_loss = self._backward(*last)
+        if local_loss is not None:
+            piece_loss = local_loss + piece_loss.detach()
+        if not sync.distributed:
+            self._update(sync)
+            return piece_loss.detach(), None
+        summed = sync.all_reduce(piece_loss, vote)
+        self._update(sync)
+        return summed[0], summed[1]
+
+    def _update(self, sync: FlatGradSync) -> None:
+        """The seed's ``p -= lr * grad`` over the flat buffer, or the optimizer's step."""
+        if self.job.optimizer is None:
+            sync.sgd_step(self.config.lr)
+        else:
+            self.job.optimizer.step()
+
+    def _backward(self, loss_of: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of one piece; returns its sum loss."""
+        with self._autocast():
+            loss = loss_of(x, y)
+        loss.backward()
+        return loss
+
+    def _prepare_step(self, sync: FlatGradSync, stop: StopRequests,
+                      start: int) -> Callable[[], Summed]:
+        """The function that runs one step: eager, or a replay of the captured step.
+
+        A fixed batch's pieces are made once; rows read per step come from a ShardStream
+        (under --cuda-graph copied into the captured step's input tensors). With
+        --compile the pieces' shapes are compiled here, and with --cuda-graph the step is
+        captured here (warm-up included, with the weights put back after it), so that both
+        stay out of the step timings (in ``compile_s``). A replay returns the tensors the
+        captured step returned, which it overwrites.
+        """
+        job, config, rt = self.job, self.config, self.rt
+        loss_of = self._loss_function()
+        if job.fixed is not None:
+            x_shard, y_shard = (t.to(rt.device) for t in job.fixed)
+        else:
+            self.stream = ShardStream(job.source, job.plan, world_size=rt.world_size,
+                                      rank=rt.rank, device=rt.device, start_step=start)
+            x_shard, y_shard = self.stream.next()
+        pieces = self._pieces(loss_of, x_shard, y_shard)
+        if config.compile:
+            self._warm_up(sync, pieces)
+        if config.cuda_graph:
+            return self._captured_step(sync, stop, pieces, x_shard, y_shard)
+        if job.fixed is not None:
+            return lambda: self._step(sync, pieces, stop.ballot())
+        first = [pieces]  # the first step's rows are read already
+
+        def read_and_step() -> Summed:
+            step_pieces = (first.pop() if first
+                           else self._pieces(loss_of, *self.stream.next()))
+            return self._step(sync, step_pieces, stop.ballot())
+
+        return read_and_step
+
+    def _captured_step(self, sync: FlatGradSync, stop: StopRequests, pieces: list[Piece],
+                       x_shard: torch.Tensor, y_shard: torch.Tensor) -> Callable[[], Summed]:
+        """--cuda-graph: the step captured once; each call replays it, after copying the
+        step's rows (when read per step) into the tensors it was captured on."""
+        started = time.perf_counter()
+        graph, summed = capture_step(lambda: self._step(sync, pieces, stop.ballot()),
+                                     restore=[sync.flat_params])
+        captured_s = time.perf_counter() - started
+        self.compile_s += captured_s
+        log.info(f"captured the step as a CUDA graph in {captured_s:.1f} s")
+        fresh = [True]  # the first step's rows are in the captured tensors already
+
+        def replay() -> Summed:
+            if fresh:
+                fresh.clear()
+            elif self.stream is not None:
+                x_next, y_next = self.stream.next()
+                x_shard.copy_(x_next)
+                y_shard.copy_(y_next)
+            stop.ballot()  # sets this rank's vote in the tensor the graph reads, once signalled
+            graph.replay()
+            return summed
+
+        return replay
+
+    def _run_steps(self, sync: FlatGradSync, stop: StopRequests, start: int,
+                   run_step: Callable[[], Summed]) -> int:
+        """Steps from ``start`` until ``--steps`` or an agreed stop; returns the steps done."""
+        config, rank = self.config, self.rt.rank
+        done = start
+        for step in range(start, config.steps):
+            if self.fault:
+                self.fault.maybe_fire(step=step, rank=rank, flat_params=sync.flat_params)
+            loss, votes = run_step()
+            self.losses[step] = loss
+            done = step + 1
+            if self.log:
+                self.log.record(step)
+            if self._validation_due(done):
+                self._validate(done)
+            if stop.agreed(votes):
+                break
+            if config.verify_every and done % config.verify_every == 0:
+                self._verify(done, sync)
+            if (config.checkpoint_dir and config.checkpoint_every
+                    and done % config.checkpoint_every == 0 and done < config.steps):
+                self._checkpoint(done, sync)
+        return done
+
+    def _validation_due(self, done: int) -> bool:
+        """--val-every K steps, else at the end of each epoch (--data) or of the run."""
+        config, plan = self.config, self.job.plan
+        if self.job.val is None:
+            return False
+        if config.val_every:
+            return done % config.val_every == 0 or done == config.steps
+        return done == config.steps or (plan is not None and plan.ends_epoch(done))
+
+    def _validate(self, done: int) -> None:
+        """Evaluates on the validation rows (every rank its share; the sums all-reduced);
+        rank 0 prints it and writes a ``{"event": "val", ...}`` metrics record."""
+        job, rt = self.job, self.rt
+        result = {"step": done, **evaluate(
+            job.model, job.val, job.loss_fn, chunk_rows=VAL_CHUNK_ROWS,
+            world_size=rt.world_size, rank=rt.rank, device=rt.device,
+            communicates=rt.communicates, classification=job.classification)}
+        self.val_results.append(result)
+        if self.log:
+            self.log.event({"event": "val", **result})
+
+    def _autocast(self) -> AbstractContextManager:
+        """bf16 autocast for --precision bf16 (weights, gradients and all-reduce stay fp32).
+
+        Under --cuda-graph without autocast's weight-cast cache, as the torch.cuda.graphs
+        documentation asks for capture: the casts are then kernels in the graph itself.
+        """
+        if self.config.precision == "bf16":
+            return torch.autocast(device_type=self.rt.device.type, dtype=torch.bfloat16,
+                                  cache_enabled=not self.config.cuda_graph)
+        return nullcontext()
+
+    def _verify(self, done: int, sync: FlatGradSync) -> None:
+        """Stops the run (RunFailed, exit 3) on non-finite values or diverged replicas.
+
+        A non-finite gradient makes the weights non-finite, and those the next loss, so the
+        checks are: the losses since the last check, and the weights now. Every rank reaches
+        the same verdict without communicating (the losses are all-reduced, so equal
+        everywhere); the replica check is one small all-gather.
+        """
+        if done <= self.verified:
+            return
+        self.watch.wait()
+        bad = (~self.losses[self.verified:done].isfinite()).nonzero().flatten().tolist()
+        step = None
+        if bad:
+            step = self.verified + bad[0]
+        elif not sync.flat_params.isfinite().all():
+            step = done - 1  # the last update made the weights non-finite
+        if step is not None:
+            last = f"{self.losses[step - 1].item()!r} at step {step - 1}" if step else "none"
+            kept = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                    else "no checkpoint was written")
+            raise RunFailed(f"non-finite loss or gradient at step {step} (loss "
+                            f"{self.losses[step].item()!r}; last finite loss {last}); stopping: "
+                            f"{kept}; try a smaller --lr", 3)
+        self.verified = done
+        check_replicas(sync.flat_params, step=done, distributed=self.rt.communicates)
+
+    def _checkpoint(self, done: int, sync: FlatGradSync) -> None:
+        """Verifies, then rank 0 writes ``step-{done}``: a checkpoint never holds bad weights."""
+        self._verify(done, sync)
+        job = self.job
+        if self.rt.is_main:
+            state = {"config": dataclasses.asdict(self.config), "world_size": self.rt.world_size,
+                     "rows": job.plan.rows if job.plan else None, "val": self.val_results}
+            if job.plan:  # where the run is in its epoch (the step alone says it too)
+                state["epoch"], state["batch_in_epoch"] = job.plan.position(done)
+            save_checkpoint(self.config.checkpoint_dir, step=done,
+                            weights=job.model.state_dict(), losses=self.losses[:done],
+                            keep=self.config.keep_checkpoints, state=state,
+                            optimizer=state_tensors(job.optimizer) if job.optimizer else None)
+            log.debug(f"wrote checkpoint step-{done}")
+        self.last_checkpoint = os.path.join(self.config.checkpoint_dir, f"step-{done}")
+
+    # -- the end --------------------------------------------------------------------------
+
+    def _finish(self, sync: FlatGradSync, stop: StopRequests, start: int, done: int,
+                wall_s: float) -> None:
+        """Final check and checkpoint; then the summary and --save, or the preemption report."""
+        config, rt = self.config, self.rt
+        if config.checkpoint_dir and done > start:
+            self._checkpoint(done, sync)
+        else:
+            self._verify(done, sync)
+        if done < config.steps:
+            name = signal.Signals(stop.signum or signal.SIGTERM).name
+            if config.checkpoint_dir and done > start:
+                saved = f"wrote {os.path.join(config.checkpoint_dir, f'step-{done}')}"
+            elif config.checkpoint_dir:
+                saved = "no new step to checkpoint"
+            else:
+                saved = "no --checkpoint-dir, so nothing was saved"
+            raise RunFailed(f"preempted ({name}) after step {done} of {config.steps}: {saved}; "
+                            "run the same command to continue", stop.exit_code, label="stopped")
+        if self.log:
+            ran = done - start
+            rows_per_step = min(config.batch_size, self.job.plan.rows if self.job.plan
+                                else config.batch_size)
+            self.log.summary({
+                "world_size": rt.world_size,
+                "device": rt.placement.device,
+                "backend": rt.placement.backend if rt.distributed else "none",
+                "steps": config.steps,
+                "start_step": start,
+                "wall_s": round(wall_s, 6),
+                "compile_s": round(self.compile_s, 3),
+                "samples_per_s": round(rows_per_step * ran / wall_s, 1) if ran else 0.0,
+                "final_loss": self.log.final_loss(),
+            })
+        if rt.is_main and config.save:
+            save_weights(self.job.model, config.save)
+
+
+@contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """CUDA float32 matmuls in TF32 (--precision tf32) or in full fp32 (fp32 and bf16: the
+    reference's numbers), for one run; the process's own setting is put back after it.
+
+    The setting is global to the process: set and left, one tf32 run would turn the fp32
+    runs after it in the same process into TF32 (the benchmark's fp32 rows did exactly that).
+    Compiling and capturing read it inside the run, so they see the run's own.
+    """
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

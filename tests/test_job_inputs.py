@@ -1,0 +1,81 @@
+"""Bad input for what a run trains (data targets, --loss, --model, the length, the order):
+one line, exit code 2, before any training; on every rank."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from distnn.train import main
+from tests.conftest import bin_path, run_cli
+
+
+def write(path, x, y):
+    save_file({"x": x, "y": y}, path)
+    return str(path)
+
+
+@pytest.fixture
+def files(tmp_path):
+    x = torch.randn(6, 3)
+    return {
+        "floats": write(tmp_path / "floats.safetensors", x, torch.randn(6, 2)),
+        "labels": write(tmp_path / "labels.safetensors", x, torch.tensor([0, 1, 2, 1, 0, 2])),
+        "negative": write(tmp_path / "negative.safetensors", x,
+                          torch.tensor([0, 1, -1, 1, 0, 2])),
+        "wide": write(tmp_path / "wide.safetensors", torch.randn(4, 5), torch.randn(4, 2)),
+        "labels2d": write(tmp_path / "labels2d.safetensors", x, torch.zeros(6, 2).long()),
+    }
+
+
+BAD = [
+    (["--data", "{floats}", "--loss", "cross-entropy"],
+     "--data: '{floats}' holds floating-point targets y; allowed: integer class labels"),
+    (["--data", "{labels}"], "holds integer targets y (class labels?); allowed: "
+                             "floating-point targets with --loss mse"),
+    (["--data", "{negative}", "--loss", "cross-entropy"], "holds a negative class label in y"),
+    (["--data", "{labels}", "--loss", "cross-entropy", "--d-out", "2"],
+     "holds the class label 2, but --d-out is 2; allowed: labels 0 to 1"),
+    (["--data", "{labels2d}", "--loss", "cross-entropy"], "holds y of shape [6, 2] and dtype "
+                                                          "int64"),
+    (["--loss", "cross-entropy"], "--loss: got 'cross-entropy' without --data"),
+    (["--data", "{floats}", "--val-data", "{wide}"],
+     "--val-data: '{wide}' holds 5 input features; allowed: 3"),
+    (["--data", "{floats}", "--val-data", "{labels}"], "--val-data: '{labels}' holds integer"),
+    (["--steps", "5", "--epochs", "2"], "--steps and --epochs: got both; allowed: one of them"),
+    (["--hidden", "8", "--model", "tests.user_models:small_mlp"],
+     "--hidden and --model: got both"),
+    (["--model", "no_such_module_here:build"], "--model: cannot import 'no_such_module_here' "
+                                               "(ModuleNotFoundError"),
+    (["--model", "tests.user_models:missing"], "--model: 'tests.user_models' has no function "
+                                               "'missing'"),
+    (["--model", "tests.user_models:not_a_module"], "returned a str; allowed: a function that "
+                                                    "returns an nn.Module"),
+    (["--model", "tests.user_models:raises"], "raised RuntimeError: the user's bug"),
+    (["--model", "nocolon"], "--model: got 'nocolon'; allowed: MODULE:FUNCTION"),
+    (["--data", "{floats}", "--batch-size", "7", "--drop-last"],
+     "--drop-last: --batch-size 7 is more than the data's 6 rows"),
+    (["--optimizer", "lbfgs"], "--optimizer: got 'lbfgs'; allowed: sgd, momentum, adamw"),
+    (["--momentum", "1.5"], "--momentum: got 1.5; allowed: a number in [0, 1)"),
+    (["--val-every", "-2"], "--val-every: got -2; allowed: an integer >= 0"),
+]
+
+
+@pytest.mark.parametrize("argv, words", BAD)
+def test_bad_job_input_is_one_line_and_exit_code_2(argv, words, files, capsys, no_launcher):
+    assert main([arg.format(**files) for arg in argv] + ["--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert captured.out == "" and len(lines) == 1, captured.err
+    assert lines[0].startswith("distnn: error: ") and words.format(**files) in lines[0], lines[0]
+
+
+def test_a_model_that_fails_to_build_stops_every_rank(files):
+    result = run_cli([bin_path("torchrun"), "--nproc_per_node=2", "-m", "distnn.train",
+                      "--model", "tests.user_models:raises", "--steps", "2"], timeout=90)
+    lines = sorted(line for line in result.stderr.splitlines() if line.startswith("distnn:"))
+    assert result.returncode != 0 and len(lines) == 2, result.stderr[-2000:]
+    for rank, line in enumerate(lines):
+        assert line.startswith(f"distnn: rank {rank}: error: --model: ")
+        assert "raised RuntimeError: the user's bug" in line

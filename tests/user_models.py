@@ -1,0 +1,42 @@
+"""Models a user would bring with --model MODULE:FUNCTION (used by the tests)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Routed(nn.Module):
+    """Each row goes to one of four equal experts, chosen by the sign of its first two
+    inputs. A rank whose rows never reach an expert does not use that expert's parameters,
+    so the ranks skip different parameters, while every row's output (and so the sum loss
+    of any batch) is what one process computes."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(d_in, d_out) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        route = (x[:, 0] > 0).long() * 2 + (x[:, 1] > 0).long()
+        out = x.new_zeros(len(x), self.experts[0].out_features)
+        for index, expert in enumerate(self.experts):
+            chosen = route == index
+            if chosen.any():  # data-dependent: the expert runs only for its rows
+                out = out.index_put((chosen,), expert(x[chosen]))
+        return out
+
+
+def routed(d_in: int, d_out: int) -> nn.Module:
+    return Routed(d_in, d_out)
+
+
+def small_mlp(d_in: int, d_out: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(d_in, 16), nn.Tanh(), nn.Linear(16, d_out))
+
+
+def not_a_module(d_in: int, d_out: int) -> str:
+    return "a string"
+
+
+def raises(d_in: int, d_out: int) -> nn.Module:
+    raise RuntimeError("the user's bug")
