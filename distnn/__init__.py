@@ -1,14 +1,20 @@
 """distnn: data-parallel training on torch.distributed whose result equals one process.
 
-The library API (README, "Library API"): ``setup`` joins the job, ``FlatGradSync`` sums
-gradients across ranks through one flat buffer and applies the SGD update, ``shard_bounds``
-says which rows of a batch are this rank's.
+The library API (docs/library-api.md): ``fit`` runs the whole training run (mini-batches,
+checkpoints, resume, preemption, the guards, metrics, validation) for your own model, loss,
+optimizer and data. Its pieces, for a loop of your own: ``setup`` joins the job,
+``FlatGradSync`` sums gradients across ranks through one flat buffer and applies the SGD
+update, ``shard_bounds`` says which rows of a batch are this rank's.
 """
 
 from distnn.config import UsageError
 from distnn.data import shard_bounds
+from distnn.fit import fit
 from distnn.gradsync import FlatGradSync
+from distnn.guards import RunFailed
 from distnn.runtime import Runtime, setup
+from distnn.trainer import TrainResult
 
 __version__ = "0.1.0"
-__all__ = ["FlatGradSync", "Runtime", "UsageError", "setup", "shard_bounds", "__version__"]
+__all__ = ["FlatGradSync", "RunFailed", "Runtime", "TrainResult", "UsageError", "fit", "setup",
+           "shard_bounds", "__version__"]

@@ -123,19 +123,20 @@ class TrainConfig:
             raise UsageError(f"--model: got {self.model!r}; allowed: MODULE:FUNCTION, e.g. "
                              "mymodels:build")
 
-    def resolved(self, **sizes: int) -> TrainConfig:
-        """The config with every size filled in: what a flag gave, else ``sizes`` (from a data
-        file: batch_size, d_in, d_out; steps from --epochs, which is then cleared), else the
-        reference program's."""
+    def resolved(self, **sizes: int | None) -> TrainConfig:
+        """The config with its sizes filled in: what a flag gave, else ``sizes`` (from a data
+        file: batch_size, d_in, d_out; steps counted from --epochs, which is then cleared),
+        else the reference program's (steps only when --epochs is not given either)."""
         values = {name: getattr(self, name) for name in REFERENCE_SIZES}
         for name, value in sizes.items():
-            values[name] = value if values.get(name) is None else values[name]
+            if values[name] is None:
+                values[name] = value
+        epochs = None if values["steps"] is not None else self.epochs
         for name, default in REFERENCE_SIZES.items():
-            if values[name] is None and not (name == "hidden" and self.model):
+            left_open = ((name == "hidden" and self.model) or (name == "steps" and epochs))
+            if values[name] is None and not left_open:
                 values[name] = default
-        if self.epochs is not None:  # now counted in steps
-            values["epochs"] = None
-        return dataclasses.replace(self, **values)
+        return dataclasses.replace(self, **values, epochs=epochs)
 
     @property
     def verbosity(self) -> int:

@@ -5,6 +5,7 @@ from the user's own objects. The Trainer runs either the same way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -62,23 +63,38 @@ def job_from_flags(config: TrainConfig, *, world_size: int, rank: int) -> Job:
                 raise UsageError(f"--{name.replace('_', '-')}: got {given} but --data "
                                  f"{config.data!r} gives {value}; allowed: leave it out with "
                                  "--data")
-        plan = BatchPlan(rows=train.rows, batch_size=config.batch_size or train.rows,
-                         seed=config.seed, shuffle=not config.no_shuffle,
-                         drop_last=config.drop_last)
-        config = config.resolved(batch_size=plan.batch_size, d_in=train.d_in, d_out=d_out,
-                                 steps=config.epochs and config.epochs * plan.per_epoch)
-        start, stop = shard_bounds(train.rows, world_size, rank)
-        train.check_rows(start, stop)
-        job = Job(config=config, model=seeded_model(config), loss_fn=sum_loss(config.loss),
-                  optimizer=None, plan=plan, source=train, classification=train.labels)
-        if plan.per_epoch == 1 and not plan.shuffle:  # every step the same rows: read once
-            job.fixed = train.read(plan.shard(0, world_size, rank))
+        train.check_rows(*shard_bounds(train.rows, world_size, rank))
+        job = rows_job(config.resolved(d_in=train.d_in, d_out=d_out), source=train,
+                       model=seeded_model, loss_fn=sum_loss(config.loss),
+                       classification=train.labels, world_size=world_size, rank=rank)
+        config = job.config
     if config.val_data:
         job.val = _val_file(config, classification=job.classification,
                             world_size=world_size, rank=rank)
     job.optimizer = build_optimizer(config.optimizer, job.model.parameters(), lr=config.lr,
                                     momentum=config.momentum,
                                     weight_decay=config.weight_decay)
+    return job
+
+
+def rows_job(config: TrainConfig, *, source: RowSource,
+             model: nn.Module | Callable[[TrainConfig], nn.Module], loss_fn: LossFn,
+             classification: bool, world_size: int, rank: int,
+             optimizer: torch.optim.Optimizer | None = None) -> Job:
+    """A Job training on ``source`` in mini-batches (BatchPlan from the config's batch
+    size, seed, shuffle and drop_last); the config resolved with the batch and the steps of
+    --epochs. ``model`` is the model, or a function of the resolved config that builds it.
+    When every step trains on the same rows (one batch per epoch, unshuffled), this rank's
+    rows are read once."""
+    plan = BatchPlan(rows=source.rows, batch_size=config.batch_size or source.rows,
+                     seed=config.seed, shuffle=not config.no_shuffle, drop_last=config.drop_last)
+    config = config.resolved(batch_size=plan.batch_size,
+                             steps=config.epochs and config.epochs * plan.per_epoch)
+    job = Job(config=config, model=model if isinstance(model, nn.Module) else model(config),
+              loss_fn=loss_fn, optimizer=optimizer, plan=plan, source=source,
+              classification=classification)
+    if plan.per_epoch == 1 and not plan.shuffle:
+        job.fixed = source.read(plan.shard(0, world_size, rank))
     return job
 
 

@@ -60,12 +60,14 @@ JobBuilder = Callable[[TrainConfig, Runtime], Job]
 @dataclass
 class TrainResult:
     """What a rank holds at the end: its model (identical on every rank), the steps it
-    finished, and the validation results (one dict per validation, in order)."""
+    finished, the validation results (one dict per validation, in order), and whether this
+    is rank 0 (the rank that prints)."""
 
     model: nn.Module
     wall_s: float
     steps: int = 0
     val: list[dict] = dataclasses.field(default_factory=list)
+    is_main: bool = True
 
 
 def flag_job(config: TrainConfig, runtime: Runtime) -> Job:
@@ -137,7 +139,8 @@ class Trainer:
         finally:
             if self.log:
                 self.log.close()
-        return TrainResult(model=job.model, wall_s=wall_s, steps=done, val=self.val_results)
+        return TrainResult(model=job.model, wall_s=wall_s, steps=done, val=self.val_results,
+                           is_main=self.rt.is_main)
 
     # -- start-up -------------------------------------------------------------------------
 

@@ -1,0 +1,110 @@
+"""``distnn.fit``: the command line's whole run (mini-batches, checkpoints and resume,
+preemption, the guards, metrics, validation) for the user's own model, loss, optimizer and
+data, from Python."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from distnn.batches import DatasetRows, RowSource, TensorRows
+from distnn.config import TrainConfig, UsageError
+from distnn.datafile import DataFile
+from distnn.jobs import Job, rows_job
+from distnn.losses import sum_loss
+from distnn.optimizers import build_optimizer
+from distnn.runtime import Runtime, setup
+from distnn.trainer import Trainer, TrainResult
+
+# Settings that describe the command line's own model and data, not a fit's.
+_NOT_SETTINGS = ("data", "val_data", "model", "hidden", "d_in", "d_out", "loss", "optimizer")
+Data = tuple[torch.Tensor, torch.Tensor] | str | os.PathLike | Any
+
+
+def fit(model: nn.Module, *, train: Data,
+        loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "mse",
+        optimizer: str | torch.optim.Optimizer = "sgd", val: Data | None = None,
+        runtime: Runtime | None = None, **settings: Any) -> TrainResult:
+    """Trains ``model`` data-parallel on every rank of the job; returns the TrainResult
+    (the model, identical on every rank; the steps done; the validation results).
+
+    Call it on every rank with the same arguments. ``model`` is the user's module, built
+    the same way on every rank (seed first: rank 0's weights are broadcast anyway).
+    ``train`` and ``val`` are ``(x, y)`` tensors, a map-style dataset (``len`` and
+    ``dataset[i] -> (x_i, y_i)``), or the path of a data file (as ``--data``). ``loss`` is
+    ``"mse"``, ``"cross-entropy"`` or a function ``(prediction, target) -> loss`` that sums
+    over the rows (not a mean: the ranks' sums add up to the batch's). ``optimizer`` is
+    ``"sgd"`` (``p -= lr * grad``), ``"momentum"``, ``"adamw"``, or a ``torch.optim``
+    optimizer built on ``model.parameters()``. ``settings`` are the command line's other
+    flags as keywords (``batch_size=32, epochs=3, lr=1e-3, checkpoint_dir="ck",
+    metrics="run.jsonl", no_shuffle=True, ...``; see docs/flags.md).
+
+    Without ``runtime`` it joins the job itself (torchrun's variables, or one process) and
+    leaves it at the end; inside ``with distnn.setup() as rt:`` pass ``runtime=rt``.
+    Raises UsageError (a ValueError) for bad input, RunFailed when the run must stop
+    (non-finite values, diverged replicas, preemption: its ``exit_code`` says which).
+    """
+    given = sorted(set(settings) & set(_NOT_SETTINGS))
+    if given:
+        raise UsageError(f"distnn.fit: got {', '.join(given)} as settings; allowed: the model, "
+                         "loss, optimizer and data as fit's own arguments")
+    if isinstance(optimizer, str):
+        names = {"optimizer": optimizer}
+    elif isinstance(optimizer, torch.optim.Optimizer):
+        names = {}
+    else:
+        raise UsageError(f"distnn.fit: optimizer is a {type(optimizer).__name__}; allowed: "
+                         "'sgd', 'momentum', 'adamw' or a torch.optim.Optimizer")
+    if isinstance(loss, str):
+        names["loss"] = loss
+    kind = type(model)
+    config = TrainConfig(**settings, **names, model=f"{kind.__module__}:{kind.__qualname__}")
+
+    def build_job(config: TrainConfig, rt: Runtime) -> Job:
+        source = _rows(train, "train")
+        x, y = source.read(torch.arange(min(1, source.rows)))
+        sizes = {"d_in": x.shape[1] if x.dim() > 1 else 1,
+                 "d_out": y.shape[1] if y.dim() > 1 else 1}
+        job = rows_job(config.resolved(**sizes), source=source, model=model,
+                       loss_fn=sum_loss(loss) if isinstance(loss, str) else loss,
+                       classification=not y.is_floating_point(), world_size=rt.world_size,
+                       rank=rt.rank)
+        job.val = _rows(val, "val") if val is not None else None
+        job.optimizer = (build_optimizer(job.config.optimizer, model.parameters(),
+                                         lr=config.lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay)
+                         if isinstance(optimizer, str) else optimizer)
+        return job
+
+    if runtime is not None:
+        return Trainer(config, runtime, environ=os.environ, build_job=build_job).train()
+    with setup(device=config.device, backend=config.backend,
+               timeout_s=config.timeout_s) as rt:
+        return Trainer(config, rt, environ=os.environ, build_job=build_job).train()
+
+
+def _rows(data: Data, name: str) -> RowSource:
+    """``data`` as rows that can be read by index; raises UsageError naming ``name``."""
+    if isinstance(data, (str, os.PathLike)):
+        return DataFile(os.fspath(data), flag=f"distnn.fit {name}")
+    if isinstance(data, tuple) and len(data) == 2 and all(
+            isinstance(t, torch.Tensor) for t in data):
+        if len(data[0]) != len(data[1]) or len(data[0]) == 0:
+            raise UsageError(f"distnn.fit: {name} holds {len(data[0])} inputs and "
+                             f"{len(data[1])} targets; allowed: the same number, at least one")
+        return TensorRows(*data)
+    if hasattr(data, "__len__") and hasattr(data, "__getitem__") and len(data) > 0:
+        first = data[0]
+        if not (isinstance(first, (tuple, list)) and len(first) == 2):
+            raise UsageError(f"distnn.fit: {name}[0] is a {type(first).__name__}; allowed: a "
+                             "dataset whose items are (x, y) pairs")
+        return DatasetRows(data)
+    raise UsageError(f"distnn.fit: {name} is a {type(data).__name__}; allowed: (x, y) "
+                     "tensors, a map-style dataset of (x, y) pairs, or a data file's path")
+
+
+__all__ = ["fit", "TrainResult"]

@@ -1,0 +1,121 @@
+"""distnn.fit: the trainer as a library, for the user's own model, loss, optimizer and data,
+against the independent one-process reference (tests/reference.py)."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import distnn
+from tests.conftest import free_port, read_events, read_losses
+from tests.reference import assert_close_run, minibatch_reference
+
+
+def data(rows=40, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 6, generator=generator)
+    return x, (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+
+
+def build(d_in=6, d_out=3):
+    return nn.Sequential(nn.Linear(d_in, 12), nn.Tanh(), nn.Linear(12, d_out))
+
+
+def fit_adamw(out_dir: str, **settings):
+    torch.manual_seed(11)
+    model = build()
+    x, y = data()
+    val_x, val_y = data(rows=15, seed=4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+    result = distnn.fit(model, train=(x, y), val=(val_x, val_y), loss="cross-entropy",
+                        optimizer=optimizer, batch_size=9, log_every=1, seed=11,
+                        metrics=os.path.join(out_dir, "m.jsonl"), quiet=True,
+                        **{"epochs": None if "steps" in settings else 3, **settings})
+    return result
+
+
+def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    result = fit_adamw(out_dir, device="cpu")
+    save_file({k: v.contiguous() for k, v in result.model.state_dict().items()},
+              os.path.join(out_dir, f"rank{rank}.safetensors"))
+
+
+def reference():
+    x, y = data()
+    # the reference builds the model right after torch.manual_seed(11), as fit_adamw does
+    return minibatch_reference(x=x, y=y, seed=11, build=lambda d_in, d_out: build(),
+                               batch_size=9, epochs=3, loss="cross-entropy",
+                               optimizer="adamw", lr=1e-2, weight_decay=0.05,
+                               val=data(rows=15, seed=4))
+
+
+def test_fit_on_three_ranks_matches_one_process_with_torch_optim(tmp_path):
+    mp.start_processes(_rank, args=(3, free_port(), str(tmp_path)), nprocs=3,
+                       start_method="spawn")
+    losses, weights, val = reference()
+    assert_close_run(read_losses(tmp_path / "m.jsonl"), load_file(tmp_path / "rank0.safetensors"),
+                     losses, weights)
+    got = read_events(tmp_path / "m.jsonl")
+    assert [r["step"] for r in got] == [5, 10, 15] == [r["step"] for r in val]
+    for mine, want in zip(got, val, strict=True):
+        assert mine["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        assert mine["accuracy"] == want["accuracy"]
+
+
+class Pairs(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, index):
+        return self.x[index], self.y[index]
+
+
+def test_a_dataset_trains_as_its_tensors_do(tmp_path, no_launcher):
+    x, y = data()
+    results = []
+    for train in ((x, y), Pairs(x, y)):
+        torch.manual_seed(0)
+        model = build()
+        results.append(distnn.fit(model, train=train, loss="cross-entropy", optimizer="momentum",
+                                  lr=1e-2, batch_size=8, steps=12, log_every=0, quiet=True))
+    for name, tensor in results[0].model.state_dict().items():
+        assert torch.equal(results[1].model.state_dict()[name], tensor), name
+
+
+def test_fit_resumes_bitwise_from_its_checkpoint(tmp_path, no_launcher):
+    whole = fit_adamw(str(tmp_path), device="cpu")
+    ck = tmp_path / "ck"
+    fit_adamw(str(tmp_path), device="cpu", steps=7, checkpoint_dir=str(ck))
+    rest = fit_adamw(str(tmp_path), device="cpu", steps=15, checkpoint_dir=str(ck))
+    # the 7-step run validated at its end too, and its record is kept
+    assert rest.steps == 15 and [r["step"] for r in rest.val] == [5, 7, 10, 15]
+    for name, tensor in whole.model.state_dict().items():
+        assert torch.equal(rest.model.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"train": "nowhere.safetensors"}, "distnn.fit train: 'nowhere.safetensors' does not exist"),
+    ({"train": [1, 2, 3]}, "distnn.fit: train[0] is a int; allowed: a dataset whose items"),
+    ({"train": 5}, "distnn.fit: train is a int; allowed: (x, y) tensors"),
+    ({"train": (torch.zeros(3, 6), torch.zeros(2))}, "train holds 3 inputs and 2 targets"),
+    ({"hidden": (4,)}, "distnn.fit: got hidden as settings"),
+    ({"optimizer": object()}, "optimizer is a object"),
+    ({"epochs": 0}, "--epochs: got 0"),
+])
+def test_bad_fit_arguments_raise_usage_errors(kwargs, words, no_launcher):
+    arguments = {"train": data(), "log_every": 0, **kwargs}
+    with pytest.raises(distnn.UsageError, match=re.escape(words)):
+        distnn.fit(build(), **arguments)
