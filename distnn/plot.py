@@ -1,4 +1,5 @@
-"""``python -m distnn.plot METRICS.jsonl -o loss.png``: the loss curve and the throughput.
+"""``python -m distnn.plot METRICS.jsonl -o loss.png``: the training loss, the validation
+loss beside it (when the run validated), and the throughput.
 
 Needs matplotlib (``pip install 'distnn[plot]'``).
 """
@@ -25,22 +26,38 @@ def read_rows(path: str) -> list[dict]:
 
 
 def plot(rows: list[dict], output: str, *, title: str | None = None) -> None:
-    """Draws the global loss per step (log scale) over the throughput (samples/s)."""
+    """Draws the global loss per step (log scale) over the throughput (samples/s); with
+    validation records, the validation loss per sample on a second scale of the loss axes
+    (and the accuracy, for classification, in the legend's labels)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
-    steps = [row for row in rows if "step" in row]
+    steps = [row for row in rows if "step" in row and "event" not in row]
+    val = [row for row in rows if row.get("event") == "val"]
     if not steps:
         raise ValueError("the metrics file has no step rows (was it written with --log-every 0?)")
     timed = [row for row in steps if "samples_per_s" in row]
     figure, (loss_axes, speed_axes) = plt.subplots(2, 1, sharex=True, figsize=(7, 6),
                                                    height_ratios=(2, 1))
-    loss_axes.plot([r["step"] for r in steps], [r["loss"] for r in steps], linewidth=1.2)
+    loss_axes.plot([r["step"] for r in steps], [r["loss"] for r in steps], linewidth=1.2,
+                   label="training (sum over the batch)")
     loss_axes.set_yscale("log")
     loss_axes.set_ylabel("global loss (sum over the batch)")
     loss_axes.grid(True, which="both", alpha=0.3)
+    if val:
+        val_axes = loss_axes.twinx()
+        label = "validation (per sample)"
+        if "accuracy" in val[-1]:
+            label += f"; final accuracy {val[-1]['accuracy']:.3g}"
+        val_axes.plot([r["step"] for r in val], [r["loss_per_sample"] for r in val],
+                      marker="o", markersize=3, color="tab:orange", label=label)
+        val_axes.set_yscale("log")
+        val_axes.set_ylabel("validation loss per sample")
+        handles = [*loss_axes.get_legend_handles_labels()[0],
+                   *val_axes.get_legend_handles_labels()[0]]
+        loss_axes.legend(handles=handles, loc="upper right", fontsize="small")
     speed_axes.plot([r["step"] for r in timed], [r["samples_per_s"] for r in timed],
                     linewidth=1.2, color="tab:green")
     speed_axes.set_ylabel("samples/s")
