@@ -3,12 +3,15 @@ every flag is documented, and every relative link leads somewhere."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, bin_path, run_cli
+from tests.conftest import REPO, bin_path, clean_env, run_cli
 
 README = (REPO / "README.md").read_text()
 LIBRARY_API = (REPO / "docs" / "library-api.md").read_text()
@@ -20,9 +23,49 @@ def api_example() -> str:
     return re.search(r"```python\n(.*?)```", block, re.S).group(1)
 
 
+def readme_block(marker: str, language: str) -> str:
+    block = README.split(f"<!-- {marker} -->", 1)[1]
+    return re.search(rf"```{language}\n(.*?)```", block, re.S).group(1)
+
+
 def printed_losses(stdout: str) -> dict[int, float]:
-    pairs = (line.split() for line in stdout.splitlines())
+    pairs = (line.split() for line in stdout.splitlines() if line[:1].isdigit())
     return {int(step): float(loss) for step, loss in pairs}
+
+
+def run_in(directory, args):
+    return subprocess.run(args, env=clean_env(), capture_output=True, text=True, timeout=180,
+                          cwd=directory)
+
+
+def test_the_fit_example_runs_alone_and_on_two_ranks_with_the_same_results(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(readme_block("fit-example", "python"))
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "pair").mkdir()
+    alone = run_in(tmp_path / "alone", [sys.executable, str(script)])
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    pair = run_in(tmp_path / "pair", [bin_path("torchrun"), "--nproc_per_node=2", str(script)])
+    assert pair.returncode == 0, pair.stderr[-2000:]
+    one, two = printed_losses(alone.stdout), printed_losses(pair.stdout)
+    assert list(one) == [0, 20, 40, 60] and list(two) == list(one)
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5)
+    said = re.search(r"and\s+`(final accuracy \S+)`", README).group(1)
+    assert alone.stdout.splitlines()[-1] == said == pair.stdout.splitlines()[-1]
+    assert (tmp_path / "alone" / "ck-fit" / "step-80").is_dir()
+
+
+def test_the_data_tutorial_runs_as_written_and_prints_what_the_readme_says(tmp_path):
+    commands = readme_block("tutorial-data", "sh")
+    env = clean_env(PATH=os.pathsep.join([str(Path(sys.executable).parent),
+                                          os.environ["PATH"]]))
+    result = subprocess.run(["bash", "-euc", commands], env=env, capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    said = re.search(r"ends with\s+`(val 80 [^`]+)`", README).group(1)
+    assert said in result.stdout.splitlines()
+    assert (tmp_path / "loss.png").exists() and (tmp_path / "ck" / "step-80").is_dir()
 
 
 def test_the_library_example_runs_alone_and_on_two_ranks_with_the_same_losses(tmp_path):
