@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from distnn.train import main
 from tests.conftest import REPO, bin_path, clean_env, free_port, read_losses, run_cli
@@ -96,19 +96,31 @@ def test_non_finite_loss_stops_with_exit_3_and_keeps_the_last_good_checkpoint(
 # -- multi-rank faults under torchrun -----------------------------------------------------
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def minibatches(tmp_path_factory) -> list[str]:
+    """A run in shuffled mini-batches of a data file with momentum: restarting it must put
+    back the place in the epoch and the optimizer's state, not only the weights."""
+    path = tmp_path_factory.mktemp("data") / "d.safetensors"
+    generator = torch.Generator().manual_seed(0)
+    save_file({"x": torch.randn(50, 10, generator=generator),
+               "y": torch.randn(50, 3, generator=generator)}, path)
+    return ["--data", str(path), "--batch-size", "7", "--hidden", "10", "--optimizer",
+            "momentum", "--lr", "1e-3", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, minibatches):
     """The 2-rank run that the interrupted runs must reproduce bit for bit."""
     out = tmp_path_factory.mktemp("uninterrupted")
-    result = run_cli([*torchrun(2, []), *TINY, "--steps", str(STEPS),
+    result = run_cli([*torchrun(2, []), *minibatches, "--steps", str(STEPS),
                       "--save", str(out / "w.safetensors"), "--metrics", str(out / "m.jsonl")])
     assert result.returncode == 0, result.stderr[-2000:]
     return out
 
 
-def test_elastic_restart_resumes_to_the_same_bits(tmp_path, uninterrupted):
+def test_elastic_restart_resumes_to_the_same_bits(tmp_path, uninterrupted, minibatches):
     env = clean_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", DISTNN_FAULT_STEP="150",
                     DISTNN_FAULT_RANK="1")
-    result = run_cli([*torchrun(2, ["--max-restarts=2"]), *TINY, "--steps", str(STEPS),
+    result = run_cli([*torchrun(2, ["--max-restarts=2"]), *minibatches, "--steps", str(STEPS),
                       "--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "100",
                       "--save", str(tmp_path / "w.safetensors"),
                       "--metrics", str(tmp_path / "m.jsonl")], env=env, timeout=180)
@@ -132,8 +144,9 @@ def signal_once(command: list[str], appears, signum: int) -> tuple[int, str]:
     return job.returncode, stderr
 
 
-def test_preemption_checkpoints_and_a_rerun_finishes_the_same(tmp_path, uninterrupted):
-    command = [*torchrun(2, []), *TINY, "--steps", str(STEPS), "--checkpoint-dir",
+def test_preemption_checkpoints_and_a_rerun_finishes_the_same(tmp_path, uninterrupted,
+                                                              minibatches):
+    command = [*torchrun(2, []), *minibatches, "--steps", str(STEPS), "--checkpoint-dir",
                str(tmp_path / "ck"), "--checkpoint-every", "100",
                "--save", str(tmp_path / "w.safetensors")]
     returncode, stderr = signal_once(command, tmp_path / "ck" / "step-100", signal.SIGTERM)
