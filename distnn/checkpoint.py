@@ -11,23 +11,28 @@ complete, or a crash happened before it got that name. Nothing is read with pick
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from distnn.config import UsageError, flag_name, flag_text
+from distnn.weights import check_space, tensor_bytes
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 WEIGHTS, LOSSES, STATE = "weights.safetensors", "losses.safetensors", "state.json"
 OPTIMIZER = "optimizer.safetensors"
+LOCK = ".distnn-lock"
+TEMPORARY_PREFIX = ".step-"  # a checkpoint being written: ".step-N.tmp-XXXX"
 # A checkpoint is refused when these differ from the run's: they fix the model, the order of
 # the batches and the meaning of the saved state.
 MUST_MATCH = ("batch_size", "d_in", "hidden", "d_out", "model", "seed", "no_shuffle",
@@ -68,25 +73,27 @@ def save_checkpoint(directory: str, *, step: int, weights: dict[str, torch.Tenso
     """Writes ``directory/step-{step}`` atomically, then keeps only the newest ``keep``.
 
     ``state`` is stored in state.json with the step and the files' checksums added;
-    ``optimizer`` (optimizers.state_tensors) in optimizer.safetensors when given.
-    Returns the checkpoint's path. Rank 0 alone calls this.
+    ``optimizer`` (optimizers.state_tensors) in optimizer.safetensors when given. Returns
+    the checkpoint's path. Rank 0 alone calls this. Raises OSError (the file, the reason)
+    when it cannot be written, before writing when the free space is visibly short; the
+    checkpoints already there stay, and no temporary folder is left.
     """
     final = os.path.join(directory, f"step-{step}")
-    tmp = tempfile.mkdtemp(dir=directory, prefix=f".step-{step}.tmp-")
-    files = {WEIGHTS: weights,
-             LOSSES: {"loss": losses.detach().to("cpu", torch.float32, copy=True)}}
+    files = {WEIGHTS: tensor_bytes(weights),
+             LOSSES: tensor_bytes({"loss": losses.detach().to(torch.float32)})}
     if optimizer is not None:
-        files[OPTIMIZER] = optimizer
+        files[OPTIMIZER] = tensor_bytes(optimizer)
+    record = {**state, "step": step,
+              "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}}
+    files[STATE] = json.dumps(record, indent=1, sort_keys=True).encode()
+    check_space(directory, sum(len(data) for data in files.values()))
+    tmp = tempfile.mkdtemp(dir=directory, prefix=f"{TEMPORARY_PREFIX}{step}.tmp-")
     try:
-        for name, tensors in files.items():
-            save_file({k: v.detach().to("cpu", copy=True).contiguous()
-                       for k, v in tensors.items()}, os.path.join(tmp, name))
-        record = {**state, "step": step,
-                  "sha256": {name: _sha256(os.path.join(tmp, name)) for name in files}}
-        with open(os.path.join(tmp, STATE), "w", encoding="utf-8") as file:
-            json.dump(record, file, indent=1, sort_keys=True)
-        for name in (*files, STATE):
-            _fsync(os.path.join(tmp, name))
+        for name, data in files.items():
+            with open(os.path.join(tmp, name), "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
         if os.path.exists(final):  # a step saved twice (e.g. after a restart): replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -97,6 +104,50 @@ def save_checkpoint(directory: str, *, step: int, weights: dict[str, torch.Tenso
     for old in list_checkpoints(directory)[:-keep]:
         shutil.rmtree(os.path.join(directory, f"step-{old}"), ignore_errors=True)
     return final
+
+
+def remove_temporaries(directory: str) -> list[str]:
+    """Removes the temporary folders of checkpoint writes that were cut short (kill -9,
+    power loss); returns their paths. Call it holding the folder's lock: then no other job
+    is writing one."""
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        if name.startswith(TEMPORARY_PREFIX) and ".tmp-" in name:
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+            removed.append(os.path.join(directory, name))
+    return removed
+
+
+class FolderLock:
+    """One job per checkpoint folder: an exclusive ``flock`` on ``DIR/.distnn-lock``, held
+    for the whole run by rank 0, with the holder's host and process id written in the file.
+
+    The kernel releases it when the process ends, even by kill -9. Some network file systems
+    do not honour flock: there the lock guards nothing.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.path = os.path.join(directory, LOCK)
+        self._file = open(self.path, "a+", encoding="utf-8")  # held for the run
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "unknown"
+            self._file.close()
+            raise UsageError(f"--checkpoint-dir: {directory!r} is in use by another job "
+                             f"({holder}); allowed: one job per checkpoint folder: wait for "
+                             "it, stop it, or use another --checkpoint-dir") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        """Releases the lock (safe to call more than once)."""
+        if not self._file.closed:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+            self._file.close()
 
 
 def list_checkpoints(directory: str) -> list[int]:

@@ -8,12 +8,16 @@ restart runs clean. ``DISTNN_FAULT_KIND`` says how:
 - ``hang``: sleeps forever without entering the step's collective, as a wedged process;
 - ``diverge``: nudges one weight on that rank only, as a silent corruption would;
 - ``stall`` (CUDA only): queues a kernel that keeps the rank's GPU busy for an hour before
-  the step, as a collective waiting for a wedged peer does, while the host goes on.
+  the step, as a collective waiting for a wedged peer does, while the host goes on;
+- ``write-fail``: from that step on, every write that makes a file of that rank's larger
+  fails in the kernel (RLIMIT_FSIZE 0, SIGXFSZ ignored: EFBIG, "File too large"), as a full
+  disk would: checkpoints, --save and --metrics.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import time
 from collections.abc import Mapping
@@ -23,7 +27,7 @@ import torch
 
 from distnn.config import UsageError
 
-KINDS = ("exit", "hang", "diverge", "stall")
+KINDS = ("exit", "hang", "diverge", "stall", "write-fail")
 STALL_CYCLES = 3600 * 2 * 10**9  # an hour of GPU clock cycles at 2 GHz
 
 
@@ -73,6 +77,11 @@ class FaultPlan:
                 time.sleep(3600)
         if self.kind == "stall":
             torch.cuda._sleep(STALL_CYCLES)  # one spinning kernel on the current stream
+            return
+        if self.kind == "write-fail":
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write, not the process
+            resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(
+                resource.RLIMIT_FSIZE)[1]))
             return
         with torch.no_grad():
             flat_params[0] += 1e-3

@@ -8,6 +8,7 @@ What is printed is the same as printing every step as it happens.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 import time
@@ -17,6 +18,7 @@ from typing import IO, Any
 import torch
 from tqdm import tqdm
 
+log = logging.getLogger("distnn")
 FLUSH_SECONDS = 1.0
 
 
@@ -46,6 +48,7 @@ class StepLog:
         self.recorded = 0  # steps recorded so far
         self.written = 0  # steps already moved to the host and written
         self.last_flush = time.perf_counter()
+        self.metrics_path = metrics_path
         self.metrics = open(metrics_path, "w", encoding="utf-8") if metrics_path else None
         if progress is None:
             progress = self.out.isatty()
@@ -64,9 +67,9 @@ class StepLog:
             pending = sorted(events, key=lambda event: event["step"])
             for step, loss in enumerate(self.losses[:steps].tolist()):
                 if self.log_every and step % self.log_every == 0:
-                    self.metrics.write(json.dumps({"step": step, "loss": loss}) + "\n")
+                    self._to_metrics(json.dumps({"step": step, "loss": loss}) + "\n")
                 while pending and pending[0]["step"] == step + 1:
-                    self.metrics.write(json.dumps({"event": "val", **pending.pop(0)}) + "\n")
+                    self._to_metrics(json.dumps({"event": "val", **pending.pop(0)}) + "\n")
         self.recorded = self.written = steps
         if self.bar:
             self.bar.update(steps)
@@ -97,8 +100,7 @@ class StepLog:
                 self.bar.update(len(values))
             self.written = self.recorded
         self.out.flush()
-        if self.metrics:
-            self.metrics.flush()
+        self._to_metrics(None)
         self.last_flush = time.perf_counter()
 
     def event(self, record: dict[str, Any]) -> None:
@@ -134,7 +136,10 @@ class StepLog:
                 self.bar.close()
                 self.bar = None
             if self.metrics:
-                self.metrics.close()
+                try:
+                    self.metrics.close()
+                except OSError as error:
+                    self._metrics_failed(error)
                 self.metrics = None
 
     def _write(self, record: dict[str, Any], line: str | None) -> None:
@@ -143,8 +148,31 @@ class StepLog:
                 self.bar.write(line, file=self.out)
             else:
                 print(line, file=self.out)
-        if self.metrics:
-            self.metrics.write(json.dumps(record) + "\n")
+        self._to_metrics(json.dumps(record) + "\n")
+
+    def _to_metrics(self, text: str | None) -> None:
+        """Writes ``text`` to the metrics file (None: flushes it). A write that fails (no
+        space, the folder gone, an I/O error) warns once and ends the metrics, not the run:
+        the weights are the run's result, the metrics a record of it."""
+        if not self.metrics:
+            return
+        try:
+            if text is None:
+                self.metrics.flush()
+            else:
+                self.metrics.write(text)
+        except OSError as error:
+            self._metrics_failed(error)
+
+    def _metrics_failed(self, error: OSError) -> None:
+        log.warning(f"could not write --metrics {self.metrics_path} "
+                    f"({error.strerror or error}); training goes on without metrics, which "
+                    f"end before step {self.written}")
+        metrics, self.metrics = self.metrics, None
+        try:
+            metrics.close()
+        except OSError:
+            pass  # the same failure, once more
 
 
 def _format(value: Any) -> str:

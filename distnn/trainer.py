@@ -27,7 +27,14 @@ import torch.distributed as dist
 from torch import nn
 
 from distnn.batches import ShardStream
-from distnn.checkpoint import Checkpoint, check_compatible, latest_checkpoint, save_checkpoint
+from distnn.checkpoint import (
+    Checkpoint,
+    FolderLock,
+    check_compatible,
+    latest_checkpoint,
+    remove_temporaries,
+    save_checkpoint,
+)
 from distnn.config import TrainConfig, UsageError
 from distnn.cudagraph import capture_step
 from distnn.data import shard_bounds
@@ -41,7 +48,13 @@ from distnn.preemption import StopRequests
 from distnn.process_group import DeviceWatch, collective, gather_objects
 from distnn.runtime import Runtime
 from distnn.validation import evaluate
-from distnn.weights import check_writable, save_weights
+from distnn.weights import (
+    EXIT_OUTPUT,
+    check_writable,
+    describe_os_error,
+    remove_stale_temporaries,
+    save_weights,
+)
 
 log = logging.getLogger("distnn")
 # Gradient buffers up to this size are summed through rank 0 on gloo (see gradsync).
@@ -99,6 +112,7 @@ class Trainer:
         self.log: StepLog | None = None
         self.val_results: list[dict] = []  # {"step": S, "loss": ..., ...} per validation
         self.stream: ShardStream | None = None  # the training rows, when read per step
+        self.lock: FolderLock | None = None  # rank 0's hold on --checkpoint-dir
         # --compile, --cuda-graph: seconds spent compiling and capturing, outside the timings
         self.compile_s = 0.0
 
@@ -110,6 +124,8 @@ class Trainer:
             finally:
                 if self.stream:
                     self.stream.close()
+                if self.lock:
+                    self.lock.release()
 
     def _train(self) -> TrainResult:
         checkpoint, start = self._start_up()
@@ -222,9 +238,15 @@ class Trainer:
                                  f"({error.strerror}); allowed: a writable directory") from None
             check_writable(os.path.join(config.checkpoint_dir, ".distnn-probe"),
                            "--checkpoint-dir")
+            self.lock = FolderLock(config.checkpoint_dir)
+            for path in remove_temporaries(config.checkpoint_dir):
+                log.info(f"removed {path}, a checkpoint whose writing was cut short")
         for flag, path in (("--metrics", config.metrics), ("--save", config.save)):
             if path:
                 check_writable(path, flag)
+        if config.save:
+            for path in remove_stale_temporaries(config.save):
+                log.info(f"removed {path}, a --save whose writing was cut short")
         if not config.checkpoint_dir:
             return None
         checkpoint, notices = latest_checkpoint(config.checkpoint_dir)
@@ -514,10 +536,13 @@ class Trainer:
         check_replicas(sync.flat_params, step=done, distributed=self.rt.communicates)
 
     def _checkpoint(self, done: int, sync: FlatGradSync) -> None:
-        """Verifies, then rank 0 writes ``step-{done}``: a checkpoint never holds bad weights."""
+        """Verifies, then rank 0 writes ``step-{done}``: a checkpoint never holds bad weights.
+
+        Every rank learns whether the write worked; if not, all stop (exit 4)."""
         self._verify(done, sync)
-        job = self.job
-        if self.rt.is_main:
+        job, path = self.job, os.path.join(self.config.checkpoint_dir, f"step-{done}")
+
+        def write() -> None:
             state = {"config": dataclasses.asdict(self.config), "world_size": self.rt.world_size,
                      "rows": job.plan.rows if job.plan else None, "val": self.val_results}
             if job.plan:  # where the run is in its epoch (the step alone says it too)
@@ -527,7 +552,32 @@ class Trainer:
                             keep=self.config.keep_checkpoints, state=state,
                             optimizer=state_tensors(job.optimizer) if job.optimizer else None)
             log.debug(f"wrote checkpoint step-{done}")
-        self.last_checkpoint = os.path.join(self.config.checkpoint_dir, f"step-{done}")
+
+        kept = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                else "no checkpoint was written")
+        self._write_on_rank_0(write, f"could not write the checkpoint {path}",
+                              f"{kept}; make room and run the same command to continue")
+        self.last_checkpoint = path
+
+    def _write_on_rank_0(self, write: Callable[[], None], failed: str, after: str) -> None:
+        """Rank 0 runs ``write``; every rank learns its outcome (one small collective) and,
+        if it failed, stops with the same line: ``failed`` (reason) ``after``, exit 4.
+
+        So a full disk on rank 0 is reported as what it is on every rank, not as a lost peer.
+        """
+        error = None
+        if self.rt.is_main:
+            try:
+                write()
+            except OSError as os_error:
+                error = f"{failed} ({describe_os_error(os_error)}); {after}"
+        if self.rt.communicates:
+            outcome = [error]
+            with collective("sharing whether rank 0's write worked"):
+                dist.broadcast_object_list(outcome, src=0)
+            error = outcome[0]
+        if error:
+            raise RunFailed(error, EXIT_OUTPUT)
 
     # -- the end --------------------------------------------------------------------------
 
@@ -564,8 +614,12 @@ class Trainer:
                 "samples_per_s": round(rows_per_step * ran / wall_s, 1) if ran else 0.0,
                 "final_loss": self.log.final_loss(),
             })
-        if rt.is_main and config.save:
-            save_weights(self.job.model, config.save)
+        if config.save:
+            kept = (f"the trained weights are in the final checkpoint {self.last_checkpoint}"
+                    if self.last_checkpoint else
+                    "the trained weights are lost (no --checkpoint-dir)")
+            self._write_on_rank_0(lambda: save_weights(self.job.model, config.save),
+                                  f"could not write --save {config.save}", kept)
 
 
 @contextmanager

@@ -1,14 +1,31 @@
-"""Output files: checking a path before training, and saving weights atomically."""
+"""Output files: checking a path before training, writing files whole or not at all, and
+saving weights.
+
+Every write goes to a temporary name beside its target, is flushed to disk, then renamed:
+a reader sees the old file or the complete new one, never half. A failed write (no space,
+a read-only or vanished folder, a file size limit, an I/O error) raises OSError naming the
+file and the operating system's reason, and leaves no temporary behind; a temporary left by
+a process that was killed mid-write is removed at the next start
+(:func:`remove_stale_temporaries`).
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import shutil
 import tempfile
 
-from safetensors.torch import save_file
+import torch
+from safetensors.torch import save
 from torch import nn
 
 from distnn.config import UsageError
+
+EXIT_OUTPUT = 4  # the exit code of a run that could not write a checkpoint or --save
+_TEMPORARY = ".distnn-tmp"  # the suffix of a file being written: ".NAME.PID.distnn-tmp"
+SPACE_MARGIN = 1 << 20  # bytes a write leaves free besides its own, at least
 
 
 def check_writable(path: str, flag: str) -> None:
@@ -31,24 +48,71 @@ def check_writable(path: str, flag: str) -> None:
                          f"({error.strerror}); allowed: a path in a writable directory") from None
 
 
-def save_weights(module: nn.Module, path: str) -> None:
-    """Writes ``module.state_dict()`` to ``path`` as safetensors, atomically.
+def check_space(directory: str, needed: int) -> None:
+    """Raises OSError (ENOSPC) when ``directory``'s file system visibly has less free space
+    than ``needed`` bytes and a margin: refused before a byte is written."""
+    free = shutil.disk_usage(directory).free
+    if free < needed + SPACE_MARGIN:
+        raise OSError(errno.ENOSPC, f"No space left on device: {needed} bytes needed, "
+                                    f"{free} free", directory)
 
-    The file is written under a temporary name in the same directory, flushed to disk, then
-    renamed over ``path``: a reader sees the old file or the complete new one, never half.
-    """
-    tensors = {name: tensor.detach().to("cpu", copy=True).contiguous()
-               for name, tensor in module.state_dict().items()}
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".distnn-save-", suffix=".tmp")
-    os.close(fd)
+
+def write_file(path: str, data: bytes) -> None:
+    """Writes ``data`` to ``path`` whole or not at all: a temporary beside it, flushed to
+    disk, renamed over it. Raises OSError on failure, with no temporary left."""
+    directory, name = os.path.split(os.path.abspath(path))
+    check_space(directory, len(data))
+    tmp_path = os.path.join(directory, f".{name}.{os.getpid()}{_TEMPORARY}")
     try:
-        save_file(tensors, tmp_path)
-        with open(tmp_path, "rb") as written:
-            os.fsync(written.fileno())
+        with open(tmp_path, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
         raise
 
+
+def remove_stale_temporaries(path: str) -> list[str]:
+    """Removes the temporaries of writes to ``path`` whose writer no longer runs (killed
+    mid-write); returns their paths. A live writer's (another job's) is left alone."""
+    directory, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(rf"^\.{re.escape(name)}\.(\d+){re.escape(_TEMPORARY)}$")
+    removed = []
+    for entry in os.listdir(directory) if os.path.isdir(directory) else []:
+        match = pattern.match(entry)
+        if match and not _running(int(match.group(1))):
+            os.remove(os.path.join(directory, entry))
+            removed.append(os.path.join(directory, entry))
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: running
+        return True
+    return True
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    """``tensors`` as the bytes of a safetensors file (CPU copies, contiguous)."""
+    return save({name: tensor.detach().to("cpu", copy=True).contiguous()
+                 for name, tensor in tensors.items()})
+
+
+def save_weights(module: nn.Module, path: str) -> None:
+    """Writes ``module.state_dict()`` to ``path`` as safetensors, whole or not at all.
+
+    Raises OSError (the file and the reason) when it cannot be written.
+    """
+    write_file(path, tensor_bytes(module.state_dict()))
+
+
+def describe_os_error(error: OSError) -> str:
+    """The operating system's reason in an OSError, in words."""
+    return error.strerror or str(error) or type(error).__name__

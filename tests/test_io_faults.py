@@ -1,0 +1,150 @@
+"""Faults of the machine around the run: writes that fail (checkpoints, --save, --metrics),
+two jobs on one checkpoint folder, temporaries left by a write that was killed.
+
+Writes fail for real: DISTNN_FAULT_KIND=write-fail sets the rank's RLIMIT_FSIZE to 0 at a
+step, so the kernel refuses every write that grows a file (EFBIG), as a full disk would.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distnn.checkpoint import list_checkpoints
+from distnn.train import main
+from distnn.weights import check_space
+from tests.conftest import REPO, bin_path, clean_env, run_cli
+
+TINY = ["--d-in", "10", "--hidden", "10", "--log-every", "0"]
+
+
+def distnn_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("distnn:")]
+
+
+def write_fail(step: int, rank: int = 0) -> dict[str, str]:
+    return clean_env(DISTNN_FAULT_STEP=str(step), DISTNN_FAULT_RANK=str(rank),
+                     DISTNN_FAULT_KIND="write-fail")
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_every_rank_with_the_reason(tmp_path):
+    ck = tmp_path / "ck"
+    result = run_cli([bin_path("torchrun"), "--nproc_per_node=2", "-m", "distnn.train", *TINY,
+                      "--steps", "100", "--checkpoint-dir", str(ck), "--checkpoint-every",
+                      "20"], env=write_fail(50), timeout=90)
+    lines = distnn_lines(result.stderr)
+    assert result.returncode != 0 and len(lines) == 2, result.stderr[-3000:]
+    for rank, line in enumerate(sorted(lines)):
+        assert line.startswith(f"distnn: rank {rank}: error: could not write the checkpoint "
+                               f"{ck / 'step-60'} (File too large); the last good checkpoint "
+                               f"is {ck / 'step-40'}"), line
+    assert "distnn/" not in result.stderr  # no traceback from the ranks (torchrun has its own)
+    assert sorted(os.listdir(ck)) == [".distnn-lock", "step-20", "step-40"]  # no temporary
+    assert load_file(ck / "step-40" / "weights.safetensors")  # intact
+    rerun = run_cli([bin_path("torchrun"), "--nproc_per_node=2", "-m", "distnn.train", *TINY,
+                     "--steps", "100", "--checkpoint-dir", str(ck), "--checkpoint-every", "20"],
+                    timeout=90)
+    assert rerun.returncode == 0 and f"resuming from {ck / 'step-40'}" in rerun.stderr
+
+
+def test_the_rank_exit_code_of_a_failed_write_is_4(tmp_path, capsys, no_launcher, monkeypatch):
+    for name, value in write_fail(5).items():
+        if name.startswith("DISTNN_"):
+            monkeypatch.setenv(name, value)
+    # in this process: put the file size limit back afterwards
+    import resource
+    import signal
+    limit, xfsz = resource.getrlimit(resource.RLIMIT_FSIZE), signal.getsignal(signal.SIGXFSZ)
+    try:
+        code = main([*TINY, "--steps", "10", "--save", str(tmp_path / "w.safetensors")])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, xfsz)
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 4 and len(lines) == 1, lines
+    assert lines[0] == (f"distnn: error: could not write --save {tmp_path / 'w.safetensors'} "
+                        "(File too large); the trained weights are lost (no --checkpoint-dir)")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_save_names_the_checkpoint_that_holds_the_weights(tmp_path, capsys,
+                                                                     no_launcher, monkeypatch):
+    def no_space(module, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    monkeypatch.setattr("distnn.trainer.save_weights", no_space)
+    code = main([*TINY, "--steps", "10", "--checkpoint-dir", str(tmp_path / "ck"),
+                 "--save", str(tmp_path / "w.safetensors")])
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 4 and len(lines) == 1
+    assert lines[0].endswith(f"(No space left on device); the trained weights are in the final "
+                             f"checkpoint {tmp_path / 'ck' / 'step-10'}")
+
+
+def test_metrics_that_cannot_be_written_warn_once_and_the_run_goes_on(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    result = run_cli([sys.executable, "-m", "distnn.train", "--d-in", "10", "--hidden", "10",
+                      "--steps", "3000", "--metrics", str(metrics)], env=write_fail(100))
+    lines = distnn_lines(result.stderr)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"distnn: warning: could not write --metrics {metrics} (File too large); training goes "
+        "on without metrics"), lines
+    assert result.stdout.splitlines()[-1].startswith("summary: ")
+
+
+def test_the_free_space_is_checked_before_a_write():
+    with pytest.raises(OSError) as info:
+        check_space("/", 1 << 60)
+    assert info.value.errno == errno.ENOSPC and "bytes needed" in str(info.value)
+
+
+def test_a_second_job_on_the_same_checkpoint_folder_stops_naming_the_first(tmp_path):
+    ck = tmp_path / "ck"
+    first = subprocess.Popen([sys.executable, "-m", "distnn.train", *TINY, "--steps",
+                              "10000000", "--checkpoint-dir", str(ck)], env=clean_env(),
+                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (ck / ".distnn-lock").exists() or not (ck / ".distnn-lock").read_text():
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.05)
+        second = run_cli([bin_path("torchrun"), "--nproc_per_node=2", "-m", "distnn.train",
+                          *TINY, "--steps", "5", "--checkpoint-dir", str(ck)], timeout=90)
+        lines = sorted(distnn_lines(second.stderr))
+        assert second.returncode != 0 and len(lines) == 2, second.stderr[-2000:]
+        for rank, line in enumerate(lines):
+            assert line.startswith(f"distnn: rank {rank}: error: --checkpoint-dir: '{ck}' is "
+                                   f"in use by another job (host ")
+            assert f"pid {first.pid})" in line
+    finally:
+        first.terminate()
+        first.communicate(timeout=60)
+    assert first.returncode == 143  # stopped as preempted, checkpoint written
+    assert list_checkpoints(str(ck))
+
+
+def test_leftovers_of_a_killed_write_are_removed_and_never_resumed_from(tmp_path, capsys,
+                                                                         no_launcher):
+    ck = tmp_path / "ck"
+    assert main([*TINY, "--steps", "10", "--checkpoint-dir", str(ck)]) == 0
+    torn = ck / ".step-20.tmp-abc123"  # a write of step 20, killed half way
+    torn.mkdir()
+    (torn / "weights.safetensors").write_bytes(b"half")
+    dead_save = tmp_path / f".w.safetensors.{2**22 + 12345}.distnn-tmp"  # no such process
+    dead_save.write_bytes(b"half")
+    capsys.readouterr()
+    assert main([*TINY, "--steps", "15", "--checkpoint-dir", str(ck), "--save",
+                 str(tmp_path / "w.safetensors")]) == 0
+    err = capsys.readouterr().err
+    assert f"resuming from {ck / 'step-10'}" in err and not torn.exists()
+    assert not dead_save.exists() and torch.is_tensor(
+        load_file(tmp_path / "w.safetensors")["0.weight"])
