@@ -2,7 +2,8 @@
 
 torchrun and ``accelerate launch`` (which runs torchrun underneath) describe the job through
 RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT. With none of them
-set this is a single process and needs no process group.
+set this is a single process and needs no process group. torchrun's elastic agent also sets
+TORCHELASTIC_RUN_ID and TORCHELASTIC_RESTART_COUNT: then the process's parent is that agent.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class LaunchEnv:
     restart_count: int = 0  # TORCHELASTIC_RESTART_COUNT: which attempt of an elastic job
     prefer_cpu: bool = False  # accelerate launch --cpu
     rendezvous: bool = False  # the launcher gave RANK, WORLD_SIZE and MASTER_ADDR/PORT
+    agent: bool = False  # started by torchrun's elastic agent: the parent process to watch
 
     @property
     def needs_process_group(self) -> bool:
@@ -51,6 +53,17 @@ def _int_var(environ: Mapping[str, str], name: str, default: int | None = None) 
         return int(text)
     except ValueError:
         raise UsageError(f"environment: {name}={text!r}; allowed: an integer") from None
+
+
+def started_by_agent(environ: Mapping[str, str]) -> bool:
+    """True when torchrun's elastic agent started this process, so its parent is the agent.
+
+    The agent sets TORCHELASTIC_RUN_ID and TORCHELASTIC_RESTART_COUNT beside RANK and
+    WORLD_SIZE for every worker it starts (``accelerate launch`` runs the same agent). A
+    plain ``python -m distnn.train``, or ranks given RANK etc. by other means, have no agent.
+    """
+    return all(name in environ for name in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID",
+                                            "TORCHELASTIC_RESTART_COUNT"))
 
 
 def detect_launch(environ: Mapping[str, str]) -> LaunchEnv:
@@ -89,7 +102,7 @@ def detect_launch(environ: Mapping[str, str]) -> LaunchEnv:
     return LaunchEnv(launcher=launcher, rank=rank, local_rank=local_rank, world_size=world_size,
                      local_world_size=local_world_size,
                      restart_count=_int_var(environ, "TORCHELASTIC_RESTART_COUNT", default=0),
-                     prefer_cpu=prefer_cpu, rendezvous=True)
+                     prefer_cpu=prefer_cpu, rendezvous=True, agent=started_by_agent(environ))
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from distnn.environment import LaunchEnv, Placement, detect_launch, resolve_placement
+from distnn.launcher_watch import launcher_watch
 from distnn.process_group import process_group
 
 log = logging.getLogger("distnn")
@@ -57,6 +58,9 @@ def setup(*, device: str = "auto", backend: str = "auto", timeout_s: float = 300
     when every local rank has a GPU, else the CPU with gloo), sets the CUDA device, then
     creates the process group with ``timeout_s`` as the bound on every collective. Without
     a launcher it yields a single-process runtime with no process group.
+    Under torchrun's agent (``launch.agent``) a rank whose agent dies sends itself SIGTERM
+    within about a second, so it stops as if preempted instead of training on as an orphan
+    (distnn.launcher_watch); the watch ends when this context does.
     Raises UsageError for an impossible device/backend or launch environment.
     """
     launch = launch or detect_launch(os.environ)
@@ -64,5 +68,6 @@ def setup(*, device: str = "auto", backend: str = "auto", timeout_s: float = 300
                                   cuda_devices=torch.cuda.device_count())
     if placement.notice and launch.is_main:
         log.warning(placement.notice)
-    with process_group(launch, placement, timeout_s=timeout_s) as distributed:
+    with (launcher_watch(launch.agent),
+          process_group(launch, placement, timeout_s=timeout_s) as distributed):
         yield Runtime(launch=launch, placement=placement, distributed=distributed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from distnn.config import UsageError
-from distnn.environment import LaunchEnv, detect_launch, resolve_placement
+from distnn.environment import LaunchEnv, detect_launch, resolve_placement, started_by_agent
 
 TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
             "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "job",
@@ -26,7 +26,7 @@ def test_no_launcher_is_one_process_without_a_group():
 def test_torchrun_multi_node_rank():
     env = detect_launch(TORCHRUN)
     assert env == LaunchEnv(launcher="torchrun", rank=3, local_rank=1, world_size=4,
-                            local_world_size=2, restart_count=2, rendezvous=True)
+                            local_world_size=2, restart_count=2, rendezvous=True, agent=True)
     assert env.needs_process_group and not env.is_main
 
 
@@ -44,6 +44,21 @@ def test_accelerate_cpu_starts_one_process_that_prefers_the_cpu():
 def test_plain_environment_variables_without_torchrun():
     env = detect_launch({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
     assert (env.launcher, env.local_rank, env.local_world_size) == ("env", 0, 2)
+    assert not env.agent
+
+
+@pytest.mark.parametrize("environ, agent", [
+    (TORCHRUN, True),  # torchrun's elastic agent
+    ({**TORCHRUN, "ACCELERATE_MIXED_PRECISION": "no"}, True),  # accelerate launch runs it too
+    ({"PATH": "/bin"}, False),  # python -m distnn.train from a shell
+    ({"ACCELERATE_USE_CPU": "True"}, False),  # accelerate launch --cpu: one plain process
+    ({k: v for k, v in TORCHRUN.items() if not k.startswith("TORCHELASTIC_")}, False),
+    ({k: v for k, v in TORCHRUN.items() if k != "TORCHELASTIC_RESTART_COUNT"}, False),
+    ({"TORCHELASTIC_RUN_ID": "x", "TORCHELASTIC_RESTART_COUNT": "0"}, False),  # no rank
+])
+def test_only_a_torchelastic_agent_is_a_launcher_to_watch(environ, agent):
+    assert started_by_agent(environ) is agent
+    assert detect_launch(environ).agent is agent
 
 
 @pytest.mark.parametrize("environ, words", [
