@@ -1,7 +1,7 @@
 """Checkpoints: ``DIR/step-N/`` folders written atomically, found and verified on resume.
 
 A checkpoint folder holds ``weights.safetensors`` (the model's state_dict), ``losses.safetensors``
-(the global loss of every step so far), with a torch.optim optimizer
+(the global losses of the newest steps, at most lossrecord.TAIL), with a torch.optim optimizer
 ``optimizer.safetensors`` (its per-parameter state), and ``state.json`` (the step, where it
 lies in its epoch, the config, the world size, the validation results so far and the
 SHA-256 of every tensor file). It is written under a
@@ -46,7 +46,7 @@ class Checkpoint:
     path: str
     step: int
     weights: dict[str, torch.Tensor]
-    losses: torch.Tensor  # float32, one global loss per completed step
+    losses: torch.Tensor  # float32, the global losses of the newest completed steps
     state: dict[str, Any]
     optimizer: dict[str, torch.Tensor] | None = None  # torch.optim state (optimizers.py)
 
@@ -173,7 +173,7 @@ def read_checkpoint(path: str) -> Checkpoint:
         step = int(state["step"])
     except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
         raise ValueError(f"unreadable ({type(error).__name__}: {error})") from None
-    if losses.numel() != step:
+    if losses.numel() > step:
         raise ValueError(f"holds {losses.numel()} losses for {step} steps")
     return Checkpoint(path=path, step=step, weights=weights, losses=losses, state=state,
                       optimizer=optimizer)

@@ -39,7 +39,8 @@ class Column:
     """Where one named array lies: its shape and dtype, and how to reach its rows.
 
     ``offset`` is the byte offset of row 0 in the file when the rows can be read in place
-    (C order, uncompressed); else ``tensor`` holds the array (mapped or read whole).
+    (C order, uncompressed); else ``tensor`` holds the array (memory-mapped), or neither is
+    set: the array must be read whole (a compressed or column-major .npz member).
     """
 
     shape: tuple[int, ...]
@@ -97,10 +98,7 @@ class DataFile:
         if self.x.shape[0] != self.y.shape[0] or self.x.shape[0] < 1 or self.x.shape[1] < 1:
             raise self.fail(f"holds {self.x.shape[0]} rows of x and {self.y.shape[0]} of y",
                             "the same number of rows, at least one, in x and y")
-        if self.x.tensor is not None and self.x.offset is None and suffix == ".npz":
-            log.warning(f"{flag}: {path!r} is a compressed or column-major .npz, which cannot "
-                        "be read by row: every rank reads it whole into memory; save it with "
-                        "numpy.savez (C order) to read only the rows each rank needs")
+        self._whole: dict[str, torch.Tensor] = {}  # arrays that had to be read whole
 
     @property
     def rows(self) -> int:
@@ -165,9 +163,19 @@ class DataFile:
         return largest
 
     def _column_rows(self, column: Column, indices: torch.Tensor) -> torch.Tensor:
-        if column.offset is None:
+        if column.offset is not None:
+            return _pread_rows(self.path, column, indices.numpy())
+        if column.tensor is not None:
             return column.tensor[indices]
-        return _pread_rows(self.path, column, indices.numpy())
+        name = "x" if column is self.x else "y"
+        if name not in self._whole:
+            if not self._whole:
+                log.warning(f"{self.flag}: {self.path!r} is a compressed or column-major .npz, "
+                            "which cannot be read by row: every rank reads it whole into "
+                            "memory; save it with numpy.savez (C order) to read only the rows "
+                            "each rank needs")
+            self._whole[name] = _npz_whole(self.path, name)
+        return self._whole[name][indices]
 
 
 def _pread_rows(path: str, column: Column, indices: np.ndarray) -> torch.Tensor:
@@ -217,8 +225,8 @@ def _safetensors_columns(path: str) -> dict[str, Column]:
 
 
 def _npz_columns(path: str) -> dict[str, Column]:
-    """Each ``name.npy`` member of an .npz file: in place when stored uncompressed in C order,
-    else read whole."""
+    """Each ``name.npy`` member of an .npz file, from its header: read in place when stored
+    uncompressed in C order, else read whole when first needed."""
     columns = {}
     with zipfile.ZipFile(path) as archive:
         for name in ("x", "y"):
@@ -236,13 +244,18 @@ def _npz_columns(path: str) -> dict[str, Column]:
                     columns[name] = Column(shape=shape, dtype=torch_dtype,
                                            offset=_member_data_offset(path, info) + header_bytes)
                     continue
-                count = int(np.prod(shape, dtype=np.int64))
-                array = np.frombuffer(member.read(count * dtype.itemsize), dtype=dtype,
-                                      count=count).reshape(shape, order="F" if fortran_order
-                                                           else "C")
-                columns[name] = Column(shape=shape, dtype=torch_dtype,
-                                       tensor=torch.from_numpy(np.array(array, order="C")))
+                columns[name] = Column(shape=shape, dtype=torch_dtype)  # read when needed
     return columns
+
+
+def _npz_whole(path: str, name: str) -> torch.Tensor:
+    """The ``name.npy`` member of an .npz file, read whole (C order)."""
+    with zipfile.ZipFile(path) as archive, archive.open(f"{name}.npy") as member:
+        shape, fortran_order, dtype = _npy_header(member)
+        count = int(np.prod(shape, dtype=np.int64))
+        array = np.frombuffer(member.read(count * dtype.itemsize), dtype=dtype,
+                              count=count).reshape(shape, order="F" if fortran_order else "C")
+        return torch.from_numpy(np.array(array, order="C"))
 
 
 def _member_data_offset(path: str, info: zipfile.ZipInfo) -> int:

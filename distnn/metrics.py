@@ -12,96 +12,95 @@ import logging
 import shutil
 import sys
 import time
-from collections.abc import Callable
 from typing import IO, Any
 
-import torch
 from tqdm import tqdm
+
+from distnn.lossrecord import LossRecord
 
 log = logging.getLogger("distnn")
 FLUSH_SECONDS = 1.0
 
 
 class StepLog:
-    """Writes the logged steps' global losses from the trainer's per-step loss tensor.
+    """Writes the logged steps' global losses as the LossRecord hands them over.
 
-    ``record`` only counts; the losses stay on the device until a flush. Steps
+    ``record`` only counts; the losses stay on the device until a flush pulls them (about
+    once a second, and whenever the record is pulled for another reason). Steps
     ``0, K, 2K, ...`` (K = ``log_every``) are printed as ``step loss``, the reference
-    program's format; K = 0 prints none. The metrics file, when given, is opened at once and
-    gets one object per logged step (``step``, ``loss``, and the ``ms_per_step`` and
-    ``samples_per_s`` measured over the flush window holding that step), events such as
-    ``{"event": "val", "step": S, ...}`` (after step S - 1's line: S steps were done), then a
-    final ``{"event": "summary", ...}`` object. On an interactive terminal a progress bar (tqdm)
-    shows the step, the loss and steps/s, with the loss lines printed above it.
+    program's format; K = 0 prints none. The metrics file, when given, gets one object per
+    logged step (``step``, ``loss``, and the ``ms_per_step`` and ``samples_per_s`` measured
+    over the flush window holding that step), events such as ``{"event": "val", "step": S,
+    ...}`` (after step S - 1's line: S steps were done), then a final ``{"event":
+    "summary", ...}`` object. On an interactive terminal a progress bar (tqdm) shows the
+    step, the loss and steps/s, with the loss lines printed above it.
     """
 
-    def __init__(self, *, losses: torch.Tensor, log_every: int, batch_size: int,
+    def __init__(self, *, record: LossRecord, steps: int, log_every: int, batch_size: int,
                  metrics_path: str | None, out: IO[str] | None = None,
-                 progress: bool | None = None, print_steps: bool = True,
-                 wait: Callable[[], None] | None = None) -> None:
-        self.losses = losses  # the trainer's per-step global losses, on the device
-        self.wait = wait  # called before the losses are read: a bounded wait for the device
+                 progress: bool | None = None, print_steps: bool = True) -> None:
+        self.loss_record = record
+        record.listeners.append(self._take)
         self.log_every = log_every
         self.print_steps = print_steps  # False (--quiet): logged steps go to the metrics only
         self.batch_size = batch_size
         self.out = out if out is not None else sys.stdout
-        self.recorded = 0  # steps recorded so far
-        self.written = 0  # steps already moved to the host and written
+        self.written = record.pulled  # steps already written
         self.last_flush = time.perf_counter()
         self.metrics_path = metrics_path
-        self.metrics = open(metrics_path, "w", encoding="utf-8") if metrics_path else None
+        self.metrics: IO[str] | None = None
         if progress is None:
             progress = self.out.isatty()
         # A terminal that reports no size (some ptys) gets 80 columns, not an empty bar.
-        self.bar = (tqdm(total=losses.numel(), unit="step", file=self.out,
+        self.bar = (tqdm(total=steps, unit="step", file=self.out,
                          ncols=shutil.get_terminal_size().columns) if progress else None)
 
-    def begin(self, steps: int = 0, events: list[dict[str, Any]] = ()) -> None:
+    def begin(self, steps: int = 0) -> None:
         """Call just before the first step; ``steps`` were already done (by a checkpointed run).
 
-        Their losses, and the ``events`` of those steps (validation results: dicts with a
-        ``step``), go to the metrics file, not to stdout, so the file matches an
-        uninterrupted run. The timing of the first flush window starts now.
+        The metrics file goes on where that run's left off: its records of those steps (and
+        of validations after them, up to ``steps``) are kept, later ones (a run cut off
+        after its checkpoint) dropped, so the file matches an uninterrupted run's. Without
+        an earlier file, it starts at ``steps``. The timing of the first flush window
+        starts now.
         """
-        if self.metrics:
-            pending = sorted(events, key=lambda event: event["step"])
-            for step, loss in enumerate(self.losses[:steps].tolist()):
-                if self.log_every and step % self.log_every == 0:
-                    self._to_metrics(json.dumps({"step": step, "loss": loss}) + "\n")
-                while pending and pending[0]["step"] == step + 1:
-                    self._to_metrics(json.dumps({"event": "val", **pending.pop(0)}) + "\n")
-        self.recorded = self.written = steps
+        if self.metrics_path:
+            kept = _records_before(self.metrics_path, steps) if steps else []
+            self.metrics = open(self.metrics_path, "w", encoding="utf-8")
+            for line in kept:
+                self._to_metrics(line)
+        self.written = steps
         if self.bar:
             self.bar.update(steps)
         self.last_flush = time.perf_counter()
 
     def record(self, step: int) -> None:
-        """Notes that ``losses[step]`` now holds that step's loss (steps come in order)."""
-        self.recorded = step + 1
+        """Notes that ``step``'s loss is in the record (steps come in order)."""
         if time.perf_counter() - self.last_flush >= FLUSH_SECONDS:
             self.flush()
 
     def flush(self) -> None:
-        """Writes every recorded step not yet written (one host synchronisation)."""
-        if self.recorded > self.written:
-            if self.wait:
-                self.wait()
-            values = self.losses[self.written:self.recorded].tolist()  # waits for the device
-            now = time.perf_counter()
-            seconds_per_step = (now - self.last_flush) / len(values)
-            timing = {"ms_per_step": round(seconds_per_step * 1e3, 6),
-                      "samples_per_s": round(self.batch_size / seconds_per_step, 1)}
-            for step, loss in enumerate(values, start=self.written):
-                if self.log_every and step % self.log_every == 0:
-                    self._write({"step": step, "loss": loss, **timing},
-                                f"{step} {loss}" if self.print_steps else None)
-            if self.bar:
-                self.bar.set_postfix(loss=f"{values[-1]:.6g}", refresh=False)
-                self.bar.update(len(values))
-            self.written = self.recorded
+        """Writes every recorded step not yet written (pulls the record: one host sync)."""
+        self.loss_record.pull()
         self.out.flush()
         self._to_metrics(None)
         self.last_flush = time.perf_counter()
+
+    def _take(self, first: int, values: list[float]) -> None:
+        """The record's listener: steps ``first``, ``first + 1``, ... have ``values``."""
+        now = time.perf_counter()
+        seconds_per_step = max(now - self.last_flush, 1e-9) / len(values)
+        timing = {"ms_per_step": round(seconds_per_step * 1e3, 6),
+                  "samples_per_s": round(self.batch_size / seconds_per_step, 1)}
+        for step, loss in enumerate(values, start=first):
+            if self.log_every and step % self.log_every == 0:
+                self._write({"step": step, "loss": loss, **timing},
+                            f"{step} {loss}" if self.print_steps else None)
+        if self.bar:
+            self.bar.set_postfix(loss=f"{values[-1]:.6g}", refresh=False)
+            self.bar.update(len(values))
+        self.written = first + len(values)
+        self.last_flush = now
 
     def event(self, record: dict[str, Any]) -> None:
         """Writes an event after the steps recorded so far: a line (``val 100 loss=...``)
@@ -112,10 +111,6 @@ class StepLog:
         self._write(record, f"{record['event']} {record['step']} {fields}"
                     if self.print_steps else None)
         self.flush()
-
-    def final_loss(self) -> float:
-        """The global loss of the last recorded step."""
-        return self.losses[self.recorded - 1].item()
 
     def summary(self, fields: dict[str, Any]) -> None:
         """Writes the summary line and the metrics file's closing object."""
@@ -179,3 +174,23 @@ def _format(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
+
+
+def _records_before(path: str, steps: int) -> list[str]:
+    """The lines of an earlier metrics file at ``path`` for the first ``steps`` steps: step
+    records before ``steps``, events at ``steps`` or before; none if there is no file."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.readlines()
+    except FileNotFoundError:
+        return []
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a line cut short where the earlier run was stopped
+        event, step = record.get("event"), record.get("step")
+        if step is not None and (step < steps if event is None else step <= steps):
+            kept.append(line if line.endswith("\n") else line + "\n")
+    return kept

@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the CLI; returns the exit code.
 
     0: done. 2: bad input, bad launch environment, or a peer lost. 3: non-finite values or
-    diverged replicas. 4: a checkpoint or --save could not be written. 128+N: stopped by
-    signal N (preempted), after a checkpoint.
+    diverged replicas. 4: a checkpoint or --save could not be written. 5: out of memory.
+    128+N: stopped by signal N (preempted), after a checkpoint.
     """
     launch, config = None, None
     configure_logging(rank=0, world_size=1)

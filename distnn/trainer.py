@@ -35,13 +35,16 @@ from distnn.checkpoint import (
     remove_temporaries,
     save_checkpoint,
 )
-from distnn.config import TrainConfig, UsageError
+from distnn.config import TrainConfig, UsageError, flag_text
 from distnn.cudagraph import capture_step
 from distnn.data import shard_bounds
+from distnn.datafile import DataFile
 from distnn.faults import FaultPlan
 from distnn.gradsync import FlatGradSync
 from distnn.guards import RunFailed, check_replicas, disagreements, fingerprint
 from distnn.jobs import Job, job_from_flags
+from distnn.lossrecord import LossRecord
+from distnn.memory import check_fits, mlp_needs, out_of_memory
 from distnn.metrics import StepLog
 from distnn.optimizers import load_state_tensors, state_tensors
 from distnn.preemption import StopRequests
@@ -103,7 +106,7 @@ class Trainer:
         self.fault = FaultPlan.from_environ(environ, restart_count=runtime.launch.restart_count,
                                             device=runtime.device)
         self.job: Job | None = None
-        self.losses = torch.zeros(0)  # global loss per step, on the device (sized at start-up)
+        self.losses: LossRecord | None = None  # the global loss of every step (at start-up)
         # Every read of step results waits through it: a GPU stuck behind a collective fails
         # after --timeout-s instead of hanging (also under --cuda-graph, out of NCCL's sight).
         self.watch = DeviceWatch(runtime.device, timeout_s=config.timeout_s)
@@ -121,6 +124,11 @@ class Trainer:
         with tf32_matmuls(self.config.precision == "tf32"):
             try:
                 return self._train()
+            except RuntimeError as error:  # torch.OutOfMemoryError is one
+                failed = out_of_memory(error, self.rt.device)
+                if failed is None:
+                    raise
+                raise failed from None
             finally:
                 if self.stream:
                     self.stream.close()
@@ -133,16 +141,16 @@ class Trainer:
         sync = self._place_model(checkpoint, start)
         if self.rt.is_main:
             quiet = config.quiet
-            self.log = StepLog(losses=self.losses, batch_size=config.batch_size,
-                               log_every=config.log_every, metrics_path=config.metrics,
-                               progress=False if quiet else None, print_steps=not quiet,
-                               wait=self.watch.wait)
+            self.log = StepLog(record=self.losses, steps=config.steps,
+                               batch_size=config.batch_size, log_every=config.log_every,
+                               metrics_path=config.metrics, progress=False if quiet else None,
+                               print_steps=not quiet)
         stop = StopRequests(self.rt.device, self.watch)
         try:
             run_step = self._prepare_step(sync, stop, start)
             with stop.installed():
                 if self.log:
-                    self.log.begin(start, events=self.val_results)
+                    self.log.begin(start)
                 # The range names the steps in a profile (python -m distnn.profile); it costs
                 # nothing when no profiler runs.
                 with torch.profiler.record_function(STEPS_RANGE):
@@ -166,9 +174,10 @@ class Trainer:
         Builds the job (self.job, self.config resolved); returns rank 0's checkpoint (None
         elsewhere) and the step to start at.
         """
-        error, checkpoint = None, None
+        error, code, checkpoint = None, 2, None
         try:
             self._check_placement()
+            self._check_memory()
             self.job = self.build_job(self.config, self.rt)
             self.config = self.job.config
             self._check_job()
@@ -176,22 +185,32 @@ class Trainer:
                 checkpoint = self._prepare_outputs()
         except UsageError as usage_error:
             error = str(usage_error)
+        except RunFailed as failed:  # something does not fit in memory
+            error, code = str(failed), failed.exit_code
+        except RuntimeError as runtime_error:
+            failed = out_of_memory(runtime_error, self.rt.device)
+            if failed is None:
+                raise
+            error, code = str(failed), failed.exit_code
         views = gather_objects({
             "error": error,
+            "code": code,
             "fingerprint": fingerprint(self.config),
-            "done_losses": checkpoint.losses.tolist() if checkpoint else [],
+            "start": checkpoint.step if checkpoint else 0,
+            "tail": checkpoint.losses.tolist() if checkpoint else [],
         }, distributed=self.rt.distributed)
-        errors = [view["error"] for view in views if view["error"]]
-        if errors:
-            raise UsageError(errors[0])
+        failures = [view for view in views if view["error"]]
+        if failures:
+            if failures[0]["code"] == 2:
+                raise UsageError(failures[0]["error"])
+            raise RunFailed(failures[0]["error"], failures[0]["code"])
         differ = disagreements([view["fingerprint"] for view in views])
         if differ:
             raise UsageError("the ranks were started differently: " + "; ".join(differ)
                              + "; allowed: the same flags and library versions on every rank")
-        done_losses = views[0]["done_losses"]
-        start = len(done_losses)
-        self.losses = torch.zeros(self.config.steps, device=self.rt.device)
-        self.losses[:start] = torch.tensor(done_losses, dtype=torch.float32)
+        start = views[0]["start"]
+        self.losses = LossRecord(self.rt.device, start=start, tail=views[0]["tail"],
+                                 wait=self.watch.wait)
         self.verified = start
         if start:
             self.last_checkpoint = os.path.join(self.config.checkpoint_dir, f"step-{start}")
@@ -211,6 +230,34 @@ class Trainer:
             raise UsageError(f"--cuda-graph: the backend is {rt.placement.backend}, whose "
                              "collectives run on the CPU and cannot be captured in a CUDA "
                              "graph; allowed: --backend nccl (one GPU per rank), or one process")
+
+    def _check_memory(self) -> None:
+        """The MLP and its data, sized by the flags (and a data file's header): refused
+        (exit 5) before anything is allocated when they visibly cannot fit. On the CPU the
+        ranks of a machine share its memory. (A model of --model or distnn.fit sizes
+        itself; an allocation that fails there is one line too, see train().)"""
+        config, rt = self.config, self.rt
+        if config.model or self.build_job is not flag_job:
+            return
+        if config.data:
+            header = DataFile(config.data)  # the header only: nothing of the rows is read
+            sizes = config.resolved(d_in=header.d_in, d_out=max(1, header.d_out),
+                                    batch_size=header.rows)
+            rows = -(-sizes.batch_size // rt.world_size)  # a shard of a batch
+            data = f"--batch-size {sizes.batch_size} of --data {config.data!r}"
+        else:
+            sizes = config.resolved()
+            rows = sizes.batch_size  # every rank draws the whole reference batch
+            data = f"--batch-size {rows} with --d-in {sizes.d_in} and --d-out {sizes.d_out}"
+        hidden = flag_text(sizes.hidden)
+        needs = mlp_needs(batch=rows, d_in=sizes.d_in, hidden=sizes.hidden, d_out=sizes.d_out,
+                          data_rows=rows)
+        check_fits(needs, flags={
+            "data": data,
+            "weights": f"--hidden {hidden} with --d-in {sizes.d_in} and --d-out {sizes.d_out}",
+            "activations": f"--batch-size {sizes.batch_size} with --hidden {hidden}"},
+            device=rt.device,
+            sharing=rt.launch.local_world_size if rt.device.type == "cpu" else 1)
 
     def _check_job(self) -> None:
         """Refuses combinations of the job and the flags that cannot run."""
@@ -461,7 +508,7 @@ class Trainer:
             if self.fault:
                 self.fault.maybe_fire(step=step, rank=rank, flat_params=sync.flat_params)
             loss, votes = run_step()
-            self.losses[step] = loss
+            self.losses.put(step, loss)
             done = step + 1
             if self.log:
                 self.log.record(step)
@@ -518,20 +565,18 @@ class Trainer:
         """
         if done <= self.verified:
             return
-        self.watch.wait()
-        bad = (~self.losses[self.verified:done].isfinite()).nonzero().flatten().tolist()
-        step = None
-        if bad:
-            step = self.verified + bad[0]
-        elif not sync.flat_params.isfinite().all():
-            step = done - 1  # the last update made the weights non-finite
-        if step is not None:
-            last = f"{self.losses[step - 1].item()!r} at step {step - 1}" if step else "none"
+        self.losses.pull()  # waits for the device, within --timeout-s
+        bad = self.losses.first_bad
+        if bad is None and not sync.flat_params.isfinite().all():
+            # the last update made the weights non-finite; the loss was still finite
+            bad = (done - 1, self.losses.last(), None)
+        if bad is not None:
+            step, loss, previous = bad
+            last = f"{previous!r} at step {step - 1}" if previous is not None else "none"
             kept = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
                     else "no checkpoint was written")
-            raise RunFailed(f"non-finite loss or gradient at step {step} (loss "
-                            f"{self.losses[step].item()!r}; last finite loss {last}); stopping: "
-                            f"{kept}; try a smaller --lr", 3)
+            raise RunFailed(f"non-finite loss or gradient at step {step} (loss {loss!r}; last "
+                            f"finite loss {last}); stopping: {kept}; try a smaller --lr", 3)
         self.verified = done
         check_replicas(sync.flat_params, step=done, distributed=self.rt.communicates)
 
@@ -540,6 +585,8 @@ class Trainer:
 
         Every rank learns whether the write worked; if not, all stop (exit 4)."""
         self._verify(done, sync)
+        if self.log:  # the metrics file holds every step up to the checkpoint
+            self.log.flush()
         job, path = self.job, os.path.join(self.config.checkpoint_dir, f"step-{done}")
 
         def write() -> None:
@@ -548,7 +595,8 @@ class Trainer:
             if job.plan:  # where the run is in its epoch (the step alone says it too)
                 state["epoch"], state["batch_in_epoch"] = job.plan.position(done)
             save_checkpoint(self.config.checkpoint_dir, step=done,
-                            weights=job.model.state_dict(), losses=self.losses[:done],
+                            weights=job.model.state_dict(),
+                            losses=torch.tensor(list(self.losses.tail)),
                             keep=self.config.keep_checkpoints, state=state,
                             optimizer=state_tensors(job.optimizer) if job.optimizer else None)
             log.debug(f"wrote checkpoint step-{done}")
@@ -612,7 +660,7 @@ class Trainer:
                 "wall_s": round(wall_s, 6),
                 "compile_s": round(self.compile_s, 3),
                 "samples_per_s": round(rows_per_step * ran / wall_s, 1) if ran else 0.0,
-                "final_loss": self.log.final_loss(),
+                "final_loss": self.losses.last(),
             })
         if config.save:
             kept = (f"the trained weights are in the final checkpoint {self.last_checkpoint}"

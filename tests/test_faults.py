@@ -45,11 +45,11 @@ def test_resume_is_bitwise_an_uninterrupted_run(tmp_path, capsys, no_launcher):
     parts = tmp_path / "parts"
     assert main(["--steps", "60", "--save", str(tmp_path / "a.safetensors"),
                  "--metrics", str(tmp_path / "a.jsonl")]) == 0
-    common = ["--checkpoint-dir", str(parts), "--checkpoint-every", "10"]
+    common = ["--checkpoint-dir", str(parts), "--checkpoint-every", "10",
+              "--metrics", str(tmp_path / "b.jsonl")]  # the second part goes on with it
     assert main(["--steps", "35", *common]) == 0  # the first part ends with step-35
     capsys.readouterr()
-    assert main(["--steps", "60", *common, "--save", str(tmp_path / "b.safetensors"),
-                 "--metrics", str(tmp_path / "b.jsonl")]) == 0
+    assert main(["--steps", "60", *common, "--save", str(tmp_path / "b.safetensors")]) == 0
     captured = capsys.readouterr()
     assert "resuming from " + str(parts / "step-35") in captured.err
     assert captured.out.splitlines()[0].startswith("35 ")  # continues where it stopped

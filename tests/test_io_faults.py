@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from distnn.checkpoint import list_checkpoints
 from distnn.train import main
@@ -148,3 +149,57 @@ def test_leftovers_of_a_killed_write_are_removed_and_never_resumed_from(tmp_path
     assert f"resuming from {ck / 'step-10'}" in err and not torn.exists()
     assert not dead_save.exists() and torch.is_tensor(
         load_file(tmp_path / "w.safetensors")["0.weight"])
+
+
+# -- memory -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, words", [
+    (["--batch-size", "100000000"], "out of memory: --batch-size 100000000 with --d-in 1000 and "
+                                    "--d-out 10 needs 404.0 GB for the data per rank"),
+    (["--hidden", "100000000"], "out of memory: --hidden 100000000 with --d-in 1000 and --d-out "
+                                "10 needs 1617.6 GB for the weights per rank"),
+])
+def test_sizes_that_cannot_fit_are_one_line_and_exit_5_before_allocating(flags, words, capsys,
+                                                                        no_launcher):
+    assert main([*flags, "--steps", "2", "--device", "cpu"]) == 5
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distnn: error: " + words), lines
+
+
+def test_an_allocation_that_fails_is_one_line_and_exit_5_on_every_rank(tmp_path):
+    import resource
+
+    data = tmp_path / "d.safetensors"
+    save_file({"x": torch.randn(8, 4), "y": torch.randn(8, 2)}, data)
+
+    def small_address_space():  # the model (1.1 GB a copy) passes the check, then fails
+        resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
+
+    result = subprocess.run([bin_path("torchrun"), "--nproc_per_node=2", "-m", "distnn.train",
+                             "--data", str(data), "--hidden", "40000000", "--steps", "2"],
+                            env=clean_env(), cwd=REPO, capture_output=True, text=True,
+                            timeout=120, preexec_fn=small_address_space)
+    lines = sorted(distnn_lines(result.stderr))
+    assert result.returncode != 0 and len(lines) == 2, result.stderr[-2000:]
+    for rank, line in enumerate(lines):
+        assert line.startswith(f"distnn: rank {rank}: error: out of memory on cpu: torch could "
+                               "not allocate "), line
+        assert line.endswith("; allowed: a smaller batch or model, or --micro-batches M to "
+                             "bound the activations"), line
+
+
+def test_a_run_of_any_length_keeps_a_bounded_record_on_the_device(tmp_path):
+    job = subprocess.Popen([sys.executable, "-m", "distnn.train", *TINY, "--steps",
+                            str(10**11), "--checkpoint-dir", str(tmp_path / "ck"),
+                            "--checkpoint-every", "5000"], env=clean_env(), cwd=REPO,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list_checkpoints(str(tmp_path / "ck")) and job.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    job.send_signal(signal.SIGINT)
+    _, stderr = job.communicate(timeout=60)
+    assert job.returncode == 130, stderr[-2000:]
+    step = max(list_checkpoints(str(tmp_path / "ck")))
+    losses = load_file(tmp_path / "ck" / f"step-{step}" / "losses.safetensors")["loss"]
+    assert step >= 5000 and len(losses) == 1000  # the newest 1000 of every step's losses

@@ -8,19 +8,36 @@ import json
 import torch
 
 from distnn import metrics
+from distnn.lossrecord import LossRecord
 from distnn.metrics import StepLog
 
 
-def make_log(losses, path, out, **kwargs) -> StepLog:
-    return StepLog(losses=torch.tensor(losses), log_every=kwargs.pop("log_every", 1),
-                   batch_size=8, metrics_path=str(path), out=out, **kwargs)
+class Run:
+    """A trainer's part: the losses of the steps, put into a LossRecord one by one."""
 
+    def __init__(self, losses, start=0, window=3):
+        self.losses = losses
+        self.record = LossRecord(torch.device("cpu"), start=start, window=window)
 
-def drive(log: StepLog, steps: int) -> None:
-    log.begin()
-    for step in range(steps):
+    def step(self, log, step):
+        self.record.put(step, torch.tensor(self.losses[step]))
         log.record(step)
-    log.summary({"steps": steps, "final_loss": log.final_loss()})
+
+
+def make_log(run, path, out, **kwargs) -> StepLog:
+    return StepLog(record=run.record, steps=len(run.losses),
+                   log_every=kwargs.pop("log_every", 1), batch_size=8,
+                   metrics_path=str(path) if path else None, out=out, **kwargs)
+
+
+def drive(losses, path, out, **kwargs) -> None:
+    run = Run(losses)
+    log = make_log(run, path, out, **kwargs)
+    log.begin()
+    for step in range(len(losses)):
+        run.step(log, step)
+    log.flush()
+    log.summary({"steps": len(losses), "final_loss": run.record.last()})
     log.close()
 
 
@@ -31,7 +48,7 @@ def test_batched_flushes_print_what_per_step_printing_would(tmp_path, monkeypatc
         monkeypatch.setattr(metrics, "FLUSH_SECONDS", flush_seconds)
         out = io.StringIO()
         path = tmp_path / f"m{flush_seconds}.jsonl"
-        drive(make_log(losses, path, out, log_every=2), 5)
+        drive(losses, path, out, log_every=2)
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         outputs.append((out.getvalue(), [(r.get("step"), r.get("loss")) for r in rows]))
         for row in rows[:-1]:
@@ -47,30 +64,51 @@ def test_close_writes_what_was_recorded_before_a_failure(tmp_path, monkeypatch):
     monkeypatch.setattr(metrics, "FLUSH_SECONDS", 1e9)
     out = io.StringIO()
     path = tmp_path / "m.jsonl"
-    log = make_log([2.0, 1.0, 0.0], path, out)
+    run = Run([2.0, 1.0, 0.0])
+    log = make_log(run, path, out)
     log.begin()
-    log.record(0)
-    log.record(1)
+    run.step(log, 0)
+    run.step(log, 1)
     log.close()  # what the trainer's `finally` does when a step raises
     assert out.getvalue().splitlines() == ["0 2.0", "1 1.0"]
     assert len(path.read_text().splitlines()) == 2
 
 
-def test_restored_steps_go_to_the_metrics_file_not_to_stdout(tmp_path):
-    out = io.StringIO()
+def test_a_resumed_run_goes_on_with_the_metrics_of_the_steps_before_it(tmp_path):
     path = tmp_path / "m.jsonl"
-    log = make_log([4.0, 3.0, 2.0, 1.0], path, out)
-    log.begin(2)
-    log.record(2)
-    log.record(3)
+    earlier = [{"step": 0, "loss": 4.0}, {"step": 1, "loss": 3.0}, {"event": "val", "step": 2},
+               {"step": 2, "loss": 2.0}, {"event": "val", "step": 3}, {"event": "summary"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in earlier) + '{"step": 3, "lo')
+    out = io.StringIO()
+    run = Run([4.0, 3.0, 2.5, 1.5], start=2)
+    log = make_log(run, path, out)
+    log.begin(2)  # the checkpoint was at step 2: later records are the cut-off run's
+    run.step(log, 2)
+    run.step(log, 3)
     log.close()
-    assert out.getvalue().splitlines() == ["2 2.0", "3 1.0"]
-    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2, 3]
+    assert out.getvalue().splitlines() == ["2 2.5", "3 1.5"]
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r.get("event"), r["step"], r.get("loss")) for r in rows] == [
+        (None, 0, 4.0), (None, 1, 3.0), ("val", 2, None), (None, 2, 2.5), (None, 3, 1.5)]
+
+
+def test_the_record_is_bounded_on_the_device_and_pulls_when_its_window_is_full():
+    record = LossRecord(torch.device("cpu"), window=4)
+    pulled = []
+    record.listeners.append(lambda first, values: pulled.append((first, values)))
+    for step in range(10):
+        record.put(step, torch.tensor(float(step)))
+    assert pulled == [(0, [0.0, 1.0, 2.0, 3.0]), (4, [4.0, 5.0, 6.0, 7.0])]
+    record.pull()
+    assert pulled[-1] == (8, [8.0, 9.0]) and record.last() == 9.0 and record.first_bad is None
+    record.put(10, torch.tensor(float("nan")))
+    record.pull()
+    assert record.first_bad[0] == 10 and record.first_bad[2] == 9.0
 
 
 def test_the_progress_bar_keeps_the_loss_lines(tmp_path):
     out = io.StringIO()
-    drive(make_log([3.0, 2.0, 1.0], tmp_path / "m.jsonl", out, progress=True), 3)
+    drive([3.0, 2.0, 1.0], tmp_path / "m.jsonl", out, progress=True)
     text = out.getvalue()
     for line in ("0 3.0", "1 2.0", "2 1.0", "summary: steps=3 final_loss=1"):
         assert line in text.splitlines()
@@ -82,9 +120,7 @@ def test_the_bar_appears_on_a_terminal_only(tmp_path):
         def isatty(self):
             return True
 
-    on_terminal = StepLog(losses=torch.zeros(2), log_every=1, batch_size=1, metrics_path=None,
-                          out=Terminal())
-    in_a_log = StepLog(losses=torch.zeros(2), log_every=1, batch_size=1, metrics_path=None,
-                       out=io.StringIO())
+    on_terminal = make_log(Run([1.0, 2.0]), None, Terminal())
+    in_a_log = make_log(Run([1.0, 2.0]), None, io.StringIO())
     assert on_terminal.bar is not None and in_a_log.bar is None
     on_terminal.close()
