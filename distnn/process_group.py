@@ -88,8 +88,7 @@ def process_group(launch: LaunchEnv, placement: Placement, *, timeout_s: float) 
 
     Under a launcher the group is created from the launcher's environment (``env://``) with
     ``timeout_s`` as the bound on every collective, so a missing or dead peer ends the run
-    with an error instead of a hang. It is destroyed on every way out; on success after a
-    barrier, so no rank tears down while a peer still talks to it.
+    with an error instead of a hang. It is destroyed on every way out.
     """
     if placement.device.startswith("cuda"):
         # Before init_process_group, so NCCL binds this rank to its own GPU.
