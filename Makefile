@@ -86,9 +86,11 @@ gpu-check:
 	  | tee -a $$log || failed=1; \
 	exit $$failed
 
-# distnn against the reference loop, DDP and Accelerate; results in bench-results/.
+# distnn against the reference loop, DDP and Accelerate; then training from a data file
+# against DDP + DistributedSampler (world sizes, file vs memory, memory); in bench-results/.
 bench: $(STAMP)
 	$(BIN)/python -m distnn.bench --out bench-results
+	$(BIN)/python -m distnn.bench_data --out bench-results/data
 
 lint: $(STAMP)
 	$(BIN)/ruff check distnn tests
