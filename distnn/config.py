@@ -227,12 +227,21 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message}; see distnn-train --help")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default, except where there is none to show (None, or an off switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line, one flag per TrainConfig field, every value taken as text."""
     parser = _Parser(
         prog="distnn-train",
         description="Train data-parallel: the result equals one process, for any number of ranks.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     for f in dataclasses.fields(TrainConfig):
         if f.type == "bool":
