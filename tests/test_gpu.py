@@ -241,3 +241,29 @@ def test_the_profile_of_a_captured_step_counts_its_kernels_and_gpu_time(no_launc
     assert 10 <= graph.work_per_step <= 40, graph
     assert abs(graph.work_per_step - eager.work_per_step) <= 2, (eager, graph)
     assert 0 < graph.busy_us <= graph.wall_us * 1.05, graph
+
+
+def test_mini_batches_from_a_file_on_cuda_match_torch_optim_on_the_cpu(tmp_path, no_launcher):
+    """Rows read one step ahead into pinned memory, copied to the GPU, AdamW on CUDA; and the
+    same under --cuda-graph with torch's sgd (every batch the same size): the CPU reference."""
+    from safetensors.torch import save_file
+
+    from tests.reference import assert_close_run, minibatch_reference
+
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 12, generator=generator), torch.randn(96, 3, generator=generator)
+    save_file({"x": x, "y": y}, tmp_path / "d.safetensors")
+    for name, flags, reference in (
+            ("adamw", ["--optimizer", "adamw", "--lr", "1e-2"], {"optimizer": "adamw",
+                                                                  "lr": 1e-2}),
+            ("graph", ["--cuda-graph", "--lr", "1e-3"], {"lr": 1e-3})):
+        out = tmp_path / name
+        out.mkdir()
+        assert main(["--device", "cuda", "--data", str(tmp_path / "d.safetensors"),
+                     "--batch-size", "16", "--epochs", "4", "--hidden", "8",
+                     "--metrics", str(out / "m.jsonl"), "--save", str(out / "w.safetensors"),
+                     *flags]) == 0
+        losses, weights, _ = minibatch_reference(x=x, y=y, batch_size=16, epochs=4,
+                                                 hidden=(8,), **reference)
+        assert_close_run(read_losses(out / "m.jsonl"), load_file(out / "w.safetensors"),
+                         losses, weights)
