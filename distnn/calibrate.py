@@ -1,0 +1,172 @@
+"""Measuring gloo's all-reduce (and distnn's sum through rank 0) here, and fitting alpha, beta.
+
+:func:`measure` spawns ``world`` processes (as distnn.bench does), each with one CPU thread
+(as torchrun sets OMP_NUM_THREADS=1), and times ``all_reduce(SUM)`` of float32 buffers of
+each size, and, for sizes and world sizes where distnn uses it, the sum through rank 0 (the
+same messages as distnn.gradsync.FlatGradSync._sum_via_root). Each sample is the mean of a
+few back-to-back calls after a barrier, on rank 0's clock; :func:`fit` takes medians.
+
+The fits are least squares on relative error (each equation divided by its measured time,
+so 4 KB and 64 MB count alike):
+
+- per world size p: ``T(n) = a_p + b_p n``;
+- overall, the ring formula ``T(p, n) = 2 (p-1) alpha + 2 (p-1)/p n beta`` over all (p, n);
+- through rank 0, overall: ``T(p, n) = 2 (p-1) (alpha + n beta)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+DEFAULT_SIZES = (4096, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+VIA_ROOT_MAX_BYTES = 2**20
+
+
+def _worker(rank: int, world: int, port: int, sizes: list[int], repeats: int,
+            out_path: str) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    samples = []
+
+    def via_root(buffer: torch.Tensor, inbox: list[torch.Tensor]) -> None:
+        if rank != 0:
+            dist.send(buffer, dst=0)
+            dist.recv(buffer, src=0)
+            return
+        receives = [dist.irecv(box, src=peer) for peer, box in enumerate(inbox, 1)]
+        for receive in receives:
+            receive.wait()
+        for box in inbox:
+            buffer.add_(box)
+        for send in [dist.isend(buffer, dst=peer) for peer in range(1, world)]:
+            send.wait()
+
+    for size in sizes:
+        buffer = torch.ones(size // 4)
+        kinds = ["allreduce"]
+        if size <= VIA_ROOT_MAX_BYTES and world <= 8:
+            kinds.append("via_root")
+        inbox = [torch.empty_like(buffer) for _ in range(world - 1)] if rank == 0 else []
+        calls = max(1, min(20, int(2**22 // size)))  # about 4 MB moved per sample
+        for kind in kinds:
+            def once(kind: str = kind, buffer: torch.Tensor = buffer,
+                     inbox: list = inbox) -> None:
+                if kind == "allreduce":
+                    dist.all_reduce(buffer)
+                else:
+                    via_root(buffer, inbox)
+            once()  # warm-up
+            for _ in range(repeats):
+                dist.barrier()
+                started = time.perf_counter()
+                for _ in range(calls):
+                    once()
+                seconds = (time.perf_counter() - started) / calls
+                samples.append({"world_size": world, "bytes": size, "kind": kind,
+                                "seconds": seconds})
+    dist.barrier()
+    if rank == 0:
+        with open(out_path, "w", encoding="utf-8") as file:
+            json.dump(samples, file)
+    dist.destroy_process_group()
+
+
+def measure(worlds: Sequence[int], sizes: Sequence[int], repeats: int = 5,
+            out_dir: str = ".") -> list[dict]:
+    """Samples ``{"world_size", "bytes", "kind", "seconds"}`` for every world and size."""
+    import torch.multiprocessing as mp
+
+    samples = []
+    for world in worlds:
+        path = os.path.join(out_dir, f".calibrate-{world}.json")
+        print(f"calibrate: world size {world}...", file=sys.stderr, flush=True)
+        mp.start_processes(_worker, args=(world, _free_port(), list(sizes), repeats, path),
+                           nprocs=world, start_method="spawn")
+        with open(path, encoding="utf-8") as file:
+            samples += json.load(file)
+        os.remove(path)
+    return samples
+
+
+def medians(samples: Sequence[dict]) -> list[dict]:
+    """One row per (kind, world_size, bytes): the median seconds of its samples."""
+    groups: dict[tuple, list[float]] = {}
+    for s in samples:
+        groups.setdefault((s["kind"], s["world_size"], s["bytes"]), []).append(s["seconds"])
+    return [{"kind": k, "world_size": p, "bytes": n, "seconds": statistics.median(v)}
+            for (k, p, n), v in sorted(groups.items())]
+
+
+def _relative_lstsq(design: np.ndarray, times: np.ndarray) -> np.ndarray:
+    weights = 1 / times
+    solution, *_ = np.linalg.lstsq(design * weights[:, None], times * weights, rcond=None)
+    return solution
+
+
+def fit_line(sizes: Sequence[float], seconds: Sequence[float]) -> tuple[float, float]:
+    """(a, b) of ``T(n) = a + b n``, least squares on relative error."""
+    n, t = np.asarray(sizes, float), np.asarray(seconds, float)
+    a, b = _relative_lstsq(np.stack([np.ones_like(n), n], axis=1), t)
+    return float(a), float(b)
+
+
+def fit_ring(worlds: Sequence[int], sizes: Sequence[float],
+             seconds: Sequence[float]) -> tuple[float, float]:
+    """(alpha, beta) of ``2 (p-1) alpha + 2 (p-1)/p n beta`` over all points."""
+    p, n, t = (np.asarray(x, float) for x in (worlds, sizes, seconds))
+    alpha, beta = _relative_lstsq(np.stack([2 * (p - 1), 2 * (p - 1) / p * n], axis=1), t)
+    return float(alpha), float(beta)
+
+
+def fit_via_root(worlds: Sequence[int], sizes: Sequence[float],
+                 seconds: Sequence[float]) -> tuple[float, float]:
+    """(alpha, beta) of ``2 (p-1) (alpha + n beta)`` over all points."""
+    p, n, t = (np.asarray(x, float) for x in (worlds, sizes, seconds))
+    alpha, beta = _relative_lstsq(np.stack([2 * (p - 1), 2 * (p - 1) * n], axis=1), t)
+    return float(alpha), float(beta)
+
+
+def cluster_description(rows: Sequence[dict], *, name: str, cores: int | None) -> dict:
+    """A :class:`distnn.costmodel.Cluster` as JSON, from median rows (see :func:`medians`)."""
+    ring = [r for r in rows if r["kind"] == "allreduce"]
+    root = [r for r in rows if r["kind"] == "via_root"]
+    alpha, beta = fit_ring([r["world_size"] for r in ring], [r["bytes"] for r in ring],
+                           [r["seconds"] for r in ring])
+    allreduce_fit, via_root_fit = {}, {}
+    for mine, fits in ((ring, allreduce_fit), (root, via_root_fit)):
+        for p in sorted({r["world_size"] for r in mine}):
+            points = [r for r in mine if r["world_size"] == p]
+            if len(points) >= 2:
+                fits[str(p)] = list(fit_line([r["bytes"] for r in points],
+                                             [r["seconds"] for r in points]))
+    description = {"name": name, "gpus_per_node": 1, "intra_alpha_s": alpha,
+                   "intra_beta_s": beta, "inter_alpha_s": alpha, "inter_beta_s": beta,
+                   "backend": "gloo", "cores": cores, "allreduce_fit": allreduce_fit,
+                   "via_root_fit": via_root_fit,
+                   "source": "python -m distnn.scale calibrate (gloo on this machine's CPU)"}
+    if root:
+        r_alpha, r_beta = fit_via_root([r["world_size"] for r in root],
+                                       [r["bytes"] for r in root], [r["seconds"] for r in root])
+        description["source"] += (f"; via-root overall alpha {r_alpha:.3g} s, "
+                                  f"beta {r_beta:.3g} s/B")
+    return description
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

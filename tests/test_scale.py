@@ -1,0 +1,171 @@
+"""The cost model (distnn/costmodel.py), its calibration fit and `python -m distnn.scale`."""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from distnn import calibrate, costmodel, scale
+
+
+def test_ring_tree_and_via_root_by_hand():
+    # 2*3*1e-5 + 2*3/4*1e6*1e-9 = 6e-5 + 1.5e-3
+    assert costmodel.ring_allreduce_s(1e6, 4, 1e-5, 1e-9) == pytest.approx(1.56e-3)
+    # 2*log2(8)*(1e-5 + 1e6*1e-9) = 6 * 1.01e-3
+    assert costmodel.tree_allreduce_s(1e6, 8, 1e-5, 1e-9) == pytest.approx(6.06e-3)
+    # 2*(3-1)*(1e-5 + 1e-3)
+    assert costmodel.via_root_s(1e6, 3, 1e-5, 1e-9) == pytest.approx(4.04e-3)
+    for formula in (costmodel.ring_allreduce_s, costmodel.tree_allreduce_s,
+                    costmodel.via_root_s):
+        assert formula(1e6, 1, 1e-5, 1e-9) == 0.0
+
+
+def test_hierarchical_by_hand():
+    cluster = costmodel.Cluster(name="t", gpus_per_node=4, intra_alpha_s=1e-6,
+                                intra_beta_s=1e-10, inter_alpha_s=1e-5, inter_beta_s=1e-9)
+    # intra reduce-scatter: 3e-6 + 3/4*8e6*1e-10 = 6.03e-4, twice (with the all-gather);
+    # across 2 nodes, 2e6 bytes per local rank, one link each: 2e-5 + 2e6*1e-9 = 2.02e-3
+    assert costmodel.hierarchical_allreduce_s(8e6, 8, cluster) == pytest.approx(3.226e-3)
+    # inside one node it is a ring
+    assert costmodel.hierarchical_allreduce_s(8e6, 4, cluster) == pytest.approx(
+        costmodel.ring_allreduce_s(8e6, 4, 1e-6, 1e-10))
+    # 4 GPUs sharing one link: the inter-node bandwidth term is 4x
+    shared = costmodel.Cluster(**{**cluster.to_json(), "inter_links": 1})
+    assert costmodel.hierarchical_allreduce_s(8e6, 8, shared) == pytest.approx(
+        2 * 6.03e-4 + 2e-5 + 8e-3)
+
+
+def _fixed(seconds: float, backend: str = "nccl") -> costmodel.Cluster:
+    return costmodel.Cluster(name="t", gpus_per_node=8, intra_alpha_s=0, intra_beta_s=0,
+                             inter_alpha_s=0, inter_beta_s=0, backend=backend,
+                             allreduce_fit={"2": [seconds, 0.0]})
+
+
+def test_buckets_overlap_backward_by_hand():
+    layers = [1_000_000, 1_000_000]  # 4 MB each: one bucket each with bucket_mb=3
+    # compute 3 s: forward 1, backward 2; bucket 1 ready at 2, bucket 2 at 3
+    step, exposed = costmodel.step_s(compute_s=3.0, layer_params=layers, p=2,
+                                     cluster=_fixed(0.5), bucket_mb=3)
+    assert (step, exposed) == pytest.approx((3.5, 0.5))  # only the last bucket shows
+    step, exposed = costmodel.step_s(compute_s=3.0, layer_params=layers, p=2,
+                                     cluster=_fixed(1.5), bucket_mb=3)
+    assert (step, exposed) == pytest.approx((5.0, 2.0))  # bucket 2 waits for bucket 1
+    # one bucket: nothing overlaps
+    step, exposed = costmodel.step_s(compute_s=3.0, layer_params=layers, p=2,
+                                     cluster=_fixed(1.5), bucket_mb=25)
+    assert (step, exposed) == pytest.approx((4.5, 1.5))
+    assert costmodel.step_s(compute_s=3.0, layer_params=layers, p=1,
+                            cluster=_fixed(1.5)) == (3.0, 0.0)
+
+
+def test_via_root_where_distnn_uses_it():
+    cluster = costmodel.Cluster(name="g", gpus_per_node=1, intra_alpha_s=1e-5, intra_beta_s=1e-9,
+                                inter_alpha_s=1e-5, inter_beta_s=1e-9, backend="gloo")
+    small, big = 404_448, 4 * 2**20
+    assert costmodel.gradient_sum_s(small, 4, cluster) == pytest.approx(
+        costmodel.via_root_s(small, 4, 1e-5, 1e-9))
+    for n, p in ((big, 4), (small, 16)):
+        assert costmodel.gradient_sum_s(n, p, cluster) == pytest.approx(
+            costmodel.ring_allreduce_s(n, p, 1e-5, 1e-9))
+
+
+def test_predict_strong_and_weak():
+    cluster = _fixed(0.001)
+    compute = costmodel.Compute(fixed_ms=0.0, per_sample_ms=1.0)
+    strong = costmodel.predict(layer_params=[100], batch=8, compute=compute, cluster=cluster,
+                               worlds=[1, 2])
+    assert [r["compute_ms"] for r in strong] == [8.0, 4.0]
+    assert strong[1]["step_ms"] == pytest.approx(5.0)
+    assert strong[1]["efficiency"] == pytest.approx(8 / (2 * 5))
+    weak = costmodel.predict(layer_params=[100], batch=8, compute=compute, cluster=cluster,
+                             worlds=[1, 2], scaling="weak")
+    assert weak[1]["compute_ms"] == 8.0 and weak[1]["global_batch"] == 16
+    assert weak[1]["efficiency"] == pytest.approx(8 / 9)
+    shared = costmodel.Cluster(**{**cluster.to_json(), "cores": 2,
+                                  "allreduce_fit": {"4": [0.0, 0.0]}})
+    four = costmodel.predict(layer_params=[100], batch=8, compute=compute, cluster=shared,
+                             worlds=[4])
+    assert four[0]["compute_ms"] == pytest.approx(2.0 * 4 / 2)  # 4 ranks on 2 cores
+
+
+def test_fit_recovers_known_alpha_and_beta():
+    alpha, beta = 40e-6, 0.8e-9
+    worlds, sizes, times = [], [], []
+    noise = random.Random(0)
+    for p in (2, 4, 8, 16):
+        for n in calibrate.DEFAULT_SIZES:
+            worlds.append(p)
+            sizes.append(n)
+            times.append(costmodel.ring_allreduce_s(n, p, alpha, beta))
+    assert calibrate.fit_ring(worlds, sizes, times) == pytest.approx((alpha, beta), rel=1e-6)
+    noisy = [t * (1 + noise.uniform(-0.03, 0.03)) for t in times]
+    assert calibrate.fit_ring(worlds, sizes, noisy) == pytest.approx((alpha, beta), rel=0.05)
+    line = [(n, 1e-4 + 2e-9 * n) for n in calibrate.DEFAULT_SIZES]
+    assert calibrate.fit_line(*zip(*line, strict=True)) == pytest.approx((1e-4, 2e-9), rel=1e-6)
+    root = [costmodel.via_root_s(n, p, alpha, beta) for p, n in zip(worlds, sizes, strict=True)]
+    assert calibrate.fit_via_root(worlds, sizes, root) == pytest.approx((alpha, beta), rel=1e-6)
+    rows = calibrate.medians([{"kind": "allreduce", "world_size": p, "bytes": n, "seconds": t}
+                              for p, n, t in zip(worlds, sizes, times, strict=True)] * 3)
+    described = calibrate.cluster_description(rows, name="x", cores=2)
+    cluster = costmodel.Cluster.from_json(described)
+    assert (cluster.intra_alpha_s, cluster.intra_beta_s) == pytest.approx((alpha, beta))
+    a, b = cluster.allreduce_fit["4"]
+    assert (a, b) == pytest.approx((6 * alpha, 1.5 * beta))
+
+
+def test_command_table_and_json(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert scale.main(["--cluster", "nvlink-ib400", "--worlds", "1,2,8,1024",
+                       "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "101,110 parameters" in text and "| 1024 |" in text and "efficiency" in text
+    rows = json.loads(out.read_text())
+    assert [r["world_size"] for r in rows] == [1, 2, 8, 1024]
+    for row in rows:
+        for key in ("world_size", "step_ms", "compute_ms", "comm_ms", "efficiency",
+                    "samples_per_s"):
+            assert key in row
+        assert row["step_ms"] == pytest.approx(row["compute_ms"] + row["comm_ms"])
+    assert rows[0]["efficiency"] == 1.0 and rows[-1]["efficiency"] < 0.01
+
+
+def test_command_reads_a_cluster_file(tmp_path, capsys):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"cluster": costmodel.PRESETS["horovod-roce25"].to_json()}))
+    assert scale.main(["--params", "1000000", "--compute-ms", "10", "--cluster", str(path),
+                       "--worlds", "1,4", "--scaling", "weak"]) == 0
+    assert "| 4 | 1000" not in capsys.readouterr().out  # weak: per-rank batch stays 64
+
+
+BAD_INPUT = [
+    (["--batch-size", "-4"], "--batch-size -4"),
+    (["--cluster", "no-such-cluster"], "no-such-cluster"),
+    (["--worlds", "1,-2"], "--worlds"),
+    (["--scaling", "sideways"], "--scaling"),
+    (["--cluster", "UNREADABLE"], "could not be read"),
+]
+
+
+def _bad_args(args, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    return [str(bad) if a == "UNREADABLE" else a for a in args]
+
+
+@pytest.mark.parametrize("args, says", BAD_INPUT)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, says):
+    assert scale.main(_bad_args(args, tmp_path)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distnn: error: ") and says in lines[0]
+    assert "allowed:" in lines[0]
+
+
+@pytest.mark.parametrize("args, says", [BAD_INPUT[0], BAD_INPUT[4]])
+def test_bad_input_from_the_command_line(tmp_path, args, says):
+    done = subprocess.run([sys.executable, "-m", "distnn.scale", *_bad_args(args, tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distnn: error: ") and says in lines[0]
