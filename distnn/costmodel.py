@@ -85,7 +85,7 @@ class Cluster:
     inter_alpha_s: float
     inter_beta_s: float
     inter_links: int | None = None  # network links per node (None: one per GPU)
-    algorithm: str = "ring"  # "ring" or "tree" for each level
+    algorithm: str = "ring"  # "ring", "tree" (not pipelined) or "auto" (ring or pipelined tree)
     backend: str = "nccl"  # "gloo": distnn sums small buffers through rank 0
     cores: int | None = None
     flop_per_s: float | None = None
@@ -106,7 +106,17 @@ class Cluster:
         return cls(**data)
 
 
+def pipelined_tree_allreduce_s(n_bytes: float, p: int, alpha: float, beta: float) -> float:
+    """Pipelined (double binary) tree, as NCCL runs it: ``2 ceil(log2 p) alpha + 2 n beta``."""
+    if p <= 1:
+        return 0.0
+    return 2 * math.ceil(math.log2(p)) * alpha + 2 * n_bytes * beta
+
+
 def _level_s(n_bytes: float, p: int, alpha: float, beta: float, algorithm: str) -> float:
+    if algorithm == "auto":  # the faster of ring and pipelined tree, as NCCL chooses
+        return min(ring_allreduce_s(n_bytes, p, alpha, beta),
+                   pipelined_tree_allreduce_s(n_bytes, p, alpha, beta))
     return (tree_allreduce_s if algorithm == "tree" else ring_allreduce_s)(n_bytes, p, alpha, beta)
 
 
@@ -269,7 +279,7 @@ PRESETS: dict[str, Cluster] = {
         name="nvlink-ib400", gpus_per_node=8,
         intra_alpha_s=3.4e-6, intra_beta_s=1 / 380e9,  # NVLink4 (H100 SXM): 380 GB/s measured
         inter_alpha_s=5.0e-6, inter_beta_s=1 / 45e9,  # 400 Gb/s NDR = 50 GB/s, ~90% usable
-        inter_links=8, backend="nccl", flop_per_s=6.0e14, step_floor_ms=0.07,
+        inter_links=8, algorithm="auto", backend="nccl", flop_per_s=6.0e14, step_floor_ms=0.07,
         source="docs/scaling.md#presets"),
     "horovod-roce25": Cluster(
         name="horovod-roce25", gpus_per_node=4,
