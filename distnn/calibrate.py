@@ -16,6 +16,7 @@ so 4 KB and 64 MB count alike):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -170,3 +171,143 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# -- distnn's own step, measured in place -------------------------------------------------
+#
+# ``measure_steps`` spawns ``world`` ranks (one thread each, as torchrun sets) and, in the
+# same processes, in alternating order over ``rounds`` rounds, times four things for one
+# model and global batch:
+#
+# - ``trainer``: distnn's real Trainer, a warm-up run then a timed run, its own ``wall_s``
+#   per step (as distnn.bench does);
+# - ``compute``: the bare forward, sum-MSE backward and SGD update of this rank's shard,
+#   with ALL ranks doing it at once and no collective (compute under the same
+#   oversubscription as the trainer's);
+# - ``collective``: the one per-step sum alone, of the trainer's buffer (the gradients and
+#   its two extra slots), through rank 0 where distnn does that, else ``all_reduce``;
+# - ``bare``: compute then the collective, one after the other, in one loop.
+#
+# Each sample is a median over the timed steps (rank 0's clock, after a barrier).
+
+STEP_KINDS = ("trainer", "compute", "collective", "bare")
+
+
+def _via_root(buffer, inbox: list, rank: int, world: int) -> None:
+    import torch.distributed as dist
+
+    if rank != 0:
+        dist.send(buffer, dst=0)
+        dist.recv(buffer, src=0)
+        return
+    for receive in [dist.irecv(box, src=peer) for peer, box in enumerate(inbox, 1)]:
+        receive.wait()
+    for box in inbox:
+        buffer.add_(box)
+    for send in [dist.isend(buffer, dst=peer) for peer in range(1, world)]:
+        send.wait()
+
+
+def _step_worker(rank: int, world: int, port: int, plan: dict, out_path: str) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    import contextlib
+    import io
+
+    import torch
+    import torch.distributed as dist
+
+    from distnn.config import TrainConfig
+    from distnn.data import shard_bounds
+    from distnn.model import build_model
+    from distnn.runtime import setup
+    from distnn.trainer import Trainer
+
+    torch.set_num_threads(1)
+    d_in, hidden, d_out, batch = plan["d_in"], tuple(plan["hidden"]), plan["d_out"], plan["batch"]
+    steps, warmup = plan["steps"], plan["warmup"]
+    samples = []
+    with setup(device="cpu", timeout_s=600) as rt:
+        torch.manual_seed(0)
+        model = build_model(d_in=d_in, hidden=hidden, d_out=d_out)
+        first, stop = shard_bounds(batch, world, rank)
+        x, y = torch.randn(stop - first, d_in), torch.randn(stop - first, d_out)
+        loss_fn = torch.nn.MSELoss(reduction="sum")
+        params = sum(p.numel() for p in model.parameters())
+        buffer, slots = torch.ones(params + 2), torch.ones(2)
+        via_root = buffer.numel() * 4 <= VIA_ROOT_MAX_BYTES and world <= 8
+        inbox = [torch.empty_like(buffer) for _ in range(world - 1)] if rank == 0 else []
+
+        def compute() -> None:
+            model.zero_grad()
+            loss_fn(model(x), y).backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 1e-12 * p.grad
+
+        def collective() -> None:
+            if via_root:
+                _via_root(buffer, inbox, rank, world)
+            else:
+                dist.all_reduce(buffer)
+
+        def bare() -> None:
+            compute()
+            torch.cat([p.grad.reshape(-1) for p in model.parameters()] + [slots], out=buffer)
+            collective()
+
+        def timed(once) -> float:
+            for _ in range(warmup):
+                once()
+            times = []
+            for _ in range(steps):
+                dist.barrier()
+                started = time.perf_counter()
+                once()
+                times.append(time.perf_counter() - started)
+            return statistics.median(times) * 1e3
+
+        def trainer() -> float:
+            config = TrainConfig(batch_size=batch, d_in=d_in, hidden=hidden, d_out=d_out,
+                                 lr=plan["lr"], log_every=0, quiet=True, verify_every=0)
+            for count in (warmup, steps):
+                run = Trainer(dataclasses.replace(config, steps=count), rt, environ={})
+                with contextlib.redirect_stdout(io.StringIO()):
+                    result = run.train()
+            return result.wall_s / steps * 1e3
+
+        kinds = {"trainer": trainer, "compute": lambda: timed(compute),
+                 "collective": lambda: timed(collective), "bare": lambda: timed(bare)}
+        names = list(STEP_KINDS)
+        for repeat in range(plan["rounds"]):
+            shift = repeat % len(names)
+            for name in names[shift:] + names[:shift]:
+                dist.barrier()
+                ms = kinds[name]()
+                samples.append({"model": plan["model"], "world_size": world, "kind": name,
+                                "round": repeat, "ms": ms, "via_root": via_root})
+                if rank == 0:
+                    print(f"  {plan['model']} p={world} {name} round {repeat}: {ms:.3f} ms",
+                          file=sys.stderr, flush=True)
+        dist.barrier()
+    if rank == 0:
+        with open(out_path, "w", encoding="utf-8") as file:
+            json.dump(samples, file)
+
+
+def measure_steps(*, model: str, world: int, batch: int, d_in: int, hidden: Sequence[int],
+                  d_out: int, lr: float, steps: int, warmup: int = 3, rounds: int = 5,
+                  out_dir: str = ".") -> list[dict]:
+    """Samples ``{"model", "world_size", "kind", "round", "ms"}`` (see STEP_KINDS above)."""
+    import torch.multiprocessing as mp
+
+    path = os.path.join(out_dir, f".steps-{model}-{world}.json")
+    plan = {"model": model, "batch": batch, "d_in": d_in, "hidden": list(hidden),
+            "d_out": d_out, "lr": lr, "steps": steps, "warmup": warmup, "rounds": rounds}
+    mp.start_processes(_step_worker, args=(world, _free_port(), plan, path), nprocs=world,
+                       start_method="spawn")
+    with open(path, encoding="utf-8") as file:
+        samples = json.load(file)
+    os.remove(path)
+    return samples
