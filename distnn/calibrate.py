@@ -311,3 +311,26 @@ def measure_steps(*, model: str, world: int, batch: int, d_in: int, hidden: Sequ
         samples = json.load(file)
     os.remove(path)
     return samples
+
+
+def overhead_fit(samples: Sequence[dict], bytes_of: dict[str, int]) -> dict[str, list[float]]:
+    """``{world_size: [a_s, b_s_per_byte]}``: per world size, the line through (gradient bytes,
+    trainer step minus compute minus collective, each the median of its rounds in
+    :func:`measure_steps` samples) over the models in ``bytes_of`` (at least two)."""
+    groups: dict[tuple, list[float]] = {}
+    for s in samples:
+        if s["model"] in bytes_of:
+            groups.setdefault((s["world_size"], s["model"], s["kind"]), []).append(s["ms"])
+    fits = {}
+    for p in sorted({p for p, _, _ in groups}):
+        points = []
+        for model, n in sorted(bytes_of.items(), key=lambda item: item[1]):
+            parts = [groups.get((p, model, kind)) for kind in ("trainer", "compute", "collective")]
+            if all(parts):
+                trainer, compute, collective = (statistics.median(v) / 1e3 for v in parts)
+                points.append((n, trainer - compute - collective))
+        if len(points) >= 2:
+            (n0, t0), (n1, t1) = points[0], points[-1]
+            b = (t1 - t0) / (n1 - n0)
+            fits[str(p)] = [t0 - b * n0, b]
+    return fits

@@ -74,8 +74,20 @@ class Cluster:
     ``T(n) = a + b n`` for that world size (from :mod:`distnn.calibrate`); where a world size
     is listed, its fit is used instead of the formula. ``cores``: ranks share that many cores
     (this machine), so with p > cores each rank's compute is slowed by p / cores; None: every
-    rank has a device of its own. ``flop_per_s`` and ``step_floor_ms`` give a step's compute
-    when it is not measured or given: ``floor + 6 * params * batch / flop_per_s``.
+    rank has a device of its own. ``compute_contention`` (with ``cores``): a rank's compute
+    with 2 or more ranks on the machine, all computing at once, over the same compute in one
+    process alone (gloo's threads and the other ranks share the cores, the caches and the
+    memory bandwidth), measured by :func:`distnn.calibrate.measure_steps`; it multiplies the
+    compute of every p >= 2 (together with p / cores). ``flop_per_s`` and ``step_floor_ms``
+    give a step's compute when it is not measured or given:
+    ``floor + 6 * params * batch / flop_per_s``.
+
+    ``step_overhead_fit``: measured ``{world_size: [a_s, b_s_per_byte]}``, the time distnn's
+    step takes beyond its compute and its collective each measured alone, for a gradient
+    buffer of n bytes: packing the buffer, the loss and vote slots, the update, the wait for
+    the slowest rank and for gloo's threads to be scheduled on cores busy with the others'
+    compute (:func:`distnn.calibrate.overhead_fit`, from models other than those checked).
+    Added to the step of that world size, where listed.
     """
 
     name: str
@@ -88,10 +100,12 @@ class Cluster:
     algorithm: str = "ring"  # "ring", "tree" (not pipelined) or "auto" (ring or pipelined tree)
     backend: str = "nccl"  # "gloo": distnn sums small buffers through rank 0
     cores: int | None = None
+    compute_contention: float = 1.0
     flop_per_s: float | None = None
     step_floor_ms: float = 0.0
     allreduce_fit: dict[str, list[float]] = field(default_factory=dict)
     via_root_fit: dict[str, list[float]] = field(default_factory=dict)
+    step_overhead_fit: dict[str, list[float]] = field(default_factory=dict)
     source: str = ""
 
     def to_json(self) -> dict:
@@ -164,6 +178,15 @@ def gradient_sum_s(n_bytes: float, p: int, cluster: Cluster, *, buckets: int = 1
     return fitted if fitted is not None else hierarchical_allreduce_s(n_bytes, p, cluster)
 
 
+def step_overhead_s(n_bytes: float, p: int, cluster: Cluster) -> float:
+    """The measured per-step overhead for a gradient buffer of ``n_bytes`` on ``p`` ranks
+    (``a + b n`` from ``cluster.step_overhead_fit``, not below 0); 0 where none is listed."""
+    if p <= 1:
+        return 0.0
+    fitted = _fitted(cluster.step_overhead_fit, p, n_bytes)
+    return max(0.0, fitted) if fitted is not None else 0.0
+
+
 def bucket_sizes(layer_params: Sequence[int], bucket_mb: float) -> list[tuple[int, int]]:
     """Buckets as (parameters, parameters up to and including this bucket), in the order
     backward fills them: ``layer_params`` is given in backward order (last layer first).
@@ -222,9 +245,11 @@ def predict(*, layer_params: Sequence[int], batch: int, compute: Compute, cluste
 
     ``scaling="strong"``: ``batch`` is the global batch, split over the ranks (the largest
     shard, ceil(batch/p), sets the pace); ``"weak"``: ``batch`` per rank. On a cluster with
-    ``cores``, p > cores ranks share them and each rank's compute takes p/cores longer.
-    Efficiency: strong ``T(1) / (p T(p))``; weak ``T(1) / T(p)`` (samples/s over p times one
-    rank's).
+    ``cores``, p > cores ranks share them and each rank's compute takes p/cores longer, and
+    with p >= 2 ranks each rank's compute is ``compute_contention`` times its time alone.
+    ``overhead_ms``: the cluster's measured per-step overhead (:func:`step_overhead_s`),
+    included in ``step_ms``. Efficiency: strong ``T(1) / (p T(p))``; weak ``T(1) / T(p)``
+    (samples/s over p times one rank's).
     """
     if scaling not in ("strong", "weak"):
         raise ValueError(f"scaling must be strong or weak, got {scaling!r}")
@@ -234,14 +259,17 @@ def predict(*, layer_params: Sequence[int], batch: int, compute: Compute, cluste
         shard = math.ceil(batch / p) if scaling == "strong" else batch
         global_batch = batch if scaling == "strong" else batch * p
         compute_ms = compute.ms(shard)
-        if cluster.cores and p > cluster.cores:
-            compute_ms *= p / cluster.cores
+        if cluster.cores and p > 1:
+            compute_ms *= cluster.compute_contention * max(1.0, p / cluster.cores)
         step, exposed = step_s(compute_s=compute_ms / 1e3, layer_params=layer_params, p=p,
                                cluster=cluster, bucket_mb=bucket_mb,
                                backward_fraction=backward_fraction)
+        overhead = step_overhead_s(sum(layer_params) * BYTES_PER_PARAM, p, cluster)
+        step += overhead
         rows.append({"world_size": p, "scaling": scaling, "global_batch": global_batch,
                      "per_rank_batch": shard, "compute_ms": compute_ms,
-                     "comm_ms": exposed * 1e3, "step_ms": step * 1e3,
+                     "comm_ms": exposed * 1e3, "overhead_ms": overhead * 1e3,
+                     "step_ms": step * 1e3,
                      "samples_per_s": global_batch / step})
     one = compute.ms(batch)  # one rank, whole batch (strong) or its batch (weak), no comm
     base_step = one / 1e3

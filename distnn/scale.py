@@ -112,11 +112,12 @@ def measure_compute(*, d_in: int, hidden: list[int], d_out: int, batch: int,
 
 def table(rows: list[dict], header: str) -> str:
     lines = [header, "",
-             "| world | batch/rank | compute ms | exposed comm ms | step ms | samples/s "
-             "| speedup | efficiency |", "|---|---|---|---|---|---|---|---|"]
+             "| world | batch/rank | compute ms | exposed comm ms | overhead ms | step ms "
+             "| samples/s | speedup | efficiency |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['world_size']} | {r['per_rank_batch']} | {r['compute_ms']:.4g} "
-                     f"| {r['comm_ms']:.4g} | {r['step_ms']:.4g} | {r['samples_per_s']:.4g} "
+                     f"| {r['comm_ms']:.4g} | {r['overhead_ms']:.4g} | {r['step_ms']:.4g} "
+                     f"| {r['samples_per_s']:.4g} "
                      f"| {r['speedup']:.3g} | {100 * r['efficiency']:.1f}% |")
     return "\n".join(lines) + "\n"
 

@@ -169,3 +169,47 @@ def test_bad_input_from_the_command_line(tmp_path, args, says):
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("distnn: error: ") and says in lines[0]
+
+
+def test_compute_contention_by_hand():
+    # 2 cores, contention 1.5: one rank alone 10 ms; 2 ranks (5 rows each of 10) 1.5 * 5 ms;
+    # 8 ranks share the 2 cores 4 ways: 1.5 * 4 * ceil(10/8)=2 rows = 12 ms; no collective cost
+    cluster = costmodel.Cluster(name="t", gpus_per_node=1, intra_alpha_s=0, intra_beta_s=0,
+                                inter_alpha_s=0, inter_beta_s=0, cores=2,
+                                compute_contention=1.5)
+    rows = costmodel.predict(layer_params=[10], batch=10, cluster=cluster, worlds=[1, 2, 8],
+                             compute=costmodel.Compute(fixed_ms=0.0, per_sample_ms=1.0))
+    assert [r["compute_ms"] for r in rows] == pytest.approx([10.0, 7.5, 12.0])
+    assert [r["step_ms"] for r in rows] == pytest.approx([10.0, 7.5, 12.0])
+    plain = costmodel.Cluster(**{**cluster.to_json(), "compute_contention": 1.0})
+    rows = costmodel.predict(layer_params=[10], batch=10, cluster=plain, worlds=[2, 8],
+                             compute=costmodel.Compute(fixed_ms=0.0, per_sample_ms=1.0))
+    assert [r["compute_ms"] for r in rows] == pytest.approx([5.0, 8.0])
+
+
+def test_step_overhead_by_hand():
+    # overhead on 2 ranks 1 ms + 1 ns/B: 10 parameters = 40 bytes -> 1.00004 ms, added to the
+    # step (compute 5 ms, the collective 0.5 ms): 6.50004 ms; none listed for 4 ranks, none for 1
+    cluster = costmodel.Cluster(name="t", gpus_per_node=8, intra_alpha_s=0, intra_beta_s=0,
+                                inter_alpha_s=0, inter_beta_s=0,
+                                allreduce_fit={"2": [5e-4, 0.0], "4": [5e-4, 0.0]},
+                                step_overhead_fit={"2": [1e-3, 1e-9]})
+    rows = costmodel.predict(layer_params=[10], batch=10, cluster=cluster, worlds=[1, 2, 4],
+                             compute=costmodel.Compute(fixed_ms=0.0, per_sample_ms=1.0))
+    assert [r["overhead_ms"] for r in rows] == pytest.approx([0.0, 1.00004, 0.0])
+    assert [r["step_ms"] for r in rows] == pytest.approx([10.0, 6.50004, 3.5])
+    negative = costmodel.Cluster(**{**cluster.to_json(), "step_overhead_fit": {"2": [-1.0, 0]}})
+    assert costmodel.step_overhead_s(40, 2, negative) == 0.0
+
+
+def test_overhead_fit_by_hand():
+    # world 2: model a (1000 B) 3 - 1 - 1 = 1 ms, model b (3000 B) 6 - 2 - 1 = 3 ms:
+    # b = 2 ms / 2000 B = 1e-6 s/B, a = 1 ms - 1e-3 s = 0
+    samples = []
+    for model, parts in (("a", (3.0, 1.0, 1.0)), ("b", (6.0, 2.0, 1.0))):
+        for kind, ms in zip(("trainer", "compute", "collective"), parts, strict=True):
+            for jitter in (-0.5, 0.0, 0.5):  # medians
+                samples.append({"model": model, "world_size": 2, "kind": kind,
+                                "ms": ms + jitter})
+    fit = calibrate.overhead_fit(samples, {"a": 1000, "b": 3000})
+    assert fit["2"] == pytest.approx([0.0, 1e-6], abs=1e-12)
