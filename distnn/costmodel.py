@@ -30,6 +30,8 @@ buckets' all-reduces run one after another in index order: bucket k starts at
 ``s_k = max(r_k, e_{k-1})`` and ends at ``e_k = s_k + T(n_k)``. The step ends at
 ``max(F + B, e_last) + update``, and the exposed communication is that minus the compute.
 The last bucket is ready only when backward ends, so its all-reduce is always exposed.
+Where the cluster lists a measured per-step overhead for p ranks (``step_overhead_fit``: the
+packing, the update, the wait for the slowest rank and for gloo's threads), it is added.
 """
 
 from __future__ import annotations
