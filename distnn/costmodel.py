@@ -30,6 +30,18 @@ buckets' all-reduces run one after another in index order: bucket k starts at
 ``s_k = max(r_k, e_{k-1})`` and ends at ``e_k = s_k + T(n_k)``. The step ends at
 ``max(F + B, e_last) + update``, and the exposed communication is that minus the compute.
 The last bucket is ready only when backward ends, so its all-reduce is always exposed.
+A shaped link's token bucket (tc tbf; ``burst_bytes`` > 0, default 0 = none): a link whose
+bucket holds ``b`` bytes when a message of ``n`` bytes starts sends ``min(n, b)`` of them at the
+link's own line speed (``burst_beta_s`` s/byte) and the rest at the shaped rate ``1/beta``:
+``alpha + max(0, n - b) beta + min(n, b) burst_beta_s``, with
+``b = min(burst_bytes, idle / beta)`` (the bucket refills at the rate while the link is idle).
+Refill assumption: each direction of a link takes its step's bytes as ONE burst-limited
+transfer (back-to-back messages on it draw on one bucket), and it is idle for the rest of the
+step: the compute, plus, for the sum through rank 0, the other direction's messages (each
+costed with a full bucket, their shortest, so the refill is never overstated); the overhead is
+left out (the same reason). The ring's two directions run at once, so its idle time is the
+compute alone. Only the first collective of a step gets the bucket (later buckets follow on
+the link without idle time counted); measured fits and the tree are not changed by it.
 Where the cluster lists a measured per-step overhead for p ranks (``step_overhead_fit``: the
 packing, the update, the wait for the slowest rank and for gloo's threads), it is added.
 """
@@ -46,11 +58,31 @@ VIA_ROOT_MAX_BYTES = MIB  # distnn.trainer.VIA_ROOT_MAX_MB
 VIA_ROOT_MAX_RANKS = 8  # distnn.gradsync.VIA_ROOT_MAX_RANKS
 
 
-def ring_allreduce_s(n_bytes: float, p: int, alpha: float, beta: float) -> float:
-    """Ring all-reduce: ``2 (p-1) alpha + 2 (p-1)/p n beta`` seconds; 0 for one rank."""
+def shaped_bytes_s(n_bytes: float, beta: float, bucket_bytes: float = 0.0,
+                   burst_beta: float = 0.0) -> float:
+    """Seconds to send ``n_bytes`` through a token bucket holding ``bucket_bytes``:
+    ``max(0, n - b) beta + min(n, b) burst_beta`` (``n beta`` with no bucket)."""
+    burst = min(n_bytes, max(0.0, bucket_bytes))
+    return (n_bytes - burst) * beta + burst * burst_beta
+
+
+def bucket_available(burst_bytes: float, idle_s: float, beta: float) -> float:
+    """Bytes in a tbf bucket of ``burst_bytes`` after ``idle_s`` of refill at the rate ``1/beta``:
+    ``min(burst, idle / beta)``; 0 without a bucket."""
+    if burst_bytes <= 0 or idle_s <= 0:
+        return 0.0
+    return burst_bytes if beta <= 0 else min(burst_bytes, idle_s / beta)
+
+
+def ring_allreduce_s(n_bytes: float, p: int, alpha: float, beta: float,
+                     bucket_bytes: float = 0.0, burst_beta: float = 0.0) -> float:
+    """Ring all-reduce: ``2 (p-1) alpha + 2 (p-1)/p n beta`` seconds; 0 for one rank. With a
+    bucket of ``bucket_bytes``, each link's ``2 (p-1)/p n`` bytes go through it
+    (:func:`shaped_bytes_s`)."""
     if p <= 1:
         return 0.0
-    return 2 * (p - 1) * alpha + 2 * (p - 1) / p * n_bytes * beta
+    return 2 * (p - 1) * alpha + shaped_bytes_s(2 * (p - 1) / p * n_bytes, beta,
+                                                bucket_bytes, burst_beta)
 
 
 def tree_allreduce_s(n_bytes: float, p: int, alpha: float, beta: float) -> float:
@@ -60,11 +92,15 @@ def tree_allreduce_s(n_bytes: float, p: int, alpha: float, beta: float) -> float
     return 2 * math.ceil(math.log2(p)) * (alpha + n_bytes * beta)
 
 
-def via_root_s(n_bytes: float, p: int, alpha: float, beta: float) -> float:
-    """distnn's sum through rank 0, rank 0's messages serialised: ``2 (p-1) (alpha + n beta)``."""
+def via_root_s(n_bytes: float, p: int, alpha: float, beta: float,
+               bucket_bytes: float = 0.0, burst_beta: float = 0.0) -> float:
+    """distnn's sum through rank 0, rank 0's messages serialised: ``2 (p-1) (alpha + n beta)``.
+    With a bucket of ``bucket_bytes`` in each direction of rank 0's link, each direction's
+    ``(p-1) n`` bytes go through it: ``2 ((p-1) alpha + shaped_bytes_s((p-1) n))``."""
     if p <= 1:
         return 0.0
-    return 2 * (p - 1) * (alpha + n_bytes * beta)
+    return 2 * ((p - 1) * alpha + shaped_bytes_s((p - 1) * n_bytes, beta, bucket_bytes,
+                                                 burst_beta))
 
 
 @dataclass(frozen=True)
@@ -90,6 +126,11 @@ class Cluster:
     the slowest rank and for gloo's threads to be scheduled on cores busy with the others'
     compute (:func:`distnn.calibrate.overhead_fit`, from models other than those checked).
     Added to the step of that world size, where listed.
+
+    ``burst_bytes``: the token bucket of each direction of a shaped link (tc tbf's ``burst``,
+    as configured; 0: no bucket) on the inter-node links and on the sum through rank 0;
+    ``burst_beta_s``: seconds per byte for bytes sent out of the bucket (the link's line
+    speed, unshaped). See the module docstring for the formula and the refill assumption.
     """
 
     name: str
@@ -108,6 +149,8 @@ class Cluster:
     allreduce_fit: dict[str, list[float]] = field(default_factory=dict)
     via_root_fit: dict[str, list[float]] = field(default_factory=dict)
     step_overhead_fit: dict[str, list[float]] = field(default_factory=dict)
+    burst_bytes: float = 0.0
+    burst_beta_s: float = 0.0
     source: str = ""
 
     def to_json(self) -> dict:
@@ -136,9 +179,12 @@ def _level_s(n_bytes: float, p: int, alpha: float, beta: float, algorithm: str) 
     return (tree_allreduce_s if algorithm == "tree" else ring_allreduce_s)(n_bytes, p, alpha, beta)
 
 
-def hierarchical_allreduce_s(n_bytes: float, p: int, cluster: Cluster) -> float:
+def hierarchical_allreduce_s(n_bytes: float, p: int, cluster: Cluster,
+                             idle_s: float = 0.0) -> float:
     """All-reduce over nodes of ``gpus_per_node``: intra reduce-scatter, g inter all-reduces of
-    n/g bytes sharing the node's links, intra all-gather (see the module docstring)."""
+    n/g bytes sharing the node's links, intra all-gather (see the module docstring). With
+    ``cluster.burst_bytes``, the ring across nodes draws on the links' buckets, refilled
+    during ``idle_s`` (each of the g local ranks gets ``links/g`` of them)."""
     g = max(1, min(cluster.gpus_per_node, p))
     if p <= 1:
         return 0.0
@@ -148,8 +194,13 @@ def hierarchical_allreduce_s(n_bytes: float, p: int, cluster: Cluster) -> float:
     nodes = math.ceil(p / g)
     links = cluster.inter_links or g
     scatter = (g - 1) * cluster.intra_alpha_s + (g - 1) / g * n_bytes * cluster.intra_beta_s
-    across = _level_s(n_bytes / g, nodes, cluster.inter_alpha_s,
-                      cluster.inter_beta_s * g / links, cluster.algorithm)
+    beta_e = cluster.inter_beta_s * g / links
+    bucket = bucket_available(cluster.burst_bytes * links / g, idle_s, beta_e)
+    if bucket > 0 and cluster.algorithm == "ring":
+        across = ring_allreduce_s(n_bytes / g, nodes, cluster.inter_alpha_s, beta_e, bucket,
+                                  cluster.burst_beta_s * g / links)
+    else:
+        across = _level_s(n_bytes / g, nodes, cluster.inter_alpha_s, beta_e, cluster.algorithm)
     return 2 * scatter + across
 
 
@@ -166,18 +217,31 @@ def sums_via_root(n_bytes: float, p: int, buckets: int, cluster: Cluster) -> boo
             and n_bytes <= VIA_ROOT_MAX_BYTES)
 
 
-def gradient_sum_s(n_bytes: float, p: int, cluster: Cluster, *, buckets: int = 1) -> float:
+def gradient_sum_s(n_bytes: float, p: int, cluster: Cluster, *, buckets: int = 1,
+                   idle_s: float = 0.0) -> float:
     """Seconds for distnn to sum one bucket of ``n_bytes`` on ``p`` ranks of ``cluster``:
     through rank 0 where distnn does that, else an all-reduce; a measured fit for that world
-    size when the cluster has one, else the formulas."""
+    size when the cluster has one, else the formulas. ``idle_s``: the step's time outside
+    communication (its compute) during which a shaped link's bucket refills
+    (``cluster.burst_bytes``; nothing changes without one)."""
     if p <= 1:
         return 0.0
     if sums_via_root(n_bytes, p, buckets, cluster):
         fitted = _fitted(cluster.via_root_fit, p, n_bytes)
-        return fitted if fitted is not None else via_root_s(
-            n_bytes, p, cluster.intra_alpha_s, cluster.intra_beta_s)
+        if fitted is not None:
+            return fitted
+        alpha, beta = cluster.intra_alpha_s, cluster.intra_beta_s
+        if cluster.burst_bytes <= 0:
+            return via_root_s(n_bytes, p, alpha, beta)
+        # a direction is idle for the compute and the other direction's messages, those
+        # costed with a full bucket (their shortest), so the refill is never overstated
+        other = (p - 1) * alpha + shaped_bytes_s((p - 1) * n_bytes, beta, cluster.burst_bytes,
+                                                 cluster.burst_beta_s)
+        bucket = bucket_available(cluster.burst_bytes, idle_s + other, beta)
+        return via_root_s(n_bytes, p, alpha, beta, bucket, cluster.burst_beta_s)
     fitted = _fitted(cluster.allreduce_fit, p, n_bytes)
-    return fitted if fitted is not None else hierarchical_allreduce_s(n_bytes, p, cluster)
+    return fitted if fitted is not None else hierarchical_allreduce_s(n_bytes, p, cluster,
+                                                                      idle_s)
 
 
 def step_overhead_s(n_bytes: float, p: int, cluster: Cluster) -> float:
@@ -219,10 +283,11 @@ def step_s(*, compute_s: float, layer_params: Sequence[int], p: int, cluster: Cl
     forward_s = compute_s * (1 - backward_fraction)
     backward_s = compute_s * backward_fraction
     end = 0.0
-    for params, done in buckets:
+    for k, (params, done) in enumerate(buckets):
         ready = forward_s + backward_s * done / total
         end = max(ready, end) + gradient_sum_s(params * BYTES_PER_PARAM, p, cluster,
-                                               buckets=len(buckets))
+                                               buckets=len(buckets),
+                                               idle_s=compute_s if k == 0 else 0.0)
     exposed = max(0.0, end - compute_s)
     return compute_s + exposed, exposed
 

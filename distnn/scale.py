@@ -263,6 +263,62 @@ def _predict(argv: list[str]) -> int:
     return 0
 
 
+def tbf_burst_bytes(rate_bits: float) -> float:
+    """tc tbf's burst as launch/netns-cluster.sh sets it: 1 ms at the rate, at least 64 KiB."""
+    return max(65536.0, float(int(rate_bits / 8 / 1000)))
+
+
+NETNS_RATES = {"netns-1gbit": 1e9, "netns-200mbit": 2e8}  # bits/s, docs/scale-netns.md
+NETNS_MODELS = {"tutorial": ("tutorial", 1000, [100], 10, 64),
+                "compute-bound": ("compute", 1024, [1024], 1024, 512)}
+
+
+def netns_check(docs: str = "docs") -> list[dict]:
+    """The namespace check (docs/scaling.md): predictions beside docs/scale-netns.json's
+    medians. Compute and the 2-rank overhead from docs/scale-check-cpu.json and the
+    calibration; loopback and unshaped veth use this machine's fits; a shaped link is 2 nodes
+    of 1 rank, beta = 1/rate, alpha = half the loopback 2-rank sum via rank 0's intercept,
+    its tbf bucket as the script sets it (:func:`tbf_burst_bytes`), the bucket's bytes at
+    the loopback per-message line speed (half the 2-rank via-root slope)."""
+    with open(os.path.join(docs, "scale-netns.json")) as f:
+        measured = json.load(f)
+    with open(os.path.join(docs, "scale-check-cpu.json")) as f:
+        check = {(r["model"], r["world_size"]): r for r in json.load(f)}
+    with open(os.path.join(docs, "scale-calibration-cpu.json")) as f:
+        cal = json.load(f)["cluster"]
+    a2, b2 = cal["via_root_fit"]["2"]  # 2 ranks via rank 0: 2 (alpha + n beta)
+    alpha, line_beta = a2 / 2, b2 / 2
+    out = []
+    for name, (key, d_in, hidden, d_out, batch) in NETNS_MODELS.items():
+        c = check[(key, 2)]
+        compute = costmodel.Compute(c["compute_fixed_ms"], c["compute_per_sample_ms"])
+        layers = costmodel.mlp_layer_params(d_in, hidden, d_out)
+        for link, med in measured["median_ms_per_step"][name].items():
+            rate = NETNS_RATES.get(link)
+            if rate is None:
+                cluster = costmodel.Cluster.from_json(cal)
+                how = "this-machine-gloo (2 ranks)"
+            else:
+                beta, burst = 8 / rate, tbf_burst_bytes(rate)
+                cluster = costmodel.Cluster(
+                    name=link, gpus_per_node=1, intra_alpha_s=alpha, intra_beta_s=beta,
+                    inter_alpha_s=alpha, inter_beta_s=beta, backend="gloo", cores=2,
+                    step_overhead_fit={"2": cal["step_overhead_fit"]["2"]},
+                    burst_bytes=burst, burst_beta_s=line_beta)
+                how = (f"alpha {alpha * 1e3:.3f} ms, beta 1/({rate / 8e6:g} MB/s), "
+                       f"tbf burst {burst:.0f} B at 1/({1 / line_beta / 1e6:.0f} MB/s)")
+            r = costmodel.predict(layer_params=layers, batch=batch, compute=compute,
+                                  cluster=cluster, worlds=[2])[0]
+            out.append({"model": name, "link": link, "cluster": how,
+                        "burst_bytes": cluster.burst_bytes,
+                        "predicted_compute_ms": r["compute_ms"],
+                        "predicted_comm_ms": r["comm_ms"],
+                        "predicted_overhead_ms": r["overhead_ms"],
+                        "predicted_step_ms": r["step_ms"], "measured_step_ms": med,
+                        "relative_error": r["step_ms"] / med - 1})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:

@@ -213,3 +213,36 @@ def test_overhead_fit_by_hand():
                                 "ms": ms + jitter})
     fit = calibrate.overhead_fit(samples, {"a": 1000, "b": 3000})
     assert fit["2"] == pytest.approx([0.0, 1e-6], abs=1e-12)
+
+
+def test_tbf_bucket_by_hand():
+    # 404,440 B through rank 0 on 2 ranks, 1 Gbit/s (beta 8e-9), alpha 1e-4, bucket 125,000 B
+    # sent at 1e-9 s/B: each direction 1e-4 + 279,440*8e-9 + 125,000*1e-9 = 2.460520e-3
+    assert costmodel.via_root_s(404440, 2, 1e-4, 8e-9, 125000, 1e-9) == pytest.approx(
+        2 * 2.46052e-3)
+    assert costmodel.via_root_s(404440, 2, 1e-4, 8e-9) == pytest.approx(2 * 3.33552e-3)
+    # the bucket refills at the rate: 0.5 ms idle at 8e-9 s/B = 62,500 B of a 125,000 B bucket
+    assert costmodel.bucket_available(125000, 5e-4, 8e-9) == pytest.approx(62500)
+    assert costmodel.bucket_available(125000, 1.0, 8e-9) == 125000
+    assert costmodel.bucket_available(0, 1.0, 8e-9) == 0.0
+    # a message smaller than the bucket goes wholly at line speed
+    assert costmodel.shaped_bytes_s(1000, 8e-9, 125000, 1e-9) == pytest.approx(1e-6)
+    cluster = costmodel.Cluster(name="t", gpus_per_node=1, intra_alpha_s=1e-4,
+                                intra_beta_s=8e-9, inter_alpha_s=1e-4, inter_beta_s=8e-9,
+                                backend="gloo", burst_bytes=125000, burst_beta_s=1e-9)
+    # idle = compute 0 + the other direction (>= 2.46 ms = 307,565 B of refill): full bucket
+    assert costmodel.gradient_sum_s(404440, 2, cluster) == pytest.approx(2 * 2.46052e-3)
+    # ring on 2 nodes, 8.4e6 B: 2e-4 + (8.4e6 - 125,000)*8e-9 + 125,000*1e-9 with compute
+    # 1 s of idle; with none, no tokens: 2e-4 + 8.4e6*8e-9
+    ring = costmodel.Cluster(name="r", gpus_per_node=1, intra_alpha_s=1e-4, intra_beta_s=8e-9,
+                             inter_alpha_s=1e-4, inter_beta_s=8e-9, burst_bytes=125000,
+                             burst_beta_s=1e-9)
+    assert costmodel.gradient_sum_s(8.4e6, 2, ring, idle_s=1.0) == pytest.approx(0.066525)
+    assert costmodel.gradient_sum_s(8.4e6, 2, ring) == pytest.approx(0.0674)
+    # no bucket (the default): the formulas as before
+    plain = costmodel.Cluster(name="p", gpus_per_node=1, intra_alpha_s=1e-4, intra_beta_s=8e-9,
+                              inter_alpha_s=1e-4, inter_beta_s=8e-9)
+    assert costmodel.gradient_sum_s(8.4e6, 2, plain, idle_s=1.0) == pytest.approx(0.0674)
+    # the script's burst: 1 ms at the rate, at least 64 KiB
+    assert scale.tbf_burst_bytes(1e9) == 125000
+    assert scale.tbf_burst_bytes(2e8) == 65536
