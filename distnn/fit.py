@@ -20,8 +20,8 @@ from distnn.optimizers import build_optimizer
 from distnn.runtime import Runtime, setup
 from distnn.trainer import Trainer, TrainResult
 
-# Settings that describe the command line's own model and data, not a fit's.
-_NOT_SETTINGS = ("data", "val_data", "model", "hidden", "d_in", "d_out", "loss", "optimizer")
+# Flags that describe the command line's own model and data: fit takes the objects instead.
+_NOT_SETTINGS = ("data", "val_data", "hidden", "d_in", "d_out")
 Data = tuple[torch.Tensor, torch.Tensor] | str | os.PathLike | Any
 
 

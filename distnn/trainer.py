@@ -359,30 +359,28 @@ class Trainer:
 
     # -- the steps ------------------------------------------------------------------------
 
-    def _loss_function(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """The sum loss of a piece: the job's loss of the model's output (compiled with
-        --compile)."""
+    def _loss_functions(self) -> tuple[Callable, Callable]:
+        """The sum loss of a piece (the job's loss of the model's output), eager, and the one
+        the steps use: the same, ``torch.compile``d with --compile."""
         model, loss_fn = self.job.model, self.job.loss_fn
 
         def piece_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return loss_fn(model(x), y)
 
-        return torch.compile(piece_loss, dynamic=False) if self.config.compile else piece_loss
+        compiled = torch.compile(piece_loss, dynamic=False) if self.config.compile else None
+        return piece_loss, compiled or piece_loss
 
-    def _pieces(self, loss_of: Callable, x_shard: torch.Tensor,
+    def _pieces(self, loss_fns: tuple[Callable, Callable], x_shard: torch.Tensor,
                 y_shard: torch.Tensor) -> list[Piece]:
         """This rank's micro-batches of a shard, each with the function of its sum loss. An
         empty piece (more ranks or pieces than rows) adds nothing and runs eagerly."""
-        config, eager = self.config, self._eager_loss
+        eager, loss_of = loss_fns
         pieces = []
-        for index in range(config.micro_batches):
-            first, stop = shard_bounds(len(x_shard), config.micro_batches, index)
+        for index in range(self.config.micro_batches):
+            first, stop = shard_bounds(len(x_shard), self.config.micro_batches, index)
             pieces.append((loss_of if stop > first else eager, x_shard[first:stop],
                            y_shard[first:stop]))
         return pieces
-
-    def _eager_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.job.loss_fn(self.job.model(x), y)
 
     def _warm_up(self, sync: FlatGradSync, pieces: list[Piece]) -> None:
         """--compile: compiles forward and backward of every piece's shape before the timed
@@ -451,14 +449,14 @@ class Trainer:
         captured step returned, which it overwrites.
         """
         job, config, rt = self.job, self.config, self.rt
-        loss_of = self._loss_function()
+        loss_fns = self._loss_functions()
         if job.fixed is not None:
             x_shard, y_shard = (t.to(rt.device) for t in job.fixed)
         else:
             self.stream = ShardStream(job.source, job.plan, world_size=rt.world_size,
                                       rank=rt.rank, device=rt.device, start_step=start)
             x_shard, y_shard = self.stream.next()
-        pieces = self._pieces(loss_of, x_shard, y_shard)
+        pieces = self._pieces(loss_fns, x_shard, y_shard)
         if config.compile:
             self._warm_up(sync, pieces)
         if config.cuda_graph:
@@ -469,7 +467,7 @@ class Trainer:
 
         def read_and_step() -> Summed:
             step_pieces = (first.pop() if first
-                           else self._pieces(loss_of, *self.stream.next()))
+                           else self._pieces(loss_fns, *self.stream.next()))
             return self._step(sync, step_pieces, stop.ballot())
 
         return read_and_step
