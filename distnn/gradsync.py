@@ -183,6 +183,11 @@ class FlatGradSync:
         return self._extras
 
     @property
+    def grads(self) -> torch.Tensor:
+        """The gradient part of the buffer (1-dim, the parameters' layout in ``flat_params``)."""
+        return self._grads
+
+    @property
     def buckets(self) -> int:
         """How many parts the gradient buffer is summed in (each an all-reduce)."""
         return len(self.bucket_ranges)
@@ -278,6 +283,28 @@ class FlatGradSync:
         else:  # one rank: the gradients are the sum already, only the extras are packed
             torch.cat(self._extra_pieces, out=self._extras)
             return self._extras
+        for p, view in zip(self.params, self._grad_views, strict=True):
+            p.grad = view
+        return self._extras
+
+    def sum_packed(self) -> torch.Tensor:
+        """Sums the gradient buffer as the caller filled it (the gradients, then the extra
+        slots, in the buffer's layout: a compiled step writes it whole, see wholestep);
+        returns the summed extra slots, as :meth:`all_reduce` does.
+
+        The buckets are summed in index order, all after the caller's backward (nothing was
+        started during it); then every ``p.grad`` is a view into the summed buffer (alone:
+        into the buffer as filled).
+        """
+        if self.via_root:
+            with collective("the gradient sum (through rank 0)"):
+                self._sum_via_root()
+        elif self.distributed:
+            with collective("the gradient all-reduce"):
+                handles = [dist.all_reduce(buffer, op=dist.ReduceOp.SUM, async_op=True)
+                           for buffer in self._bucket_buffers]
+                for handle in handles:
+                    handle.wait()
         for p, view in zip(self.params, self._grad_views, strict=True):
             p.grad = view
         return self._extras

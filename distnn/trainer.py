@@ -58,6 +58,7 @@ from distnn.weights import (
     remove_stale_temporaries,
     save_weights,
 )
+from distnn.wholestep import WholeStep
 
 log = logging.getLogger("distnn")
 # Gradient buffers up to this size are summed through rank 0 on gloo (see gradsync).
@@ -68,8 +69,8 @@ STEPS_RANGE = "distnn: steps"  # the profiler range around the step loop and its
 
 # What a step returns: the global loss, and the sum of the ranks' stop votes (None alone).
 Summed = tuple[torch.Tensor, torch.Tensor | None]
-# A micro-batch: the function computing its sum loss, and its inputs and targets.
-Piece = tuple[Callable, torch.Tensor, torch.Tensor]
+# A micro-batch: its inputs and targets.
+Piece = tuple[torch.Tensor, torch.Tensor]
 JobBuilder = Callable[[TrainConfig, Runtime], Job]
 
 
@@ -359,44 +360,17 @@ class Trainer:
 
     # -- the steps ------------------------------------------------------------------------
 
-    def _loss_functions(self) -> tuple[Callable, Callable]:
-        """The sum loss of a piece (the job's loss of the model's output), eager, and the one
-        the steps use: the same, ``torch.compile``d with --compile."""
-        model, loss_fn = self.job.model, self.job.loss_fn
-
-        def piece_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return loss_fn(model(x), y)
-
-        compiled = torch.compile(piece_loss, dynamic=False) if self.config.compile else None
-        return piece_loss, compiled or piece_loss
-
-    def _pieces(self, loss_fns: tuple[Callable, Callable], x_shard: torch.Tensor,
-                y_shard: torch.Tensor) -> list[Piece]:
-        """This rank's micro-batches of a shard, each with the function of its sum loss. An
-        empty piece (more ranks or pieces than rows) adds nothing and runs eagerly."""
-        eager, loss_of = loss_fns
+    def _pieces(self, x_shard: torch.Tensor, y_shard: torch.Tensor) -> list[Piece]:
+        """This rank's micro-batches of a shard (empty ones too: more ranks or pieces than
+        rows; such a piece adds nothing)."""
         pieces = []
         for index in range(self.config.micro_batches):
             first, stop = shard_bounds(len(x_shard), self.config.micro_batches, index)
-            pieces.append((loss_of if stop > first else eager, x_shard[first:stop],
-                           y_shard[first:stop]))
+            pieces.append((x_shard[first:stop], y_shard[first:stop]))
         return pieces
 
-    def _warm_up(self, sync: FlatGradSync, pieces: list[Piece]) -> None:
-        """--compile: compiles forward and backward of every piece's shape before the timed
-        steps (``compile_s`` in the summary); the gradients are dropped."""
-        started = time.perf_counter()
-        with sync.no_sync():  # compiles forward and backward; no collective starts
-            for function, x_piece, y_piece in pieces:
-                with self._autocast():
-                    warm_up = function(x_piece, y_piece)
-                warm_up.backward()
-        sync.zero_grad()
-        self.compile_s = time.perf_counter() - started
-        log.info(f"compiled the forward and loss in {self.compile_s:.1f} s")
-
     def _step(self, sync: FlatGradSync, pieces: list[Piece], vote: torch.Tensor) -> Summed:
-        """One step's work on the device; returns the global loss and stop votes.
+        """One eager step's work on the device; returns the global loss and stop votes.
 
         Every piece but the last only accumulates its gradients; the last one's backward
         starts the all-reduce of the buckets. With other ranks the loss and ``vote`` travel
@@ -430,55 +404,80 @@ class Trainer:
         else:
             self.job.optimizer.step()
 
-    def _backward(self, loss_of: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Forward and backward of one piece; returns its sum loss."""
         with self._autocast():
-            loss = loss_of(x, y)
+            loss = self.job.loss_fn(self.job.model(x), y)
         loss.backward()
         return loss
 
     def _prepare_step(self, sync: FlatGradSync, stop: StopRequests,
                       start: int) -> Callable[[], Summed]:
-        """The function that runs one step: eager, or a replay of the captured step.
+        """The function that runs one step: eager, compiled whole (--compile), and either
+        of them captured (--cuda-graph).
 
         A fixed batch's pieces are made once; rows read per step come from a ShardStream
-        (under --cuda-graph copied into the captured step's input tensors). With
-        --compile the pieces' shapes are compiled here, and with --cuda-graph the step is
-        captured here (warm-up included, with the weights put back after it), so that both
-        stay out of the step timings (in ``compile_s``). A replay returns the tensors the
-        captured step returned, which it overwrites.
+        (under --cuda-graph copied into the captured step's input tensors). Compiling (every
+        shape the run will meet) and capturing (its warm-up included, with the weights put
+        back after it) happen here, so that both stay out of the step timings (in
+        ``compile_s``). A replay returns the tensors the captured step returned, which it
+        overwrites.
         """
         job, config, rt = self.job, self.config, self.rt
-        loss_fns = self._loss_functions()
         if job.fixed is not None:
             x_shard, y_shard = (t.to(rt.device) for t in job.fixed)
         else:
             self.stream = ShardStream(job.source, job.plan, world_size=rt.world_size,
                                       rank=rt.rank, device=rt.device, start_step=start)
             x_shard, y_shard = self.stream.next()
-        pieces = self._pieces(loss_fns, x_shard, y_shard)
+        pieces = self._pieces(x_shard, y_shard)
+        restore = [sync.flat_params]
         if config.compile:
-            self._warm_up(sync, pieces)
+            whole = self._compile(sync, stop, pieces)
+            restore = whole.restore
+            step = lambda step_pieces: whole(step_pieces, stop.ballot())  # noqa: E731
+        else:
+            step = lambda step_pieces: self._step(sync, step_pieces, stop.ballot())  # noqa: E731
         if config.cuda_graph:
-            return self._captured_step(sync, stop, pieces, x_shard, y_shard)
+            return self._captured_step(lambda: step(pieces), restore, stop, x_shard, y_shard)
         if job.fixed is not None:
-            return lambda: self._step(sync, pieces, stop.ballot())
+            return lambda: step(pieces)
         first = [pieces]  # the first step's rows are read already
 
         def read_and_step() -> Summed:
-            step_pieces = (first.pop() if first
-                           else self._pieces(loss_fns, *self.stream.next()))
-            return self._step(sync, step_pieces, stop.ballot())
+            return step(first.pop() if first else self._pieces(*self.stream.next()))
 
         return read_and_step
 
-    def _captured_step(self, sync: FlatGradSync, stop: StopRequests, pieces: list[Piece],
-                       x_shard: torch.Tensor, y_shard: torch.Tensor) -> Callable[[], Summed]:
+    def _compile(self, sync: FlatGradSync, stop: StopRequests,
+                 pieces: list[Piece]) -> WholeStep:
+        """--compile: the whole step compiled (wholestep), for the first step's pieces and,
+        when the data leaves a smaller last batch, for that one's too, before the timed
+        steps (``compile_s`` in the summary)."""
+        job, config, rt = self.job, self.config, self.rt
+        started = time.perf_counter()
+        whole = WholeStep(job.model, job.loss_fn, sync, lr=config.lr,
+                          bf16=config.precision == "bf16", optimizer=job.optimizer)
+        shapes = [pieces]
+        if job.plan is not None and not job.plan.uniform:
+            x, y = pieces[0]
+            first, stop_row = shard_bounds(job.plan.rows % job.plan.batch_size,
+                                           rt.world_size, rt.rank)
+            rows = stop_row - first
+            shapes.append(self._pieces(x.new_zeros((rows, *x.shape[1:])),
+                                       y.new_zeros((rows, *y.shape[1:]))))
+        whole.warm_up(shapes, stop.ballot())
+        self.compile_s = time.perf_counter() - started
+        log.info(f"compiled the step in {self.compile_s:.1f} s")
+        return whole
+
+    def _captured_step(self, step: Callable[[], Summed], restore: list[torch.Tensor],
+                       stop: StopRequests, x_shard: torch.Tensor,
+                       y_shard: torch.Tensor) -> Callable[[], Summed]:
         """--cuda-graph: the step captured once; each call replays it, after copying the
         step's rows (when read per step) into the tensors it was captured on."""
         started = time.perf_counter()
-        graph, summed = capture_step(lambda: self._step(sync, pieces, stop.ballot()),
-                                     restore=[sync.flat_params])
+        graph, summed = capture_step(step, restore=restore)
         captured_s = time.perf_counter() - started
         self.compile_s += captured_s
         log.info(f"captured the step as a CUDA graph in {captured_s:.1f} s")

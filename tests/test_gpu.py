@@ -166,10 +166,26 @@ def test_cuda_graph_in_one_process_with_bf16_gives_the_bits_of_the_eager_step(tm
     assert_same_bits(eager, graph)
 
 
-def test_cuda_graph_of_the_compiled_forward_matches_the_reference(tmp_path, no_launcher):
-    losses, weights, summary = run_one(tmp_path, "graph", ["--cuda-graph", "--compile"])
-    assert_matches_reference(losses, weights, steps=STEPS)
-    assert summary["compile_s"] > 0
+def test_the_whole_step_compiled_and_captured_matches_the_reference_bit_for_bit_again(
+        tmp_path, no_launcher):
+    first = run_one(tmp_path, "first", ["--cuda-graph", "--compile"])
+    assert_matches_reference(first[0], first[1], steps=STEPS)
+    assert first[2]["compile_s"] > 0
+    compiled = run_one(tmp_path, "compiled", ["--compile"])  # the same kernels, not captured
+    assert_matches_reference(compiled[0], compiled[1], steps=STEPS)
+    assert_same_bits(first, run_one(tmp_path, "again", ["--cuda-graph", "--compile"]))
+
+
+def test_bf16_whole_step_compiled_keeps_the_eager_bf16_numbers(tmp_path, no_launcher):
+    """The bf16 weight copies the compiled update refreshes: the eager bf16 step's losses,
+    within the tolerance measured on the CPU (tests/test_wholestep.py)."""
+    from tests.test_wholestep import BF16_VS_EAGER
+
+    eager = run_one(tmp_path, "eager", ["--precision", "bf16"])
+    compiled = run_one(tmp_path, "compiled", ["--precision", "bf16", "--compile",
+                                              "--cuda-graph"])
+    for got, want in zip(compiled[0][:100], eager[0][:100], strict=True):
+        assert got == pytest.approx(want, rel=BF16_VS_EAGER)
 
 
 def test_cuda_graph_over_gloo_is_refused_on_every_rank():
