@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import io
 import itertools
 import json
@@ -28,17 +27,16 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
 
+from distnn.bench_loops import ddp_loop, graph_floor_loop, reference_loop
+from distnn.bench_rates import matmul_tflops, step_matmul_tflops, weight_grad_layouts
 from distnn.config import TrainConfig
-from distnn.data import reference_setup, shard_bounds
 from distnn.runtime import setup
 from distnn.trainer import Trainer, tf32_matmuls
 
@@ -82,101 +80,6 @@ DEEP = Workload("deep", 64, 2048, (2048,) * 6, 2048, 1e-7)
 BUCKET_SWEEP_MB = (8, 25, 40, 64)  # 7, 4, 3 and 2 buckets of the deep workload
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _model_and_shard(work: Workload, rank: int, world: int, device: torch.device):
-    x, y, model = reference_setup(work.config())
-    start, stop = shard_bounds(work.batch_size, world, rank)
-    return model.to(device), x[start:stop].to(device), y[start:stop].to(device)
-
-
-def _time_steps(step: Callable[[int], None], steps: int, warmup: int,
-                device: torch.device) -> float:
-    """Runs ``step(i)`` for ``warmup`` untimed then ``steps`` timed steps; returns ms/step."""
-    for index in range(warmup):
-        step(index)
-    _sync(device)
-    started = time.perf_counter()
-    for index in range(warmup, warmup + steps):
-        step(index)
-    _sync(device)
-    return (time.perf_counter() - started) / steps * 1e3
-
-
-def reference_loop(work: Workload, steps: int, warmup: int, device: torch.device,
-                   per_step_sync: bool) -> tuple[float, list[float]]:
-    """The tutorial loop in one process: ``loss.item()`` every step, or losses kept on device."""
-    model, x, y = _model_and_shard(work, 0, 1, device)
-    loss_fn = nn.MSELoss(reduction="sum")
-    params = list(model.parameters())
-    losses = torch.zeros(warmup + steps, device=device)
-    printed = []
-
-    def step(index: int) -> None:
-        loss = loss_fn(model(x), y)
-        if per_step_sync:
-            printed.append(loss.item())
-        else:
-            losses[index] = loss.detach()
-        model.zero_grad()
-        loss.backward()
-        with torch.no_grad():
-            if per_step_sync:
-                for param in params:
-                    param -= work.lr * param.grad
-            else:
-                torch._foreach_add_(params, [p.grad for p in params], alpha=-work.lr)
-
-    ms = _time_steps(step, steps, warmup, device)
-    return ms, printed if per_step_sync else losses.tolist()
-
-
-def ddp_loop(work: Workload, steps: int, warmup: int, device: torch.device,
-             use_accelerate: bool) -> tuple[float, list[float]]:
-    """PyTorch DDP (directly, or through Accelerate) on the same work.
-
-    DDP averages gradients, so the loss is scaled by the world size to get the sum; the
-    update is the same manual SGD. The global loss is summed once, after the timed steps.
-    """
-    world, rank = dist.get_world_size(), dist.get_rank()
-    model, x, y = _model_and_shard(work, rank, world, device)
-    accelerator = None
-    if use_accelerate:
-        from accelerate import Accelerator
-
-        accelerator = Accelerator(cpu=device.type == "cpu")
-        wrapped = accelerator.prepare(model)
-    else:
-        device_ids = [device.index] if device.type == "cuda" else None
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    loss_fn = nn.MSELoss(reduction="sum")
-    params = list(model.parameters())
-    losses = torch.zeros(warmup + steps, device=device)
-
-    def step(index: int) -> None:
-        loss = loss_fn(wrapped(x), y)
-        losses[index] = loss.detach()
-        wrapped.zero_grad()
-        if accelerator:
-            accelerator.backward(loss * world)
-        else:
-            (loss * world).backward()
-        with torch.no_grad():
-            torch._foreach_add_(params, [p.grad for p in params], alpha=-work.lr)
-
-    ms = _time_steps(step, steps, warmup, device)
-    dist.all_reduce(losses)  # local losses -> global, outside the timed steps
-    # DDP's teardown on gloo can abort the process at exit unless it is dropped first
-    # (../shared/FACTS.md): drop it, collect, and meet at a barrier.
-    wrapped = accelerator = None
-    gc.collect()
-    dist.barrier()
-    return ms, losses.tolist()
-
-
 def distnn_trainer(work: Workload, steps: int, warmup: int, rt, **config_changes: Any
                    ) -> tuple[float, list[float]]:
     """distnn's own trainer: a ``warmup``-step run, untimed, then a timed ``steps``-step run.
@@ -208,7 +111,7 @@ def _variants(work: Workload, world: int, device: torch.device,
         names += ["reference loop", "reference loop, no per-step sync"]
     names += ["DDP", "Accelerate", "distnn eager", "distnn --compile"]
     if device.type == "cuda" and world == 1:  # gloo (several ranks on one GPU) cannot be captured
-        names += ["distnn --cuda-graph", "distnn --cuda-graph --compile"]
+        names += [*FLOORS, "distnn --cuda-graph", "distnn --cuda-graph --compile"]
     if work.name == "compute" and device.type == "cuda":
         # On a CPU without bf16 matrix units, bf16 matmuls run hundreds of times slower than
         # fp32 (measured on this project's CPU machine), and TF32 does not exist.
@@ -225,6 +128,8 @@ def _run_variant(name: str, work: Workload, steps: int, warmup: int, rt) -> tupl
         return reference_loop(work, steps, warmup, device, per_step_sync=False)
     if name in ("DDP", "Accelerate"):
         return ddp_loop(work, steps, warmup, device, use_accelerate=name == "Accelerate")
+    if name in FLOORS:
+        return graph_floor_loop(work, steps, warmup, device, compiled=name == FLOORS[1])
     return distnn_trainer(work, steps, warmup, rt, **DISTNN_VARIANTS[name])
 
 
@@ -258,69 +163,11 @@ DISTNN_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+# The floors (bench_loops.graph_floor_loop): the reference loop captured by hand, with its
+# forward and loss as written, then compiled. "vs floors" in the table is ms / their ms.
+FLOORS = ("floor: hand-made graph", "floor: hand-made graph, compiled forward")
 VARIANTS = ["reference loop", "reference loop, no per-step sync", "DDP", "Accelerate",
-            *DISTNN_VARIANTS]
-
-
-def _tflops(run: Callable[[], None], flop: float, device: torch.device, *, repeats: int,
-            batch: int, warmup: int) -> float:
-    """The rate of ``run`` (``flop`` each) in TFLOP/s: after ``warmup`` calls, the median
-    over ``repeats`` of ``batch`` back-to-back calls, each timed to a device sync."""
-    for _ in range(warmup):
-        run()
-    rates = []
-    for _ in range(repeats):
-        _sync(device)
-        started = time.perf_counter()
-        for _ in range(batch):
-            run()
-        _sync(device)
-        rates.append(batch * flop / (time.perf_counter() - started) / 1e12)
-    return statistics.median(rates)
-
-
-def matmul_tflops(device: torch.device, size: int, dtype: torch.dtype, repeats: int = 5,
-                  batch: int = 10) -> float:
-    """The plain ``size``^3 matmul rate on this device in TFLOP/s: the median over ``repeats``
-    of ``batch`` back-to-back matmuls (as a training step runs them)."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    return _tflops(lambda: a @ b, 2 * size**3, device, repeats=repeats, batch=batch,
-                   warmup=3)
-
-
-def step_matmuls(work: Workload, device: torch.device, dtype: torch.dtype
-                 ) -> Callable[[], None]:
-    """A function that runs one step's matmuls of ``work`` and nothing else: per layer
-    Linear(a, b) on N rows, the forward ``x @ W.T`` ([N, a] by [a, b]), the weight gradient
-    ``g.T @ x`` ([b, N] by [N, a]) and, for every layer but the first, the input gradient
-    ``g @ W`` ([N, b] by [b, a]), with the layouts autograd uses."""
-    widths = (work.d_in, *work.hidden, work.d_out)
-    calls = []
-    for layer, (a, b) in enumerate(itertools.pairwise(widths)):
-        x = torch.randn(work.batch_size, a, device=device, dtype=dtype)
-        w = torch.randn(b, a, device=device, dtype=dtype)
-        g = torch.randn(work.batch_size, b, device=device, dtype=dtype)
-        calls += [(x, w.t()), (g.t(), x)]
-        if layer:
-            calls.append((g, w))
-
-    def run() -> None:
-        for left, right in calls:
-            torch.mm(left, right)
-
-    return run
-
-
-def step_matmul_tflops(work: Workload, device: torch.device, dtype: torch.dtype,
-                       repeats: int = 5, batch: int = 3) -> float:
-    """The rate of a step's own matmuls (:func:`step_matmuls`) run back to back, in TFLOP/s:
-    what a step could reach if nothing but its matmuls took time. The layouts the backward
-    pass needs (a transposed operand) can run slower than a square matmul, so this is the
-    floor to compare a step with, beside the plain matmul rate. The median over ``repeats``
-    of ``batch`` such steps."""
-    return _tflops(step_matmuls(work, device, dtype), work.flop_per_step, device,
-                   repeats=repeats, batch=batch, warmup=1)
+            *FLOORS, *DISTNN_VARIANTS]
 
 
 def _worker(rank: int, world: int, port: int, plan: dict, out_path: str) -> None:
@@ -433,31 +280,40 @@ def summarise(samples: list[dict], workloads: dict[str, Workload], matmul: dict[
             row["matmul_pct"] = 100 * tflops / rate if rate else None
             row["step_matmul_pct"] = 100 * tflops / floor if floor else None
         rows.append(row)
+    floors = {(r["workload"], r["variant"]): r["ms_per_step"] for r in rows
+              if r["variant"] in FLOORS and "ms_per_step" in r}
     for row in rows:
         base = baseline.get(row["workload"])
         if "ms_per_step" in row:
             row["speedup_vs_reference"] = base / row["ms_per_step"] if base else None
+            row["vs_floors"] = [row["ms_per_step"] / floors[row["workload"], name]
+                                if (row["workload"], name) in floors else None
+                                for name in FLOORS]
     return rows
 
 
 def markdown(rows: list[dict], header: str) -> str:
     lines = [header, "",
              "| workload | world | variant | ms/step (median) | min-max | samples/s "
-             "| vs reference loop | TFLOP/s | % of matmul | % of its matmuls |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| vs reference loop | vs floors (graph; compiled) | TFLOP/s | % of matmul "
+             "| % of its matmuls |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['workload']} | {r['world_size']} | {r['variant']} | failed "
                          f"({r['failed_runs']} of {r['runs']} runs): {r['error']} "
-                         "| | | | | | |")
+                         "| | | | | | | |")
             continue
         speedup = f"{r['speedup_vs_reference']:.2f}x" if r["speedup_vs_reference"] else ""
         tflops = f"{r['tflops']:.3f}" if "tflops" in r else ""
         pct = f"{r['matmul_pct']:.0f}%" if r.get("matmul_pct") else ""
         own = f"{r['step_matmul_pct']:.0f}%" if r.get("step_matmul_pct") else ""
+        floors = "; ".join(f"{v:.2f}x" if v else "-" for v in r["vs_floors"])
+        floors = "" if set(floors) <= set("-; ") else floors
         lines.append(f"| {r['workload']} | {r['world_size']} | {r['variant']} "
                      f"| {r['ms_per_step']:.3f} | {r['min_ms']:.3f}-{r['max_ms']:.3f} "
-                     f"| {r['samples_per_s']:.0f} | {speedup} | {tflops} | {pct} | {own} |")
+                     f"| {r['samples_per_s']:.0f} | {speedup} | {floors} | {tflops} | {pct} "
+                     f"| {own} |")
     return "\n".join(lines) + "\n"
 
 
@@ -517,8 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
 
     # For the compute workload: the plain square matmul rate, and the rate of the step's own
-    # matmuls (its shapes and layouts), per precision.
-    matmul, step_matmul = {}, {}
+    # matmuls (its shapes and layouts), and its first weight gradient's layouts, per precision.
+    matmul, step_matmul, layouts = {}, {}, {}
     if "compute" in workloads:
         size = 8192 if cuda else 1024
         dev = torch.device(device)
@@ -529,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             with tf32_matmuls(precision == "tf32"):
                 matmul[precision] = matmul_tflops(dev, size, dtype)
                 step_matmul[precision] = step_matmul_tflops(workloads["compute"], dev, dtype)
+                layouts[precision] = weight_grad_layouts(workloads["compute"], dev, dtype)
 
     steps = {"reference": args.steps, "compute": args.compute_steps, "large": args.compute_steps,
              "deep": args.compute_steps}
@@ -570,13 +427,18 @@ def main(argv: list[str] | None = None) -> int:
               + (" Matmul rate, same run (square; the step's own matmuls): "
                  + ", ".join(f"{k} {v:.3f}; {step_matmul[k]:.3f} TFLOP/s"
                              for k, v in matmul.items()) + "."
-                 if matmul else ""))
+                 if matmul else "")
+              + (" The first layer's weight gradient by layout: "
+                 + "; ".join(f"{k}: " + ", ".join(f"{name} {rate:.3f}"
+                                                  for name, rate in ways.items())
+                             for k, ways in layouts.items()) + " TFLOP/s."
+                 if layouts else ""))
     table = markdown(rows, header)
     with open(os.path.join(args.out, "bench.md"), "w", encoding="utf-8") as file:
         file.write(table)
     with open(os.path.join(args.out, "bench.json"), "w", encoding="utf-8") as file:
         json.dump({"machine": machine, "torch": torch.__version__, "matmul_tflops": matmul,
-                   "step_matmul_tflops": step_matmul,
+                   "step_matmul_tflops": step_matmul, "weight_grad_layout_tflops": layouts,
                    "workloads": {k: w.__dict__ for k, w in workloads.items()},
                    "rows": rows, "samples": samples}, file, indent=1)
     try:

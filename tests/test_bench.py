@@ -77,7 +77,8 @@ def test_flop_count_is_what_autograd_runs_and_what_the_matmul_floor_times():
     # backward) of a deeper net, and of the step's matmuls that step_matmul_tflops times.
     from torch.utils.flop_counter import FlopCounterMode
 
-    from distnn.bench import Workload, step_matmuls
+    from distnn.bench import Workload
+    from distnn.bench_rates import step_matmuls
     from distnn.model import build_model
 
     work = Workload("t", 8, 6, (5, 4), 3, 1e-4)
@@ -91,8 +92,36 @@ def test_flop_count_is_what_autograd_runs_and_what_the_matmul_floor_times():
 
 
 def test_step_matmul_rate_is_measured():
-    from distnn.bench import Workload, step_matmul_tflops
+    from distnn.bench import Workload
+    from distnn.bench_rates import step_matmul_tflops
 
     assert step_matmul_tflops(Workload("t", 64, 64, (64,), 64, 1e-4), torch.device("cpu"),
                               torch.float32, repeats=1, batch=1) > 0
 
+
+
+def test_weight_gradient_layouts_are_each_measured():
+    from distnn.bench import Workload
+    from distnn.bench_rates import weight_grad_layouts
+
+    rates = weight_grad_layouts(Workload("t", 64, 48, (32,), 8, 1e-4), torch.device("cpu"),
+                                torch.float32, repeats=1, batch=1)
+    assert sorted(rates) == sorted(["g.T @ x", "(x.T @ g).T", "(xT @ g).T, xT kept",
+                                    "g.T @ x, g.T copied"])
+    assert all(rate > 0 for rate in rates.values())
+
+
+def test_each_row_is_set_against_the_hand_made_floors_of_its_workload():
+    from distnn.bench import FLOORS, markdown, summarise
+
+    def sample(variant, ms):
+        return {"workload": "reference", "world_size": 1, "variant": variant, "repeat": 0,
+                "ms_per_step": ms, "loss_ok": True}
+
+    samples = [sample("reference loop", 1.0), sample(FLOORS[0], 0.08), sample(FLOORS[1], 0.05),
+               sample("distnn --cuda-graph --compile", 0.03)]
+    rows = {r["variant"]: r for r in summarise(samples, {"reference": REFERENCE}, {}, {})}
+    assert rows["distnn --cuda-graph --compile"]["vs_floors"] == pytest.approx([0.375, 0.6])
+    assert rows["reference loop"]["vs_floors"] == pytest.approx([12.5, 20.0])
+    table = markdown(list(rows.values()), "header")
+    assert "| 33.33x | 0.38x; 0.60x |" in table

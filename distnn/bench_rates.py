@@ -1,0 +1,112 @@
+"""The device's matmul rates, the yardsticks of the compute-bound workload: the square matmul,
+a step's own matmuls (their shapes and the layouts autograd uses), and the layouts the
+first layer's weight gradient could be computed in. ``python -m distnn.bench`` measures
+them in the same run as the steps it compares with them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from distnn.bench_loops import sync
+
+if TYPE_CHECKING:
+    from distnn.bench import Workload
+
+
+def _tflops(run: Callable[[], None], flop: float, device: torch.device, *, repeats: int,
+            batch: int, warmup: int) -> float:
+    """The rate of ``run`` (``flop`` each) in TFLOP/s: after ``warmup`` calls, the median
+    over ``repeats`` of ``batch`` back-to-back calls, each timed to a device sync."""
+    for _ in range(warmup):
+        run()
+    rates = []
+    for _ in range(repeats):
+        sync(device)
+        started = time.perf_counter()
+        for _ in range(batch):
+            run()
+        sync(device)
+        rates.append(batch * flop / (time.perf_counter() - started) / 1e12)
+    return statistics.median(rates)
+
+
+def matmul_tflops(device: torch.device, size: int, dtype: torch.dtype, repeats: int = 5,
+                  batch: int = 10) -> float:
+    """The plain ``size``^3 matmul rate on this device in TFLOP/s: the median over ``repeats``
+    of ``batch`` back-to-back matmuls (as a training step runs them)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    return _tflops(lambda: a @ b, 2 * size**3, device, repeats=repeats, batch=batch,
+                   warmup=3)
+
+
+def step_matmuls(work: Workload, device: torch.device, dtype: torch.dtype
+                 ) -> Callable[[], None]:
+    """A function that runs one step's matmuls of ``work`` and nothing else: per layer
+    Linear(a, b) on N rows, the forward ``x @ W.T`` ([N, a] by [a, b]), the weight gradient
+    ``g.T @ x`` ([b, N] by [N, a]) and, for every layer but the first, the input gradient
+    ``g @ W`` ([N, b] by [b, a]), with the layouts autograd uses."""
+    widths = (work.d_in, *work.hidden, work.d_out)
+    calls = []
+    for layer, (a, b) in enumerate(itertools.pairwise(widths)):
+        x = torch.randn(work.batch_size, a, device=device, dtype=dtype)
+        w = torch.randn(b, a, device=device, dtype=dtype)
+        g = torch.randn(work.batch_size, b, device=device, dtype=dtype)
+        calls += [(x, w.t()), (g.t(), x)]
+        if layer:
+            calls.append((g, w))
+
+    def run() -> None:
+        for left, right in calls:
+            torch.mm(left, right)
+
+    return run
+
+
+def step_matmul_tflops(work: Workload, device: torch.device, dtype: torch.dtype,
+                       repeats: int = 5, batch: int = 3) -> float:
+    """The rate of a step's own matmuls (:func:`step_matmuls`) run back to back, in TFLOP/s:
+    what a step could reach if nothing but its matmuls took time. The layouts the backward
+    pass needs (a transposed operand) can run slower than a square matmul, so this is the
+    floor to compare a step with, beside the plain matmul rate. The median over ``repeats``
+    of ``batch`` such steps."""
+    return _tflops(step_matmuls(work, device, dtype), work.flop_per_step, device,
+                   repeats=repeats, batch=batch, warmup=1)
+
+
+def weight_grad_layouts(work: Workload, device: torch.device, dtype: torch.dtype,
+                        repeats: int = 5, batch: int = 10) -> dict[str, float]:
+    """The rate in TFLOP/s of the first layer's weight gradient of ``work`` (Linear(a, b) on
+    N rows: g [N, b], x [N, a], dW [b, a]) in each way it can be computed:
+
+    - ``g.T @ x``: autograd's, both operands transposed views of row-major tensors;
+    - ``(x.T @ g).T``: the transposed product, dW as a transposed view;
+    - ``(xT @ g).T, xT kept``: the same from a row-major copy of x.T, made once (a rank's
+      shard of a fixed batch never changes): a plain row-major product;
+    - ``g.T @ x, g.T copied``: autograd's with g transposed into row-major first, the copy
+      counted.
+
+    In TF32 on an H200 autograd's layout ran at 224 TFLOP/s against 385 for the forward's
+    (docs/benchmarks.md): this shows, on the machine at hand, which layout a custom linear
+    layer should use. Medians over ``repeats`` of ``batch`` back-to-back calls.
+    """
+    a, b = work.d_in, (*work.hidden, work.d_out)[0]
+    x = torch.randn(work.batch_size, a, device=device, dtype=dtype)
+    g = torch.randn(work.batch_size, b, device=device, dtype=dtype)
+    x_t = x.t().contiguous()
+    ways: dict[str, Callable[[], object]] = {
+        "g.T @ x": lambda: torch.mm(g.t(), x),
+        "(x.T @ g).T": lambda: torch.mm(x.t(), g).t(),
+        "(xT @ g).T, xT kept": lambda: torch.mm(x_t, g).t(),
+        "g.T @ x, g.T copied": lambda: torch.mm(g.t().contiguous(), x),
+    }
+    flop = 2.0 * work.batch_size * a * b
+    return {name: _tflops(run, flop, device, repeats=repeats, batch=batch, warmup=2)
+            for name, run in ways.items()}
