@@ -536,7 +536,8 @@ class Trainer:
         result = {"step": done, **evaluate(
             job.model, job.val, job.loss_fn, chunk_rows=VAL_CHUNK_ROWS,
             world_size=rt.world_size, rank=rt.rank, device=rt.device,
-            communicates=rt.communicates, classification=job.classification)}
+            communicates=rt.communicates, classification=job.classification,
+            autocast=self._autocast)}
         self.val_results.append(result)
         if self.log:
             self.log.event({"event": "val", **result})

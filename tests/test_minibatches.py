@@ -99,6 +99,28 @@ def test_one_process_matches_with_validation(tmp_path, capsys, no_launcher):
     assert "val 5 loss=" in out and "loss_per_sample=" in out
 
 
+def test_bf16_validation_evaluates_as_the_step_computes(tmp_path, no_launcher):
+    """Under --precision bf16 validation runs in bf16 autocast too: the last validation is
+    the saved weights' loss under autocast, not their fp32 loss."""
+    x, y = regression(rows=16)
+    val_x, val_y = regression(rows=9, seed=5)
+    data, val = save(tmp_path / "d.npz", x, y), save(tmp_path / "v.npz", val_x, val_y)
+    metrics, saved = tmp_path / "m.jsonl", tmp_path / "w.safetensors"
+    assert main(["--data", data, "--val-data", val, "--batch-size", "8", "--steps", "6",
+                 "--hidden", "8", "--lr", "1e-2", "--precision", "bf16", "--metrics",
+                 str(metrics), "--save", str(saved)]) == 0
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    model.load_state_dict(load_file(saved))
+    loss_fn = torch.nn.MSELoss(reduction="sum")
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want = loss_fn(model(val_x), val_y).item()
+        fp32 = loss_fn(model(val_x), val_y).item()
+    got = read_events(metrics)[-1]
+    assert got["step"] == 6 and got["loss"] == pytest.approx(want, rel=1e-6)
+    assert got["loss"] != pytest.approx(fp32, rel=1e-5)
+
+
 def test_classification_with_adamw_and_validation_on_two_ranks(tmp_path):
     x, y = classes()
     val_x, val_y = classes(rows=11, seed=9)
