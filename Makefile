@@ -47,8 +47,9 @@ test-gpu: $(STAMP)
 #    its default port); each test cut off after 90 s where pytest-timeout is installed;
 # 2. kernel profiles of the step (python -m distnn.profile): eager, --cuda-graph, both
 #    with --compile, and bf16 --compile on the compute-bound size;
-# 3. the benchmark on the GPU: no round starts past BENCH_BUDGET seconds; each sample is
-#    logged as it is taken;
+# 3. the benchmark on the GPU, with the hand-made CUDA graph floors distnn is set against
+#    ("vs floors") and the weight gradient's layouts: no round starts past BENCH_BUDGET
+#    seconds; each sample is logged as it is taken;
 # 4. the bucketed-overlap benchmark (the large and deep workloads: overlap, and the bucket
 #    size sweep) on that machine's CPU cores, 2 gloo ranks of OVERLAP_THREADS threads,
 #    leaving cores free for the communication.
