@@ -317,7 +317,22 @@ class Trainer:
                                  "state and this run's optimizer "
                                  f"{'needs' if checkpoint.optimizer is None else 'has'} none; "
                                  "allowed: resume with the same optimizer")
+            saved, now = checkpoint.state.get("objects"), self._objects()
+            if saved is not None and saved != now:  # checkpoints before this record skip it
+                differ = [f"{kind} {saved.get(kind)} (now {name})" for kind, name in now.items()
+                          if saved.get(kind) != name]
+                raise UsageError(f"--checkpoint-dir: {checkpoint.path} was made with "
+                                 f"{', '.join(differ)}; allowed: resume with the same loss and "
+                                 "optimizer, or use another --checkpoint-dir")
         return checkpoint
+
+    def _objects(self) -> dict[str, str | None]:
+        """The loss and optimizer this run trains with, by class or function (distnn.fit
+        takes the user's own objects, which the flags cannot name): a checkpoint records
+        them, and a resume with others is refused."""
+        job = self.job
+        return {"loss": qualified_name(job.loss_fn),
+                "optimizer": qualified_name(job.optimizer) if job.optimizer else None}
 
     def _place_model(self, checkpoint: Checkpoint | None, start: int) -> FlatGradSync:
         """Moves the model to this rank's device with rank 0's weights (fresh or resumed),
@@ -589,7 +604,8 @@ class Trainer:
 
         def write() -> None:
             state = {"config": dataclasses.asdict(self.config), "world_size": self.rt.world_size,
-                     "rows": job.plan.rows if job.plan else None, "val": self.val_results}
+                     "rows": job.plan.rows if job.plan else None, "val": self.val_results,
+                     "objects": self._objects()}
             if job.plan:  # where the run is in its epoch (the step alone says it too)
                 state["epoch"], state["batch_in_epoch"] = job.plan.position(done)
             save_checkpoint(self.config.checkpoint_dir, step=done,
@@ -666,6 +682,13 @@ class Trainer:
                     "the trained weights are lost (no --checkpoint-dir)")
             self._write_on_rank_0(lambda: save_weights(self.job.model, config.save),
                                   f"could not write --save {config.save}", kept)
+
+
+def qualified_name(thing: object) -> str:
+    """``module:QualName`` of a function, or of an object's class (a loss module, an
+    optimizer): what a checkpoint can record of a Python object."""
+    named = thing if hasattr(thing, "__qualname__") else type(thing)
+    return f"{named.__module__}:{named.__qualname__}"
 
 
 @contextmanager

@@ -119,3 +119,39 @@ def test_bad_fit_arguments_raise_usage_errors(kwargs, words, no_launcher):
     arguments = {"train": data(), "log_every": 0, **kwargs}
     with pytest.raises(distnn.UsageError, match=re.escape(words)):
         distnn.fit(build(), **arguments)
+
+
+def sum_of_squares(prediction, target):
+    return ((prediction - target) ** 2).sum()
+
+
+def sum_of_absolutes(prediction, target):
+    return (prediction - target).abs().sum()
+
+
+def test_a_resume_with_another_loss_or_optimizer_object_is_refused(tmp_path, no_launcher):
+    """fit takes the user's own loss and optimizer, which no flag names: the checkpoint
+    records their classes (or functions), and a resume with others stops with one line."""
+    x = torch.randn(12, 6)
+    y = torch.randn(12, 3)
+    ck = str(tmp_path / "ck")
+
+    def run(loss, make_optimizer, steps):
+        torch.manual_seed(0)
+        model = build()
+        return distnn.fit(model, train=(x, y), loss=loss, optimizer=make_optimizer(model),
+                          batch_size=4, steps=steps, checkpoint_dir=ck, log_every=0,
+                          quiet=True)
+
+    def sgd(model):
+        return torch.optim.SGD(model.parameters(), lr=1e-2)
+
+    run(sum_of_squares, sgd, 3)
+    with pytest.raises(distnn.UsageError, match=re.escape(
+            "was made with loss tests.test_fit:sum_of_squares (now "
+            "tests.test_fit:sum_of_absolutes); allowed: resume with the same loss")):
+        run(sum_of_absolutes, sgd, 6)
+    with pytest.raises(distnn.UsageError, match=re.escape(
+            "optimizer torch.optim.sgd:SGD (now torch.optim.adam:Adam)")):
+        run(sum_of_squares, lambda model: torch.optim.Adam(model.parameters()), 6)
+    assert run(sum_of_squares, sgd, 6).steps == 6  # the same objects resume
