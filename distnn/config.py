@@ -100,8 +100,9 @@ class TrainConfig:
     precision: str = _option("fp32", "fp32 (the reference's numbers), tf32 (CUDA matmuls in "
                              "TF32) or bf16 (autocast; fp32 weights and all-reduce)",
                              choices=("fp32", "tf32", "bf16"))
-    compile: bool = _option(False, "torch.compile the forward and loss (compiled before the "
-                            "timed steps; compile_s in the summary)")
+    compile: bool = _option(False, "torch.compile the whole step: forward, loss, backward and "
+                            "update (compiled before the timed steps; compile_s in the "
+                            "summary)")
     cuda_graph: bool = _option(False, "capture the whole step (forward, loss, backward, NCCL "
                                "all-reduce, update) as one CUDA graph and replay it; needs "
                                "CUDA, and NCCL when there are several ranks")
