@@ -11,7 +11,10 @@ restart runs clean. ``DISTNN_FAULT_KIND`` says how:
   the step, as a collective waiting for a wedged peer does, while the host goes on;
 - ``write-fail``: from that step on, every write that makes a file of that rank's larger
   fails in the kernel (RLIMIT_FSIZE 0, SIGXFSZ ignored: EFBIG, "File too large"), as a full
-  disk would: checkpoints, --save and --metrics.
+  disk would: checkpoints, --save and --metrics;
+- ``oom``: asks torch for more memory than any machine has (2**50 bytes) on the rank's
+  device in that step, so torch's own out-of-memory error is raised there, as an activation
+  too large for the device would be.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import torch
 
 from distnn.config import UsageError
 
-KINDS = ("exit", "hang", "diverge", "stall", "write-fail")
+KINDS = ("exit", "hang", "diverge", "stall", "write-fail", "oom")
+OOM_BYTES = 2**50
 STALL_CYCLES = 3600 * 2 * 10**9  # an hour of GPU clock cycles at 2 GHz
 
 
@@ -82,6 +86,9 @@ class FaultPlan:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write, not the process
             resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(
                 resource.RLIMIT_FSIZE)[1]))
+            return
+        if self.kind == "oom":
+            torch.empty(OOM_BYTES, dtype=torch.uint8, device=flat_params.device)
             return
         with torch.no_grad():
             flat_params[0] += 1e-3

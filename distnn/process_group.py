@@ -3,6 +3,7 @@ failures of its collectives: CollectiveFailed, and DeviceWatch's bounded waits o
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +26,8 @@ class DeviceStalled(CollectiveFailed):
     (tearing down the group or CUDA would): exit at once."""
 
 
+FAILURE_KEY = "distnn/failure"  # a rank's reason for stopping, in the job's store
+STORE_WAIT_S = 2.0  # how long reading or writing it may take: the store may be gone too
 SPIN_S = 0.01  # DeviceWatch polls without sleeping for this long, then once a millisecond
 
 
@@ -117,3 +120,49 @@ def gather_objects(local: Any, *, distributed: bool) -> list[Any]:
     with collective("the start-up exchange"):
         dist.all_gather_object(gathered, local)
     return gathered
+
+
+def tell_peers(message: str, exit_code: int) -> None:
+    """Leaves this rank's reason for stopping in the job's key-value store (best effort).
+
+    A rank that stops alone (out of memory in a step, an error in the user's model) leaves
+    its peers waiting in a collective that then fails for want of it; they read this
+    (:func:`peer_failure`) and report the cause rather than a lost peer. Under torchrun the
+    store is the launcher's, which outlives every rank; without it, rank 0's process holds
+    it, so rank 0's own reason cannot outlive it.
+    """
+    store = _store()
+    if store is None:
+        return
+    try:
+        store.set(FAILURE_KEY, json.dumps({"rank": dist.get_rank(), "message": message,
+                                           "exit_code": exit_code}))
+    except Exception:  # noqa: BLE001 - a store that is gone leaves the peers' own report
+        pass
+
+
+def peer_failure() -> dict[str, Any] | None:
+    """The first reason a rank left with :func:`tell_peers` ({"rank", "message",
+    "exit_code"}), or None: none, or the store cannot be reached within STORE_WAIT_S."""
+    store = _store()
+    if store is None:
+        return None
+    try:
+        if not store.check([FAILURE_KEY]):
+            return None
+        return json.loads(store.get(FAILURE_KEY))
+    except Exception:  # noqa: BLE001 - the store went with the failed rank
+        return None
+
+
+def _store() -> dist.Store | None:
+    """The default process group's store, with short timeouts; None without a group."""
+    if not dist.is_initialized():
+        return None
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=STORE_WAIT_S))
+    except Exception:  # noqa: BLE001 - a private helper of torch's: absent, nothing to share
+        return None
+    return store
+

@@ -16,7 +16,7 @@ from distnn.config import TrainConfig, UsageError, parse_config
 from distnn.environment import detect_launch
 from distnn.guards import RunFailed
 from distnn.logs import configure_logging
-from distnn.process_group import CollectiveFailed, DeviceStalled
+from distnn.process_group import CollectiveFailed, DeviceStalled, peer_failure, tell_peers
 from distnn.runtime import setup
 from distnn.trainer import Trainer, TrainResult, tf32_matmuls
 
@@ -33,15 +33,29 @@ def _report(error: Exception, config: TrainConfig | None) -> int:
 
     2 for usage and communication errors, RunFailed's own code otherwise.
     """
-    message = " ".join(str(error).split())  # one line, whatever the error text held
+    message, code = _one_line(error), _exit_code(error)
     if isinstance(error, CollectiveFailed):
-        timeout = f" (--timeout-s {config.timeout_s:g})" if config else ""
-        message = (f"{message} (a peer died, is unreachable, or did not answer within the "
-                   f"timeout{timeout})")
+        cause = None if isinstance(error, DeviceStalled) else peer_failure()
+        if cause is not None:  # a peer stopped alone and said why (process_group.tell_peers)
+            message = f"rank {cause['rank']} stopped the run: {cause['message']}"
+            code = cause["exit_code"]
+        else:
+            timeout = f" (--timeout-s {config.timeout_s:g})" if config else ""
+            message = (f"{message} (a peer died, is unreachable, or did not answer within "
+                       f"the timeout{timeout})")
     if isinstance(error, RunFailed) and error.label == "stopped":
         log.warning(f"stopped: {message}")
     else:
         log.error(message)
+    return code
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())  # one line, whatever the error text held
+
+
+def _exit_code(error: Exception) -> int:
+    """RunFailed's own code; 2 for usage and communication errors."""
     return error.exit_code if isinstance(error, RunFailed) else 2
 
 
@@ -65,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 Trainer(config, runtime, environ=os.environ).train()
             except _REPORTED as error:
+                if runtime.communicates and not isinstance(error, CollectiveFailed):
+                    tell_peers(_one_line(error), _exit_code(error))  # for peers left waiting
                 # Said before the group is torn down: once a peer exits, the launcher may
                 # stop this rank at any moment.
                 code = _report(error, config)
@@ -76,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
                     sys.stderr.flush()
                     os._exit(code)
                 return code
+            except Exception as error:  # a bug, or the user's model: the traceback follows
+                if runtime.communicates:
+                    tell_peers(f"{type(error).__name__}: {_one_line(error)} (its own output "
+                               "has the traceback)", 1)
+                raise
     except _REPORTED as error:
         code = _report(error, config)
         if launch and launch.world_size > 1:

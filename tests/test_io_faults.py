@@ -203,3 +203,31 @@ def test_a_run_of_any_length_keeps_a_bounded_record_on_the_device(tmp_path):
     step = max(list_checkpoints(str(tmp_path / "ck")))
     losses = load_file(tmp_path / "ck" / f"step-{step}" / "losses.safetensors")["loss"]
     assert step >= 5000 and len(losses) == 1000  # the newest 1000 of every step's losses
+
+
+def _torchrun_lines(ranks: int, args: list[str], **fault: str) -> tuple[list[str], str]:
+    env = clean_env(**{f"DISTNN_FAULT_{k.upper()}": v for k, v in fault.items()})
+    result = run_cli([bin_path("torchrun"), f"--nproc_per_node={ranks}", "-m", "distnn.train",
+                      "--device", "cpu", "--d-in", "10", "--log-every", "0", *args], env=env,
+                     timeout=120)
+    assert result.returncode != 0
+    return sorted(distnn_lines(result.stderr)), result.stderr
+
+
+def test_out_of_memory_in_a_step_on_one_rank_is_reported_by_every_rank():
+    lines, stderr = _torchrun_lines(3, ["--hidden", "10", "--steps", "20"], step="5",
+                                    rank="1", kind="oom")
+    said = ("out of memory on cpu: torch could not allocate 1125899.9 GB; allowed: a smaller "
+            "batch or model, or --micro-batches M to bound the activations")
+    assert lines == [f"distnn: rank 0: error: rank 1 stopped the run: {said}",
+                     f"distnn: rank 1: error: {said}",
+                     f"distnn: rank 2: error: rank 1 stopped the run: {said}"], stderr[-3000:]
+    assert "exitcode: 5" in stderr  # torchrun's record of the failing rank
+
+
+def test_an_error_in_the_users_model_on_one_rank_is_named_by_the_others():
+    lines, stderr = _torchrun_lines(2, ["--model", "tests.user_models:fails_on_rank_1",
+                                        "--steps", "10"])
+    assert lines == ["distnn: rank 0: error: rank 1 stopped the run: ValueError: this model "
+                     "cannot take that row (its own output has the traceback)"], stderr[-3000:]
+    assert "ValueError: this model cannot take that row" in stderr  # rank 1's traceback

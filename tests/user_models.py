@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -40,3 +42,20 @@ def not_a_module(d_in: int, d_out: int) -> str:
 
 def raises(d_in: int, d_out: int) -> nn.Module:
     raise RuntimeError("the user's bug")
+
+
+class FailsOnRank1(nn.Sequential):
+    """An MLP whose forward raises on rank 1 at its third call: a bug in a user's model
+    that only one rank's data or state reaches."""
+
+    calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        FailsOnRank1.calls += 1
+        if os.environ.get("RANK") == "1" and FailsOnRank1.calls == 3:
+            raise ValueError("this model cannot take that row")
+        return super().forward(x)
+
+
+def fails_on_rank_1(d_in: int, d_out: int) -> nn.Module:
+    return FailsOnRank1(nn.Linear(d_in, 8), nn.ReLU(), nn.Linear(8, d_out))
