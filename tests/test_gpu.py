@@ -283,3 +283,18 @@ def test_mini_batches_from_a_file_on_cuda_match_torch_optim_on_the_cpu(tmp_path,
                                                  hidden=(8,), **reference)
         assert_close_run(read_losses(out / "m.jsonl"), load_file(out / "w.safetensors"),
                          losses, weights)
+
+
+def test_out_of_memory_on_the_gpu_in_a_step_is_one_line_and_exit_5():
+    """torch.OutOfMemoryError from a real CUDA allocation in a step (the oom drill)."""
+    import sys
+
+    from tests.conftest import clean_env
+
+    env = clean_env(DISTNN_FAULT_STEP="3", DISTNN_FAULT_RANK="0", DISTNN_FAULT_KIND="oom")
+    result = run_cli([sys.executable, "-m", "distnn.train", "--device", "cuda", "--steps",
+                      "10", "--log-every", "0"], env=env)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("distnn:")]
+    assert result.returncode == 5, result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(
+        "distnn: error: out of memory on cuda:0: torch could not allocate "), lines
