@@ -155,9 +155,9 @@ DISTNN_VARIANTS: dict[str, dict[str, Any]] = {
     **{f"distnn eager, {mb} MiB buckets": {"bucket_mb": float(mb)} for mb in BUCKET_SWEEP_MB},
     "distnn eager, tf32": {"precision": "tf32"},
     "distnn eager, bf16": {"precision": "bf16"},
-    # The matmuls are the same; the compiled forward and loss fuse the elementwise work
-    # around them (ReLU, the loss and their gradients): these show how much of the gap to
-    # the matmul rate that work is.
+    # The matmuls are the same; the whole step compiled fuses the elementwise work around
+    # them (bias, ReLU, the loss, their gradients, the update; in bf16 the weights' casts):
+    # these show how much of the gap to the matmul rate that work is.
     "distnn --compile, tf32": {"precision": "tf32", "compile": True},
     "distnn --compile, bf16": {"precision": "bf16", "compile": True},
 }

@@ -156,7 +156,9 @@ def graph_floor_loop(work: Workload, steps: int, warmup: int, device: torch.devi
             step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: NCCL's watchdog thread (the benchmark's process group) may query
+    # events while this thread captures.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         captured_loss = step()
     with torch.no_grad():  # the warm-up trained: start from the reference's weights again
         for param, value in zip(params, start, strict=True):

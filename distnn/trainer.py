@@ -58,7 +58,7 @@ from distnn.weights import (
     remove_stale_temporaries,
     save_weights,
 )
-from distnn.wholestep import WholeStep
+from distnn.wholestep import Summed, WholeStep
 
 log = logging.getLogger("distnn")
 # Gradient buffers up to this size are summed through rank 0 on gloo (see gradsync).
@@ -67,8 +67,6 @@ VAL_CHUNK_ROWS = 4096  # validation rows a rank evaluates at a time, at most
 
 STEPS_RANGE = "distnn: steps"  # the profiler range around the step loop and its last flush
 
-# What a step returns: the global loss, and the sum of the ranks' stop votes (None alone).
-Summed = tuple[torch.Tensor, torch.Tensor | None]
 # A micro-batch: its inputs and targets.
 Piece = tuple[torch.Tensor, torch.Tensor]
 JobBuilder = Callable[[TrainConfig, Runtime], Job]
@@ -446,12 +444,12 @@ class Trainer:
                                       rank=rt.rank, device=rt.device, start_step=start)
             x_shard, y_shard = self.stream.next()
         pieces = self._pieces(x_shard, y_shard)
-        restore = [sync.flat_params]
-        if config.compile:
-            whole = self._compile(sync, stop, pieces)
+        whole = self._compile(sync, stop, pieces) if config.compile else None
+        if whole is not None:
             restore = whole.restore
             step = lambda step_pieces: whole(step_pieces, stop.ballot())  # noqa: E731
         else:
+            restore = [sync.flat_params, *job.model.buffers()]  # what a step changes
             step = lambda step_pieces: self._step(sync, step_pieces, stop.ballot())  # noqa: E731
         if config.cuda_graph:
             return self._captured_step(lambda: step(pieces), restore, stop, x_shard, y_shard)
@@ -465,26 +463,46 @@ class Trainer:
         return read_and_step
 
     def _compile(self, sync: FlatGradSync, stop: StopRequests,
-                 pieces: list[Piece]) -> WholeStep:
-        """--compile: the whole step compiled (wholestep), for the first step's pieces and,
-        when the data leaves a smaller last batch, for that one's too, before the timed
-        steps (``compile_s`` in the summary)."""
-        job, config, rt = self.job, self.config, self.rt
+                 pieces: list[Piece]) -> WholeStep | None:
+        """--compile: the whole step compiled (wholestep) for every shape of shard the run
+        will meet, before the timed steps (``compile_s`` in the summary). None, with a
+        warning, for a model the whole step cannot be compiled for: it then runs eagerly."""
+        job, config = self.job, self.config
         started = time.perf_counter()
         whole = WholeStep(job.model, job.loss_fn, sync, lr=config.lr,
                           bf16=config.precision == "bf16", optimizer=job.optimizer)
-        shapes = [pieces]
-        if job.plan is not None and not job.plan.uniform:
-            x, y = pieces[0]
-            first, stop_row = shard_bounds(job.plan.rows % job.plan.batch_size,
-                                           rt.world_size, rt.rank)
-            rows = stop_row - first
-            shapes.append(self._pieces(x.new_zeros((rows, *x.shape[1:])),
-                                       y.new_zeros((rows, *y.shape[1:]))))
-        whole.warm_up(shapes, stop.ballot())
+        try:
+            whole.warm_up(self._shapes(pieces), stop.ballot())
+        except Exception as error:  # noqa: BLE001 - torch.func's and inductor's many kinds
+            if out_of_memory(error, self.rt.device) is not None:
+                raise
+            cause = getattr(error, "inner_exception", None) or error  # inductor wraps it
+            said = (str(cause).strip().splitlines() or [""])[0][:200]
+            log.warning(f"--compile: the whole step of this model could not be compiled "
+                        f"({type(cause).__name__}: {said}); running it eagerly")
+            return None
         self.compile_s = time.perf_counter() - started
         log.info(f"compiled the step in {self.compile_s:.1f} s")
         return whole
+
+    def _shapes(self, pieces: list[Piece]) -> list[list[Piece]]:
+        """One step's pieces of every shape this rank will meet: the first step's and, for
+        mini-batches, those of a full batch and of the smaller last one (zeros)."""
+        plan, rt = self.job.plan, self.rt
+        steps, seen = [pieces], {sum(len(x) for x, _ in pieces)}  # by the shard's rows
+        if plan is None:
+            return steps
+        whole, rest = divmod(plan.rows, plan.batch_size)
+        sizes = ([plan.batch_size] if whole else []) + ([rest] if rest and not plan.drop_last
+                                                         else [])
+        x, y = pieces[0]
+        for size in sizes:
+            first, last = shard_bounds(size, rt.world_size, rt.rank)
+            if last - first not in seen:
+                seen.add(last - first)
+                steps.append(self._pieces(x.new_zeros((last - first, *x.shape[1:])),
+                                          y.new_zeros((last - first, *y.shape[1:]))))
+        return steps
 
     def _captured_step(self, step: Callable[[], Summed], restore: list[torch.Tensor],
                        stop: StopRequests, x_shard: torch.Tensor,

@@ -7,23 +7,29 @@ gradients, the update), each a launch and a trip through memory. Here the step i
 function that inductor compiles whole, so it can fuse that work:
 
 - The loss is the model called on *views of the flat parameter buffer*
-  (``torch.func.functional_call``), differentiated by ``torch.func.grad_and_value`` with
-  respect to the buffer itself: the gradient comes out flat, in the gradient buffer's
-  layout, with no packing ``cat``.
-- Alone (one rank, the seed's ``p -= lr * grad``) the update is in the same function:
-  forward, backward and update are one compiled graph.
-- With other ranks the step splits at the all-reduce: the compiled part writes the
-  gradient, the loss and the stop vote into the gradient buffer, the buffer is summed
+  (``torch.func.functional_call``; the model's buffers, BatchNorm's running statistics
+  say, are passed in too and updated in place), differentiated by
+  ``torch.func.grad_and_value`` with respect to the buffer itself: the gradient comes out
+  flat, in the gradient buffer's layout, with no packing ``cat``.
+- Alone (one rank, the seed's ``p -= lr * grad``, one piece) the update is in the same
+  function: forward, backward and update are one compiled graph.
+- Otherwise the step splits at the all-reduce: the compiled part writes the gradient, the
+  loss and the stop vote into the gradient buffer, the buffer is summed
   (:meth:`FlatGradSync.sum_packed`; under ``--cuda-graph`` NCCL runs inside the graph),
   then the update runs.
-- ``--precision bf16``: the forward reads bf16 copies of the weights, which the update
-  refreshes from the fp32 weights in the same kernel, instead of casting every weight at
-  every step. Autocast still picks each operator's precision, so the arithmetic is that of
-  the eager bf16 step; the gradients, the all-reduce and the weights stay fp32.
+- ``--precision bf16``: the ``nn.Linear`` layers read bf16 copies of their weights and
+  biases, which the seed's update refreshes from the fp32 weights in the same kernel (after
+  a torch.optim step, one copy), instead of casting them at every step; autocast would cast
+  exactly those to bf16, so the arithmetic is the eager bf16 step's. Every other parameter
+  is read in fp32, as autocast leaves it. The gradients are fp32 (a bf16 layer's are its
+  bf16 products made fp32, as autocast's cast gives them), and so are the all-reduce and
+  the weights.
 
-A torch.optim optimizer, several micro-batches and empty shards (more ranks than rows)
-use the same compiled gradient function; the optimizer's own step stays eager. Every
-shape a run will meet is compiled by :meth:`WholeStep.warm_up`, before the timed steps.
+A torch.optim optimizer, several micro-batches (their gradients added in fp32) and empty
+shards (more ranks than rows) use the same compiled gradient; the optimizer's own step
+stays eager. Every shape the run will meet is compiled by :meth:`WholeStep.warm_up`, before
+the timed steps; a model that torch.func or inductor cannot take fails there (the trainer
+then runs the eager step, with a warning).
 
 What it costs: the buckets' all-reduces cannot start during backward, which runs inside one
 compiled function, so a model large enough for several buckets loses that overlap; and
@@ -44,6 +50,7 @@ from distnn.gradsync import FlatGradSync
 Batch = tuple[torch.Tensor, torch.Tensor]  # a piece of the rank's shard: inputs, targets
 # What a step returns: the global loss, and the sum of the ranks' stop votes (None alone).
 Summed = tuple[torch.Tensor, torch.Tensor | None]
+Buffers = dict[str, torch.Tensor]
 
 
 class WholeStep:
@@ -62,35 +69,42 @@ class WholeStep:
                              f"the stop vote), got {sync.flat_grads.numel() - sync.numel}")
         self.model, self.loss_fn, self.sync = model, loss_fn, sync
         self.lr, self.optimizer = lr, optimizer
+        self.buffers: Buffers = dict(model.named_buffers())
         device = sync.flat_params.device
         names = {id(p): name for name, p in model.named_parameters()}
-        # (name, first, stop, shape): each parameter's place in the flat buffer
+        linear = {id(p) for module in model.modules() if isinstance(module, nn.Linear)
+                  for p in module.parameters(recurse=False)}
+        # (name, first, stop, shape, read from the bf16 copy): each parameter's place
         self._layout, offset = [], 0
         for p in sync.params:
-            self._layout.append((names[id(p)], offset, offset + p.numel(), p.shape))
+            self._layout.append((names[id(p)], offset, offset + p.numel(), p.shape,
+                                 bf16 and id(p) in linear))
             offset += p.numel()
-        # bf16: the weights the forward reads; the update keeps them equal to the fp32 ones
+        # bf16: the weights the Linear layers read; kept equal to the fp32 ones
         self.copy = sync.flat_params.to(torch.bfloat16) if bf16 else None
         self._autocast: Callable[[], AbstractContextManager] = (
             (lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False))
             if bf16 else nullcontext)
-        self._grad = grad_and_value(self._loss)
+        self._grads = grad_and_value(self._loss, argnums=(0, 1) if bf16 else 0)
         compiled = lambda function: torch.compile(function, dynamic=False)  # noqa: E731
         self._alone = compiled(self._step_alone)
-        self._pack = compiled(self._pack_one)
-        self._piece_grad = compiled(self._grad_of_piece)
-        self._sgd = compiled(self._sgd_bf16)
+        self._gradient_into = compiled(self._write_gradient)
+        self._piece_gradient = compiled(self._gradient)
+        self._sgd = compiled(self._sgd_and_refresh)
 
     @property
     def restore(self) -> list[torch.Tensor]:
-        """What a capture's warm-up steps change, to be put back (see cudagraph)."""
-        return [self.sync.flat_params] + ([self.copy] if self.copy is not None else [])
+        """What a step changes besides the gradients: the weights, their bf16 copy and the
+        model's buffers (what a capture's warm-up steps change, to be put back)."""
+        return [self.sync.flat_params, *([self.copy] if self.copy is not None else []),
+                *self.buffers.values()]
 
     def __call__(self, pieces: Sequence[Batch], vote: torch.Tensor) -> Summed:
         sync = self.sync
-        loss = self._compute(pieces, vote, sync.flat_params, self.copy, sync.flat_grads)
-        if loss is not None:  # alone, and updated already
-            return loss, None
+        if self._fused(pieces):
+            return self._alone(sync.flat_params, self.copy, self.buffers, *pieces[0]), None
+        self._write_gradients(pieces, vote, sync.flat_params, self.copy, self.buffers,
+                              sync.flat_grads)
         extras = sync.sum_packed()
         if self.optimizer is not None:
             self.optimizer.step()  # p.grad are views into the summed buffer
@@ -104,60 +118,73 @@ class WholeStep:
 
     def warm_up(self, steps: Sequence[Sequence[Batch]], vote: torch.Tensor) -> None:
         """Compiles what the steps will call, for each of ``steps`` (one step's pieces each:
-        a step of every shape the run meets), on scratch copies: the weights do not move."""
+        a step of every shape the run meets), on scratch copies of the weights and buffers,
+        which the real ones never see."""
         master, out = self.sync.flat_params.clone(), self.sync.flat_grads.clone()
         copy = None if self.copy is None else self.copy.clone()
+        buffers = {name: buffer.clone() for name, buffer in self.buffers.items()}
         for pieces in steps:
-            if self._compute(pieces, vote, master, copy, out) is None and copy is not None:
+            if self._fused(pieces):
+                self._alone(master, copy, buffers, *pieces[0])
+                continue
+            self._write_gradients(pieces, vote, master, copy, buffers, out)
+            if copy is not None and self.optimizer is None:
                 self._sgd(master, copy, out[:self.sync.numel])
 
-    # -- the compiled parts ---------------------------------------------------------------
+    def _fused(self, pieces: Sequence[Batch]) -> bool:
+        """Whether the step is one compiled function: alone, the seed's update, one piece."""
+        return (not self.sync.distributed and self.optimizer is None and len(pieces) == 1
+                and len(pieces[0][0]) > 0)
 
-    def _compute(self, pieces: Sequence[Batch], vote: torch.Tensor, master: torch.Tensor,
-                 copy: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor | None:
-        """Alone with the seed's update and one piece: the whole step, returning the loss.
-        Otherwise writes the gradient, the loss and ``vote`` into ``out`` (None)."""
-        sync, (x, y) = self.sync, pieces[0]
-        if len(pieces) == 1 and len(x):
-            if not sync.distributed and self.optimizer is None:
-                return self._alone(master, copy, x, y)
-            self._pack(master if copy is None else copy, x, y, vote, out)
-            return None
-        weights = master if copy is None else copy
+    def _write_gradients(self, pieces: Sequence[Batch], vote: torch.Tensor,
+                         master: torch.Tensor, copy: torch.Tensor | None, buffers: Buffers,
+                         out: torch.Tensor) -> None:
+        """Writes the pieces' summed gradient, their loss and ``vote`` into ``out``."""
+        if len(pieces) == 1 and len(pieces[0][0]):
+            self._gradient_into(master, copy, buffers, *pieces[0], vote, out)
+            return
         grad = loss = None
-        for x, y in pieces:  # micro-batches, or an empty shard (eager: no shape of 0 rows)
-            piece_grad, piece_loss = (self._piece_grad if len(x) else self._grad)(weights, x, y)
+        for piece_x, piece_y in pieces:  # micro-batches, or an empty shard (eager: no shape
+            compute = self._piece_gradient if len(piece_x) else self._gradient  # of 0 rows)
+            piece_grad, piece_loss = compute(master, copy, buffers, piece_x, piece_y)
             grad = piece_grad if grad is None else grad + piece_grad
             loss = piece_loss if loss is None else loss + piece_loss
-        torch.cat([grad.to(out.dtype), loss.reshape(1).to(out.dtype), vote.to(out.dtype)],
-                  out=out)
-        return None
+        torch.cat([grad, loss.reshape(1).to(out.dtype), vote.to(out.dtype)], out=out)
 
-    def _loss(self, weights: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The sum loss of a piece, for the weights in the flat layout of ``weights``."""
-        params = {name: weights[first:stop].view(shape)
-                  for name, first, stop, shape in self._layout}
+    # -- the functions compiled -----------------------------------------------------------
+
+    def _loss(self, master: torch.Tensor, copy: torch.Tensor | None, buffers: Buffers,
+              x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The sum loss of a piece, for the weights in the flat layout of ``master`` (and,
+        for the bf16 Linear layers, of ``copy``)."""
+        params = {name: (copy if from_copy else master)[first:stop].view(shape)
+                  for name, first, stop, shape, from_copy in self._layout}
         with self._autocast():
-            return self.loss_fn(functional_call(self.model, params, (x,)), y)
+            return self.loss_fn(functional_call(self.model, (params, buffers), (x,)), y)
 
-    def _step_alone(self, master: torch.Tensor, copy: torch.Tensor | None, x: torch.Tensor,
-                    y: torch.Tensor) -> torch.Tensor:
-        grad, loss = self._grad(master if copy is None else copy, x, y)
-        master.add_(grad.to(master.dtype), alpha=-self.lr)
+    def _gradient(self, master: torch.Tensor, copy: torch.Tensor | None, buffers: Buffers,
+                  x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The piece's flat fp32 gradient and its sum loss."""
+        if copy is None:
+            return self._grads(master, copy, buffers, x, y)
+        (of_master, of_copy), loss = self._grads(master, copy, buffers, x, y)
+        return of_master + of_copy.to(of_master.dtype), loss  # each is zero where the other is
+
+    def _step_alone(self, master: torch.Tensor, copy: torch.Tensor | None, buffers: Buffers,
+                    x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        grad, loss = self._gradient(master, copy, buffers, x, y)
+        master.add_(grad, alpha=-self.lr)
         if copy is not None:
             copy.copy_(master)
         return loss
 
-    def _pack_one(self, weights: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                  vote: torch.Tensor, out: torch.Tensor) -> None:
-        grad, loss = self._grad(weights, x, y)
-        out.copy_(torch.cat([grad.to(out.dtype), loss.reshape(1).to(out.dtype),
-                             vote.to(out.dtype)]))
+    def _write_gradient(self, master: torch.Tensor, copy: torch.Tensor | None,
+                        buffers: Buffers, x: torch.Tensor, y: torch.Tensor, vote: torch.Tensor,
+                        out: torch.Tensor) -> None:
+        grad, loss = self._gradient(master, copy, buffers, x, y)
+        out.copy_(torch.cat([grad, loss.reshape(1).to(out.dtype), vote.to(out.dtype)]))
 
-    def _grad_of_piece(self, weights: torch.Tensor, x: torch.Tensor, y: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._grad(weights, x, y)
-
-    def _sgd_bf16(self, master: torch.Tensor, copy: torch.Tensor, grads: torch.Tensor) -> None:
+    def _sgd_and_refresh(self, master: torch.Tensor, copy: torch.Tensor,
+                         grads: torch.Tensor) -> None:
         master.add_(grads, alpha=-self.lr)
         copy.copy_(master)

@@ -58,9 +58,12 @@ def test_adamw_in_mini_batches_with_empty_shards_on_three_ranks(tmp_path):
     assert_close_run(result["losses"], result["weights"][0], losses, weights)
 
 
-def test_every_shape_is_compiled_before_the_timed_steps(tmp_path, no_launcher, monkeypatch):
-    """A data file that leaves a smaller last batch: two shapes, both compiled in warm_up;
-    nothing is compiled during the steps."""
+@pytest.mark.parametrize("resume_at", [0, 2])
+def test_every_shape_is_compiled_before_the_timed_steps(tmp_path, no_launcher, monkeypatch,
+                                                        resume_at):
+    """A data file that leaves a smaller last batch (10 rows in batches of 4, 4 and 2): both
+    shapes are compiled in warm_up, also when a resumed run starts on the small one; nothing
+    is compiled during the steps."""
     from torch._dynamo.utils import counters
 
     warm_up, compiled = wholestep.WholeStep.warm_up, []
@@ -74,12 +77,17 @@ def test_every_shape_is_compiled_before_the_timed_steps(tmp_path, no_launcher, m
     x, y = torch.randn(10, 5, generator=generator), torch.randn(10, 2, generator=generator)
     data = tmp_path / "d.safetensors"
     save_file({"x": x, "y": y}, data)
-    losses, weights, _ = _run(tmp_path, "run", "--compile", "--data", str(data), "--hidden",
-                              "4", "--batch-size", "4", "--epochs", "2", "--lr", "1e-2")
-    assert compiled == [counters["frames"]["total"]]  # batches of 4, 4 and 2 rows, twice
+    flags = ["--compile", "--data", str(data), "--hidden", "4", "--batch-size", "4", "--lr",
+             "1e-2", "--checkpoint-dir", str(tmp_path / "ck")]
+    if resume_at:  # the run resumed starts on the 2-row batch
+        assert main([*flags, "--steps", str(resume_at), "--quiet"]) == 0
+    counters.clear()
+    compiled.clear()
+    losses, weights, _ = _run(tmp_path, "run", *flags, "--epochs", "2")
+    assert compiled == [counters["frames"]["total"]]  # nothing compiled after warm_up
     want_losses, want_weights, _ = minibatch_reference(x=x, y=y, hidden=(4,), batch_size=4,
                                                        epochs=2, lr=1e-2)
-    assert_close_run(losses, weights, want_losses, want_weights)
+    assert_close_run(losses, weights, want_losses[resume_at:], want_weights)
 
 
 def test_bf16_keeps_the_eager_bf16_steps_numbers(tmp_path, no_launcher):
@@ -104,3 +112,104 @@ def test_a_gradient_buffer_without_the_two_slots_is_refused():
     with pytest.raises(ValueError, match="2 extra slots"):
         wholestep.WholeStep(model, torch.nn.MSELoss(reduction="sum"), sync, lr=0.1,
                             bf16=False, optimizer=None)
+
+
+def test_batch_norm_trains_as_a_plain_torch_loop_does(no_launcher):
+    """The model's buffers go into the compiled step and are updated there: the running
+    statistics and the weights are those of a plain loop (torch.optim, no distnn)."""
+    import copy
+
+    import distnn
+
+    generator = torch.Generator().manual_seed(3)
+    x, y = torch.randn(32, 6, generator=generator), torch.randn(32, 3, generator=generator)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8),
+                                torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    reference = copy.deepcopy(model)
+    result = distnn.fit(model, train=(x, y), batch_size=8, epochs=2, no_shuffle=True,
+                        optimizer="momentum", lr=1e-2, compile=True, log_every=0, quiet=True)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=1e-2, momentum=0.9)
+    loss_fn = torch.nn.MSELoss(reduction="sum")
+    for _ in range(2):
+        for first in range(0, 32, 8):
+            optimizer.zero_grad()
+            loss_fn(reference(x[first:first + 8]), y[first:first + 8]).backward()
+            optimizer.step()
+    for name, want in reference.state_dict().items():
+        got = result.model.state_dict()[name]
+        assert torch.allclose(got.float(), want.float(), atol=1e-5), name
+
+
+class Aliased(torch.nn.Module):
+    """One layer reachable under two names, which the compiled whole step cannot take."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(8, 8)
+        self.head = self.body
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+
+def test_a_model_the_whole_step_cannot_compile_runs_eagerly_with_a_warning(no_launcher,
+                                                                           caplog):
+    import distnn
+
+    x, y = torch.randn(16, 8), torch.randn(16, 8)
+    results = []
+    for compile_step in (False, True):
+        torch.manual_seed(1)
+        results.append(distnn.fit(Aliased(), train=(x, y), batch_size=8, steps=4, lr=1e-3,
+                                  compile=compile_step, log_every=0, quiet=True))
+    warned = [r.message for r in caplog.records if "could not be compiled" in r.message]
+    assert len(warned) == 1 and warned[0].endswith("; running it eagerly"), warned
+    for name, tensor in results[0].model.state_dict().items():
+        assert torch.equal(results[1].model.state_dict()[name], tensor), name
+
+
+class Scaled(torch.nn.Module):
+    """Two Linear layers (autocast runs them in bf16) and a scale autocast leaves in fp32."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = torch.nn.Linear(32, 64), torch.nn.Linear(64, 8)
+        self.scale = torch.nn.Parameter(torch.full((8,), 1.2345678))
+
+    def forward(self, x):
+        return self.l2(torch.relu(self.l1(x))) * self.scale
+
+
+def test_bf16_gradients_are_the_eager_autocast_steps_in_fp32():
+    """The Linear layers read the bf16 copies, the scale its fp32 value, and the pieces'
+    gradients add up in fp32: eager autocast's gradients (one piece or four)."""
+    import copy
+
+    from distnn.gradsync import FlatGradSync
+
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, 32, generator=generator), torch.randn(256, 8, generator=generator)
+    torch.manual_seed(1)
+    model = Scaled()
+    eager = copy.deepcopy(model)
+    loss_fn = torch.nn.MSELoss(reduction="sum")
+    sync = FlatGradSync(model, distributed=False, extra_slots=2)
+    # a torch.optim optimizer with lr 0: the step leaves p.grad (the summed gradients) and
+    # the weights as they were
+    step = wholestep.WholeStep(model, loss_fn, sync, lr=0.0, bf16=True,
+                               optimizer=torch.optim.SGD(model.parameters(), lr=0.0))
+    for count in (1, 4):
+        pieces = list(zip(x.chunk(count), y.chunk(count), strict=True))
+        loss, _ = step(pieces, torch.zeros(1))
+        eager.zero_grad()
+        want = 0.0
+        for piece_x, piece_y in pieces:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                piece_loss = loss_fn(eager(piece_x), piece_y)
+            piece_loss.backward()
+            want += piece_loss.item()
+        assert loss.item() == pytest.approx(want, rel=1e-6)
+        for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
+            assert p.grad.dtype == torch.float32
+            assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-5), (count, name)
