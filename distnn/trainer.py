@@ -6,9 +6,12 @@ update (``p -= lr * grad``, or the torch.optim optimizer). Every rank applies th
 update to the same weights, so the replicas stay identical and the result equals one
 process training on the whole batch.
 
-A run: agree on the config and find the newest good checkpoint -> steps, with checks
-(non-finite values, replica agreement), validation and checkpoints every few steps ->
-summary and save.
+With --compile the step is compiled whole (wholestep); with --cuda-graph it is captured
+once and replayed (cudagraph).
+
+A run: every rank's start-up checks (startup), shared in one exchange, and the newest good
+checkpoint -> steps, with checks (non-finite values, replica agreement), validation and
+checkpoints every few steps -> summary and save.
 """
 
 from __future__ import annotations
@@ -27,37 +30,31 @@ import torch.distributed as dist
 from torch import nn
 
 from distnn.batches import ShardStream
-from distnn.checkpoint import (
-    Checkpoint,
-    FolderLock,
-    check_compatible,
-    latest_checkpoint,
-    remove_temporaries,
-    save_checkpoint,
-)
-from distnn.config import TrainConfig, UsageError, flag_text
+from distnn.checkpoint import Checkpoint, FolderLock, save_checkpoint
+from distnn.config import TrainConfig, UsageError
 from distnn.cudagraph import capture_step
 from distnn.data import shard_bounds
-from distnn.datafile import DataFile
 from distnn.faults import FaultPlan
 from distnn.gradsync import FlatGradSync
 from distnn.guards import RunFailed, check_replicas, disagreements, fingerprint
 from distnn.jobs import Job, job_from_flags
 from distnn.lossrecord import LossRecord
-from distnn.memory import check_fits, mlp_needs, out_of_memory
+from distnn.memory import out_of_memory
 from distnn.metrics import StepLog
 from distnn.optimizers import load_state_tensors, state_tensors
 from distnn.preemption import StopRequests
 from distnn.process_group import DeviceWatch, collective, gather_objects
 from distnn.runtime import Runtime
-from distnn.validation import evaluate
-from distnn.weights import (
-    EXIT_OUTPUT,
-    check_writable,
-    describe_os_error,
-    remove_stale_temporaries,
-    save_weights,
+from distnn.startup import (
+    check_job,
+    check_memory,
+    check_placement,
+    claim_checkpoint_dir,
+    job_objects,
+    prepare_outputs,
 )
+from distnn.validation import evaluate
+from distnn.weights import EXIT_OUTPUT, describe_os_error, save_weights
 from distnn.wholestep import Summed, WholeStep
 
 log = logging.getLogger("distnn")
@@ -175,13 +172,15 @@ class Trainer:
         """
         error, code, checkpoint = None, 2, None
         try:
-            self._check_placement()
-            self._check_memory()
+            check_placement(self.config, self.rt)
+            if self.build_job is flag_job and not self.config.model:  # the flags' own MLP
+                check_memory(self.config, self.rt)
             self.job = self.build_job(self.config, self.rt)
             self.config = self.job.config
-            self._check_job()
+            check_job(self.job)
             if self.rt.is_main:
-                checkpoint = self._prepare_outputs()
+                self.lock = claim_checkpoint_dir(self.config)
+                checkpoint = prepare_outputs(self.job)
         except UsageError as usage_error:
             error = str(usage_error)
         except RunFailed as failed:  # something does not fit in memory
@@ -214,123 +213,6 @@ class Trainer:
         if start:
             self.last_checkpoint = os.path.join(self.config.checkpoint_dir, f"step-{start}")
         return checkpoint, start
-
-    def _check_placement(self) -> None:
-        """Refuses what this rank's device or backend cannot do."""
-        config, rt = self.config, self.rt
-        if config.precision == "tf32" and rt.device.type != "cuda":
-            raise UsageError("--precision: got 'tf32' but this rank computes on the CPU; "
-                             "TF32 is a CUDA tensor-core format; allowed on the CPU: "
-                             "fp32, bf16")
-        if config.cuda_graph and rt.device.type != "cuda":
-            raise UsageError("--cuda-graph: this rank computes on the CPU, and a CUDA graph "
-                             "captures CUDA kernels; allowed: --cuda-graph on a CUDA device")
-        if config.cuda_graph and rt.communicates and rt.placement.backend != "nccl":
-            raise UsageError(f"--cuda-graph: the backend is {rt.placement.backend}, whose "
-                             "collectives run on the CPU and cannot be captured in a CUDA "
-                             "graph; allowed: --backend nccl (one GPU per rank), or one process")
-
-    def _check_memory(self) -> None:
-        """The MLP and its data, sized by the flags (and a data file's header): refused
-        (exit 5) before anything is allocated when they visibly cannot fit. On the CPU the
-        ranks of a machine share its memory. (A model of --model or distnn.fit sizes
-        itself; an allocation that fails there is one line too, see train().)"""
-        config, rt = self.config, self.rt
-        if config.model or self.build_job is not flag_job:
-            return
-        if config.data:
-            header = DataFile(config.data)  # the header only: nothing of the rows is read
-            sizes = config.resolved(d_in=header.d_in, d_out=max(1, header.d_out),
-                                    batch_size=header.rows)
-            rows = -(-sizes.batch_size // rt.world_size)  # a shard of a batch
-            data = f"--batch-size {sizes.batch_size} of --data {config.data!r}"
-        else:
-            sizes = config.resolved()
-            rows = sizes.batch_size  # every rank draws the whole reference batch
-            data = f"--batch-size {rows} with --d-in {sizes.d_in} and --d-out {sizes.d_out}"
-        hidden = flag_text(sizes.hidden)
-        needs = mlp_needs(batch=rows, d_in=sizes.d_in, hidden=sizes.hidden, d_out=sizes.d_out,
-                          data_rows=rows)
-        check_fits(needs, flags={
-            "data": data,
-            "weights": f"--hidden {hidden} with --d-in {sizes.d_in} and --d-out {sizes.d_out}",
-            "activations": f"--batch-size {sizes.batch_size} with --hidden {hidden}"},
-            device=rt.device,
-            sharing=rt.launch.local_world_size if rt.device.type == "cpu" else 1)
-
-    def _check_job(self) -> None:
-        """Refuses combinations of the job and the flags that cannot run."""
-        job, config = self.job, self.config
-        if not config.cuda_graph:
-            return
-        if job.optimizer is not None:
-            raise UsageError(f"--cuda-graph: got --optimizer {config.optimizer}, whose "
-                             "torch.optim step is not captured; allowed: --cuda-graph with "
-                             "--optimizer sgd")
-        if job.fixed is None and not job.plan.uniform:
-            raise UsageError(f"--cuda-graph: the data's {job.plan.rows} rows leave a last batch "
-                             f"smaller than --batch-size {job.plan.batch_size}, and a captured "
-                             "step has one shape; allowed: a --batch-size that divides the "
-                             "rows, or --drop-last")
-
-    def _prepare_outputs(self) -> Checkpoint | None:
-        """Rank 0, before training: output paths writable, and the checkpoint to resume."""
-        config = self.config
-        if config.checkpoint_dir:
-            try:
-                os.makedirs(config.checkpoint_dir, exist_ok=True)
-            except OSError as error:
-                raise UsageError(f"--checkpoint-dir: cannot create {config.checkpoint_dir!r} "
-                                 f"({error.strerror}); allowed: a writable directory") from None
-            check_writable(os.path.join(config.checkpoint_dir, ".distnn-probe"),
-                           "--checkpoint-dir")
-            self.lock = FolderLock(config.checkpoint_dir)
-            for path in remove_temporaries(config.checkpoint_dir):
-                log.info(f"removed {path}, a checkpoint whose writing was cut short")
-        for flag, path in (("--metrics", config.metrics), ("--save", config.save)):
-            if path:
-                check_writable(path, flag)
-        if config.save:
-            for path in remove_stale_temporaries(config.save):
-                log.info(f"removed {path}, a --save whose writing was cut short")
-        if not config.checkpoint_dir:
-            return None
-        checkpoint, notices = latest_checkpoint(config.checkpoint_dir)
-        for notice in notices:
-            log.warning(notice)
-        if checkpoint:
-            check_compatible(checkpoint, dataclasses.asdict(config))
-            rows = self.job.plan.rows if self.job.plan else None
-            if checkpoint.state.get("rows") != rows:
-                raise UsageError(f"--checkpoint-dir: {checkpoint.path} was made on "
-                                 f"{checkpoint.state.get('rows')} rows of data and this run "
-                                 f"has {rows}; allowed: resume on the same data, or use "
-                                 "another --checkpoint-dir")
-            if checkpoint.step > config.steps:
-                raise UsageError(f"--steps: got {config.steps} but {checkpoint.path} has already "
-                                 f"done {checkpoint.step}; allowed: --steps >= {checkpoint.step}")
-            if (checkpoint.optimizer is None) != (self.job.optimizer is None):
-                raise UsageError(f"--checkpoint-dir: {checkpoint.path} holds "
-                                 f"{'no ' if checkpoint.optimizer is None else ''}optimizer "
-                                 "state and this run's optimizer "
-                                 f"{'needs' if checkpoint.optimizer is None else 'has'} none; "
-                                 "allowed: resume with the same optimizer")
-            saved, now = checkpoint.state.get("objects"), self._objects()
-            if saved is not None and saved != now:  # checkpoints before this record skip it
-                differ = [f"{kind} {saved.get(kind)} (now {name})" for kind, name in now.items()
-                          if saved.get(kind) != name]
-                raise UsageError(f"--checkpoint-dir: {checkpoint.path} was made with "
-                                 f"{', '.join(differ)}; allowed: resume with the same loss and "
-                                 "optimizer, or use another --checkpoint-dir")
-        return checkpoint
-
-    def _objects(self) -> dict[str, str | None]:
-        """The loss and optimizer this run trains with, by class or function (distnn.fit
-        takes the user's own objects, which the flags cannot name): a checkpoint records
-        them, and a resume with others is refused."""
-        job = self.job
-        return {"loss": qualified_name(job.loss_fn),
-                "optimizer": qualified_name(job.optimizer) if job.optimizer else None}
 
     def _place_model(self, checkpoint: Checkpoint | None, start: int) -> FlatGradSync:
         """Moves the model to this rank's device with rank 0's weights (fresh or resumed),
@@ -623,7 +505,7 @@ class Trainer:
         def write() -> None:
             state = {"config": dataclasses.asdict(self.config), "world_size": self.rt.world_size,
                      "rows": job.plan.rows if job.plan else None, "val": self.val_results,
-                     "objects": self._objects()}
+                     "objects": job_objects(job)}
             if job.plan:  # where the run is in its epoch (the step alone says it too)
                 state["epoch"], state["batch_in_epoch"] = job.plan.position(done)
             save_checkpoint(self.config.checkpoint_dir, step=done,
@@ -700,13 +582,6 @@ class Trainer:
                     "the trained weights are lost (no --checkpoint-dir)")
             self._write_on_rank_0(lambda: save_weights(self.job.model, config.save),
                                   f"could not write --save {config.save}", kept)
-
-
-def qualified_name(thing: object) -> str:
-    """``module:QualName`` of a function, or of an object's class (a loss module, an
-    optimizer): what a checkpoint can record of a Python object."""
-    named = thing if hasattr(thing, "__qualname__") else type(thing)
-    return f"{named.__module__}:{named.__qualname__}"
 
 
 @contextmanager

@@ -1,0 +1,169 @@
+"""What a run checks before its first step: on every rank, what its device and backend can
+do, whether the flags' sizes can fit, and whether the job and the flags go together; on
+rank 0, its outputs (writable, the checkpoint folder held for this job alone, leftovers of
+killed writes removed) and the checkpoint to resume, which must fit the run.
+
+Each check raises UsageError (exit 2) or RunFailed (exit 5 for memory) with one line; the
+Trainer shares every rank's verdict in one exchange, so any rank's error stops all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+from distnn.checkpoint import (
+    Checkpoint,
+    FolderLock,
+    check_compatible,
+    latest_checkpoint,
+    remove_temporaries,
+)
+from distnn.config import TrainConfig, UsageError, flag_text
+from distnn.datafile import DataFile
+from distnn.jobs import Job
+from distnn.memory import check_fits, mlp_needs
+from distnn.runtime import Runtime
+from distnn.weights import check_writable, remove_stale_temporaries
+
+log = logging.getLogger("distnn")
+
+
+def check_placement(config: TrainConfig, rt: Runtime) -> None:
+    """Refuses what this rank's device or backend cannot do."""
+    if config.precision == "tf32" and rt.device.type != "cuda":
+        raise UsageError("--precision: got 'tf32' but this rank computes on the CPU; "
+                         "TF32 is a CUDA tensor-core format; allowed on the CPU: "
+                         "fp32, bf16")
+    if config.cuda_graph and rt.device.type != "cuda":
+        raise UsageError("--cuda-graph: this rank computes on the CPU, and a CUDA graph "
+                         "captures CUDA kernels; allowed: --cuda-graph on a CUDA device")
+    if config.cuda_graph and rt.communicates and rt.placement.backend != "nccl":
+        raise UsageError(f"--cuda-graph: the backend is {rt.placement.backend}, whose "
+                         "collectives run on the CPU and cannot be captured in a CUDA "
+                         "graph; allowed: --backend nccl (one GPU per rank), or one process")
+
+
+def check_memory(config: TrainConfig, rt: Runtime) -> None:
+    """The flags' MLP and its data, sized by the flags (and a data file's header): refused
+    (exit 5) before anything is allocated when they visibly cannot fit. On the CPU the
+    ranks of a machine share its memory. (A model of --model or distnn.fit sizes itself;
+    an allocation that fails there is one line too: see Trainer.train.)"""
+    if config.data:
+        header = DataFile(config.data)  # the header only: nothing of the rows is read
+        sizes = config.resolved(d_in=header.d_in, d_out=max(1, header.d_out),
+                                batch_size=header.rows)
+        rows = -(-sizes.batch_size // rt.world_size)  # a shard of a batch
+        data = f"--batch-size {sizes.batch_size} of --data {config.data!r}"
+    else:
+        sizes = config.resolved()
+        rows = sizes.batch_size  # every rank draws the whole reference batch
+        data = f"--batch-size {rows} with --d-in {sizes.d_in} and --d-out {sizes.d_out}"
+    hidden = flag_text(sizes.hidden)
+    needs = mlp_needs(batch=rows, d_in=sizes.d_in, hidden=sizes.hidden, d_out=sizes.d_out,
+                      data_rows=rows)
+    check_fits(needs, flags={
+        "data": data,
+        "weights": f"--hidden {hidden} with --d-in {sizes.d_in} and --d-out {sizes.d_out}",
+        "activations": f"--batch-size {sizes.batch_size} with --hidden {hidden}"},
+        device=rt.device,
+        sharing=rt.launch.local_world_size if rt.device.type == "cpu" else 1)
+
+
+def check_job(job: Job) -> None:
+    """Refuses combinations of the job and the flags that cannot run."""
+    config = job.config
+    if not config.cuda_graph:
+        return
+    if job.optimizer is not None:
+        raise UsageError(f"--cuda-graph: got --optimizer {config.optimizer}, whose "
+                         "torch.optim step is not captured; allowed: --cuda-graph with "
+                         "--optimizer sgd")
+    if job.fixed is None and not job.plan.uniform:
+        raise UsageError(f"--cuda-graph: the data's {job.plan.rows} rows leave a last batch "
+                         f"smaller than --batch-size {job.plan.batch_size}, and a captured "
+                         "step has one shape; allowed: a --batch-size that divides the "
+                         "rows, or --drop-last")
+
+
+def claim_checkpoint_dir(config: TrainConfig) -> FolderLock | None:
+    """Rank 0: --checkpoint-dir made, writable and held for this job alone (the lock is
+    the caller's to release); the leftovers of killed checkpoint writes removed."""
+    if not config.checkpoint_dir:
+        return None
+    try:
+        os.makedirs(config.checkpoint_dir, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--checkpoint-dir: cannot create {config.checkpoint_dir!r} "
+                         f"({error.strerror}); allowed: a writable directory") from None
+    check_writable(os.path.join(config.checkpoint_dir, ".distnn-probe"), "--checkpoint-dir")
+    lock = FolderLock(config.checkpoint_dir)
+    for path in remove_temporaries(config.checkpoint_dir):
+        log.info(f"removed {path}, a checkpoint whose writing was cut short")
+    return lock
+
+
+def prepare_outputs(job: Job) -> Checkpoint | None:
+    """Rank 0, after :func:`claim_checkpoint_dir`: --metrics and --save writable (a --save
+    whose writing was cut short removed), and the newest good checkpoint, checked to fit
+    the run (None: nothing to resume)."""
+    config = job.config
+    for flag, path in (("--metrics", config.metrics), ("--save", config.save)):
+        if path:
+            check_writable(path, flag)
+    if config.save:
+        for path in remove_stale_temporaries(config.save):
+            log.info(f"removed {path}, a --save whose writing was cut short")
+    if not config.checkpoint_dir:
+        return None
+    checkpoint, notices = latest_checkpoint(config.checkpoint_dir)
+    for notice in notices:
+        log.warning(notice)
+    if checkpoint:
+        check_resume(checkpoint, job)
+    return checkpoint
+
+
+def check_resume(checkpoint: Checkpoint, job: Job) -> None:
+    """Refuses a checkpoint made for another run: other sizes, batch order, data, loss or
+    optimizer, or more steps done than this run asks for."""
+    config = job.config
+    check_compatible(checkpoint, dataclasses.asdict(config))
+    rows = job.plan.rows if job.plan else None
+    if checkpoint.state.get("rows") != rows:
+        raise UsageError(f"--checkpoint-dir: {checkpoint.path} was made on "
+                         f"{checkpoint.state.get('rows')} rows of data and this run "
+                         f"has {rows}; allowed: resume on the same data, or use "
+                         "another --checkpoint-dir")
+    if checkpoint.step > config.steps:
+        raise UsageError(f"--steps: got {config.steps} but {checkpoint.path} has already "
+                         f"done {checkpoint.step}; allowed: --steps >= {checkpoint.step}")
+    if (checkpoint.optimizer is None) != (job.optimizer is None):
+        raise UsageError(f"--checkpoint-dir: {checkpoint.path} holds "
+                         f"{'no ' if checkpoint.optimizer is None else ''}optimizer "
+                         "state and this run's optimizer "
+                         f"{'needs' if checkpoint.optimizer is None else 'has'} none; "
+                         "allowed: resume with the same optimizer")
+    saved, now = checkpoint.state.get("objects"), job_objects(job)
+    if saved is not None and saved != now:  # checkpoints before this record skip it
+        differ = [f"{kind} {saved.get(kind)} (now {name})" for kind, name in now.items()
+                  if saved.get(kind) != name]
+        raise UsageError(f"--checkpoint-dir: {checkpoint.path} was made with "
+                         f"{', '.join(differ)}; allowed: resume with the same loss and "
+                         "optimizer, or use another --checkpoint-dir")
+
+
+def job_objects(job: Job) -> dict[str, str | None]:
+    """The loss and optimizer a job trains with, by class or function (distnn.fit takes the
+    user's own objects, which the flags cannot name): a checkpoint records them, and a
+    resume with others is refused."""
+    return {"loss": qualified_name(job.loss_fn),
+            "optimizer": qualified_name(job.optimizer) if job.optimizer else None}
+
+
+def qualified_name(thing: object) -> str:
+    """``module:QualName`` of a function, or of an object's class (a loss module, an
+    optimizer): what a checkpoint can record of a Python object."""
+    named = thing if hasattr(thing, "__qualname__") else type(thing)
+    return f"{named.__module__}:{named.__qualname__}"
