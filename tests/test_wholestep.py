@@ -213,3 +213,18 @@ def test_bf16_gradients_are_the_eager_autocast_steps_in_fp32():
         for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
             assert p.grad.dtype == torch.float32
             assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-5), (count, name)
+
+
+def test_alone_the_step_is_one_compiled_graph_around_the_matmuls(no_launcher):
+    """Under the profiler, the compiled step dispatches the five matmuls (inductor calls
+    them as extern kernels) and the loss record's copy, and nothing else: the bias, ReLU,
+    the loss, their gradients and the update all run inside inductor's fused code."""
+    from distnn.config import TrainConfig
+    from distnn.profile import profile_steps
+    from distnn.runtime import setup
+
+    with setup(device="cpu") as rt:
+        compiled = profile_steps(TrainConfig(steps=40, compile=True, verify_every=0), rt)
+    per_step = {name: calls for name, calls, _ in compiled.top if calls >= 0.5}
+    assert per_step == {"aten::addmm": 2, "aten::mm": 3, "aten::select": 1,
+                        "aten::copy_": 1}, compiled
