@@ -1,11 +1,14 @@
 """The record of every step's global loss, bounded whatever the run's length.
 
-A step writes its loss into a window of ``WINDOW`` slots on the device (no host
-synchronisation); :meth:`LossRecord.pull` moves the losses written since the last pull to the
-host, at most every ``WINDOW`` steps (when the window is full) and whenever someone needs them
-(the log's flush about once a second, the checks, a checkpoint). On the host the record
-keeps only what the run reports: the newest ``TAIL`` losses (for checkpoints and messages)
-and the first non-finite loss. Listeners (rank 0's StepLog) get every pulled loss once.
+A step's loss goes into a window of ``WINDOW`` slots on the device (no host
+synchronisation): :meth:`LossRecord.put` copies it there, or a compiled step writes it
+itself (:attr:`LossRecord.target`: inside a CUDA graph a step cannot be told its number,
+so it keeps the next slot's index on the device); :meth:`LossRecord.pull` moves the losses
+written since the last pull to the host, at most every ``WINDOW`` steps (when the window is
+full) and whenever someone needs them (the log's flush about once a second, the checks, a
+checkpoint). On the host the record keeps only what the run reports: the newest ``TAIL``
+losses (for checkpoints and messages) and the first non-finite loss. Listeners (rank 0's
+StepLog) get every pulled loss once.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ class LossRecord:
     def __init__(self, device: torch.device, *, start: int = 0, tail: list[float] = (),
                  wait: Callable[[], None] | None = None, window: int = WINDOW) -> None:
         self._window = torch.zeros(window, device=device)
+        # the slot the next step's loss goes in, for steps that write it themselves
+        self._slot = torch.full((), start % window, dtype=torch.long, device=device)
         self._wait = wait  # called before the device values are read (a bounded wait)
         self.recorded = start  # steps written
         self.pulled = start  # steps moved to the host
@@ -37,6 +42,20 @@ class LossRecord:
     def put(self, step: int, loss: torch.Tensor) -> None:
         """Writes ``step``'s loss (steps come in order); pulls when the window is full."""
         self._window[step % len(self._window)] = loss
+        self.recorded = step + 1
+        if self.recorded - self.pulled >= len(self._window):
+            self.pull()
+
+    @property
+    def target(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a step that writes its own loss: the window, and the 0-dim device index of
+        the slot for the next step's loss. The step writes ``window[slot] = loss`` and
+        advances ``slot`` by one, modulo the window's length; then :meth:`wrote`. A run
+        uses this or :meth:`put`, not both."""
+        return self._window, self._slot
+
+    def wrote(self, step: int) -> None:
+        """Records that ``step`` wrote its loss itself (see :attr:`target`)."""
         self.recorded = step + 1
         if self.recorded - self.pulled >= len(self._window):
             self.pull()

@@ -352,7 +352,8 @@ class Trainer:
         job, config = self.job, self.config
         started = time.perf_counter()
         whole = WholeStep(job.model, job.loss_fn, sync, lr=config.lr,
-                          bf16=config.precision == "bf16", optimizer=job.optimizer)
+                          bf16=config.precision == "bf16", optimizer=job.optimizer,
+                          losses=self.losses.target)
         try:
             whole.warm_up(self._shapes(pieces), stop.ballot())
         except Exception as error:  # noqa: BLE001 - torch.func's and inductor's many kinds
@@ -420,7 +421,10 @@ class Trainer:
             if self.fault:
                 self.fault.maybe_fire(step=step, rank=rank, flat_params=sync.flat_params)
             loss, votes = run_step()
-            self.losses.put(step, loss)
+            if loss is None:  # the compiled step wrote it into the record itself
+                self.losses.wrote(step)
+            else:
+                self.losses.put(step, loss)
             done = step + 1
             if self.log:
                 self.log.record(step)

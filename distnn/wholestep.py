@@ -12,7 +12,8 @@ function that inductor compiles whole, so it can fuse that work:
   ``torch.func.grad_and_value`` with respect to the buffer itself: the gradient comes out
   flat, in the gradient buffer's layout, with no packing ``cat``.
 - Alone (one rank, the seed's ``p -= lr * grad``, one piece) the update is in the same
-  function: forward, backward and update are one compiled graph.
+  function: forward, backward, update, and the loss written into the run's loss record
+  (its device-side slot advanced: see LossRecord.target), are one compiled graph.
 - Otherwise the step splits at the all-reduce: the compiled part writes the gradient, the
   loss and the stop vote into the gradient buffer, the buffer is summed
   (:meth:`FlatGradSync.sum_packed`; under ``--cuda-graph`` NCCL runs inside the graph),
@@ -48,8 +49,9 @@ from torch.func import functional_call, grad_and_value
 from distnn.gradsync import FlatGradSync
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # a piece of the rank's shard: inputs, targets
-# What a step returns: the global loss, and the sum of the ranks' stop votes (None alone).
-Summed = tuple[torch.Tensor, torch.Tensor | None]
+# What a step returns: the global loss (None: written into the loss record already), and
+# the sum of the ranks' stop votes (None alone).
+Summed = tuple[torch.Tensor | None, torch.Tensor | None]
 Buffers = dict[str, torch.Tensor]
 
 
@@ -59,17 +61,20 @@ class WholeStep:
     Build it once the weights are final (placed, broadcast, resumed). Each call runs one
     step: ``step(pieces, vote)`` with the rank's pieces of the batch and its stop vote (a
     1-element tensor); it returns the global loss and the summed votes (None alone), as
-    tensors the next step may overwrite.
+    tensors the next step may overwrite. Given ``losses`` (a LossRecord's ``target``), a
+    step done in one compiled function writes its loss there and returns None for it.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, sync: FlatGradSync, *, lr: float,
-                 bf16: bool, optimizer: torch.optim.Optimizer | None) -> None:
+                 bf16: bool, optimizer: torch.optim.Optimizer | None,
+                 losses: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         if sync.flat_grads.numel() != sync.numel + 2:
             raise ValueError("WholeStep: the gradient buffer needs 2 extra slots (the loss and "
                              f"the stop vote), got {sync.flat_grads.numel() - sync.numel}")
         self.model, self.loss_fn, self.sync = model, loss_fn, sync
         self.lr, self.optimizer = lr, optimizer
         self.buffers: Buffers = dict(model.named_buffers())
+        self.losses = losses
         device = sync.flat_params.device
         names = {id(p): name for name, p in model.named_parameters()}
         linear = {id(p) for module in model.modules() if isinstance(module, nn.Linear)
@@ -97,12 +102,13 @@ class WholeStep:
         """What a step changes besides the gradients: the weights, their bf16 copy and the
         model's buffers (what a capture's warm-up steps change, to be put back)."""
         return [self.sync.flat_params, *([self.copy] if self.copy is not None else []),
-                *self.buffers.values()]
+                *self.buffers.values(), *(self.losses or ())]
 
     def __call__(self, pieces: Sequence[Batch], vote: torch.Tensor) -> Summed:
         sync = self.sync
         if self._fused(pieces):
-            return self._alone(sync.flat_params, self.copy, self.buffers, *pieces[0]), None
+            return self._alone(sync.flat_params, self.copy, self.buffers, *pieces[0],
+                               self.losses), None
         self._write_gradients(pieces, vote, sync.flat_params, self.copy, self.buffers,
                               sync.flat_grads)
         extras = sync.sum_packed()
@@ -123,9 +129,10 @@ class WholeStep:
         master, out = self.sync.flat_params.clone(), self.sync.flat_grads.clone()
         copy = None if self.copy is None else self.copy.clone()
         buffers = {name: buffer.clone() for name, buffer in self.buffers.items()}
+        losses = None if self.losses is None else tuple(t.clone() for t in self.losses)
         for pieces in steps:
             if self._fused(pieces):
-                self._alone(master, copy, buffers, *pieces[0])
+                self._alone(master, copy, buffers, *pieces[0], losses)
                 continue
             self._write_gradients(pieces, vote, master, copy, buffers, out)
             if copy is not None and self.optimizer is None:
@@ -171,12 +178,18 @@ class WholeStep:
         return of_master + of_copy.to(of_master.dtype), loss  # each is zero where the other is
 
     def _step_alone(self, master: torch.Tensor, copy: torch.Tensor | None, buffers: Buffers,
-                    x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                    x: torch.Tensor, y: torch.Tensor,
+                    losses: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
         grad, loss = self._gradient(master, copy, buffers, x, y)
         master.add_(grad, alpha=-self.lr)
         if copy is not None:
             copy.copy_(master)
-        return loss
+        if losses is None:
+            return loss
+        window, slot = losses
+        window.index_put_((slot.reshape(1),), loss.reshape(1).to(window.dtype))
+        slot.copy_((slot + 1) % window.numel())
+        return None
 
     def _write_gradient(self, master: torch.Tensor, copy: torch.Tensor | None,
                         buffers: Buffers, x: torch.Tensor, y: torch.Tensor, vote: torch.Tensor,
