@@ -29,6 +29,9 @@ class LaunchEnv:
     prefer_cpu: bool = False  # accelerate launch --cpu
     rendezvous: bool = False  # the launcher gave RANK, WORLD_SIZE and MASTER_ADDR/PORT
     agent: bool = False  # started by torchrun's elastic agent: the parent process to watch
+    # the job's key-value store is the agent's (TORCHELASTIC_USE_AGENT_STORE), which outlives
+    # every rank; otherwise rank 0's process holds it
+    agent_store: bool = False
 
     @property
     def needs_process_group(self) -> bool:
@@ -102,7 +105,8 @@ def detect_launch(environ: Mapping[str, str]) -> LaunchEnv:
     return LaunchEnv(launcher=launcher, rank=rank, local_rank=local_rank, world_size=world_size,
                      local_world_size=local_world_size,
                      restart_count=_int_var(environ, "TORCHELASTIC_RESTART_COUNT", default=0),
-                     prefer_cpu=prefer_cpu, rendezvous=True, agent=started_by_agent(environ))
+                     prefer_cpu=prefer_cpu, rendezvous=True, agent=started_by_agent(environ),
+                     agent_store=environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ class LossRecord:
         self._window = torch.zeros(window, device=device)
         # the slot the next step's loss goes in, for steps that write it themselves
         self._slot = torch.full((), start % window, dtype=torch.long, device=device)
+        self._put = self._wrote = False  # which way this run's losses came in
         self._wait = wait  # called before the device values are read (a bounded wait)
         self.recorded = start  # steps written
         self.pulled = start  # steps moved to the host
@@ -41,6 +42,8 @@ class LossRecord:
 
     def put(self, step: int, loss: torch.Tensor) -> None:
         """Writes ``step``'s loss (steps come in order); pulls when the window is full."""
+        assert not self._wrote, "LossRecord: a run writes its losses one way (put or target)"
+        self._put = True
         self._window[step % len(self._window)] = loss
         self.recorded = step + 1
         if self.recorded - self.pulled >= len(self._window):
@@ -56,6 +59,8 @@ class LossRecord:
 
     def wrote(self, step: int) -> None:
         """Records that ``step`` wrote its loss itself (see :attr:`target`)."""
+        assert not self._put, "LossRecord: a run writes its losses one way (put or target)"
+        self._wrote = True
         self.recorded = step + 1
         if self.recorded - self.pulled >= len(self._window):
             self.pull()

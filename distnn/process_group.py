@@ -4,8 +4,9 @@ failures of its collectives: CollectiveFailed, and DeviceWatch's bounded waits o
 from __future__ import annotations
 
 import json
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -122,47 +123,60 @@ def gather_objects(local: Any, *, distributed: bool) -> list[Any]:
     return gathered
 
 
-def tell_peers(message: str, exit_code: int) -> None:
-    """Leaves this rank's reason for stopping in the job's key-value store (best effort).
+def tell_peers(message: str, exit_code: int, *, launch: LaunchEnv) -> None:
+    """Leaves this rank's reason for stopping in the job's key-value store, for its peers.
 
     A rank that stops alone (out of memory in a step, an error in the user's model) leaves
     its peers waiting in a collective that then fails for want of it; they read this
-    (:func:`peer_failure`) and report the cause rather than a lost peer. Under torchrun the
-    store is the launcher's, which outlives every rank; without it, rank 0's process holds
-    it, so rank 0's own reason cannot outlive it.
+    (:func:`peer_failure`) and report the cause rather than a lost peer. Only where the
+    store is torchrun's agent's (``launch.agent_store``), which outlives every rank: a store
+    held by rank 0's process can be gone, or frozen with it. The first reason left stays.
     """
-    store = _store()
+    store = _store(launch)
     if store is None:
         return
-    try:
-        store.set(FAILURE_KEY, json.dumps({"rank": dist.get_rank(), "message": message,
-                                           "exit_code": exit_code}))
-    except Exception:  # noqa: BLE001 - a store that is gone leaves the peers' own report
-        pass
+    record = json.dumps({"rank": dist.get_rank(), "message": message, "exit_code": exit_code})
+    _bounded(lambda: store.compare_set(_failure_key(launch), "", record))
 
 
-def peer_failure() -> dict[str, Any] | None:
-    """The first reason a rank left with :func:`tell_peers` ({"rank", "message",
-    "exit_code"}), or None: none, or the store cannot be reached within STORE_WAIT_S."""
-    store = _store()
+def peer_failure(launch: LaunchEnv) -> dict[str, Any] | None:
+    """The reason a rank left with :func:`tell_peers` ({"rank", "message", "exit_code"}), or
+    None: none left, no agent's store, or the store did not answer within STORE_WAIT_S."""
+    store = _store(launch)
     if store is None:
         return None
-    try:
-        if not store.check([FAILURE_KEY]):
-            return None
-        return json.loads(store.get(FAILURE_KEY))
-    except Exception:  # noqa: BLE001 - the store went with the failed rank
-        return None
+    key = _failure_key(launch)
+    text = _bounded(lambda: store.get(key) if store.check([key]) else None)
+    return json.loads(text) if text else None
 
 
-def _store() -> dist.Store | None:
-    """The default process group's store, with short timeouts; None without a group."""
-    if not dist.is_initialized():
+def _failure_key(launch: LaunchEnv) -> str:
+    return f"{FAILURE_KEY}/{launch.restart_count}"  # one per attempt of an elastic job
+
+
+def _store(launch: LaunchEnv) -> dist.Store | None:
+    """The default process group's store when it is the agent's; None otherwise."""
+    if not (launch.agent_store and dist.is_initialized()):
         return None
     try:
-        store = dist.distributed_c10d._get_default_store()
-        store.set_timeout(timedelta(seconds=STORE_WAIT_S))
+        return dist.distributed_c10d._get_default_store()
     except Exception:  # noqa: BLE001 - a private helper of torch's: absent, nothing to share
         return None
-    return store
 
+
+def _bounded(call: Callable[[], Any]) -> Any:
+    """``call()``'s result, or None when it raised or took longer than STORE_WAIT_S: a store
+    whose host is frozen can block a call beyond the store's own timeout, so it runs in a
+    daemon thread (the store's calls release the GIL), left behind if it does not return."""
+    result: list[Any] = []
+
+    def run() -> None:
+        try:
+            result.append(call())
+        except Exception:  # noqa: BLE001 - best effort: the caller reports what it has
+            pass
+
+    thread = threading.Thread(target=run, name="distnn-store", daemon=True)
+    thread.start()
+    thread.join(STORE_WAIT_S)
+    return result[0] if result else None

@@ -99,8 +99,12 @@ def claim_checkpoint_dir(config: TrainConfig) -> FolderLock | None:
                          f"({error.strerror}); allowed: a writable directory") from None
     check_writable(os.path.join(config.checkpoint_dir, ".distnn-probe"), "--checkpoint-dir")
     lock = FolderLock(config.checkpoint_dir)
-    for path in remove_temporaries(config.checkpoint_dir):
-        log.info(f"removed {path}, a checkpoint whose writing was cut short")
+    try:
+        for path in remove_temporaries(config.checkpoint_dir):
+            log.info(f"removed {path}, a checkpoint whose writing was cut short")
+    except BaseException:
+        lock.release()
+        raise
     return lock
 
 

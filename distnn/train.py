@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from typing import Any
 
 from distnn.config import TrainConfig, UsageError, parse_config
 from distnn.environment import detect_launch
@@ -28,17 +29,18 @@ PEER_GRACE_S = 2.0  # how long a rank that failed alone waits before exiting (se
 _REPORTED = (UsageError, RunFailed, CollectiveFailed)
 
 
-def _report(error: Exception, config: TrainConfig | None) -> int:
+def _report(error: Exception, config: TrainConfig | None,
+            cause: dict[str, Any] | None = None) -> int:
     """Logs ``error`` as one line (naming the rank in a multi-rank job); returns the exit code.
 
-    2 for usage and communication errors, RunFailed's own code otherwise.
+    2 for usage and communication errors, RunFailed's own code otherwise. A failed
+    collective whose ``cause`` a peer left in the job's store (process_group.tell_peers) is
+    reported as that peer's line, still with 2: the peer's own exit code is its alone.
     """
     message, code = _one_line(error), _exit_code(error)
     if isinstance(error, CollectiveFailed):
-        cause = None if isinstance(error, DeviceStalled) else peer_failure()
-        if cause is not None:  # a peer stopped alone and said why (process_group.tell_peers)
+        if cause is not None:
             message = f"rank {cause['rank']} stopped the run: {cause['message']}"
-            code = cause["exit_code"]
         else:
             timeout = f" (--timeout-s {config.timeout_s:g})" if config else ""
             message = (f"{message} (a peer died, is unreachable, or did not answer within "
@@ -80,10 +82,16 @@ def main(argv: list[str] | None = None) -> int:
                 Trainer(config, runtime, environ=os.environ).train()
             except _REPORTED as error:
                 if runtime.communicates and not isinstance(error, CollectiveFailed):
-                    tell_peers(_one_line(error), _exit_code(error))  # for peers left waiting
+                    tell_peers(_one_line(error), _exit_code(error), launch=launch)
                 # Said before the group is torn down: once a peer exits, the launcher may
                 # stop this rank at any moment.
-                code = _report(error, config)
+                cause = (peer_failure(launch) if isinstance(error, CollectiveFailed)
+                         and not isinstance(error, DeviceStalled) else None)
+                code = _report(error, config, cause)
+                if cause is not None:
+                    # torchrun's report names the first rank to exit: let the one that
+                    # failed go first (torchrun then stops this one; its line is said).
+                    time.sleep(PEER_GRACE_S)
                 if isinstance(error, DeviceStalled):
                     # The GPU is stuck behind a collective that will not finish, and tearing
                     # down the group or CUDA could wait on it for good. Files are closed.
@@ -95,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as error:  # a bug, or the user's model: the traceback follows
                 if runtime.communicates:
                     tell_peers(f"{type(error).__name__}: {_one_line(error)} (its own output "
-                               "has the traceback)", 1)
+                               "has the traceback)", 1, launch=launch)
                 raise
     except _REPORTED as error:
         code = _report(error, config)

@@ -99,8 +99,9 @@ class WholeStep:
 
     @property
     def restore(self) -> list[torch.Tensor]:
-        """What a step changes besides the gradients: the weights, their bf16 copy and the
-        model's buffers (what a capture's warm-up steps change, to be put back)."""
+        """What a step changes besides the gradients: the weights, their bf16 copy, the
+        model's buffers, and the loss record's window and slot (what a capture's warm-up
+        steps change, to be put back)."""
         return [self.sync.flat_params, *([self.copy] if self.copy is not None else []),
                 *self.buffers.values(), *(self.losses or ())]
 

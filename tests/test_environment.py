@@ -30,6 +30,14 @@ def test_torchrun_multi_node_rank():
     assert env.needs_process_group and not env.is_main
 
 
+@pytest.mark.parametrize("value, shared", [("True", True), ("False", False), (None, False)])
+def test_the_store_outlives_the_ranks_only_when_it_is_the_agents(value, shared):
+    # torchrun sets TORCHELASTIC_USE_AGENT_STORE=True unless its store is not shared
+    # (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), when rank 0's process holds it
+    environ = TORCHRUN if value is None else {**TORCHRUN, "TORCHELASTIC_USE_AGENT_STORE": value}
+    assert detect_launch(environ).agent_store is shared
+
+
 def test_accelerate_launch_multi_process_is_recognised():
     env = detect_launch({**TORCHRUN, "ACCELERATE_MIXED_PRECISION": "no"})
     assert env.launcher == "accelerate" and env.world_size == 4
