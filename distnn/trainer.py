@@ -55,7 +55,7 @@ from distnn.startup import (
 )
 from distnn.validation import evaluate
 from distnn.weights import EXIT_OUTPUT, describe_os_error, save_weights
-from distnn.wholestep import Summed, WholeStep
+from distnn.wholestep import Batch, Summed, WholeStep
 
 log = logging.getLogger("distnn")
 # Gradient buffers up to this size are summed through rank 0 on gloo (see gradsync).
@@ -64,8 +64,6 @@ VAL_CHUNK_ROWS = 4096  # validation rows a rank evaluates at a time, at most
 
 STEPS_RANGE = "distnn: steps"  # the profiler range around the step loop and its last flush
 
-# A micro-batch: its inputs and targets.
-Piece = tuple[torch.Tensor, torch.Tensor]
 JobBuilder = Callable[[TrainConfig, Runtime], Job]
 
 
@@ -255,7 +253,7 @@ class Trainer:
 
     # -- the steps ------------------------------------------------------------------------
 
-    def _pieces(self, x_shard: torch.Tensor, y_shard: torch.Tensor) -> list[Piece]:
+    def _pieces(self, x_shard: torch.Tensor, y_shard: torch.Tensor) -> list[Batch]:
         """This rank's micro-batches of a shard (empty ones too: more ranks or pieces than
         rows; such a piece adds nothing)."""
         pieces = []
@@ -264,7 +262,7 @@ class Trainer:
             pieces.append((x_shard[first:stop], y_shard[first:stop]))
         return pieces
 
-    def _step(self, sync: FlatGradSync, pieces: list[Piece], vote: torch.Tensor) -> Summed:
+    def _step(self, sync: FlatGradSync, pieces: list[Batch], vote: torch.Tensor) -> Summed:
         """One eager step's work on the device; returns the global loss and stop votes.
 
         Every piece but the last only accumulates its gradients; the last one's backward
@@ -345,7 +343,7 @@ class Trainer:
         return read_and_step
 
     def _compile(self, sync: FlatGradSync, stop: StopRequests,
-                 pieces: list[Piece]) -> WholeStep | None:
+                 pieces: list[Batch]) -> WholeStep | None:
         """--compile: the whole step compiled (wholestep) for every shape of shard the run
         will meet, before the timed steps (``compile_s`` in the summary). None, with a
         warning, for a model the whole step cannot be compiled for: it then runs eagerly."""
@@ -368,7 +366,7 @@ class Trainer:
         log.info(f"compiled the step in {self.compile_s:.1f} s")
         return whole
 
-    def _shapes(self, pieces: list[Piece]) -> list[list[Piece]]:
+    def _shapes(self, pieces: list[Batch]) -> list[list[Batch]]:
         """One step's pieces of every shape this rank will meet: the first step's and, for
         mini-batches, those of a full batch and of the smaller last one (zeros)."""
         plan, rt = self.job.plan, self.rt
