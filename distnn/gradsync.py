@@ -283,9 +283,7 @@ class FlatGradSync:
         else:  # one rank: the gradients are the sum already, only the extras are packed
             torch.cat(self._extra_pieces, out=self._extras)
             return self._extras
-        for p, view in zip(self.params, self._grad_views, strict=True):
-            p.grad = view
-        return self._extras
+        return self._summed()
 
     def sum_packed(self) -> torch.Tensor:
         """Sums the gradient buffer as the caller filled it (the gradients, then the extra
@@ -305,6 +303,10 @@ class FlatGradSync:
                            for buffer in self._bucket_buffers]
                 for handle in handles:
                     handle.wait()
+        return self._summed()
+
+    def _summed(self) -> torch.Tensor:
+        """After a sum: every ``p.grad`` a view into the buffer; returns the extra slots."""
         for p, view in zip(self.params, self._grad_views, strict=True):
             p.grad = view
         return self._extras

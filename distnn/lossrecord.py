@@ -32,7 +32,6 @@ class LossRecord:
         self._window = torch.zeros(window, device=device)
         # the slot the next step's loss goes in, for steps that write it themselves
         self._slot = torch.full((), start % window, dtype=torch.long, device=device)
-        self._put = self._wrote = False  # which way this run's losses came in
         self._wait = wait  # called before the device values are read (a bounded wait)
         self.recorded = start  # steps written
         self.pulled = start  # steps moved to the host
@@ -42,8 +41,6 @@ class LossRecord:
 
     def put(self, step: int, loss: torch.Tensor) -> None:
         """Writes ``step``'s loss (steps come in order); pulls when the window is full."""
-        assert not self._wrote, "LossRecord: a run writes its losses one way (put or target)"
-        self._put = True
         self._window[step % len(self._window)] = loss
         self.recorded = step + 1
         if self.recorded - self.pulled >= len(self._window):
@@ -54,13 +51,12 @@ class LossRecord:
         """For a step that writes its own loss: the window, and the 0-dim device index of
         the slot for the next step's loss. The step writes ``window[slot] = loss`` and
         advances ``slot`` by one, modulo the window's length; then :meth:`wrote`. A run
-        uses this or :meth:`put`, not both."""
+        uses this or :meth:`put`, not both (``put`` does not move ``slot``): the trainer's
+        choice is fixed for a run (wholestep's fused step, or not)."""
         return self._window, self._slot
 
     def wrote(self, step: int) -> None:
         """Records that ``step`` wrote its loss itself (see :attr:`target`)."""
-        assert not self._put, "LossRecord: a run writes its losses one way (put or target)"
-        self._wrote = True
         self.recorded = step + 1
         if self.recorded - self.pulled >= len(self._window):
             self.pull()
