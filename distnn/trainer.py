@@ -324,7 +324,9 @@ class Trainer:
                                       rank=rt.rank, device=rt.device, start_step=start)
             x_shard, y_shard = self.stream.next()
         pieces = self._pieces(x_shard, y_shard)
-        whole = self._compile(sync, stop, pieces) if config.compile else None
+        whole = None
+        if config.compile:
+            whole, pieces = self._compile(sync, stop, pieces, fixed=job.fixed is not None)
         if whole is not None:
             restore = whole.restore
             step = lambda step_pieces: whole(step_pieces, stop.ballot())  # noqa: E731
@@ -342,18 +344,21 @@ class Trainer:
 
         return read_and_step
 
-    def _compile(self, sync: FlatGradSync, stop: StopRequests,
-                 pieces: list[Batch]) -> WholeStep | None:
+    def _compile(self, sync: FlatGradSync, stop: StopRequests, pieces: list[Batch], *,
+                 fixed: bool) -> tuple[WholeStep | None, list[Batch]]:
         """--compile: the whole step compiled (wholestep) for every shape of shard the run
-        will meet, before the timed steps (``compile_s`` in the summary). None, with a
-        warning, for a model the whole step cannot be compiled for: it then runs eagerly."""
+        will meet, before the timed steps (``compile_s`` in the summary), and the first
+        step's pieces as it reads them (``fixed``: the same every step, so made ready for it
+        once). None, with a warning, for a model the whole step cannot be compiled for: it
+        then runs eagerly, on the pieces as they were."""
         job, config = self.job, self.config
         started = time.perf_counter()
         whole = WholeStep(job.model, job.loss_fn, sync, lr=config.lr,
                           bf16=config.precision == "bf16", optimizer=job.optimizer,
                           losses=self.losses.target)
+        ready = whole.inputs(pieces) if fixed else pieces
         try:
-            whole.warm_up(self._shapes(pieces), stop.ballot())
+            whole.warm_up(self._shapes(ready), stop.ballot())
         except Exception as error:  # noqa: BLE001 - torch.func's and inductor's many kinds
             if out_of_memory(error, self.rt.device) is not None:
                 raise
@@ -361,10 +366,10 @@ class Trainer:
             said = (str(cause).strip().splitlines() or [""])[0][:200]
             log.warning(f"--compile: the whole step of this model could not be compiled "
                         f"({type(cause).__name__}: {said}); running it eagerly")
-            return None
+            return None, pieces
         self.compile_s = time.perf_counter() - started
         log.info(f"compiled the step in {self.compile_s:.1f} s")
-        return whole
+        return whole, ready
 
     def _shapes(self, pieces: list[Batch]) -> list[list[Batch]]:
         """One step's pieces of every shape this rank will meet: the first step's and, for

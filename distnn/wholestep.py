@@ -24,7 +24,9 @@ function that inductor compiles whole, so it can fuse that work:
   exactly those to bf16, so the arithmetic is the eager bf16 step's. Every other parameter
   is read in fp32, as autocast leaves it. The gradients are fp32 (a bf16 layer's are its
   bf16 products made fp32, as autocast's cast gives them), and so are the all-reduce and
-  the weights.
+  the weights. A fixed batch (the same rows every step) whose only reader is an
+  ``nn.Linear`` (the first layer of an ``nn.Sequential``) is cast to bf16 once
+  (:meth:`WholeStep.inputs`), where autocast would cast it in every step.
 
 A torch.optim optimizer, several micro-batches (their gradients added in fp32) and empty
 shards (more ranks than rows) use the same compiled gradient; the optimizer's own step
@@ -96,6 +98,15 @@ class WholeStep:
         self._gradient_into = compiled(self._write_gradient)
         self._piece_gradient = compiled(self._gradient)
         self._sgd = compiled(self._sgd_and_refresh)
+
+    def inputs(self, pieces: Sequence[Batch]) -> list[Batch]:
+        """The pieces of a fixed batch as every step will read them: under bf16, inputs
+        that only an ``nn.Linear`` reads cast to bf16 here, once, instead of by autocast in
+        every step (the same rounding, so the same numbers); otherwise as they are. Warm up
+        and step with what this returns."""
+        if self.copy is None or not _read_by_linear_only(self.model):
+            return list(pieces)
+        return [(x.to(torch.bfloat16) if x.is_floating_point() else x, y) for x, y in pieces]
 
     @property
     def restore(self) -> list[torch.Tensor]:
@@ -202,3 +213,14 @@ class WholeStep:
                          grads: torch.Tensor) -> None:
         master.add_(grads, alpha=-self.lr)
         copy.copy_(master)
+
+
+def _read_by_linear_only(model: nn.Module) -> bool:
+    """Whether the model's input goes to an ``nn.Linear`` and nowhere else: the first module
+    of an ``nn.Sequential`` (of nested ones) is one. Autocast casts such an input to bf16
+    before anything reads it."""
+    while isinstance(model, nn.Sequential):
+        if not len(model):
+            return False
+        model = model[0]
+    return isinstance(model, nn.Linear)

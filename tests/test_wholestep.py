@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch._dynamo.utils import counters
 
 from distnn import wholestep
 from distnn.train import main
@@ -58,14 +59,10 @@ def test_adamw_in_mini_batches_with_empty_shards_on_three_ranks(tmp_path):
     assert_close_run(result["losses"], result["weights"][0], losses, weights)
 
 
-@pytest.mark.parametrize("resume_at", [0, 2])
-def test_every_shape_is_compiled_before_the_timed_steps(tmp_path, no_launcher, monkeypatch,
-                                                        resume_at):
-    """A data file that leaves a smaller last batch (10 rows in batches of 4, 4 and 2): both
-    shapes are compiled in warm_up, also when a resumed run starts on the small one; nothing
-    is compiled during the steps."""
-    from torch._dynamo.utils import counters
-
+def _frames_at_warm_up(monkeypatch) -> list[int]:
+    """Makes every WholeStep.warm_up note how many frames torch had compiled when it ended
+    (compare with ``counters["frames"]["total"]`` after the run: equal if nothing was
+    compiled during the steps)."""
     warm_up, compiled = wholestep.WholeStep.warm_up, []
 
     def counting(self, *args, **kwargs):
@@ -73,6 +70,16 @@ def test_every_shape_is_compiled_before_the_timed_steps(tmp_path, no_launcher, m
         compiled.append(counters["frames"]["total"])
 
     monkeypatch.setattr(wholestep.WholeStep, "warm_up", counting)
+    return compiled
+
+
+@pytest.mark.parametrize("resume_at", [0, 2])
+def test_every_shape_is_compiled_before_the_timed_steps(tmp_path, no_launcher, monkeypatch,
+                                                        resume_at):
+    """A data file that leaves a smaller last batch (10 rows in batches of 4, 4 and 2): both
+    shapes are compiled in warm_up, also when a resumed run starts on the small one; nothing
+    is compiled during the steps."""
+    compiled = _frames_at_warm_up(monkeypatch)
     generator = torch.Generator().manual_seed(6)
     x, y = torch.randn(10, 5, generator=generator), torch.randn(10, 2, generator=generator)
     data = tmp_path / "d.safetensors"
@@ -90,10 +97,17 @@ def test_every_shape_is_compiled_before_the_timed_steps(tmp_path, no_launcher, m
     assert_close_run(losses, weights, want_losses[resume_at:], want_weights)
 
 
-def test_bf16_keeps_the_eager_bf16_steps_numbers(tmp_path, no_launcher):
-    """The forward reads bf16 copies of the weights that the update refreshes: the losses
-    stay those of eager autocast (bf16 rounding apart) and near the fp32 reference."""
+def test_bf16_keeps_the_eager_bf16_steps_numbers(tmp_path, no_launcher, monkeypatch):
+    """The forward reads bf16 copies of the weights that the update refreshes, and the
+    fixed batch cast to bf16 once: the losses stay those of eager autocast (bf16 rounding
+    apart) and near the fp32 reference, and the steps compile nothing more."""
+    frames, read = _frames_at_warm_up(monkeypatch), set()
+    call = wholestep.WholeStep.__call__
+    monkeypatch.setattr(wholestep.WholeStep, "__call__", lambda self, pieces, vote: (
+        read.add(pieces[0][0].dtype), call(self, pieces, vote))[1])
+    counters.clear()
     compiled, _, _ = _run(tmp_path, "c", "--compile", "--precision", "bf16", "--steps", "100")
+    assert frames == [counters["frames"]["total"]] and read == {torch.bfloat16}
     eager, _, _ = _run(tmp_path, "e", "--precision", "bf16", "--steps", "100")
     want, _ = reference_run(steps=100)
     for got, same, ref in zip(compiled, eager, want, strict=True):
@@ -213,6 +227,43 @@ def test_bf16_gradients_are_the_eager_autocast_steps_in_fp32():
         for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
             assert p.grad.dtype == torch.float32
             assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-5), (count, name)
+
+
+def test_a_fixed_input_only_a_linear_layer_reads_is_cast_to_bf16_once():
+    """WholeStep.inputs casts the input of an nn.Sequential that starts with nn.Linear, as
+    autocast would in every step: the loss and gradients are the same bits. Anything else
+    (fp32, another first layer, a model of its own) is left as it is."""
+    from distnn.gradsync import FlatGradSync
+
+    generator = torch.Generator().manual_seed(2)
+    x, y = torch.randn(64, 32, generator=generator), torch.randn(64, 8, generator=generator)
+    loss_fn = torch.nn.MSELoss(reduction="sum")
+
+    def whole_step(model, bf16=True):
+        sync = FlatGradSync(model, distributed=False, extra_slots=2)
+        return wholestep.WholeStep(model, loss_fn, sync, lr=0.0, bf16=bf16,
+                                   optimizer=torch.optim.SGD(model.parameters(), lr=0.0))
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(32, 64)), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 8))
+    step = whole_step(model)
+    pieces = [(x, y)]
+    [(ready_x, ready_y)] = step.inputs(pieces)
+    assert ready_x.dtype == torch.bfloat16 and ready_y is y
+    results = []
+    for given in (pieces, [(ready_x, ready_y)]):
+        loss, _ = step(given, torch.zeros(1))
+        results.append((loss.clone(), [p.grad.clone() for p in model.parameters()]))
+    (loss, grads), (cast_loss, cast_grads) = results
+    assert torch.equal(cast_loss, loss)
+    assert all(torch.equal(a, b) for a, b in zip(cast_grads, grads, strict=True))
+
+    for other, bf16 in ((torch.nn.Sequential(torch.nn.Linear(32, 8)), False),
+                        (torch.nn.Sequential(torch.nn.BatchNorm1d(32), torch.nn.Linear(32, 8)),
+                         True),
+                        (Scaled(), True)):
+        assert whole_step(other, bf16).inputs(pieces)[0][0] is x
 
 
 def test_alone_the_step_is_one_compiled_graph_around_the_matmuls(no_launcher):
