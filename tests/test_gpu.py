@@ -103,7 +103,7 @@ def _library_run(device: torch.device, *, graphed: bool) -> dict:
     from distnn.cudagraph import capture_step
     from distnn.data import reference_setup
 
-    x, y, model = reference_setup(TrainConfig())
+    x, y, model = reference_setup(TrainConfig().resolved())
     x, y, model = x.to(device), y.to(device), model.to(device)
     sync = FlatGradSync(model, distributed=True, bucket_mb=0.004)
     assert sync.buckets == 2  # the first one's all-reduce is started by a backward hook
