@@ -39,6 +39,10 @@ from distnn.trainer import STEPS_RANGE, Trainer
 WARMUP_STEPS = 5
 
 
+class ProfileEmpty(RuntimeError):
+    """The profiler's record lacks what a step profile counts (its range, or any work)."""
+
+
 @dataclass
 class StepProfile:
     device: str
@@ -54,11 +58,10 @@ def profile_steps(config: TrainConfig, rt: Runtime, top: int = 12) -> StepProfil
     config = dataclasses.replace(config, quiet=True, log_every=0, metrics=None, save=None)
     cuda = rt.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    if cuda:
-        # A CUDA graph made before the profiler's first use can break a later profile
-        # (pytorch/pytorch#75504 and PR #100441's workaround): use it once, first.
-        with profile(activities=activities):
-            pass
+    # No empty profiler session first, the workaround (pytorch PR #100441) for replaying under
+    # the profiler a CUDA graph captured before its first use: the graph profiled here is
+    # captured inside the session, and with CUDA 13.0 an empty session was reported to leave
+    # later ones without kernel records (a check below says so if it happens).
     with contextlib.redirect_stdout(io.StringIO()):  # the runs' summary lines
         Trainer(dataclasses.replace(config, steps=WARMUP_STEPS), rt, environ={}).train()
         with profile(activities=activities) as prof:
@@ -67,7 +70,7 @@ def profile_steps(config: TrainConfig, rt: Runtime, top: int = 12) -> StepProfil
     # The trainer's range on the host (on a GPU the profiler also shows it on the device)
     ranges = [e for e in events if e.name == STEPS_RANGE and e.device_type == DeviceType.CPU]
     if len(ranges) != 1:
-        raise RuntimeError(f"expected one {STEPS_RANGE!r} range in the profile, "
+        raise ProfileEmpty(f"expected one {STEPS_RANGE!r} range in the profile, "
                            f"found {len(ranges)}")
     start, end = ranges[0].time_range.start, ranges[0].time_range.end
     if cuda:
@@ -80,6 +83,9 @@ def profile_steps(config: TrainConfig, rt: Runtime, top: int = 12) -> StepProfil
                 if e.device_type == DeviceType.CPU and e.name.startswith("aten::")
                 and start <= e.time_range.start and e.time_range.end <= end
                 and not _inside_an_operator(e)]
+    if not work:
+        raise ProfileEmpty(f"the profiler recorded no {'kernels' if cuda else 'operators'} "
+                           "in the steps' range, so there is nothing to count")
     steps = result.steps
     calls, times = Counter(), defaultdict(float)
     for name, us in work:
@@ -129,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, CollectiveFailed, RunFailed) as error:
         print(f"distnn.profile: error: {' '.join(str(error).split())}", file=sys.stderr)
         return error.exit_code if isinstance(error, RunFailed) else 2
+    except ProfileEmpty as error:
+        print(f"distnn.profile: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -31,3 +31,20 @@ def test_the_command_prints_a_table_and_refuses_bad_flags_in_one_line(capsys, no
     assert main(["--steps", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("distnn.profile: error: --steps"), err
+
+
+def test_a_profile_with_no_work_recorded_is_one_line_and_exit_1(capsys, no_launcher,
+                                                                 monkeypatch):
+    """A profiler that records nothing in the steps' range (reported with CUDA 13.0 after an
+    empty session) fails the command instead of reporting 0 kernels per step."""
+    import distnn.profile
+
+    class Blind(distnn.profile.profile):
+        def events(self):
+            return [e for e in super().events() if not e.name.startswith("aten::")]
+
+    monkeypatch.setattr(distnn.profile, "profile", Blind)
+    assert main(["--steps", "4"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["distnn.profile: error: the profiler recorded no operators in the steps' "
+                   "range, so there is nothing to count"], err
