@@ -39,6 +39,7 @@ from distnn.bench_rates import matmul_tflops, step_matmul_tflops, weight_grad_la
 from distnn.config import TrainConfig
 from distnn.runtime import setup
 from distnn.trainer import Trainer, tf32_matmuls
+from distnn.wgrad import AUTOGRAD, LAYOUTS
 
 
 @dataclass(frozen=True)
@@ -80,15 +81,16 @@ DEEP = Workload("deep", 64, 2048, (2048,) * 6, 2048, 1e-7)
 BUCKET_SWEEP_MB = (8, 25, 40, 64)  # 7, 4, 3 and 2 buckets of the deep workload
 
 
-def distnn_trainer(work: Workload, steps: int, warmup: int, rt, **config_changes: Any
-                   ) -> tuple[float, list[float]]:
-    """distnn's own trainer: a ``warmup``-step run, untimed, then a timed ``steps``-step run.
+def distnn_trainer(work: Workload, steps: int, warmup: int, rt, environ: dict[str, str],
+                   **config_changes: Any) -> tuple[float, list[float]]:
+    """distnn's own trainer: a ``warmup``-step run, untimed, then a timed ``steps``-step run,
+    with the environment variables ``environ`` (DISTNN_*) and no others.
 
     The time is the trainer's own ``wall_s``: its step loop and final flush, without the
     start-up, compiling or capturing before it.
     """
     for count in (max(warmup, 1), steps):
-        trainer = Trainer(work.config(steps=count, **config_changes), rt, environ={})
+        trainer = Trainer(work.config(steps=count, **config_changes), rt, environ=environ)
         with contextlib.redirect_stdout(io.StringIO()):  # its summary line
             result = trainer.train()
     kept = list(trainer.losses.tail)  # the newest steps' losses (all of a short run)
@@ -116,7 +118,7 @@ def _variants(work: Workload, world: int, device: torch.device,
         # On a CPU without bf16 matrix units, bf16 matmuls run hundreds of times slower than
         # fp32 (measured on this project's CPU machine), and TF32 does not exist.
         names += ["distnn eager, tf32", "distnn eager, bf16", "distnn --compile, tf32",
-                  "distnn --compile, bf16"]
+                  "distnn --compile, bf16", WEIGHT_GRAD_VARIANT]
     return names
 
 
@@ -130,7 +132,11 @@ def _run_variant(name: str, work: Workload, steps: int, warmup: int, rt) -> tupl
         return ddp_loop(work, steps, warmup, device, use_accelerate=name == "Accelerate")
     if name in FLOORS:
         return graph_floor_loop(work, steps, warmup, device, compiled=name == FLOORS[1])
-    return distnn_trainer(work, steps, warmup, rt, **DISTNN_VARIANTS[name])
+    if name in WEIGHT_GRAD_VARIANTS:
+        return distnn_trainer(work, steps, warmup, rt,
+                              {"DISTNN_WEIGHT_GRAD": WEIGHT_GRAD_VARIANTS[name]},
+                              precision="tf32", compile=True)
+    return distnn_trainer(work, steps, warmup, rt, {}, **DISTNN_VARIANTS[name])
 
 
 def measure(name: str, work: Workload, steps: int, warmup: int, rt) -> dict[str, Any]:
@@ -163,11 +169,19 @@ DISTNN_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+# The compiled TF32 step with the Linear layers' weight gradients in another layout of the
+# same product (DISTNN_WEIGHT_GRAD, distnn/wgrad.py): in TF32 cuBLAS ran autograd's layout at
+# 58% of the forward's rate on an H200. By default the GPU runs the one that asks for the
+# forward's layout (two transposed copies a layer); the others run when named (--variant).
+WEIGHT_GRAD_VARIANTS = {f"distnn --compile, tf32, dW as {layout}": layout
+                        for layout in LAYOUTS if layout != AUTOGRAD}
+WEIGHT_GRAD_VARIANT = "distnn --compile, tf32, dW as g.T @ x, both copied"
+assert WEIGHT_GRAD_VARIANT in WEIGHT_GRAD_VARIANTS
 # The floors (bench_loops.graph_floor_loop): the reference loop captured by hand, with its
 # forward and loss as written, then compiled. "vs floors" in the table is ms / their ms.
 FLOORS = ("floor: hand-made graph", "floor: hand-made graph, compiled forward")
 VARIANTS = ["reference loop", "reference loop, no per-step sync", "DDP", "Accelerate",
-            *FLOORS, *DISTNN_VARIANTS]
+            *FLOORS, *DISTNN_VARIANTS, *WEIGHT_GRAD_VARIANTS]
 
 
 def _worker(rank: int, world: int, port: int, plan: dict, out_path: str) -> None:

@@ -6,6 +6,7 @@ them in the same run as the steps it compares with them.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import statistics
 import time
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from distnn.bench_loops import sync
+from distnn.wgrad import LAYOUTS
 
 if TYPE_CHECKING:
     from distnn.bench import Workload
@@ -86,12 +88,11 @@ def weight_grad_layouts(work: Workload, device: torch.device, dtype: torch.dtype
     """The rate in TFLOP/s of the first layer's weight gradient of ``work`` (Linear(a, b) on
     N rows: g [N, b], x [N, a], dW [b, a]) in each way it can be computed:
 
-    - ``g.T @ x``: autograd's, both operands transposed views of row-major tensors;
-    - ``(x.T @ g).T``: the transposed product, dW as a transposed view;
-    - ``(xT @ g).T, xT kept``: the same from a row-major copy of x.T, made once (a rank's
-      shard of a fixed batch never changes): a plain row-major product;
-    - ``g.T @ x, g.T copied``: autograd's with g transposed into row-major first, the copy
-      counted.
+    - those a run can use (``wgrad.LAYOUTS``, ``DISTNN_WEIGHT_GRAD``): autograd's
+      ``g.T @ x``; the transposed product ``(x.T @ g).T``; ``g.T @ x`` with g, or g and x,
+      transposed into row-major copies first (the copies counted);
+    - ``(xT @ g).T, xT kept``: the transposed product from a row-major copy of x.T made
+      once (a rank's shard of a fixed batch never changes): a plain row-major product.
 
     In TF32 on an H200 autograd's layout ran at 224 TFLOP/s against 385 for the forward's
     (docs/benchmarks.md): this shows, on the machine at hand, which layout a custom linear
@@ -102,10 +103,8 @@ def weight_grad_layouts(work: Workload, device: torch.device, dtype: torch.dtype
     g = torch.randn(work.batch_size, b, device=device, dtype=dtype)
     x_t = x.t().contiguous()
     ways: dict[str, Callable[[], object]] = {
-        "g.T @ x": lambda: torch.mm(g.t(), x),
-        "(x.T @ g).T": lambda: torch.mm(x.t(), g).t(),
+        **{name: functools.partial(compute, g, x) for name, compute in LAYOUTS.items()},
         "(xT @ g).T, xT kept": lambda: torch.mm(x_t, g).t(),
-        "g.T @ x, g.T copied": lambda: torch.mm(g.t().contiguous(), x),
     }
     flop = 2.0 * work.batch_size * a * b
     return {name: _tflops(run, flop, device, repeats=repeats, batch=batch, warmup=2)

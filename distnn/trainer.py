@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from distnn import wgrad
 from distnn.batches import ShardStream
 from distnn.checkpoint import Checkpoint, FolderLock, save_checkpoint
 from distnn.config import TrainConfig, UsageError
@@ -99,6 +100,7 @@ class Trainer:
         self.build_job = build_job
         self.fault = FaultPlan.from_environ(environ, restart_count=runtime.launch.restart_count,
                                             device=runtime.device)
+        self.weight_grad = wgrad.from_environ(environ, precision=config.precision)
         self.job: Job | None = None
         self.losses: LossRecord | None = None  # the global loss of every step (at start-up)
         # Every read of step results waits through it: a GPU stuck behind a collective fails
@@ -299,7 +301,7 @@ class Trainer:
 
     def _backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Forward and backward of one piece; returns its sum loss."""
-        with self._autocast():
+        with self._autocast(), self._layout():
             loss = self.job.loss_fn(self.job.model(x), y)
         loss.backward()
         return loss
@@ -355,7 +357,7 @@ class Trainer:
         started = time.perf_counter()
         whole = WholeStep(job.model, job.loss_fn, sync, lr=config.lr,
                           bf16=config.precision == "bf16", optimizer=job.optimizer,
-                          losses=self.losses.target)
+                          losses=self.losses.target, weight_grad=self.weight_grad)
         ready = whole.inputs(pieces) if fixed else pieces
         try:
             whole.warm_up(self._shapes(ready), stop.ballot())
@@ -474,6 +476,11 @@ class Trainer:
             return torch.autocast(device_type=self.rt.device.type, dtype=torch.bfloat16,
                                   cache_enabled=not self.config.cuda_graph)
         return nullcontext()
+
+    def _layout(self) -> AbstractContextManager:
+        """The Linear layers' weight gradients in ``DISTNN_WEIGHT_GRAD``'s layout (wgrad)."""
+        return nullcontext() if self.weight_grad == wgrad.AUTOGRAD else wgrad.Layout(
+            self.weight_grad)
 
     def _verify(self, done: int, sync: FlatGradSync) -> None:
         """Stops the run (RunFailed, exit 3) on non-finite values or diverged replicas.

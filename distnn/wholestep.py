@@ -28,6 +28,9 @@ function that inductor compiles whole, so it can fuse that work:
   ``nn.Linear`` (the first layer of an ``nn.Sequential``) is cast to bf16 once
   (:meth:`WholeStep.inputs`), where autocast would cast it in every step.
 
+``DISTNN_WEIGHT_GRAD`` (wgrad) makes the Linear layers' weight gradients come from another
+layout of the same product.
+
 A torch.optim optimizer, several micro-batches (their gradients added in fp32) and empty
 shards (more ranks than rows) use the same compiled gradient; the optimizer's own step
 stays eager. Every shape the run will meet is compiled by :meth:`WholeStep.warm_up`, before
@@ -49,6 +52,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value
 
 from distnn.gradsync import FlatGradSync
+from distnn.wgrad import AUTOGRAD, Layout
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # a piece of the rank's shard: inputs, targets
 # What a step returns: the global loss (None: written into the loss record already), and
@@ -69,7 +73,8 @@ class WholeStep:
 
     def __init__(self, model: nn.Module, loss_fn: Callable, sync: FlatGradSync, *, lr: float,
                  bf16: bool, optimizer: torch.optim.Optimizer | None,
-                 losses: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 losses: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 weight_grad: str = AUTOGRAD) -> None:
         if sync.flat_grads.numel() != sync.numel + 2:
             raise ValueError("WholeStep: the gradient buffer needs 2 extra slots (the loss and "
                              f"the stop vote), got {sync.flat_grads.numel() - sync.numel}")
@@ -92,8 +97,14 @@ class WholeStep:
         self._autocast: Callable[[], AbstractContextManager] = (
             (lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False))
             if bf16 else nullcontext)
+        # the Linear layers' weight gradients in that layout (fp32 and TF32 only: wgrad)
+        self._weight_grads: Callable[[], AbstractContextManager] = (
+            nullcontext if weight_grad == AUTOGRAD else lambda: Layout(weight_grad))
         self._grads = grad_and_value(self._loss, argnums=(0, 1) if bf16 else 0)
-        compiled = lambda function: torch.compile(function, dynamic=False)  # noqa: E731
+        # fullgraph: a graph break inside torch.func's transform would run all of it eagerly
+        # (slower than the eager step); as an error it makes the trainer run the eager step
+        compiled = lambda function: torch.compile(function, dynamic=False,  # noqa: E731
+                                                  fullgraph=True)
         self._alone = compiled(self._step_alone)
         self._gradient_into = compiled(self._write_gradient)
         self._piece_gradient = compiled(self._gradient)
@@ -178,7 +189,7 @@ class WholeStep:
         for the bf16 Linear layers, of ``copy``)."""
         params = {name: (copy if from_copy else master)[first:stop].view(shape)
                   for name, first, stop, shape, from_copy in self._layout}
-        with self._autocast():
+        with self._autocast(), self._weight_grads():
             return self.loss_fn(functional_call(self.model, (params, buffers), (x,)), y)
 
     def _gradient(self, master: torch.Tensor, copy: torch.Tensor | None, buffers: Buffers,
