@@ -93,6 +93,8 @@ def distnn_trainer(work: Workload, steps: int, warmup: int, rt, environ: dict[st
         trainer = Trainer(work.config(steps=count, **config_changes), rt, environ=environ)
         with contextlib.redirect_stdout(io.StringIO()):  # its summary line
             result = trainer.train()
+        if trainer.step_compiled is False:  # a --compile row must not time the eager step
+            raise RuntimeError("--compile fell back to the eager step (its warning says why)")
     kept = list(trainer.losses.tail)  # the newest steps' losses (all of a short run)
     return result.wall_s / steps * 1e3, [None] * (steps - len(kept)) + kept
 

@@ -114,6 +114,8 @@ class Trainer:
         self.lock: FolderLock | None = None  # rank 0's hold on --checkpoint-dir
         # --compile, --cuda-graph: seconds spent compiling and capturing, outside the timings
         self.compile_s = 0.0
+        # --compile: whether the whole step compiled (False: it runs eagerly, with a warning)
+        self.step_compiled: bool | None = None
 
     def train(self) -> TrainResult:
         """load checkpoint -> steps -> checkpoint, summary, save. Raises RunFailed to stop."""
@@ -149,7 +151,7 @@ class Trainer:
                     self.log.begin(start)
                 # The range names the steps in a profile (python -m distnn.profile); it costs
                 # nothing when no profiler runs.
-                with torch.profiler.record_function(STEPS_RANGE):
+                with torch.profiler.record_function(STEPS_RANGE), self._after_warm_up():
                     started = time.perf_counter()
                     done = self._run_steps(sync, stop, start, run_step)
                     if self.log:
@@ -346,6 +348,15 @@ class Trainer:
 
         return read_and_step
 
+    def _after_warm_up(self) -> AbstractContextManager:
+        """For the steps of a compiled whole step: code torch would compile again (every
+        shape was compiled at warm-up, so only a model whose Python state changes in its
+        forward makes it) runs eagerly instead, as the same step; otherwise each step would
+        compile again, and after torch's limit of recompiles fail the run."""
+        if not self.step_compiled:
+            return nullcontext()
+        return torch.compiler.set_stance("eager_on_recompile")
+
     def _compile(self, sync: FlatGradSync, stop: StopRequests, pieces: list[Batch], *,
                  fixed: bool) -> tuple[WholeStep | None, list[Batch]]:
         """--compile: the whole step compiled (wholestep) for every shape of shard the run
@@ -368,7 +379,10 @@ class Trainer:
             said = (str(cause).strip().splitlines() or [""])[0][:200]
             log.warning(f"--compile: the whole step of this model could not be compiled "
                         f"({type(cause).__name__}: {said}); running it eagerly")
+            self.compile_s = time.perf_counter() - started
+            self.step_compiled = False
             return None, pieces
+        self.step_compiled = True
         self.compile_s = time.perf_counter() - started
         log.info(f"compiled the step in {self.compile_s:.1f} s")
         return whole, ready

@@ -45,7 +45,7 @@ LAYOUTS: dict[str, WeightGrad] = {
 def from_environ(environ: Mapping[str, str], *, precision: str) -> str:
     """The layout ``DISTNN_WEIGHT_GRAD`` names (autograd's if unset). A UsageError for a
     name not in :data:`LAYOUTS`, or for a bf16 run, whose layers autocast runs in bf16."""
-    name = environ.get("DISTNN_WEIGHT_GRAD", AUTOGRAD)
+    name = environ.get("DISTNN_WEIGHT_GRAD") or AUTOGRAD
     if name not in LAYOUTS:
         raise UsageError(f"environment: DISTNN_WEIGHT_GRAD={name!r}; allowed: "
                          + ", ".join(repr(known) for known in LAYOUTS))
@@ -57,9 +57,10 @@ def from_environ(environ: Mapping[str, str], *, precision: str) -> str:
 
 
 class Layout(TorchFunctionMode):
-    """Inside, a 2-dim ``F.linear(x, w, b)`` computes its weight gradient in the layout
-    ``name`` (of :data:`LAYOUTS`); its output, input gradient (``g @ w``) and bias gradient
-    (``g.sum(0)``) are autograd's."""
+    """Inside, ``F.linear(x, w, b)`` on a batch of rows (x and w 2-dim) computes its weight
+    gradient in the layout ``name`` (of :data:`LAYOUTS`); its output, input gradient
+    (``g @ w``) and bias gradient (``g.sum(0)``) are autograd's. Other calls, and calls
+    under autocast (whose bf16 products the layouts are not for), are left as they are."""
 
     def __init__(self, name: str) -> None:
         super().__init__()
@@ -68,9 +69,10 @@ class Layout(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
-            x, w, *rest = args
-            b = rest[0] if rest else kwargs.get("bias")
-            if x.dim() == 2:
+            named = dict(zip(("input", "weight", "bias"), args, strict=False)) | kwargs
+            x, w, b = named.get("input"), named.get("weight"), named.get("bias")
+            if (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and x.dim() == 2
+                    and w.dim() == 2 and not torch.is_autocast_enabled(x.device.type)):
                 return self.linear.apply(x, w, b)
         return func(*args, **kwargs)
 

@@ -1,11 +1,13 @@
 """DISTNN_WEIGHT_GRAD: the Linear layers' weight gradients in another layout of the same
 product give autograd's gradients, eager and compiled whole, and a run that uses one trains
-as the reference does; a bad setting is one line and exit 2."""
+as the reference does; F.linear's keyword calls are taken, autocast's left alone; a bad
+setting is one line and exit 2."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from distnn import wgrad
@@ -38,9 +40,37 @@ def test_each_layout_gives_autogradss_gradients(layout):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_keyword_calls_are_taken_and_autocast_or_other_shapes_left_alone():
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(16, 8, generator=generator)
+    w = torch.randn(4, 8, generator=generator, requires_grad=True)
+    b = torch.randn(4, generator=generator, requires_grad=True)
+    zero = wgrad._linear(lambda g, x: torch.zeros(g.shape[1], x.shape[1]))
+    calls = {"positional": lambda: F.linear(x, w, b), "keywords": lambda: F.linear(
+        input=x, weight=w, bias=b), "mixed": lambda: F.linear(x, weight=w)}
+    for name, call in calls.items():
+        w.grad = None
+        with wgrad.Layout("(x.T @ g).T") as mode:
+            mode.linear = zero  # a layout that shows whether it ran
+            call().sum().backward()
+        assert torch.equal(w.grad, torch.zeros_like(w)), name
+    for name, call in {"autocast": lambda: F.linear(x, w, b),
+                       "3-dim": lambda: F.linear(x.view(2, 8, 8), w, b)}.items():
+        w.grad = None
+        with wgrad.Layout("(x.T @ g).T") as mode:
+            mode.linear = zero
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "autocast"):
+                call().float().sum().backward()
+        assert w.grad.abs().sum() > 0, name
+
+
+def test_an_empty_setting_is_autograds_layout():
+    assert wgrad.from_environ({"DISTNN_WEIGHT_GRAD": ""}, precision="bf16") == wgrad.AUTOGRAD
+
+
 @pytest.mark.parametrize("flags", [[], ["--compile"]])
 def test_a_run_with_a_layout_uses_it_and_matches_the_reference(tmp_path, no_launcher,
-                                                                 monkeypatch, flags):
+                                                                 monkeypatch, caplog, flags):
     """The eager step and the compiled whole step compute the weight gradients with the
     layout named: one that gives zeros leaves the weight matrices as they started (the
     biases train); the real one trains as the reference does."""
@@ -64,6 +94,7 @@ def test_a_run_with_a_layout_uses_it_and_matches_the_reference(tmp_path, no_laun
     assert torch.equal(zero["2.weight"], start["2.weight"])
     assert not torch.equal(zero["0.bias"], start["0.bias"])
     assert_matches_reference(*runs["real"], steps=100)
+    assert not [r for r in caplog.records if "could not be compiled" in r.message]
 
 
 @pytest.mark.parametrize(("value", "flags", "said"), [

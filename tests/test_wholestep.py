@@ -183,6 +183,38 @@ def test_a_model_the_whole_step_cannot_compile_runs_eagerly_with_a_warning(no_la
         assert torch.equal(results[1].model.state_dict()[name], tensor), name
 
 
+class Counting(torch.nn.Module):
+    """A model whose forward changes its Python state (torch compiles it again every step,
+    as it specialises on the number) and computes the same function at every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(6, 3)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.layer(x) * (2 if self.calls > 0 else 3)
+
+
+def test_a_model_torch_would_compile_again_every_step_runs_those_steps_eagerly(no_launcher):
+    """Past torch's limit of recompiles (8) a compiled step would fail the run; the steps
+    after warm-up run what torch would compile again eagerly: the run ends, as the eager
+    run does."""
+    import distnn
+
+    generator = torch.Generator().manual_seed(7)
+    x, y = torch.randn(8, 6, generator=generator), torch.randn(8, 3, generator=generator)
+    results = []
+    for compile_step in (False, True):
+        torch.manual_seed(2)
+        results.append(distnn.fit(Counting(), train=(x, y), batch_size=8, steps=12, lr=1e-3,
+                                  compile=compile_step, log_every=0, quiet=True))
+    eager, compiled = (r.model.state_dict() for r in results)
+    for name, tensor in eager.items():
+        assert torch.allclose(compiled[name], tensor, rtol=1e-5, atol=1e-6), name
+
+
 class Scaled(torch.nn.Module):
     """Two Linear layers (autocast runs them in bf16) and a scale autocast leaves in fp32."""
 
