@@ -178,7 +178,6 @@ DISTNN_VARIANTS: dict[str, dict[str, Any]] = {
 WEIGHT_GRAD_VARIANTS = {f"distnn --compile, tf32, dW as {layout}": layout
                         for layout in LAYOUTS if layout != AUTOGRAD}
 WEIGHT_GRAD_VARIANT = "distnn --compile, tf32, dW as g.T @ x, both copied"
-assert WEIGHT_GRAD_VARIANT in WEIGHT_GRAD_VARIANTS
 # The floors (bench_loops.graph_floor_loop): the reference loop captured by hand, with its
 # forward and loss as written, then compiled. "vs floors" in the table is ms / their ms.
 FLOORS = ("floor: hand-made graph", "floor: hand-made graph, compiled forward")

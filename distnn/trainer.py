@@ -100,6 +100,7 @@ class Trainer:
         self.build_job = build_job
         self.fault = FaultPlan.from_environ(environ, restart_count=runtime.launch.restart_count,
                                             device=runtime.device)
+        # the Linear layers' weight gradients in this layout (DISTNN_WEIGHT_GRAD, wgrad)
         self.weight_grad = wgrad.from_environ(environ, precision=config.precision)
         self.job: Job | None = None
         self.losses: LossRecord | None = None  # the global loss of every step (at start-up)
@@ -303,7 +304,7 @@ class Trainer:
 
     def _backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Forward and backward of one piece; returns its sum loss."""
-        with self._autocast(), self._layout():
+        with self._autocast(), wgrad.layout(self.weight_grad):
             loss = self.job.loss_fn(self.job.model(x), y)
         loss.backward()
         return loss
@@ -490,11 +491,6 @@ class Trainer:
             return torch.autocast(device_type=self.rt.device.type, dtype=torch.bfloat16,
                                   cache_enabled=not self.config.cuda_graph)
         return nullcontext()
-
-    def _layout(self) -> AbstractContextManager:
-        """The Linear layers' weight gradients in ``DISTNN_WEIGHT_GRAD``'s layout (wgrad)."""
-        return nullcontext() if self.weight_grad == wgrad.AUTOGRAD else wgrad.Layout(
-            self.weight_grad)
 
     def _verify(self, done: int, sync: FlatGradSync) -> None:
         """Stops the run (RunFailed, exit 3) on non-finite values or diverged replicas.

@@ -20,6 +20,7 @@ chosen by default.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,11 @@ def from_environ(environ: Mapping[str, str], *, precision: str) -> str:
                          "it applies to fp32 and tf32 runs (bf16 runs every layout at the "
                          "full rate)")
     return name
+
+
+def layout(name: str) -> AbstractContextManager:
+    """A :class:`Layout` for ``name``; for autograd's, no mode at all (nothing to change)."""
+    return nullcontext() if name == AUTOGRAD else Layout(name)
 
 
 class Layout(TorchFunctionMode):

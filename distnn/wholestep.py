@@ -52,7 +52,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value
 
 from distnn.gradsync import FlatGradSync
-from distnn.wgrad import AUTOGRAD, Layout
+from distnn.wgrad import AUTOGRAD, layout
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # a piece of the rank's shard: inputs, targets
 # What a step returns: the global loss (None: written into the loss record already), and
@@ -97,9 +97,7 @@ class WholeStep:
         self._autocast: Callable[[], AbstractContextManager] = (
             (lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False))
             if bf16 else nullcontext)
-        # the Linear layers' weight gradients in that layout (fp32 and TF32 only: wgrad)
-        self._weight_grads: Callable[[], AbstractContextManager] = (
-            nullcontext if weight_grad == AUTOGRAD else lambda: Layout(weight_grad))
+        self.weight_grad = weight_grad  # the Linear layers' dW in this layout (wgrad)
         self._grads = grad_and_value(self._loss, argnums=(0, 1) if bf16 else 0)
         # fullgraph: a graph break inside torch.func's transform would run all of it eagerly
         # (slower than the eager step); as an error it makes the trainer run the eager step
@@ -189,7 +187,7 @@ class WholeStep:
         for the bf16 Linear layers, of ``copy``)."""
         params = {name: (copy if from_copy else master)[first:stop].view(shape)
                   for name, first, stop, shape, from_copy in self._layout}
-        with self._autocast(), self._weight_grads():
+        with self._autocast(), layout(self.weight_grad):
             return self.loss_fn(functional_call(self.model, (params, buffers), (x,)), y)
 
     def _gradient(self, master: torch.Tensor, copy: torch.Tensor | None, buffers: Buffers,

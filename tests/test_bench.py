@@ -100,6 +100,12 @@ def test_step_matmul_rate_is_measured():
 
 
 
+def test_the_gpu_runs_a_weight_gradient_layout_a_run_can_use():
+    from distnn.bench import WEIGHT_GRAD_VARIANT, WEIGHT_GRAD_VARIANTS
+
+    assert WEIGHT_GRAD_VARIANTS[WEIGHT_GRAD_VARIANT] == "g.T @ x, both copied"
+
+
 def test_weight_gradient_layouts_are_each_measured():
     from distnn.bench import Workload
     from distnn.bench_rates import weight_grad_layouts
