@@ -176,6 +176,32 @@ def test_the_whole_step_compiled_and_captured_matches_the_reference_bit_for_bit_
     assert_same_bits(first, run_one(tmp_path, "again", ["--cuda-graph", "--compile"]))
 
 
+@pytest.mark.parametrize("flags", [{"compile": True}, {"compile": True, "cuda_graph": True}])
+def test_the_step_clock_starts_once_the_gpu_has_done_the_compile_and_capture(flags,
+                                                                             monkeypatch):
+    # A compile's warm-up steps were still queued on the GPU when the clock started: with 10
+    # timed steps of the compute workload, --compile read 30.0 ms/step against 27.4 captured
+    # (H100, 2026-11-27). The steps must start on an idle GPU.
+    from distnn.config import TrainConfig
+    from distnn.runtime import setup
+    from distnn.trainer import Trainer
+
+    idle_at_start = []
+    run_steps = Trainer._run_steps
+
+    def observed(self, *args):
+        idle_at_start.append(torch.cuda.current_stream().query())
+        return run_steps(self, *args)
+
+    monkeypatch.setattr(Trainer, "_run_steps", observed)
+    config = TrainConfig(batch_size=4096, d_in=2048, hidden=(2048,), d_out=2048, lr=1e-9,
+                         steps=2, log_every=0, quiet=True, verify_every=0, **flags)
+    with setup(device="cuda") as rt:
+        trainer = Trainer(config, rt, environ={})
+        trainer.train()
+    assert trainer.step_compiled and idle_at_start == [True]
+
+
 def test_bf16_whole_step_compiled_keeps_the_eager_bf16_numbers(tmp_path, no_launcher):
     """The bf16 weight copies the compiled update refreshes: the eager bf16 step's losses,
     within the tolerance measured on the CPU (tests/test_wholestep.py)."""
