@@ -171,13 +171,12 @@ DISTNN_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-# The compiled TF32 step with the Linear layers' weight gradients in another layout of the
-# same product (DISTNN_WEIGHT_GRAD, distnn/wgrad.py): in TF32 cuBLAS ran autograd's layout at
-# 58% of the forward's rate on an H200. By default the GPU runs the one that asks for the
-# forward's layout (two transposed copies a layer); the others run when named (--variant).
-WEIGHT_GRAD_VARIANTS = {f"distnn --compile, tf32, dW as {layout}": layout
-                        for layout in LAYOUTS if layout != AUTOGRAD}
-WEIGHT_GRAD_VARIANT = "distnn --compile, tf32, dW as g.T @ x, both copied"
+# The compiled TF32 step with the Linear layers' weight gradients in a layout named
+# (DISTNN_WEIGHT_GRAD, distnn/wgrad.py). On a GPU that step's default is the forward's layout
+# (both operands copied: wgrad.default); beside it the GPU runs autograd's, which that
+# default replaced; the others run when named (--variant).
+WEIGHT_GRAD_VARIANTS = {f"distnn --compile, tf32, dW as {layout}": layout for layout in LAYOUTS}
+WEIGHT_GRAD_VARIANT = f"distnn --compile, tf32, dW as {AUTOGRAD}"
 # The floors (bench_loops.graph_floor_loop): the reference loop captured by hand, with its
 # forward and loss as written, then compiled. "vs floors" in the table is ms / their ms.
 FLOORS = ("floor: hand-made graph", "floor: hand-made graph, compiled forward")

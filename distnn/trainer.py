@@ -101,7 +101,8 @@ class Trainer:
         self.fault = FaultPlan.from_environ(environ, restart_count=runtime.launch.restart_count,
                                             device=runtime.device)
         # the Linear layers' weight gradients in this layout (DISTNN_WEIGHT_GRAD, wgrad)
-        self.weight_grad = wgrad.from_environ(environ, precision=config.precision)
+        self.weight_grad = wgrad.from_environ(environ, precision=config.precision,
+                                              compiled=config.compile, device=runtime.device)
         self.job: Job | None = None
         self.losses: LossRecord | None = None  # the global loss of every step (at start-up)
         # Every read of step results waits through it: a GPU stuck behind a collective fails

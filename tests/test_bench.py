@@ -100,10 +100,14 @@ def test_step_matmul_rate_is_measured():
 
 
 
-def test_the_gpu_runs_a_weight_gradient_layout_a_run_can_use():
-    from distnn.bench import WEIGHT_GRAD_VARIANT, WEIGHT_GRAD_VARIANTS
+def test_the_gpu_runs_the_compiled_tf32_step_in_its_default_layout_and_in_autograds():
+    from distnn.bench import COMPUTE_GPU, WEIGHT_GRAD_VARIANT, WEIGHT_GRAD_VARIANTS, _variants
+    from distnn.wgrad import AUTOGRAD, LAYOUTS
 
-    assert WEIGHT_GRAD_VARIANTS[WEIGHT_GRAD_VARIANT] == "g.T @ x, both copied"
+    assert WEIGHT_GRAD_VARIANTS[WEIGHT_GRAD_VARIANT] == AUTOGRAD
+    assert set(WEIGHT_GRAD_VARIANTS.values()) == set(LAYOUTS)
+    names = _variants(COMPUTE_GPU, 1, torch.device("cuda"))
+    assert {"distnn --compile, tf32", WEIGHT_GRAD_VARIANT} <= set(names)
 
 
 def test_weight_gradient_layouts_are_each_measured():

@@ -214,6 +214,21 @@ def test_bf16_whole_step_compiled_keeps_the_eager_bf16_numbers(tmp_path, no_laun
         assert got == pytest.approx(want, rel=BF16_VS_EAGER)
 
 
+TF32_VS_EAGER = 1e-4  # relative, each of the first 100 losses
+
+
+def test_the_compiled_tf32_step_in_its_default_layout_keeps_the_eager_tf32_numbers(
+        tmp_path, no_launcher):
+    """The compiled TF32 step computes the weight gradients in the forward's layout (two
+    transposed copies; wgrad.default): the same TF32 products summed by other kernels."""
+    eager = run_one(tmp_path, "eager", ["--precision", "tf32"])
+    compiled = run_one(tmp_path, "compiled", ["--precision", "tf32", "--compile",
+                                              "--cuda-graph"])
+    worst = max(abs(got - want) / abs(want)
+                for got, want in zip(compiled[0][:100], eager[0][:100], strict=True))
+    assert worst <= TF32_VS_EAGER, f"worst relative difference {worst:.3g}"
+
+
 def test_cuda_graph_over_gloo_is_refused_on_every_rank():
     result = run_cli([bin_path("torchrun"), "--nproc_per_node=2", "-m", "distnn.train",
                       "--device", "cuda", "--backend", "gloo", "--cuda-graph"], timeout=60)

@@ -64,8 +64,26 @@ def test_keyword_calls_are_taken_and_autocast_or_other_shapes_left_alone():
         assert w.grad.abs().sum() > 0, name
 
 
-def test_an_empty_setting_is_autograds_layout():
-    assert wgrad.from_environ({"DISTNN_WEIGHT_GRAD": ""}, precision="bf16") == wgrad.AUTOGRAD
+CUDA, CPU = torch.device("cuda"), torch.device("cpu")
+
+
+@pytest.mark.parametrize(("precision", "compiled", "device", "expected"), [
+    ("tf32", True, CUDA, wgrad.BOTH_COPIED),  # measured faster there (docs/benchmarks.md)
+    ("tf32", False, CUDA, wgrad.AUTOGRAD),
+    ("fp32", True, CUDA, wgrad.AUTOGRAD),
+    ("bf16", True, CUDA, wgrad.AUTOGRAD),
+    ("fp32", True, CPU, wgrad.AUTOGRAD),
+])
+def test_the_default_layout_is_the_forwards_only_for_the_compiled_tf32_step_on_a_gpu(
+        precision, compiled, device, expected):
+    for environ in ({}, {"DISTNN_WEIGHT_GRAD": ""}):  # an empty setting is the default
+        assert wgrad.from_environ(environ, precision=precision, compiled=compiled,
+                                  device=device) == expected
+
+
+def test_a_layout_named_replaces_the_default():
+    assert wgrad.from_environ({"DISTNN_WEIGHT_GRAD": wgrad.AUTOGRAD}, precision="tf32",
+                              compiled=True, device=CUDA) == wgrad.AUTOGRAD
 
 
 @pytest.mark.parametrize("flags", [[], ["--compile"]])
