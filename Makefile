@@ -46,7 +46,8 @@ test-gpu: $(STAMP)
 # 1. the CUDA tests, one at a time (several torchrun launches at once would contend for
 #    its default port); each test cut off after 90 s where pytest-timeout is installed;
 # 2. kernel profiles of the step (python -m distnn.profile): eager, --cuda-graph, both
-#    with --compile, and bf16 --compile on the compute-bound size;
+#    with --compile, the hand-made floors (--floor, with and without --compile), and bf16
+#    --compile on the compute-bound size;
 # 3. the benchmark on the GPU, with the hand-made CUDA graph floors distnn is set against
 #    ("vs floors") and the weight gradient's layouts: no round starts past BENCH_BUDGET
 #    seconds; each sample is logged as it is taken;
@@ -79,8 +80,8 @@ gpu-check:
 	  $(PYTHON) -m pytest -v --durations=0 $$per_test -m gpu tests/test_gpu.py \
 	  2>&1 | tee -a $$log || failed=1; \
 	PYTHONPATH=. PYTHONUNBUFFERED=1 timeout $(PROFILE_LIMIT) bash -c 'status=0; \
-	  for flags in "" "--cuda-graph" "--compile" "--cuda-graph --compile" \
-	      "$(COMPUTE_SIZE) --steps 10 --precision bf16 --compile"; do \
+	  for flags in "" "--cuda-graph" "--compile" "--cuda-graph --compile" "--floor" \
+	      "--floor --compile" "$(COMPUTE_SIZE) --steps 10 --precision bf16 --compile"; do \
 	    $(PYTHON) -m distnn.profile --steps 200 $$flags || status=1; done; exit $$status' \
 	  2>&1 | tee -a $$log || failed=1; \
 	PYTHONPATH=. PYTHONUNBUFFERED=1 timeout $(BENCH_LIMIT) $(PYTHON) -m distnn.bench \

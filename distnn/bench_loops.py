@@ -21,6 +21,7 @@ from distnn.data import reference_setup, shard_bounds
 
 if TYPE_CHECKING:
     from distnn.bench import Workload
+    from distnn.config import TrainConfig
 
 GRAPH_WARMUP_STEPS = 3  # before a capture, as the torch.cuda.graphs documentation does
 
@@ -122,16 +123,33 @@ def ddp_loop(work: Workload, steps: int, warmup: int, device: torch.device,
 
 def graph_floor_loop(work: Workload, steps: int, warmup: int, device: torch.device,
                      compiled: bool) -> tuple[float, list[float]]:
-    """The floor: the reference loop as written (forward, sum loss, ``zero_grad``,
-    backward, ``p -= lr * p.grad`` as one multi-tensor update), captured whole in one CUDA
-    graph by hand and replayed, keeping each step's loss on the device as distnn does; with
-    ``compiled``, its forward and loss ``torch.compile``d first.
+    """The floor (:func:`captured_floor`) timed: each replay's loss kept on the device, as
+    distnn keeps it. distnn's ``--cuda-graph`` and ``--compile`` are measured against it in
+    the same run, on the same GPU."""
+    replay_graph, captured_loss = captured_floor(work.config(), device, compiled=compiled)
+    losses = torch.zeros(warmup + steps, device=device)
 
-    It is what a user could write for this one model with no library: distnn's
-    ``--cuda-graph`` and ``--compile`` are measured against it in the same run, on the same
-    GPU. Needs CUDA.
+    def replay(index: int) -> None:
+        replay_graph()
+        losses[index] = captured_loss
+
+    ms = time_steps(replay, steps, warmup, device)
+    return ms, losses.tolist()
+
+
+def captured_floor(config: TrainConfig, device: torch.device, *,
+                   compiled: bool) -> tuple[Callable[[], None], torch.Tensor]:
+    """The floor: the reference loop as written (forward, sum loss, ``zero_grad``,
+    backward, ``p -= lr * p.grad`` as one multi-tensor update) for ``config``'s sizes,
+    captured whole in one CUDA graph by hand; with ``compiled``, its forward and loss
+    ``torch.compile``d first. Returns the graph's replay and the loss tensor each replay
+    overwrites; the weights start from the reference's.
+
+    It is what a user could write for this one model with no library (so no distnn code:
+    ``cudagraph.capture_step`` does the same for distnn). Needs CUDA.
     """
-    model, x, y = model_and_shard(work, 0, 1, device)
+    x, y, model = reference_setup(config)
+    model, x, y = model.to(device), x.to(device), y.to(device)
     loss_fn = nn.MSELoss(reduction="sum")
     params = list(model.parameters())
 
@@ -145,7 +163,7 @@ def graph_floor_loop(work: Workload, steps: int, warmup: int, device: torch.devi
         model.zero_grad()  # to None: backward allocates the gradients in the graph's pool
         loss.backward()
         with torch.no_grad():
-            torch._foreach_add_(params, [p.grad for p in params], alpha=-work.lr)
+            torch._foreach_add_(params, [p.grad for p in params], alpha=-config.lr)
         return loss.detach()
 
     start = [p.detach().clone() for p in params]
@@ -163,11 +181,4 @@ def graph_floor_loop(work: Workload, steps: int, warmup: int, device: torch.devi
     with torch.no_grad():  # the warm-up trained: start from the reference's weights again
         for param, value in zip(params, start, strict=True):
             param.copy_(value)
-    losses = torch.zeros(warmup + steps, device=device)
-
-    def replay(index: int) -> None:
-        graph.replay()
-        losses[index] = captured_loss
-
-    ms = time_steps(replay, steps, warmup, device)
-    return ms, losses.tolist()
+    return graph.replay, captured_loss

@@ -12,6 +12,12 @@ left out: the trainer marks its steps with a profiler range):
 - on the CPU: the operators per step (the outermost ``aten::`` calls; the kernels of a
   compiled graph are not operators, so ``--compile`` shows fewer) and their self time.
 
+With ``--floor`` (on a GPU, in fp32), the same for the floor ``python -m distnn.bench`` sets
+distnn against: the reference loop captured whole in one CUDA graph by hand
+(``bench_loops.captured_floor``; with ``--compile``, its forward and loss compiled), at the
+sizes the flags give. Its kernels beside those of ``--cuda-graph`` show where distnn's step
+does more or other work.
+
 One process, or every rank of a launch (each profiles its own steps; rank 0 prints).
 """
 
@@ -22,6 +28,7 @@ import dataclasses
 import io
 import os
 import sys
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
@@ -29,6 +36,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from distnn.bench_loops import captured_floor
 from distnn.config import TrainConfig, UsageError, parse_config
 from distnn.environment import detect_launch
 from distnn.guards import RunFailed
@@ -66,7 +74,40 @@ def profile_steps(config: TrainConfig, rt: Runtime, top: int = 12) -> StepProfil
         Trainer(dataclasses.replace(config, steps=WARMUP_STEPS), rt, environ={}).train()
         with profile(activities=activities) as prof:
             result = Trainer(config, rt, environ={}).train()
-    events = prof.events()
+    return _step_profile(prof.events(), rt, result.steps, result.wall_s, top)
+
+
+def profile_floor(config: TrainConfig, rt: Runtime, top: int = 12) -> StepProfile:
+    """The hand-made floor's replays for ``config`` (its sizes, ``--steps``, ``--compile``),
+    profiled as :func:`profile_steps` profiles the trainer's steps."""
+    if rt.device.type != "cuda":
+        raise UsageError("--floor: the floor is a CUDA graph; this process computes on the "
+                         "CPU")
+    if (config.precision != "fp32" or config.data or config.model or config.loss != "mse"
+            or config.optimizer != "sgd" or config.micro_batches != 1 or rt.world_size != 1):
+        raise UsageError("--floor: the floor is the reference loop (fp32, MSE, the seed's "
+                         "update, a fixed batch) in one process; allowed with it: the sizes, "
+                         "--lr, --steps, --compile, --cuda-graph")
+    config = config.resolved()
+    replay, loss = captured_floor(config, rt.device, compiled=config.compile)
+    losses = torch.zeros(config.steps, device=rt.device)
+    for _ in range(WARMUP_STEPS):
+        replay()
+    torch.cuda.synchronize(rt.device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with torch.profiler.record_function(STEPS_RANGE):
+            started = time.perf_counter()
+            for index in range(config.steps):
+                replay()
+                losses[index] = loss  # as the benchmark's floor keeps its losses
+            torch.cuda.synchronize(rt.device)
+            wall_s = time.perf_counter() - started
+    return _step_profile(prof.events(), rt, config.steps, wall_s, top)
+
+
+def _step_profile(events, rt: Runtime, steps: int, wall_s: float, top: int) -> StepProfile:
+    """The kernels (GPU) or outermost operators (CPU) inside the one STEPS_RANGE."""
+    cuda = rt.device.type == "cuda"
     # The trainer's range on the host (on a GPU the profiler also shows it on the device)
     ranges = [e for e in events if e.name == STEPS_RANGE and e.device_type == DeviceType.CPU]
     if len(ranges) != 1:
@@ -86,7 +127,6 @@ def profile_steps(config: TrainConfig, rt: Runtime, top: int = 12) -> StepProfil
     if not work:
         raise ProfileEmpty(f"the profiler recorded no {'kernels' if cuda else 'operators'} "
                            "in the steps' range, so there is nothing to count")
-    steps = result.steps
     calls, times = Counter(), defaultdict(float)
     for name, us in work:
         calls[name] += 1
@@ -94,7 +134,7 @@ def profile_steps(config: TrainConfig, rt: Runtime, top: int = 12) -> StepProfil
     longest = sorted(times, key=times.get, reverse=True)[:top]
     return StepProfile(
         device=torch.cuda.get_device_name(rt.device) if cuda else "CPU", steps=steps,
-        wall_us=result.wall_s / steps * 1e6, work_per_step=len(work) / steps,
+        wall_us=wall_s / steps * 1e6, work_per_step=len(work) / steps,
         busy_us=sum(times.values()) / steps if cuda else None,
         top=[(name, calls[name] / steps, times[name] / steps) for name in longest])
 
@@ -126,10 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         launch = detect_launch(os.environ)
-        config = parse_config(argv)
+        floor = "--floor" in argv
+        config = parse_config([arg for arg in argv if arg != "--floor"])
         with setup(device=config.device, backend=config.backend, timeout_s=config.timeout_s,
                    launch=launch) as rt:
-            result = profile_steps(config, rt)
+            result = profile_floor(config, rt) if floor else profile_steps(config, rt)
             if rt.is_main:
                 print(report(result, argv), flush=True)
     except (UsageError, CollectiveFailed, RunFailed) as error:

@@ -300,6 +300,19 @@ def test_the_profile_of_a_captured_step_counts_its_kernels_and_gpu_time(no_launc
     assert 0 < graph.busy_us <= graph.wall_us * 1.05, graph
 
 
+def test_the_profile_of_the_floor_counts_its_kernels_beside_the_captured_step(no_launcher):
+    from distnn.config import TrainConfig
+    from distnn.profile import main as profile_main
+    from distnn.profile import profile_floor
+    from distnn.runtime import setup
+
+    with setup(device="cuda") as rt:
+        floor = profile_floor(TrainConfig(steps=50), rt)
+    assert 10 <= floor.work_per_step <= 40, floor
+    assert 0 < floor.busy_us <= floor.wall_us * 1.05, floor
+    assert profile_main(["--floor", "--precision", "bf16", "--steps", "5"]) == 2
+
+
 def test_mini_batches_from_a_file_on_cuda_match_torch_optim_on_the_cpu(tmp_path, no_launcher):
     """Rows read one step ahead into pinned memory, copied to the GPU, AdamW on CUDA; and the
     same under --cuda-graph with torch's sgd (every batch the same size): the CPU reference."""
