@@ -6,8 +6,8 @@ Takes the flags of ``python -m distnn.train`` (``--cuda-graph``, ``--compile``,
 left out: the trainer marks its steps with a profiler range):
 
 - on a GPU: the kernels per step (memory copies and fills included), the time the GPU was
-  busy running them per step against the wall time per step, and the kernels that took the
-  most of it. In a captured graph the GPU runs the kernels back to back, so busy time is
+  busy running them per step against the wall time per step, and the 25 kernels that took
+  the most of it (all of a small model's). In a captured graph the GPU runs the kernels back to back, so busy time is
   the step's floor, and fewer or shorter kernels are the way below it;
 - on the CPU: the operators per step (the outermost ``aten::`` calls; the kernels of a
   compiled graph are not operators, so ``--compile`` shows fewer) and their self time.
@@ -61,7 +61,7 @@ class StepProfile:
     top: list[tuple[str, float, float]]  # (name, calls per step, us per step), longest first
 
 
-def profile_steps(config: TrainConfig, rt: Runtime, top: int = 12) -> StepProfile:
+def profile_steps(config: TrainConfig, rt: Runtime, top: int = 25) -> StepProfile:
     """Runs ``config`` twice (a short warm-up, then profiled); returns its steps' profile."""
     config = dataclasses.replace(config, quiet=True, log_every=0, metrics=None, save=None)
     cuda = rt.device.type == "cuda"
@@ -77,7 +77,7 @@ def profile_steps(config: TrainConfig, rt: Runtime, top: int = 12) -> StepProfil
     return _step_profile(prof.events(), rt, result.steps, result.wall_s, top)
 
 
-def profile_floor(config: TrainConfig, rt: Runtime, top: int = 12) -> StepProfile:
+def profile_floor(config: TrainConfig, rt: Runtime, top: int = 25) -> StepProfile:
     """The hand-made floor's replays for ``config`` (its sizes, ``--steps``, ``--compile``),
     profiled as :func:`profile_steps` profiles the trainer's steps."""
     if rt.device.type != "cuda":
@@ -158,7 +158,7 @@ def report(result: StepProfile, flags: list[str]) -> str:
                  f"({100 * result.busy_us / result.wall_us:.0f}% of the wall time)")
     unit = "GPU" if result.busy_us is not None else "self CPU"
     lines = [head, "", f"| {what[:-1]} | per step | {unit} us per step |", "|---|---|---|"]
-    lines += [f"| `{name[:90]}` | {calls:g} | {us:.2f} |" for name, calls, us in result.top]
+    lines += [f"| `{name[:120]}` | {calls:g} | {us:.2f} |" for name, calls, us in result.top]
     return "\n".join(lines)
 
 

@@ -101,8 +101,10 @@ class Trainer:
         self.fault = FaultPlan.from_environ(environ, restart_count=runtime.launch.restart_count,
                                             device=runtime.device)
         # the Linear layers' weight gradients in this layout (DISTNN_WEIGHT_GRAD, wgrad)
-        self.weight_grad = wgrad.from_environ(environ, precision=config.precision,
-                                              compiled=config.compile, device=runtime.device)
+        self.weight_grad, self._eager_weight_grad = (
+            wgrad.from_environ(environ, precision=config.precision, compiled=compiled,
+                               device=runtime.device)
+            for compiled in (config.compile, False))  # the second if --compile falls back
         self.job: Job | None = None
         self.losses: LossRecord | None = None  # the global loss of every step (at start-up)
         # Every read of step results waits through it: a GPU stuck behind a collective fails
@@ -387,6 +389,7 @@ class Trainer:
                         f"({type(cause).__name__}: {said}); running it eagerly")
             self.compile_s = time.perf_counter() - started
             self.step_compiled = False
+            self.weight_grad = self._eager_weight_grad
             return None, pieces
         self.step_compiled = True
         self.compile_s = time.perf_counter() - started

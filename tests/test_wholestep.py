@@ -183,6 +183,24 @@ def test_a_model_the_whole_step_cannot_compile_runs_eagerly_with_a_warning(no_la
         assert torch.equal(results[1].model.state_dict()[name], tensor), name
 
 
+def test_a_step_that_falls_back_to_eager_takes_the_eager_steps_default_layout(no_launcher,
+                                                                              monkeypatch):
+    # The compiled step's default layout (wgrad.default: TF32 on a GPU) is for the compiled
+    # step; the eager step it falls back to takes the eager default, unless one was named.
+    import distnn
+    from distnn import wgrad
+
+    monkeypatch.setattr(wgrad, "default", lambda *, precision, compiled, device: (
+        "(x.T @ g).T" if compiled else wgrad.AUTOGRAD))
+    entered = []
+    layout = wgrad.layout
+    monkeypatch.setattr(wgrad, "layout", lambda name: entered.append(name) or layout(name))
+    x, y = torch.randn(16, 8), torch.randn(16, 8)
+    distnn.fit(Aliased(), train=(x, y), batch_size=8, steps=2, lr=1e-3, compile=True,
+               log_every=0, quiet=True)
+    assert entered == [wgrad.AUTOGRAD] * 2, entered  # the two eager steps' one piece each
+
+
 class Counting(torch.nn.Module):
     """A model whose forward changes its Python state (torch compiles it again every step,
     as it specialises on the number) and computes the same function at every call."""
