@@ -7,8 +7,9 @@ left out: the trainer marks its steps with a profiler range):
 
 - on a GPU: the kernels per step (memory copies and fills included), the time the GPU was
   busy running them per step against the wall time per step, and the 25 kernels that took
-  the most of it (all of a small model's). In a captured graph the GPU runs the kernels back to back, so busy time is
-  the step's floor, and fewer or shorter kernels are the way below it;
+  the most of it (all of a small model's). In a captured graph the GPU runs the kernels
+  back to back, so busy time is the step's floor, and fewer or shorter kernels are the way
+  below it;
 - on the CPU: the operators per step (the outermost ``aten::`` calls; the kernels of a
   compiled graph are not operators, so ``--compile`` shows fewer) and their self time.
 

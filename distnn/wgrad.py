@@ -11,13 +11,12 @@ times each on the GPU at hand (``bench_rates.weight_grad_layouts``).
 :class:`Layout` makes every 2-dim ``F.linear`` (every ``nn.Linear`` on a batch of rows)
 inside it compute its weight gradient in one of them; the product's value is the same,
 its rounding may differ in the last bits (another kernel sums in another order). A run's
-steps (eager or compiled whole) use it when the environment variable
-``DISTNN_WEIGHT_GRAD`` names a layout other than autograd's, in fp32 and TF32 (bf16 runs
-every layout at the full rate). Which layout is fastest is the GPU's to say: by default
-(:func:`default`) the whole compiled TF32 step on a CUDA GPU computes the weight gradients in
-the forward's layout, with both operands copied (inductor writes the copies in the kernels
-that make them), which ran the compute workload's step 12% faster on an H100 (4.94 against
-5.61 ms/step, docs/benchmarks.md); every other run uses autograd's.
+steps (eager or compiled whole) use the layout the environment variable
+``DISTNN_WEIGHT_GRAD`` names, in fp32 and TF32 (bf16 runs every layout at the full rate),
+or, unset, :func:`default`'s: for the whole step compiled in TF32 on a CUDA GPU the
+forward's layout, both operands copied (inductor writes the copies in the kernels that
+make g and x), which ran the compute workload's step in 4.61 against 5.29 ms/step on an
+H100 (docs/benchmarks.md); for every other run autograd's, which needs no mode at all.
 """
 
 from __future__ import annotations
