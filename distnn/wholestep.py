@@ -87,11 +87,9 @@ class WholeStep:
         linear = {id(p) for module in model.modules() if isinstance(module, nn.Linear)
                   for p in module.parameters(recurse=False)}
         # (name, first, stop, shape, read from the bf16 copy): each parameter's place
-        self._layout, offset = [], 0
-        for p in sync.params:
-            self._layout.append((names[id(p)], offset, offset + p.numel(), p.shape,
-                                 bf16 and id(p) in linear))
-            offset += p.numel()
+        self._layout = [(names[id(p)], first, first + p.numel(), p.shape,
+                         bf16 and id(p) in linear)
+                        for p, first in zip(sync.params, sync.offsets, strict=True)]
         # bf16: the weights the Linear layers read; kept equal to the fp32 ones
         self.copy = sync.flat_params.to(torch.bfloat16) if bf16 else None
         self._autocast: Callable[[], AbstractContextManager] = (

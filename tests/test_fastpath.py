@@ -28,7 +28,8 @@ def test_plan_buckets(sizes, capacity, want):
     assert plan_buckets(sizes, capacity) == want
 
 
-# The reference model's gradients in two buckets (checked just below): 1110 and 100000 floats.
+# The reference model's gradients in two buckets (checked just below): 1110 and 100000 floats
+# (1136 and 100000 with the gaps that start each parameter on a multiple of 16 floats).
 TWO_BUCKETS_MB = 0.004
 
 
@@ -38,7 +39,8 @@ def test_a_small_model_is_one_bucket_and_a_tiny_bucket_size_splits_it():
     assert FlatGradSync(model, distributed=False).buckets == 1
     split = FlatGradSync(model, distributed=False, extra_slots=2, bucket_mb=TWO_BUCKETS_MB)
     assert split.buckets == 2
-    assert split.bucket_ranges == [(0, 1110), (1110, 101112)]  # the last holds the extras
+    # b2 at 0, W2 at 16, b1 at 1024, W1 at 1136; the last bucket holds the extras
+    assert split.bucket_ranges == [(0, 1136), (1136, 101138)]
 
 
 def test_buckets_overlapped_with_backward_give_the_same_bits(tmp_path):

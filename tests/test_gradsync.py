@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 import torch
 
-from distnn.gradsync import FlatGradSync
+from distnn.gradsync import ALIGN, FlatGradSync
 from tests.conftest import free_port
 
 
@@ -45,13 +45,30 @@ def test_parameters_are_views_and_the_gradients_are_views_after_all_reduce(group
     model(x).pow(2).sum().backward()
     sync.all_reduce()
     assert [id(p) for p in sync.params] == [id(p) for p in model.parameters()][::-1]
-    offset = 0
-    for p, want in zip(sync.params, plain_gradients(x), strict=True):  # backward's order
-        assert p.data_ptr() == sync.flat_params[offset:].data_ptr()
-        assert p.grad.data_ptr() == sync.flat_grads[offset:].data_ptr()
+    # backward's order, each parameter at the next multiple of ALIGN elements: 2, 6, 3, 12
+    assert sync.offsets == [0, ALIGN, 2 * ALIGN, 3 * ALIGN] and sync.numel == 4 * ALIGN
+    used = torch.zeros(sync.numel, dtype=torch.bool)
+    for p, want, first in zip(sync.params, plain_gradients(x), sync.offsets, strict=True):
+        assert p.data_ptr() == sync.flat_params[first:].data_ptr()
+        assert p.grad.data_ptr() == sync.flat_grads[first:].data_ptr()
         assert torch.equal(p.grad, want)
-        offset += p.numel()
-    assert offset == sync.numel == 4 * 3 + 3 + 3 * 2 + 2
+        used[first:first + p.numel()] = True
+    # the gaps between the parameters hold zeros, in the weights and in the summed gradients
+    assert not sync.flat_params[~used].any() and not sync.flat_grads[:sync.numel][~used].any()
+
+
+def test_every_parameter_starts_aligned_in_the_buffers(group_of_one):
+    # Packed end to end, the reference net's first weight started 4440 bytes into the
+    # buffer; GPU kernels take their slow, unvectorised path for a tensor not on 16 bytes.
+    model = torch.nn.Sequential(torch.nn.Linear(1000, 100), torch.nn.ReLU(),
+                                torch.nn.Linear(100, 10))
+    before = [p.detach().clone() for p in model.parameters()]
+    sync = FlatGradSync(model, distributed=True, extra_slots=2)
+    base = sync.flat_params.data_ptr()
+    for p in sync.params:
+        assert (p.data_ptr() - base) % (ALIGN * p.element_size()) == 0
+    assert all(torch.equal(p, want) for p, want in zip(model.parameters(), before, strict=True))
+    assert sync.flat_grads.numel() == sync.numel + 2 and sync.numel % ALIGN == 0
 
 
 def test_one_step_equals_the_per_parameter_update():
