@@ -46,8 +46,9 @@ test-gpu: $(STAMP)
 # 1. the CUDA tests, one at a time (several torchrun launches at once would contend for
 #    its default port); each test cut off after 90 s where pytest-timeout is installed;
 # 2. kernel profiles of the step (python -m distnn.profile): eager, --cuda-graph, both
-#    with --compile, the hand-made floors (--floor, with and without --compile), and bf16
-#    --compile on the compute-bound size;
+#    with --compile, the hand-made floors (--floor, with and without --compile), bf16
+#    --compile on the compute-bound size, and --cuda-graph --compile with cuBLASLt as
+#    torch's preferred BLAS (does it split the K=1000 matmul without extra kernels?);
 # 3. the benchmark on the GPU, with the hand-made CUDA graph floors distnn is set against
 #    ("vs floors") and the weight gradient's layouts: no round starts past BENCH_BUDGET
 #    seconds; each sample is logged as it is taken;
@@ -82,7 +83,9 @@ gpu-check:
 	PYTHONPATH=. PYTHONUNBUFFERED=1 timeout $(PROFILE_LIMIT) bash -c 'status=0; \
 	  for flags in "" "--cuda-graph" "--compile" "--cuda-graph --compile" "--floor" \
 	      "--floor --compile" "$(COMPUTE_SIZE) --steps 10 --precision bf16 --compile"; do \
-	    $(PYTHON) -m distnn.profile --steps 200 $$flags || status=1; done; exit $$status' \
+	    $(PYTHON) -m distnn.profile --steps 200 $$flags || status=1; done; \
+	  TORCH_BLAS_PREFER_CUBLASLT=1 $(PYTHON) -m distnn.profile --steps 200 --cuda-graph \
+	    --compile || status=1; exit $$status' \
 	  2>&1 | tee -a $$log || failed=1; \
 	PYTHONPATH=. PYTHONUNBUFFERED=1 timeout $(BENCH_LIMIT) $(PYTHON) -m distnn.bench \
 	  --out $(OUT) --budget-s $(BENCH_BUDGET) $(BENCH_ARGS) 2>&1 | tee -a $$log \
