@@ -55,6 +55,7 @@ the sum of the shards' gradients for any partition of the batch, empty shards in
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -156,10 +157,12 @@ class FlatGradSync:
             self._grad_views.append(self.flat_grads[first:first + p.numel()].view_as(p))
 
         capacity = max(1, int(bucket_mb * 2**20) // params[0].element_size())
-        groups = plan_buckets([p.numel() for p in self.params], capacity)
+        starts = [*self.offsets, self.numel]
+        # each parameter with the gap after it, as its bucket will hold it
+        groups = plan_buckets([stop - start for start, stop in itertools.pairwise(starts)],
+                              capacity)
         # Bucket b covers flat_grads[start:stop], its parameters and their gaps; the last one
         # also covers the extra slots.
-        starts = [*self.offsets, self.numel]
         self.bucket_ranges = [(starts[first], starts[stop]) for first, stop in groups]
         self.bucket_ranges[-1] = (self.bucket_ranges[-1][0], self.numel + extra_slots)
         self._bucket_params = [self.params[first:stop] for first, stop in groups]

@@ -46,6 +46,10 @@ from distnn.runtime import Runtime, setup
 from distnn.trainer import STEPS_RANGE, Trainer
 
 WARMUP_STEPS = 5
+# What --floor takes from the flags (the rest must be left at their defaults)
+FLOOR_FLAGS = {"batch_size", "d_in", "hidden", "d_out", "lr", "seed", "steps", "compile",
+               "cuda_graph", "device", "backend", "timeout_s", "quiet", "verbose",
+               "log_every"}
 
 
 class ProfileEmpty(RuntimeError):
@@ -81,14 +85,19 @@ def profile_steps(config: TrainConfig, rt: Runtime, top: int = 25) -> StepProfil
 def profile_floor(config: TrainConfig, rt: Runtime, top: int = 25) -> StepProfile:
     """The hand-made floor's replays for ``config`` (its sizes, ``--steps``, ``--compile``),
     profiled as :func:`profile_steps` profiles the trainer's steps."""
+    default = TrainConfig()
+    others = [f"--{field.name.replace('_', '-')}" for field in dataclasses.fields(config)
+              if field.name not in FLOOR_FLAGS
+              and getattr(config, field.name) != getattr(default, field.name)]
+    if others or rt.world_size != 1:
+        given = f"got {', '.join(others)}" if others else f"got {rt.world_size} processes"
+        raise UsageError(f"--floor: {given}; the floor is the reference loop (fp32, MSE, the "
+                         "seed's update, a fixed batch) in one process; allowed with it: "
+                         "--batch-size, --d-in, --hidden, --d-out, --lr, --seed, --steps, "
+                         "--compile, --cuda-graph (it is a graph anyway)")
     if rt.device.type != "cuda":
         raise UsageError("--floor: the floor is a CUDA graph; this process computes on the "
                          "CPU")
-    if (config.precision != "fp32" or config.data or config.model or config.loss != "mse"
-            or config.optimizer != "sgd" or config.micro_batches != 1 or rt.world_size != 1):
-        raise UsageError("--floor: the floor is the reference loop (fp32, MSE, the seed's "
-                         "update, a fixed batch) in one process; allowed with it: the sizes, "
-                         "--lr, --steps, --compile, --cuda-graph")
     config = config.resolved()
     replay, loss = captured_floor(config, rt.device, compiled=config.compile)
     losses = torch.zeros(config.steps, device=rt.device)

@@ -153,12 +153,12 @@ class Trainer:
             with stop.installed():
                 if self.log:
                     self.log.begin(start)
+                # The device finishes the work queued before the steps (placing the weights,
+                # a capture's warm-up) before the clock starts, and outside the steps' range.
+                self.watch.wait()
                 # The range names the steps in a profile (python -m distnn.profile); it costs
                 # nothing when no profiler runs.
                 with torch.profiler.record_function(STEPS_RANGE), self._after_warm_up():
-                    # The device finishes the work queued before the steps (placing the
-                    # weights, a compile's warm-up steps, a capture) before the clock starts.
-                    self.watch.wait()
                     started = time.perf_counter()
                     done = self._run_steps(sync, stop, start, run_step)
                     if self.log:
@@ -379,7 +379,6 @@ class Trainer:
         ready = whole.inputs(pieces) if fixed else pieces
         try:
             whole.warm_up(self._shapes(ready), stop.ballot())
-            self.watch.wait()  # the warm-up's device work counts here, not in the first steps
         except Exception as error:  # noqa: BLE001 - torch.func's and inductor's many kinds
             if out_of_memory(error, self.rt.device) is not None:
                 raise
@@ -391,6 +390,7 @@ class Trainer:
             self.step_compiled = False
             self.weight_grad = self._eager_weight_grad
             return None, pieces
+        self.watch.wait()  # the warm-up's device work counts here, not in the first steps
         self.step_compiled = True
         self.compile_s = time.perf_counter() - started
         log.info(f"compiled the step in {self.compile_s:.1f} s")

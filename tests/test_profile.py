@@ -50,8 +50,14 @@ def test_a_profile_with_no_work_recorded_is_one_line_and_exit_1(capsys, no_launc
                    "range, so there is nothing to count"], err
 
 
-def test_the_floor_on_the_cpu_is_refused_in_one_line(capsys, no_launcher):
+def test_the_floor_on_the_cpu_or_with_flags_it_ignores_is_refused_in_one_line(capsys,
+                                                                              no_launcher):
     assert main(["--floor", "--device", "cpu", "--steps", "5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["distnn.profile: error: --floor: the floor is a CUDA graph; this process "
                    "computes on the CPU"], err
+    assert main(["--floor", "--epochs", "2", "--precision", "bf16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "distnn.profile: error: --floor: got --epochs, --precision; the floor is the "
+        "reference loop"), err
