@@ -17,6 +17,7 @@ checkpoints every few steps -> summary and save.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -101,10 +102,10 @@ class Trainer:
         self.fault = FaultPlan.from_environ(environ, restart_count=runtime.launch.restart_count,
                                             device=runtime.device)
         # the Linear layers' weight gradients in this layout (DISTNN_WEIGHT_GRAD, wgrad)
-        self.weight_grad, self._eager_weight_grad = (
-            wgrad.from_environ(environ, precision=config.precision, compiled=compiled,
-                               device=runtime.device)
-            for compiled in (config.compile, False))  # the second if --compile falls back
+        layout = functools.partial(wgrad.from_environ, environ, precision=config.precision,
+                                   device=runtime.device)
+        self.weight_grad = layout(compiled=config.compile)
+        self._eager_weight_grad = layout(compiled=False)  # if --compile falls back to eager
         self.job: Job | None = None
         self.losses: LossRecord | None = None  # the global loss of every step (at start-up)
         # Every read of step results waits through it: a GPU stuck behind a collective fails
