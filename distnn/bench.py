@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from distnn.bench_loops import ddp_loop, graph_floor_loop, reference_loop
-from distnn.bench_rates import matmul_tflops, step_matmul_tflops, weight_grad_layouts
+from distnn.bench_rates import fusion_leads, matmul_tflops, step_matmul_tflops, weight_grad_layouts
 from distnn.config import TrainConfig
 from distnn.runtime import setup
 from distnn.trainer import Trainer, tf32_matmuls
@@ -387,8 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
 
     # For the compute workload: the plain square matmul rate, and the rate of the step's own
-    # matmuls (its shapes and layouts), and its first weight gradient's layouts, per precision.
-    matmul, step_matmul, layouts = {}, {}, {}
+    # matmuls (its shapes and layouts), and its first weight gradient's layouts, per precision;
+    # on a GPU, the bf16 step's elementwise work two ways each (bench_rates.fusion_leads).
+    matmul, step_matmul, layouts, leads = {}, {}, {}, {}
     if "compute" in workloads:
         size = 8192 if cuda else 1024
         dev = torch.device(device)
@@ -400,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
                 matmul[precision] = matmul_tflops(dev, size, dtype)
                 step_matmul[precision] = step_matmul_tflops(workloads["compute"], dev, dtype)
                 layouts[precision] = weight_grad_layouts(workloads["compute"], dev, dtype)
+        if cuda:
+            leads = fusion_leads(workloads["compute"], dev, torch.bfloat16)
 
     steps = {"reference": args.steps, "compute": args.compute_steps, "large": args.compute_steps,
              "deep": args.compute_steps}
@@ -446,13 +449,17 @@ def main(argv: list[str] | None = None) -> int:
                  + "; ".join(f"{k}: " + ", ".join(f"{name} {rate:.3f}"
                                                   for name, rate in ways.items())
                              for k, ways in layouts.items()) + " TFLOP/s."
-                 if layouts else ""))
+                 if layouts else "")
+              + (" The bf16 step's elementwise work two ways each: "
+                 + ", ".join(f"{name} {ms:.3f}" for name, ms in leads.items()) + " ms."
+                 if leads else ""))
     table = markdown(rows, header)
     with open(os.path.join(args.out, "bench.md"), "w", encoding="utf-8") as file:
         file.write(table)
     with open(os.path.join(args.out, "bench.json"), "w", encoding="utf-8") as file:
         json.dump({"machine": machine, "torch": torch.__version__, "matmul_tflops": matmul,
                    "step_matmul_tflops": step_matmul, "weight_grad_layout_tflops": layouts,
+                   "fusion_lead_ms": leads,
                    "workloads": {k: w.__dict__ for k, w in workloads.items()},
                    "rows": rows, "samples": samples}, file, indent=1)
     try:

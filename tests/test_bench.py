@@ -135,3 +135,15 @@ def test_each_row_is_set_against_the_hand_made_floors_of_its_workload():
     assert rows["reference loop"]["vs_floors"] == pytest.approx([12.5, 20.0])
     table = markdown(list(rows.values()), "header")
     assert "| 33.33x | 0.38x; 0.60x |" in table
+
+
+def test_the_fusion_leads_time_each_way_after_checking_they_agree():
+    from distnn.bench import Workload
+    from distnn.bench_rates import fusion_leads
+
+    times = fusion_leads(Workload("t", 64, 48, (32,), 8, 1e-4), torch.device("cpu"),
+                         torch.float32, repeats=1, batch=1)
+    assert list(times) == ["loss and gradient, as written",
+                           "loss and gradient, rows summed first", "addmm, then ReLU",
+                           "addmm with a ReLU epilogue"]
+    assert all(ms > 0 for ms in times.values())
