@@ -1,7 +1,8 @@
-"""The device's matmul rates, the yardsticks of the compute-bound workload: the square matmul,
-a step's own matmuls (their shapes and the layouts autograd uses), and the layouts the
-first layer's weight gradient could be computed in. ``python -m distnn.bench`` measures
-them in the same run as the steps it compares with them.
+"""The yardsticks of the compute-bound workload, timed alone: the device's matmul rates (the
+square matmul, a step's own matmuls in the shapes and layouts autograd uses, and the layouts
+the first layer's weight gradient could be computed in), and pieces of the step's
+elementwise work written two ways each (:func:`fusion_leads`). ``python -m distnn.bench``
+measures them in the same run as the steps it compares with them.
 """
 
 from __future__ import annotations

@@ -146,7 +146,6 @@ class FlatGradSync:
         self._grads = self.flat_grads[:self.numel]
         self._extras = self.flat_grads[self.numel:]
         self._no_extras = torch.zeros_like(self._extras)  # what an unset extra slot packs
-        self._gap_zeros = torch.zeros(ALIGN, dtype=dtype, device=device)  # what a gap packs
         self._grad_views = []
         for p, first in zip(self.params, self.offsets, strict=True):
             view = self.flat_params[first:first + p.numel()].view_as(p)
@@ -167,7 +166,11 @@ class FlatGradSync:
         self.bucket_ranges[-1] = (self.bucket_ranges[-1][0], self.numel + extra_slots)
         self._bucket_params = [self.params[first:stop] for first, stop in groups]
         # The zeros each bucket's parameters are followed by in its buffer, in their order
-        self._bucket_gaps = [[starts[index + 1] - starts[index] - self.params[index].numel()
+        # (None: no gap), as views made once
+        gap_zeros = torch.zeros(ALIGN, dtype=dtype, device=device)
+        gaps = [starts[index + 1] - starts[index] - p.numel()
+                for index, p in enumerate(self.params)]
+        self._bucket_gaps = [[gap_zeros[:gaps[index]] if gaps[index] else None
                               for index in range(first, stop)] for first, stop in groups]
         self._bucket_buffers = [self.flat_grads[start:stop] for start, stop in self.bucket_ranges]
         self._extra_pieces: list[torch.Tensor] = []  # the last bucket's, set by all_reduce
@@ -262,8 +265,8 @@ class FlatGradSync:
         pieces = []
         for p, gap in zip(self._bucket_params[bucket], self._bucket_gaps[bucket], strict=True):
             pieces.append((p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1))
-            if gap:
-                pieces.append(self._gap_zeros[:gap])
+            if gap is not None:
+                pieces.append(gap)
         if bucket == len(self._bucket_params) - 1:
             pieces += self._extra_pieces
         torch.cat(pieces, out=self._bucket_buffers[bucket])
