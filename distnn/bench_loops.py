@@ -181,4 +181,11 @@ def captured_floor(config: TrainConfig, device: torch.device, *,
     with torch.no_grad():  # the warm-up trained: start from the reference's weights again
         for param, value in zip(params, start, strict=True):
             param.copy_(value)
-    return graph.replay, captured_loss
+
+    # A replay reads and writes the memory seen at capture: the default argument keeps the
+    # model and batch alive as long as ``replay`` (freed, their memory would be handed out
+    # again, and the graph would train on whatever was put there).
+    def replay(_held: tuple = (model, x, y)) -> None:
+        graph.replay()
+
+    return replay, captured_loss

@@ -33,13 +33,29 @@ Output = TypeVar("Output")
 WARMUP_STEPS = 3  # the torch.cuda.graphs documentation warms up a few iterations too
 
 
+class Replay:
+    """Runs a captured step again: ``replay()``.
+
+    It holds the step it was captured from. A replay reads and writes the memory seen at
+    capture, so whatever the step holds (the batch it was captured on, a bf16 copy of the
+    weights, inputs cast once) must live as long as the graph: freed, that memory would be
+    handed out again, and the graph would compute on whatever was put there.
+    """
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, step: Callable[[], object]) -> None:
+        self.graph, self.step = graph, step
+
+    def __call__(self) -> None:
+        self.graph.replay()
+
+
 def capture_step(step: Callable[[], Output], *, restore: Sequence[torch.Tensor],
-                 warmup_steps: int = WARMUP_STEPS) -> tuple[torch.cuda.CUDAGraph, Output]:
+                 warmup_steps: int = WARMUP_STEPS) -> tuple[Replay, Output]:
     """Warms ``step`` up, captures it, and puts ``restore`` back as it was before.
 
-    Returns the graph and what ``step`` returned during capture: tensors that each
-    ``graph.replay()`` overwrites in place. Every rank must call this at the same point
-    (the warm-up runs the step's collectives for real).
+    Returns the replay (which holds ``step``, so what it holds lives on) and what ``step``
+    returned during capture: tensors that each replay overwrites in place. Every rank must
+    call this at the same point (the warm-up runs the step's collectives for real).
     """
     saved = [tensor.detach().clone() for tensor in restore]
     side = torch.cuda.Stream()
@@ -55,4 +71,4 @@ def capture_step(step: Callable[[], Output], *, restore: Sequence[torch.Tensor],
     with torch.no_grad():
         for tensor, value in zip(restore, saved, strict=True):
             tensor.copy_(value)
-    return graph, output
+    return Replay(graph, step), output

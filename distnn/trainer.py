@@ -422,7 +422,7 @@ class Trainer:
         """--cuda-graph: the step captured once; each call replays it, after copying the
         step's rows (when read per step) into the tensors it was captured on."""
         started = time.perf_counter()
-        graph, summed = capture_step(step, restore=restore)
+        replay_graph, summed = capture_step(step, restore=restore)
         captured_s = time.perf_counter() - started
         self.compile_s += captured_s
         log.info(f"captured the step as a CUDA graph in {captured_s:.1f} s")
@@ -436,7 +436,7 @@ class Trainer:
                 x_shard.copy_(x_next)
                 y_shard.copy_(y_next)
             stop.ballot()  # sets this rank's vote in the tensor the graph reads, once signalled
-            graph.replay()
+            replay_graph()
             return summed
 
         return replay

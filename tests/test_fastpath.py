@@ -216,3 +216,22 @@ def test_a_run_sets_tf32_for_its_own_steps_and_puts_the_process_setting_back(
         assert torch.backends.cuda.matmul.allow_tf32 is True
     finally:
         torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def test_a_replay_holds_the_step_and_so_what_the_step_holds():
+    """A CUDA graph reads the addresses it was captured on: the Replay that capture_step
+    returns keeps the step, and with it the batch and copies the step refers to, alive."""
+    import gc
+    import weakref
+
+    from distnn.cudagraph import Replay
+
+    batch = torch.ones(4)
+    watch = weakref.ref(batch)
+    replay = Replay(graph=None, step=lambda held=batch: held.sum())  # type: ignore[arg-type]
+    del batch
+    gc.collect()
+    assert watch() is not None
+    del replay
+    gc.collect()
+    assert watch() is None

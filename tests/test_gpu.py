@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from distnn.train import main
 from tests.conftest import bin_path, read_losses, read_metrics, run_cli
-from tests.reference import assert_matches_reference
+from tests.reference import assert_matches_reference, reference_run
 
 if not torch.cuda.is_available():
     if os.environ.get("DISTNN_REQUIRE_GPU") == "1":
@@ -119,10 +119,10 @@ def _library_run(device: torch.device, *, graphed: bool) -> dict:
 
     run = step
     if graphed:
-        graph, summed = capture_step(step, restore=[sync.flat_params])
+        replay, summed = capture_step(step, restore=[sync.flat_params])
 
         def run() -> torch.Tensor:
-            graph.replay()
+            replay()
             return summed
 
     losses = torch.zeros(STEPS, device=device)
@@ -130,6 +130,50 @@ def _library_run(device: torch.device, *, graphed: bool) -> dict:
         losses[index] = run()[0]
     return {"losses": losses.tolist(),
             "weights": {k: v.cpu() for k, v in model.state_dict().items()}}
+
+
+def _captured_sum_of_ones(size: int):
+    """A step captured over a batch that only the step itself refers to, once this returns."""
+    from distnn.cudagraph import capture_step
+
+    x = torch.ones(size, device="cuda")
+    out = torch.zeros((), device="cuda")
+
+    def step() -> torch.Tensor:
+        torch.sum(x, dim=0, out=out)
+        return out
+
+    return capture_step(step, restore=[])
+
+
+def test_a_replay_keeps_the_memory_its_step_reads_alive():
+    """A graph reads the addresses it was captured on: had the batch been freed when the
+    caller let go of it, the NaNs allocated next would take its memory and the sum."""
+    size = 1 << 20
+    replay, out = _captured_sum_of_ones(size)
+    junk = [torch.full((size,), float("nan"), device="cuda") for _ in range(8)]
+    replay()
+    assert out.item() == size and len(junk) == 8
+
+
+def test_the_floor_replays_train_after_the_caller_lets_go_of_its_model():
+    """bench_loops.captured_floor returns only its replay and loss: its model and batch must
+    live on (they once did not, and the floor's losses ran to inf under the bench's
+    allocations)."""
+    from distnn.bench_loops import captured_floor
+    from distnn.config import TrainConfig
+
+    replay, loss = captured_floor(TrainConfig().resolved(), torch.device("cuda"),
+                                  compiled=False)
+    junk = [torch.full((1 << 20,), float("nan"), device="cuda") for _ in range(8)]
+    losses = []
+    for _ in range(STEPS):
+        replay()
+        losses.append(loss.item())
+    assert len(junk) == 8
+    want = reference_run(steps=STEPS)[0]
+    for got, expected in zip(losses[:100], want[:100], strict=True):
+        assert got == pytest.approx(expected, rel=1e-5)  # the reference's fidelity tolerance
 
 
 def _nccl_capture_worker(rank: int, port: int, out_path: str) -> None:
