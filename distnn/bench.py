@@ -120,7 +120,7 @@ def _variants(work: Workload, world: int, device: torch.device,
         # On a CPU without bf16 matrix units, bf16 matmuls run hundreds of times slower than
         # fp32 (measured on this project's CPU machine), and TF32 does not exist.
         names += ["distnn eager, tf32", "distnn eager, bf16", "distnn --compile, tf32",
-                  "distnn --compile, bf16", WEIGHT_GRAD_VARIANT]
+                  "distnn --compile, bf16", BF16_AS_WRITTEN, WEIGHT_GRAD_VARIANT]
     return names
 
 
@@ -134,6 +134,9 @@ def _run_variant(name: str, work: Workload, steps: int, warmup: int, rt) -> tupl
         return ddp_loop(work, steps, warmup, device, use_accelerate=name == "Accelerate")
     if name in FLOORS:
         return graph_floor_loop(work, steps, warmup, device, compiled=name == FLOORS[1])
+    if name == BF16_AS_WRITTEN:
+        return distnn_trainer(work, steps, warmup, rt, {"DISTNN_BF16_FUSIONS": "0"},
+                              precision="bf16", compile=True)
     if name in WEIGHT_GRAD_VARIANTS:
         return distnn_trainer(work, steps, warmup, rt,
                               {"DISTNN_WEIGHT_GRAD": WEIGHT_GRAD_VARIANTS[name]},
@@ -177,11 +180,14 @@ DISTNN_VARIANTS: dict[str, dict[str, Any]] = {
 # default replaced; the others run when named (--variant).
 WEIGHT_GRAD_VARIANTS = {f"distnn --compile, tf32, dW as {layout}": layout for layout in LAYOUTS}
 WEIGHT_GRAD_VARIANT = f"distnn --compile, tf32, dW as {AUTOGRAD}"
+# The compiled bf16 step without the fusions of distnn/fusions.py (DISTNN_BF16_FUSIONS=0):
+# the loss as F.mse_loss writes it, each ReLU a pass after its matmul.
+BF16_AS_WRITTEN = "distnn --compile, bf16, as written"
 # The floors (bench_loops.graph_floor_loop): the reference loop captured by hand, with its
 # forward and loss as written, then compiled. "vs floors" in the table is ms / their ms.
 FLOORS = ("floor: hand-made graph", "floor: hand-made graph, compiled forward")
 VARIANTS = ["reference loop", "reference loop, no per-step sync", "DDP", "Accelerate",
-            *FLOORS, *DISTNN_VARIANTS, *WEIGHT_GRAD_VARIANTS]
+            *FLOORS, *DISTNN_VARIANTS, BF16_AS_WRITTEN, *WEIGHT_GRAD_VARIANTS]
 
 
 def _worker(rank: int, world: int, port: int, plan: dict, out_path: str) -> None:

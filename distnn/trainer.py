@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distnn import wgrad
+from distnn import fusions, wgrad
 from distnn.batches import ShardStream
 from distnn.checkpoint import Checkpoint, FolderLock, save_checkpoint
 from distnn.config import TrainConfig, UsageError
@@ -106,6 +106,7 @@ class Trainer:
                                    device=runtime.device)
         self.weight_grad = layout(compiled=config.compile)
         self._eager_weight_grad = layout(compiled=False)  # if --compile falls back to eager
+        self.bf16_fusions = fusions.from_environ(environ)  # DISTNN_BF16_FUSIONS, fusions
         self.job: Job | None = None
         self.losses: LossRecord | None = None  # the global loss of every step (at start-up)
         # Every read of step results waits through it: a GPU stuck behind a collective fails
@@ -376,7 +377,8 @@ class Trainer:
         started = time.perf_counter()
         whole = WholeStep(job.model, job.loss_fn, sync, lr=config.lr,
                           bf16=config.precision == "bf16", optimizer=job.optimizer,
-                          losses=self.losses.target, weight_grad=self.weight_grad)
+                          losses=self.losses.target, weight_grad=self.weight_grad,
+                          fusions=self.bf16_fusions)
         ready = whole.inputs(pieces) if fixed else pieces
         try:
             whole.warm_up(self._shapes(ready), stop.ballot())

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value
 
+from distnn.fusions import loss_in_one_pass, relu_epilogues, sequential_forward
 from distnn.gradsync import FlatGradSync
 from distnn.wgrad import AUTOGRAD, layout
 
@@ -74,7 +75,7 @@ class WholeStep:
     def __init__(self, model: nn.Module, loss_fn: Callable, sync: FlatGradSync, *, lr: float,
                  bf16: bool, optimizer: torch.optim.Optimizer | None,
                  losses: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 weight_grad: str = AUTOGRAD) -> None:
+                 weight_grad: str = AUTOGRAD, fusions: bool = True) -> None:
         if sync.flat_grads.numel() != sync.numel + 2:
             raise ValueError("WholeStep: the gradient buffer needs 2 extra slots (the loss and "
                              f"the stop vote), got {sync.flat_grads.numel() - sync.numel}")
@@ -96,6 +97,10 @@ class WholeStep:
             (lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False))
             if bf16 else nullcontext)
         self.weight_grad = weight_grad  # the Linear layers' dW in this layout (wgrad)
+        # bf16: the loss and Linear+ReLU pairs in fewer passes (distnn/fusions.py)
+        fused = bf16 and fusions
+        self._loss_of = (fused and loss_in_one_pass(loss_fn)) or loss_fn
+        self._relu_epilogues = fused and relu_epilogues(model)
         self._grads = grad_and_value(self._loss, argnums=(0, 1) if bf16 else 0)
         # fullgraph: a graph break inside torch.func's transform would run all of it eagerly
         # (slower than the eager step); as an error it makes the trainer run the eager step
@@ -186,7 +191,11 @@ class WholeStep:
         params = {name: (copy if from_copy else master)[first:stop].view(shape)
                   for name, first, stop, shape, from_copy in self._layout}
         with self._autocast(), layout(self.weight_grad):
-            return self.loss_fn(functional_call(self.model, (params, buffers), (x,)), y)
+            if self._relu_epilogues:
+                output = sequential_forward(self.model, {**params, **buffers}, x)
+            else:
+                output = functional_call(self.model, (params, buffers), (x,))
+            return self._loss_of(output, y)
 
     def _gradient(self, master: torch.Tensor, copy: torch.Tensor | None, buffers: Buffers,
                   x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

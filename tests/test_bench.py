@@ -110,6 +110,17 @@ def test_the_gpu_runs_the_compiled_tf32_step_in_its_default_layout_and_in_autogr
     assert {"distnn --compile, tf32", WEIGHT_GRAD_VARIANT} <= set(names)
 
 
+def test_the_gpu_runs_the_compiled_bf16_step_fused_and_as_written():
+    """Beside the bf16 whole step with distnn/fusions.py's fusions, the GPU's compute
+    workload runs the same step without them (DISTNN_BF16_FUSIONS=0), so the table shows
+    what they buy (tests/test_fusions.py checks both against eager autocast)."""
+    from distnn import bench
+
+    names = bench._variants(bench.COMPUTE_GPU, 1, torch.device("cuda"))
+    assert {"distnn --compile, bf16", bench.BF16_AS_WRITTEN} <= set(names)
+    assert bench.BF16_AS_WRITTEN in bench.VARIANTS
+
+
 def test_weight_gradient_layouts_are_each_measured():
     from distnn.bench import Workload
     from distnn.bench_rates import weight_grad_layouts

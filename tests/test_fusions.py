@@ -1,0 +1,119 @@
+"""distnn/fusions.py: the bf16 whole step's loss and Linear+ReLU pairs in fewer passes, against
+the same work as written (F.mse_loss; nn.Linear then nn.ReLU under autograd)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from distnn import fusions, wholestep
+from distnn.config import UsageError
+from distnn.gradsync import FlatGradSync
+
+
+def test_the_loss_with_rows_summed_first_is_the_sum_mse_loss():
+    generator = torch.Generator().manual_seed(0)
+    output, target = torch.randn(64, 10, generator=generator), torch.randn(64, 10,
+                                                                            generator=generator)
+    want = F.mse_loss(output, target, reduction="sum")
+    assert fusions.mse_rows_first(output, target).item() == pytest.approx(want.item(), rel=1e-6)
+    # bf16 outputs are compared in fp32, as autocast computes mse_loss
+    half = output.bfloat16()
+    got = fusions.mse_rows_first(half, target)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(F.mse_loss(half.float(), target, reduction="sum").item(),
+                                       rel=1e-6)
+    # shapes it does not sum by rows (broadcasting, one dimension) are F.mse_loss's own
+    vector = torch.randn(10, generator=generator)
+    assert torch.equal(fusions.mse_rows_first(vector, vector * 2),
+                       F.mse_loss(vector, vector * 2, reduction="sum"))
+
+
+def test_only_distnn_s_own_sum_mse_loss_is_rewritten():
+    assert fusions.loss_in_one_pass(nn.MSELoss(reduction="sum")) is fusions.mse_rows_first
+    for other in (nn.MSELoss(), nn.CrossEntropyLoss(reduction="sum"),
+                  lambda output, target: (output - target).abs().sum()):
+        assert fusions.loss_in_one_pass(other) is None
+
+
+def test_linear_relu_in_one_call_gives_autograd_s_values_and_gradients():
+    generator = torch.Generator().manual_seed(1)
+    x, w, b = (torch.randn(*shape, generator=generator, dtype=torch.float64,
+                           requires_grad=True) for shape in ((16, 8), (5, 8), (5,)))
+    assert torch.autograd.gradcheck(fusions.LinearReLU.apply, (x, w, b))
+    got = fusions.LinearReLU.apply(x, w, b)
+    want = F.relu(F.linear(x, w, b))
+    assert torch.allclose(got, want)
+    g = torch.randn(16, 5, generator=generator, dtype=torch.float64)
+    for a, c in zip(torch.autograd.grad(got, (x, w, b), g),
+                    torch.autograd.grad(want, (x, w, b), g), strict=True):
+        assert torch.allclose(a, c)
+
+
+def test_a_sequential_runs_with_its_linear_relu_pairs_fused_and_the_rest_as_written():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16, bias=False), nn.ReLU(),
+                          nn.Sequential(nn.Linear(16, 4)), nn.Tanh(), nn.Linear(4, 6), nn.ReLU())
+    x = torch.randn(32, 8)
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    assert fusions.relu_epilogues(model)
+    assert torch.allclose(fusions.sequential_forward(model, tensors, x),
+                          functional_call(model, tensors, (x,)), atol=1e-6)
+
+
+def test_models_it_cannot_run_as_it_would_be_run_are_left_alone():
+    class Own(nn.Sequential):
+        pass
+
+    hooked = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    hooked[0].register_forward_hook(lambda module, args, output: output * 2)
+    for model in (Own(nn.Linear(4, 4), nn.ReLU()), hooked,
+                  nn.Sequential(nn.Linear(4, 4, bias=False), nn.ReLU()),
+                  nn.Sequential(nn.ReLU(), nn.Linear(4, 4)), nn.Linear(4, 4)):
+        assert not fusions.relu_epilogues(model)
+
+
+@pytest.mark.parametrize(("value", "want"), [(None, True), ("", True), ("1", True),
+                                             ("0", False)])
+def test_distnn_bf16_fusions_turns_them_off_with_0(value, want):
+    assert fusions.from_environ({} if value is None else {"DISTNN_BF16_FUSIONS": value}) is want
+
+
+def test_any_other_distnn_bf16_fusions_is_refused_with_the_values_allowed():
+    with pytest.raises(UsageError, match=r"DISTNN_BF16_FUSIONS='yes'; allowed: 1 .*, 0 "):
+        fusions.from_environ({"DISTNN_BF16_FUSIONS": "yes"})
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_bf16_whole_step_keeps_eager_autocast_s_gradients_fused_or_not(fused):
+    """The compiled bf16 step of the reference's shape of model (Linear, ReLU, Linear, the sum
+    MSE loss), with the fusions and without: eager autocast's loss and fp32 gradients, for
+    one piece and four."""
+    generator = torch.Generator().manual_seed(3)
+    x, y = torch.randn(128, 32, generator=generator), torch.randn(128, 8, generator=generator)
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    eager = copy.deepcopy(model)
+    loss_fn = nn.MSELoss(reduction="sum")
+    sync = FlatGradSync(model, distributed=False, extra_slots=2)
+    step = wholestep.WholeStep(model, loss_fn, sync, lr=0.0, bf16=True, fusions=fused,
+                               optimizer=torch.optim.SGD(model.parameters(), lr=0.0))
+    assert step._relu_epilogues is fused
+    for count in (1, 4):
+        pieces = list(zip(x.chunk(count), y.chunk(count), strict=True))
+        loss, _ = step(pieces, torch.zeros(1))
+        eager.zero_grad()
+        want = 0.0
+        for piece_x, piece_y in pieces:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                piece_loss = loss_fn(eager(piece_x), piece_y)
+            piece_loss.backward()
+            want += piece_loss.item()
+        assert loss.item() == pytest.approx(want, rel=1e-6)
+        for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
+            assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-5), (count, name)
