@@ -71,8 +71,14 @@ def mse_rows_first(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def relu_epilogues(model: nn.Module) -> bool:
     """Whether :func:`sequential_forward` has a Linear and ReLU pair of ``model`` to run as
     one call: an ``nn.Sequential`` itself (not a subclass, whose forward may differ) with a
-    biased ``nn.Linear`` followed by an ``nn.ReLU``, and no hooks anywhere in it."""
+    biased ``nn.Linear`` followed by an ``nn.ReLU``, no hooks anywhere in it, and no tensor
+    shared by two of its modules (``functional_call`` ties those only when given the whole
+    model, while :func:`sequential_forward` calls each layer on its own)."""
     if type(model) is not nn.Sequential or any(_hooked(module) for module in model.modules()):
+        return False
+    named = [*model.named_parameters(remove_duplicate=False),
+             *model.named_buffers(remove_duplicate=False)]
+    if len({id(tensor) for _, tensor in named}) != len(named):
         return False
     return any(_pair(first, second) for first, second in zip(model, model[1:], strict=False))
 

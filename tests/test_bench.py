@@ -117,7 +117,8 @@ def test_the_gpu_runs_the_compiled_bf16_step_fused_and_as_written():
     from distnn import bench
 
     names = bench._variants(bench.COMPUTE_GPU, 1, torch.device("cuda"))
-    assert {"distnn --compile, bf16", bench.BF16_AS_WRITTEN} <= set(names)
+    assert {"distnn --compile, bf16", bench.BF16_AS_WRITTEN,
+            "distnn --cuda-graph --compile, bf16"} <= set(names)
     assert bench.BF16_AS_WRITTEN in bench.VARIANTS
 
 

@@ -72,7 +72,9 @@ def test_models_it_cannot_run_as_it_would_be_run_are_left_alone():
 
     hooked = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     hooked[0].register_forward_hook(lambda module, args, output: output * 2)
-    for model in (Own(nn.Linear(4, 4), nn.ReLU()), hooked,
+    shared = nn.Linear(4, 4)
+    tied = nn.Sequential(shared, nn.ReLU(), shared)  # one weight read by two layers
+    for model in (Own(nn.Linear(4, 4), nn.ReLU()), hooked, tied,
                   nn.Sequential(nn.Linear(4, 4, bias=False), nn.ReLU()),
                   nn.Sequential(nn.ReLU(), nn.Linear(4, 4)), nn.Linear(4, 4)):
         assert not fusions.relu_epilogues(model)
