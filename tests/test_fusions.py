@@ -119,3 +119,14 @@ def test_the_bf16_whole_step_keeps_eager_autocast_s_gradients_fused_or_not(fused
         assert loss.item() == pytest.approx(want, rel=1e-6)
         for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
             assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-5), (count, name)
+
+
+def test_a_bad_distnn_bf16_fusions_fails_the_run_in_one_line_with_exit_2(no_launcher,
+                                                                         monkeypatch, capsys):
+    from distnn.train import main
+
+    monkeypatch.setenv("DISTNN_BF16_FUSIONS", "off")
+    assert main(["--steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "distnn: error: environment: DISTNN_BF16_FUSIONS='off'; allowed: 1"), err
