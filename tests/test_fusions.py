@@ -3,17 +3,15 @@ the same work as written (F.mse_loss; nn.Linear then nn.ReLU under autograd)."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from distnn import fusions, wholestep
+from distnn import fusions
 from distnn.config import UsageError
-from distnn.gradsync import FlatGradSync
+from tests.test_wholestep import assert_eager_autocast_gradients
 
 
 def test_the_loss_with_rows_summed_first_is_the_sum_mse_loss():
@@ -96,29 +94,11 @@ def test_the_bf16_whole_step_keeps_eager_autocast_s_gradients_fused_or_not(fused
     """The compiled bf16 step of the reference's shape of model (Linear, ReLU, Linear, the sum
     MSE loss), with the fusions and without: eager autocast's loss and fp32 gradients, for
     one piece and four."""
-    generator = torch.Generator().manual_seed(3)
-    x, y = torch.randn(128, 32, generator=generator), torch.randn(128, 8, generator=generator)
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
-    eager = copy.deepcopy(model)
-    loss_fn = nn.MSELoss(reduction="sum")
-    sync = FlatGradSync(model, distributed=False, extra_slots=2)
-    step = wholestep.WholeStep(model, loss_fn, sync, lr=0.0, bf16=True, fusions=fused,
-                               optimizer=torch.optim.SGD(model.parameters(), lr=0.0))
+    step = assert_eager_autocast_gradients(model, in_features=32, out_features=8,
+                                           fusions=fused)
     assert step._relu_epilogues is fused
-    for count in (1, 4):
-        pieces = list(zip(x.chunk(count), y.chunk(count), strict=True))
-        loss, _ = step(pieces, torch.zeros(1))
-        eager.zero_grad()
-        want = 0.0
-        for piece_x, piece_y in pieces:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                piece_loss = loss_fn(eager(piece_x), piece_y)
-            piece_loss.backward()
-            want += piece_loss.item()
-        assert loss.item() == pytest.approx(want, rel=1e-6)
-        for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
-            assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-5), (count, name)
 
 
 def test_a_bad_distnn_bf16_fusions_fails_the_run_in_one_line_with_exit_2(no_launcher,

@@ -248,20 +248,27 @@ class Scaled(torch.nn.Module):
 def test_bf16_gradients_are_the_eager_autocast_steps_in_fp32():
     """The Linear layers read the bf16 copies, the scale its fp32 value, and the pieces'
     gradients add up in fp32: eager autocast's gradients (one piece or four)."""
+    torch.manual_seed(1)
+    assert_eager_autocast_gradients(Scaled(), in_features=32, out_features=8)
+
+
+def assert_eager_autocast_gradients(model: torch.nn.Module, *, in_features: int,
+                                    out_features: int, **step_options) -> wholestep.WholeStep:
+    """The compiled bf16 step of ``model`` (the sum MSE loss) gives eager autocast's loss and
+    fp32 gradients, for one piece and four; returns the step."""
     import copy
 
     from distnn.gradsync import FlatGradSync
 
     generator = torch.Generator().manual_seed(0)
-    x, y = torch.randn(256, 32, generator=generator), torch.randn(256, 8, generator=generator)
-    torch.manual_seed(1)
-    model = Scaled()
+    x = torch.randn(256, in_features, generator=generator)
+    y = torch.randn(256, out_features, generator=generator)
     eager = copy.deepcopy(model)
     loss_fn = torch.nn.MSELoss(reduction="sum")
     sync = FlatGradSync(model, distributed=False, extra_slots=2)
     # a torch.optim optimizer with lr 0: the step leaves p.grad (the summed gradients) and
     # the weights as they were
-    step = wholestep.WholeStep(model, loss_fn, sync, lr=0.0, bf16=True,
+    step = wholestep.WholeStep(model, loss_fn, sync, lr=0.0, bf16=True, **step_options,
                                optimizer=torch.optim.SGD(model.parameters(), lr=0.0))
     for count in (1, 4):
         pieces = list(zip(x.chunk(count), y.chunk(count), strict=True))
@@ -277,6 +284,7 @@ def test_bf16_gradients_are_the_eager_autocast_steps_in_fp32():
         for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
             assert p.grad.dtype == torch.float32
             assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-5), (count, name)
+    return step
 
 
 def test_a_fixed_input_only_a_linear_layer_reads_is_cast_to_bf16_once():
