@@ -60,7 +60,7 @@ test-gpu: $(STAMP)
 # OUT/cpu-overlap): at most 7 files, as the lent machine returns at most 8. Fails if any
 # part did. Without OVERLAP the parts' limits add up to 580 s: under the 600 s one command
 # may run, and a lent machine's 15 minutes leave room for its start and a rerun of a part.
-# On an H100 (2026-11-27, ninth session) the whole target took about 380 s: 21 tests in
+# On an H100 (2026-11-27, ninth session) it and one more profile took 420 s: 21 tests in
 # 110 s (23 now: 139 s), the 8 profiles and 3 benchmark rounds; the compute workload's
 # captured tf32 and bf16 steps have been added to the benchmark since.
 OUT ?= gpu-results
