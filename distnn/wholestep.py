@@ -26,7 +26,7 @@ function that inductor compiles whole, so it can fuse that work:
   bf16 products made fp32, as autocast's cast gives them), and so are the all-reduce and
   the weights. A fixed batch (the same rows every step) whose only reader is an
   ``nn.Linear`` (the first layer of an ``nn.Sequential``) is cast to bf16 once
-  (:meth:`WholeStep.inputs`), where autocast would cast it in every step. distnn's own sum
+  (:meth:`WholeStep.inputs`), where autocast would cast it in every step. The sum
   MSE loss and an ``nn.Sequential``'s Linear+ReLU pairs take fewer passes over memory
   (distnn/fusions.py; ``DISTNN_BF16_FUSIONS=0`` turns that off).
 
