@@ -30,6 +30,10 @@ class LossRecord:
     def __init__(self, device: torch.device, *, start: int = 0, tail: list[float] = (),
                  wait: Callable[[], None] | None = None, window: int = WINDOW) -> None:
         self._window = torch.zeros(window, device=device)
+        # one view per slot, made once: copying into a view is a third of the host time of
+        # ``window[index] = loss`` (whose indexing is parsed at every step), and under
+        # --cuda-graph the step's host time is its loop's Python
+        self._slots = self._window.unbind()
         # the slot the next step's loss goes in, for steps that write it themselves
         self._slot = torch.full((), start % window, dtype=torch.long, device=device)
         self._wait = wait  # called before the device values are read (a bounded wait)
@@ -41,7 +45,7 @@ class LossRecord:
 
     def put(self, step: int, loss: torch.Tensor) -> None:
         """Writes ``step``'s loss (steps come in order); pulls when the window is full."""
-        self._window[step % len(self._window)] = loss
+        self._slots[step % len(self._slots)].copy_(loss)
         self.recorded = step + 1
         if self.recorded - self.pulled >= len(self._window):
             self.pull()

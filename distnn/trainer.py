@@ -447,6 +447,7 @@ class Trainer:
                    run_step: Callable[[], Summed]) -> int:
         """Steps from ``start`` until ``--steps`` or an agreed stop; returns the steps done."""
         config, rank = self.config, self.rt.rank
+        validating = self.job.val is not None  # once: the loop is the step's host time
         done = start
         for step in range(start, config.steps):
             if self.fault:
@@ -459,7 +460,7 @@ class Trainer:
             done = step + 1
             if self.log:
                 self.log.record(step)
-            if self._validation_due(done):
+            if validating and self._validation_due(done):
                 self._validate(done)
             if stop.agreed(votes):
                 break
