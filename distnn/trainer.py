@@ -347,7 +347,11 @@ class Trainer:
             restore = [sync.flat_params, *job.model.buffers()]  # what a step changes
             step = lambda step_pieces: self._step(sync, step_pieces, stop.ballot())  # noqa: E731
         if config.cuda_graph:
-            return self._captured_step(lambda: step(pieces), restore, stop, x_shard, y_shard)
+            # rows read per step are copied into the shard the step was captured on; a fixed
+            # batch's pieces are held by the captured step (bf16: cast copies, so the fp32
+            # shard is not kept)
+            rows_into = (x_shard, y_shard) if self.stream is not None else None
+            return self._captured_step(lambda: step(pieces), restore, stop, rows_into)
         if job.fixed is not None:
             return lambda: step(pieces)
         first = [pieces]  # the first step's rows are read already
@@ -419,10 +423,12 @@ class Trainer:
         return steps
 
     def _captured_step(self, step: Callable[[], Summed], restore: list[torch.Tensor],
-                       stop: StopRequests, x_shard: torch.Tensor,
-                       y_shard: torch.Tensor) -> Callable[[], Summed]:
+                       stop: StopRequests,
+                       rows_into: tuple[torch.Tensor, torch.Tensor] | None
+                       ) -> Callable[[], Summed]:
         """--cuda-graph: the step captured once; each call replays it, after copying the
-        step's rows (when read per step) into the tensors it was captured on."""
+        step's rows (when read per step) into ``rows_into``, the inputs and targets it was
+        captured on."""
         started = time.perf_counter()
         replay_graph, summed = capture_step(step, restore=restore)
         captured_s = time.perf_counter() - started
@@ -433,10 +439,9 @@ class Trainer:
         def replay() -> Summed:
             if fresh:
                 fresh.clear()
-            elif self.stream is not None:
-                x_next, y_next = self.stream.next()
-                x_shard.copy_(x_next)
-                y_shard.copy_(y_next)
+            elif rows_into is not None:
+                for captured, rows in zip(rows_into, self.stream.next(), strict=True):
+                    captured.copy_(rows)
             stop.ballot()  # sets this rank's vote in the tensor the graph reads, once signalled
             replay_graph()
             return summed

@@ -235,3 +235,54 @@ def test_a_replay_holds_the_step_and_so_what_the_step_holds():
     del replay
     gc.collect()
     assert watch() is None
+
+
+class _StandInGraph:
+    """For the CPU, where nothing can be captured: a 'replay' runs the captured step again and
+    copies its results into the tensors the capture returned, as a replay overwrites them."""
+
+    def __init__(self, step, outputs):
+        self.step, self.outputs = step, outputs
+
+    def replay(self) -> None:
+        for captured, new in zip(self.outputs, self.step(), strict=True):
+            if captured is not None:
+                captured.copy_(new)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--steps", "30", "--precision", "bf16", "--compile"],  # a fixed batch, cast once
+    ["--batch-size", "16", "--epochs", "2", "--hidden", "8"],  # rows read per step
+])
+def test_the_trainer_s_cuda_graph_wiring_with_a_stand_in_graph_on_the_cpu(
+        tmp_path, no_launcher, monkeypatch, flags):
+    """The trainer's --cuda-graph path around the capture (the weights put back after the
+    warm-up, each step's rows copied into the tensors the step was captured on, the returned
+    loss read after each replay), on the CPU with a stand-in for the graph: the losses of the
+    same run without --cuda-graph. On a GPU, tests/test_gpu.py runs the real capture."""
+    from safetensors.torch import save_file
+
+    from distnn import trainer
+    from distnn.cudagraph import Replay
+
+    def capture(step, *, restore):
+        saved = [tensor.detach().clone() for tensor in restore]
+        step()  # a warm-up step, which trains
+        outputs = tuple(None if t is None else t.clone() for t in step())
+        with torch.no_grad():
+            for tensor, value in zip(restore, saved, strict=True):
+                tensor.copy_(value)
+        return Replay(_StandInGraph(step, outputs), step), outputs
+
+    monkeypatch.setattr(trainer, "capture_step", capture)
+    monkeypatch.setattr(trainer, "check_placement", lambda config, rt: None)
+    generator = torch.Generator().manual_seed(0)
+    save_file({"x": torch.randn(96, 12, generator=generator),
+               "y": torch.randn(96, 3, generator=generator)}, tmp_path / "d.safetensors")
+    data = [] if "--steps" in flags else ["--data", str(tmp_path / "d.safetensors")]
+    runs = []
+    for name, graph in (("eager", []), ("graph", ["--cuda-graph"])):
+        metrics = tmp_path / f"{name}.jsonl"
+        assert main([*flags, *data, *graph, "--metrics", str(metrics), "--quiet"]) == 0
+        runs.append(read_losses(metrics))
+    assert len(runs[1]) == (30 if data == [] else 96 // 16 * 2) and runs[1] == runs[0]
