@@ -452,7 +452,7 @@ class Trainer:
                    run_step: Callable[[], Summed]) -> int:
         """Steps from ``start`` until ``--steps`` or an agreed stop; returns the steps done."""
         config, rank = self.config, self.rt.rank
-        validating = self.job.val is not None  # once: the loop is the step's host time
+        validating = self.job.val is not None  # asked once: the loop is the step's host time
         done = start
         for step in range(start, config.steps):
             if self.fault:
@@ -477,10 +477,9 @@ class Trainer:
         return done
 
     def _validation_due(self, done: int) -> bool:
-        """--val-every K steps, else at the end of each epoch (--data) or of the run."""
+        """For a run with validation rows: --val-every K steps, else at the end of each
+        epoch (--data) or of the run."""
         config, plan = self.config, self.job.plan
-        if self.job.val is None:
-            return False
         if config.val_every:
             return done % config.val_every == 0 or done == config.steps
         return done == config.steps or (plan is not None and plan.ends_epoch(done))
