@@ -259,7 +259,9 @@ def test_the_trainer_s_cuda_graph_wiring_with_a_stand_in_graph_on_the_cpu(
     """The trainer's --cuda-graph path around the capture (the weights put back after the
     warm-up, each step's rows copied into the tensors the step was captured on, the returned
     loss read after each replay), on the CPU with a stand-in for the graph: the losses of the
-    same run without --cuda-graph. On a GPU, tests/test_gpu.py runs the real capture."""
+    same run without --cuda-graph. The stand-in runs the step's Python again, so it shows
+    the wiring only: what a real graph adds (memory it reads being freed, values frozen at
+    capture) is tests/test_gpu.py's, which captures for real."""
     from safetensors.torch import save_file
 
     from distnn import trainer

@@ -106,6 +106,15 @@ def test_the_record_is_bounded_on_the_device_and_pulls_when_its_window_is_full()
     assert record.first_bad[0] == 10 and record.first_bad[2] == 9.0
 
 
+def test_a_loss_of_one_value_in_another_shape_is_recorded_as_indexing_took_it():
+    """A user's loss may hold its one value as [1] or [1, 1] (a sum over the rows only)."""
+    record = LossRecord(torch.device("cpu"), window=4)
+    for step, loss in enumerate((torch.tensor([1.5]), torch.tensor([[2.5]]), torch.tensor(3.5))):
+        record.put(step, loss)
+    record.pull()
+    assert list(record.tail) == [1.5, 2.5, 3.5]
+
+
 def test_the_progress_bar_keeps_the_loss_lines(tmp_path):
     out = io.StringIO()
     drive([3.0, 2.0, 1.0], tmp_path / "m.jsonl", out, progress=True)
