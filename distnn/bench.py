@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distnn.bench_loops import ddp_loop, graph_floor_loop, reference_loop
+from distnn.bench_loops import ddp_loop, end_worker, graph_floor_loop, reference_loop
 from distnn.bench_rates import fusion_leads, matmul_tflops, step_matmul_tflops, weight_grad_layouts
 from distnn.config import TrainConfig
 from distnn.runtime import setup
@@ -230,9 +230,11 @@ def _worker(rank: int, world: int, port: int, plan: dict, out_path: str) -> None
                     if rank == 0:  # as it goes: a run cut off by a time limit still tells
                         print(_progress(sample), file=sys.stderr, flush=True)
                     dist.barrier()
-    if rank == 0:
-        with open(out_path, "w", encoding="utf-8") as file:
-            json.dump(samples, file)
+        if rank == 0:
+            with open(out_path, "w", encoding="utf-8") as file:
+                json.dump(samples, file)
+        dist.barrier()
+        end_worker()  # after DDP: the teardown could abort the process (bench_loops)
 
 
 def _progress(sample: dict) -> str:

@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from distnn.batches import BatchPlan, TensorRows
 from distnn.bench import Workload, _free_port
+from distnn.bench_loops import end_worker
 from distnn.config import TrainConfig
 from distnn.datafile import SCAN_BYTES, DataFile
 from distnn.jobs import Job, job_from_flags
@@ -238,6 +239,8 @@ def _world_worker(rank: int, world: int, port: int, plan: dict, out_dir: str) ->
             save_file(ddp["state"], os.path.join(out_dir, f"ddp-{world}.safetensors"))
             with open(os.path.join(out_dir, f"steps-{world}.json"), "w") as file:
                 json.dump({"distnn": result.steps, "ddp": ddp["steps"]}, file)
+        dist.barrier()
+        end_worker()  # after DDP: the teardown could abort the process (bench_loops)
 
 
 def _speed_worker(rank: int, world: int, port: int, plan: dict, out_path: str) -> None:
@@ -271,9 +274,11 @@ def _speed_worker(rank: int, world: int, port: int, plan: dict, out_path: str) -
                     print(f"speed, round {round_index + 1}, {name}: "
                           f"{sample['ms_per_step']:.2f} ms/step", file=sys.stderr, flush=True)
                 dist.barrier()
-    if rank == 0:
-        with open(out_path, "w", encoding="utf-8") as file:
-            json.dump(samples, file)
+        if rank == 0:
+            with open(out_path, "w", encoding="utf-8") as file:
+                json.dump(samples, file)
+        dist.barrier()
+        end_worker()  # after DDP: the teardown could abort the process (bench_loops)
 
 
 # -- memory ----------------------------------------------------------------------------------

@@ -9,9 +9,11 @@ benchmark can check each against the reference loop's losses before its time cou
 from __future__ import annotations
 
 import gc
+import os
+import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -35,6 +37,21 @@ def model_and_shard(work: Workload, rank: int, world: int, device: torch.device)
     x, y, model = reference_setup(work.config())
     start, stop = shard_bounds(work.batch_size, world, rank)
     return model.to(device), x[start:stop].to(device), y[start:stop].to(device)
+
+
+def end_worker() -> NoReturn:
+    """Ends a spawned benchmark worker that has run DDP, once its results are written and
+    every rank has met at a barrier after them, without the process's teardown.
+
+    DDP on gloo can abort a process as it tears down, after all its work is done
+    ("terminate called without an active exception", ../shared/FACTS.md); dropping the DDP
+    module first makes it rare, not impossible: a loaded machine showed it once more in
+    this project's CI (2026-11-27), and the run that spawned the worker failed for it. The
+    peers are past the last collective, so nothing waits on this rank's group.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def time_steps(step: Callable[[int], None], steps: int, warmup: int,
