@@ -246,14 +246,17 @@ def test_the_step_clock_starts_once_the_gpu_has_done_the_compile_and_capture(fla
     assert trainer.step_compiled and idle_at_start == [True]
 
 
-def test_bf16_whole_step_compiled_keeps_the_eager_bf16_numbers(tmp_path, no_launcher):
-    """The bf16 weight copies the compiled update refreshes: the eager bf16 step's losses,
-    within the tolerance measured on the CPU (tests/test_wholestep.py)."""
+def test_bf16_whole_step_compiled_keeps_the_eager_bf16_numbers(tmp_path, no_launcher, caplog):
+    """The bf16 weight copies the compiled update refreshes, and the fusions (the loss with
+    rows summed first, Linear+ReLU in one cuBLASLt call): the eager bf16 step's losses,
+    within the tolerance measured on the CPU (tests/test_wholestep.py), from a step that
+    did compile (no fallback to the eager step)."""
     from tests.test_wholestep import BF16_VS_EAGER
 
     eager = run_one(tmp_path, "eager", ["--precision", "bf16"])
     compiled = run_one(tmp_path, "compiled", ["--precision", "bf16", "--compile",
                                               "--cuda-graph"])
+    assert not [r for r in caplog.records if "could not be compiled" in r.message]
     for got, want in zip(compiled[0][:100], eager[0][:100], strict=True):
         assert got == pytest.approx(want, rel=BF16_VS_EAGER)
 
