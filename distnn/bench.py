@@ -233,7 +233,6 @@ def _worker(rank: int, world: int, port: int, plan: dict, out_path: str) -> None
         if rank == 0:
             with open(out_path, "w", encoding="utf-8") as file:
                 json.dump(samples, file)
-        dist.barrier()
         end_worker()  # after DDP: the teardown could abort the process (bench_loops)
 
 

@@ -239,7 +239,6 @@ def _world_worker(rank: int, world: int, port: int, plan: dict, out_dir: str) ->
             save_file(ddp["state"], os.path.join(out_dir, f"ddp-{world}.safetensors"))
             with open(os.path.join(out_dir, f"steps-{world}.json"), "w") as file:
                 json.dump({"distnn": result.steps, "ddp": ddp["steps"]}, file)
-        dist.barrier()
         end_worker()  # after DDP: the teardown could abort the process (bench_loops)
 
 
@@ -277,7 +276,6 @@ def _speed_worker(rank: int, world: int, port: int, plan: dict, out_path: str) -
         if rank == 0:
             with open(out_path, "w", encoding="utf-8") as file:
                 json.dump(samples, file)
-        dist.barrier()
         end_worker()  # after DDP: the teardown could abort the process (bench_loops)
 
 

@@ -40,8 +40,8 @@ def model_and_shard(work: Workload, rank: int, world: int, device: torch.device)
 
 
 def end_worker() -> NoReturn:
-    """Ends a spawned benchmark worker that has run DDP, once its results are written and
-    every rank has met at a barrier after them, without the process's teardown.
+    """Ends a spawned benchmark worker that has run DDP, once its results are written: every
+    rank meets at a barrier, then exits without the process's teardown.
 
     DDP on gloo can abort a process as it tears down, after all its work is done
     ("terminate called without an active exception", ../shared/FACTS.md); dropping the DDP
@@ -49,6 +49,7 @@ def end_worker() -> NoReturn:
     this project's CI (2026-11-27), and the run that spawned the worker failed for it. The
     peers are past the last collective, so nothing waits on this rank's group.
     """
+    dist.barrier()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
