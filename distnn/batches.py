@@ -65,6 +65,17 @@ class BatchPlan:
         """(epoch, batch within the epoch) of a step, both from 0."""
         return divmod(step, self.per_epoch)
 
+    def rows_between(self, start: int, stop: int) -> int:
+        """The rows that steps ``start`` to ``stop - 1`` train on, a smaller last batch of
+        an epoch counted as the rows it has."""
+        epoch_rows = self.rows if not self.drop_last else self.per_epoch * self.batch_size
+
+        def before(step: int) -> int:  # the rows of steps 0 to step - 1
+            epochs, batch = self.position(step)
+            return epochs * epoch_rows + batch * self.batch_size
+
+        return before(stop) - before(start)
+
     def ends_epoch(self, done: int) -> bool:
         """Whether ``done`` steps end an epoch."""
         return done > 0 and done % self.per_epoch == 0

@@ -4,6 +4,8 @@ data, from Python."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +17,7 @@ from distnn.batches import DatasetRows, RowSource, TensorRows
 from distnn.config import TrainConfig, UsageError
 from distnn.datafile import DataFile
 from distnn.jobs import Job, rows_job
+from distnn.logs import LOGGER, configure_logging
 from distnn.losses import sum_loss
 from distnn.optimizers import build_optimizer
 from distnn.runtime import Runtime, setup
@@ -52,6 +55,11 @@ def fit(model: nn.Module, *, train: Data,
     if given:
         raise UsageError(f"distnn.fit: got {', '.join(given)} as settings; allowed: the model, "
                          "loss, optimizer and data as fit's own arguments")
+    unknown = sorted(set(settings) - {field.name for field in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise UsageError(f"distnn.fit: got {', '.join(unknown)}, not a setting; allowed: the "
+                         "flags of python -m distnn.train as keywords, dashes as underscores "
+                         "(batch_size=32, epochs=3: docs/flags.md)")
     if isinstance(optimizer, str):
         names = {"optimizer": optimizer}
     elif isinstance(optimizer, torch.optim.Optimizer):
@@ -67,9 +75,8 @@ def fit(model: nn.Module, *, train: Data,
     def build_job(config: TrainConfig, rt: Runtime) -> Job:
         source = _rows(train, "train")
         x, y = source.read(torch.arange(min(1, source.rows)))
-        sizes = {"d_in": x.shape[1] if x.dim() > 1 else 1,
-                 "d_out": y.shape[1] if y.dim() > 1 else 1}
-        job = rows_job(config.resolved(**sizes), source=source, model=model,
+        job = rows_job(config, source=source, d_in=x.shape[1] if x.dim() > 1 else 1,
+                       d_out=y.shape[1] if y.dim() > 1 else 1, model=model,
                        loss_fn=sum_loss(loss) if isinstance(loss, str) else loss,
                        classification=not y.is_floating_point(), world_size=rt.world_size,
                        rank=rt.rank)
@@ -80,11 +87,18 @@ def fit(model: nn.Module, *, train: Data,
                          if isinstance(optimizer, str) else optimizer)
         return job
 
+    def run(rt: Runtime) -> TrainResult:
+        if not (logging.getLogger(LOGGER).handlers or logging.getLogger().handlers):
+            # the program has not set up logging: the command line's lines on stderr
+            configure_logging(rank=rt.rank, world_size=rt.world_size,
+                              verbosity=config.verbosity)
+        return Trainer(config, rt, environ=os.environ, build_job=build_job).train()
+
     if runtime is not None:
-        return Trainer(config, runtime, environ=os.environ, build_job=build_job).train()
+        return run(runtime)
     with setup(device=config.device, backend=config.backend,
                timeout_s=config.timeout_s) as rt:
-        return Trainer(config, rt, environ=os.environ, build_job=build_job).train()
+        return run(rt)
 
 
 def _rows(data: Data, name: str) -> RowSource:
@@ -97,7 +111,9 @@ def _rows(data: Data, name: str) -> RowSource:
             raise UsageError(f"distnn.fit: {name} holds {len(data[0])} inputs and "
                              f"{len(data[1])} targets; allowed: the same number, at least one")
         return TensorRows(*data)
-    if hasattr(data, "__len__") and hasattr(data, "__getitem__") and len(data) > 0:
+    if hasattr(data, "__len__") and hasattr(data, "__getitem__"):
+        if len(data) == 0:
+            raise UsageError(f"distnn.fit: {name} holds no rows; allowed: at least one")
         first = data[0]
         if not (isinstance(first, (tuple, list)) and len(first) == 2):
             raise UsageError(f"distnn.fit: {name}[0] is a {type(first).__name__}; allowed: a "

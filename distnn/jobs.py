@@ -64,7 +64,7 @@ def job_from_flags(config: TrainConfig, *, world_size: int, rank: int) -> Job:
                                  f"{config.data!r} gives {value}; allowed: leave it out with "
                                  "--data")
         train.check_rows(*shard_bounds(train.rows, world_size, rank))
-        job = rows_job(config.resolved(d_in=train.d_in, d_out=d_out), source=train,
+        job = rows_job(config, source=train, d_in=train.d_in, d_out=d_out,
                        model=seeded_model, loss_fn=sum_loss(config.loss),
                        classification=train.labels, world_size=world_size, rank=rank)
         config = job.config
@@ -77,18 +77,19 @@ def job_from_flags(config: TrainConfig, *, world_size: int, rank: int) -> Job:
     return job
 
 
-def rows_job(config: TrainConfig, *, source: RowSource,
+def rows_job(config: TrainConfig, *, source: RowSource, d_in: int, d_out: int,
              model: nn.Module | Callable[[TrainConfig], nn.Module], loss_fn: LossFn,
              classification: bool, world_size: int, rank: int,
              optimizer: torch.optim.Optimizer | None = None) -> Job:
     """A Job training on ``source`` in mini-batches (BatchPlan from the config's batch
-    size, seed, shuffle and drop_last); the config resolved with the batch and the steps of
+    size, by default all of the source's rows, and its seed, shuffle and drop_last); the
+    config resolved with the rows' widths ``d_in`` and ``d_out``, the batch and the steps of
     --epochs. ``model`` is the model, or a function of the resolved config that builds it.
     When every step trains on the same rows (one batch per epoch, unshuffled), this rank's
     rows are read once."""
     plan = BatchPlan(rows=source.rows, batch_size=config.batch_size or source.rows,
                      seed=config.seed, shuffle=not config.no_shuffle, drop_last=config.drop_last)
-    config = config.resolved(batch_size=plan.batch_size,
+    config = config.resolved(d_in=d_in, d_out=d_out, batch_size=plan.batch_size,
                              steps=config.epochs and config.epochs * plan.per_epoch)
     job = Job(config=config, model=model if isinstance(model, nn.Module) else model(config),
               loss_fn=loss_fn, optimizer=optimizer, plan=plan, source=source,

@@ -603,8 +603,8 @@ class Trainer:
                             "run the same command to continue", stop.exit_code, label="stopped")
         if self.log:
             ran = done - start
-            rows_per_step = min(config.batch_size, self.job.plan.rows if self.job.plan
-                                else config.batch_size)
+            plan = self.job.plan
+            rows = plan.rows_between(start, done) if plan else config.batch_size * ran
             self.log.summary({
                 "world_size": rt.world_size,
                 "device": rt.placement.device,
@@ -613,7 +613,7 @@ class Trainer:
                 "start_step": start,
                 "wall_s": round(wall_s, 6),
                 "compile_s": round(self.compile_s, 3),
-                "samples_per_s": round(rows_per_step * ran / wall_s, 1) if ran else 0.0,
+                "samples_per_s": round(rows / wall_s, 1) if ran else 0.0,
                 "final_loss": self.losses.last(),
             })
         if config.save:

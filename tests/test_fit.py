@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import distnn
-from tests.conftest import free_port, read_events, read_losses
+from tests.conftest import free_port, read_events, read_losses, run_cli
 from tests.reference import assert_close_run, minibatch_reference
 
 
@@ -95,6 +96,14 @@ def test_a_dataset_trains_as_its_tensors_do(tmp_path, no_launcher):
         assert torch.equal(results[1].model.state_dict()[name], tensor), name
 
 
+def test_without_batch_size_a_batch_is_all_of_the_rows(no_launcher):
+    x, y = data(rows=70)  # more than the reference's batch of 64
+    torch.manual_seed(0)
+    result = distnn.fit(build(), train=(x, y), loss="cross-entropy", epochs=2, log_every=0,
+                        quiet=True)
+    assert result.steps == 2
+
+
 def test_fit_resumes_bitwise_from_its_checkpoint(tmp_path, no_launcher):
     whole = fit_adamw(str(tmp_path), device="cpu")
     ck = tmp_path / "ck"
@@ -110,8 +119,10 @@ def test_fit_resumes_bitwise_from_its_checkpoint(tmp_path, no_launcher):
     ({"train": "nowhere.safetensors"}, "distnn.fit train: 'nowhere.safetensors' does not exist"),
     ({"train": [1, 2, 3]}, "distnn.fit: train[0] is a int; allowed: a dataset whose items"),
     ({"train": 5}, "distnn.fit: train is a int; allowed: (x, y) tensors"),
+    ({"train": []}, "distnn.fit: train holds no rows; allowed: at least one"),
     ({"train": (torch.zeros(3, 6), torch.zeros(2))}, "train holds 3 inputs and 2 targets"),
     ({"hidden": (4,)}, "distnn.fit: got hidden as settings"),
+    ({"btach_size": 4}, "distnn.fit: got btach_size, not a setting; allowed: the flags"),
     ({"optimizer": object()}, "optimizer is a object"),
     ({"epochs": 0}, "--epochs: got 0"),
 ])
@@ -155,3 +166,16 @@ def test_a_resume_with_another_loss_or_optimizer_object_is_refused(tmp_path, no_
             "optimizer torch.optim.sgd:SGD (now torch.optim.adam:Adam)")):
         run(sum_of_squares, lambda model: torch.optim.Adam(model.parameters()), 6)
     assert run(sum_of_squares, sgd, 6).steps == 6  # the same objects resume
+
+
+def test_a_program_without_logging_gets_the_command_lines_messages(tmp_path):
+    program = (
+        "import torch, distnn\n"
+        "x = torch.randn(8, 3); y = torch.randn(8, 2)\n"
+        "for steps in (2, 4):\n"
+        "    torch.manual_seed(0)\n"
+        "    distnn.fit(torch.nn.Linear(3, 2), train=(x, y), steps=steps, log_every=0,\n"
+        f"               checkpoint_dir={str(tmp_path / 'ck')!r})\n")
+    done = run_cli([sys.executable, "-c", program])
+    assert done.returncode == 0, done.stderr
+    assert "distnn: note: resuming from " in done.stderr

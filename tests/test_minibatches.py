@@ -56,6 +56,17 @@ def test_the_order_is_randperm_seeded_with_seed_plus_epoch():
     assert torch.cat(shards).tolist() == plan.indices(2).tolist()
 
 
+@pytest.mark.parametrize("rows, batch_size, drop_last", [
+    (10, 4, False), (10, 4, True), (12, 4, False), (3, 8, False)])
+def test_rows_between_counts_each_batch_as_the_rows_it_has(rows, batch_size, drop_last):
+    plan = BatchPlan(rows=rows, batch_size=min(batch_size, rows) if drop_last else batch_size,
+                     seed=0, drop_last=drop_last)
+    sizes = [len(plan.indices(step)) for step in range(4 * plan.per_epoch + 1)]
+    for start in range(len(sizes)):
+        for stop in range(start, len(sizes) + 1):
+            assert plan.rows_between(start, stop) == sum(sizes[start:stop])
+
+
 @pytest.mark.parametrize("world, flags, reference", [
     # the last batch (3 rows) smaller than the world (4 ranks): empty shards
     (4, ["--batch-size", "5", "--epochs", "4", "--lr", "1e-2", "--optimizer", "momentum"],
@@ -97,6 +108,19 @@ def test_one_process_matches_with_validation(tmp_path, capsys, no_launcher):
         assert mine["loss_per_sample"] == pytest.approx(want["loss"] / 9, rel=1e-5)
     out = capsys.readouterr().out
     assert "val 5 loss=" in out and "loss_per_sample=" in out
+
+
+def test_without_batch_size_a_batch_is_all_of_the_files_rows(tmp_path, no_launcher):
+    x, y = regression(rows=70)  # more than the reference's batch of 64
+    metrics = tmp_path / "m.jsonl"
+    assert main(["--data", save(tmp_path / "d.safetensors", x, y), "--epochs", "3",
+                 "--hidden", "8", "--lr", "1e-2", "--metrics", str(metrics),
+                 "--save", str(tmp_path / "w.safetensors")]) == 0
+    losses, weights, _ = minibatch_reference(x=x, y=y, batch_size=70, epochs=3, hidden=(8,),
+                                             lr=1e-2)
+    assert len(losses) == 3  # one step an epoch
+    assert_close_run(read_losses(metrics), load_file(tmp_path / "w.safetensors"), losses,
+                     weights)
 
 
 def test_bf16_validation_evaluates_as_the_step_computes(tmp_path, no_launcher):
