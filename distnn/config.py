@@ -46,7 +46,9 @@ class TrainConfig:
                                 "cross-entropy (default: 10; with --data: the file's, or the "
                                 "largest label + 1)", minimum=1)
     model: str | None = _option(None, "build the model with MODULE:FUNCTION(d_in=..., d_out=...) "
-                                "instead of the MLP, right after torch.manual_seed(--seed)",
+                                "instead of the MLP, where the MLP is built: after "
+                                "torch.manual_seed(--seed) and, without --data, the random "
+                                "batch",
                                 metavar="MODULE:FUNCTION")
     steps: int | None = _option(None, "training steps (default: 500, unless --epochs is given)",
                                 minimum=1)
