@@ -14,9 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+EXIT_USAGE = 2  # the exit code of a UsageError
+
 
 class UsageError(ValueError):
-    """A mistake the user can fix: a bad flag value, a bad launch environment, an unusable path."""
+    """A mistake the user can fix: a bad flag value, a bad launch environment, an unusable path
+    (exit code ``EXIT_USAGE``)."""
 
 
 def _option(default: Any, help: str, *, minimum: float | None = None, inclusive: bool = False,

@@ -70,20 +70,23 @@ def fit(model: nn.Module, *, train: Data,
     if isinstance(loss, str):
         names["loss"] = loss
     kind = type(model)
+    # fit takes the model object; its class is named where --model names a function, so a
+    # checkpoint records it and a resume with another model's class is refused (nothing is
+    # imported from it)
     config = TrainConfig(**settings, **names, model=f"{kind.__module__}:{kind.__qualname__}")
 
-    def build_job(config: TrainConfig, rt: Runtime) -> Job:
+    def build_job(flags: TrainConfig, rt: Runtime) -> Job:
         source = _rows(train, "train")
         x, y = source.read(torch.arange(min(1, source.rows)))
-        job = rows_job(config, source=source, d_in=x.shape[1] if x.dim() > 1 else 1,
+        job = rows_job(flags, source=source, d_in=x.shape[1] if x.dim() > 1 else 1,
                        d_out=y.shape[1] if y.dim() > 1 else 1, model=model,
                        loss_fn=sum_loss(loss) if isinstance(loss, str) else loss,
                        classification=not y.is_floating_point(), world_size=rt.world_size,
                        rank=rt.rank)
         job.val = _rows(val, "val") if val is not None else None
-        job.optimizer = (build_optimizer(job.config.optimizer, model.parameters(),
-                                         lr=config.lr, momentum=config.momentum,
-                                         weight_decay=config.weight_decay)
+        job.optimizer = (build_optimizer(flags.optimizer, model.parameters(), lr=flags.lr,
+                                         momentum=flags.momentum,
+                                         weight_decay=flags.weight_decay)
                          if isinstance(optimizer, str) else optimizer)
         return job
 

@@ -145,7 +145,7 @@ class FlatGradSync:
         # Views made once: slicing in the step loop would cost a dispatch each time.
         self._grads = self.flat_grads[:self.numel]
         self._extras = self.flat_grads[self.numel:]
-        self._no_extras = torch.zeros_like(self._extras)  # what an unset extra slot packs
+        self._zero_extras = torch.zeros_like(self._extras)  # what an unset extra slot packs
         self._grad_views = []
         for p, first in zip(self.params, self.offsets, strict=True):
             view = self.flat_params[first:first + p.numel()].view_as(p)
@@ -176,7 +176,7 @@ class FlatGradSync:
         self._extra_pieces: list[torch.Tensor] = []  # the last bucket's, set by all_reduce
         self._pending = [len(ps) for ps in self._bucket_params]  # gradients still awaited
         self._next = 0  # the first bucket not started: they start in index order only
-        self._stepped = False  # all_reduce ran since the last zero_grad
+        self._reduced = False  # all_reduce ran since the last zero_grad
         self._handles: dict[int, dist.Work] = {}
         self._syncing = True
         world = dist.get_world_size() if distributed else 1
@@ -230,7 +230,7 @@ class FlatGradSync:
             p.grad = None
         self._pending = [len(ps) for ps in self._bucket_params]
         self._next = 0
-        self._stepped = False
+        self._reduced = False
         self._handles.clear()
 
     @contextmanager
@@ -288,15 +288,15 @@ class FlatGradSync:
         sum). The returned 1-dim tensor (all ``extra_slots``) is a view into the buffer,
         overwritten by the next step: copy what you keep. No host synchronisation on a GPU.
         """
-        if self._stepped:
+        if self._reduced:
             raise RuntimeError("FlatGradSync.all_reduce: called again without zero_grad() "
                                "since the last one; call zero_grad() at the start of every step")
-        self._stepped = True
-        if len(extras) > len(self._no_extras):
+        self._reduced = True
+        if len(extras) > len(self._zero_extras):
             raise ValueError(f"FlatGradSync.all_reduce: {len(extras)} extras given, but there "
-                             f"are {len(self._no_extras)} extra slots")
+                             f"are {len(self._zero_extras)} extra slots")
         self._extra_pieces = [self._extra_piece(slot, value) for slot, value in
-                              enumerate(extras)] + [self._no_extras[len(extras):]]
+                              enumerate(extras)] + [self._zero_extras[len(extras):]]
         if self.via_root:
             self._pack(0)
             with collective("the gradient sum (through rank 0)"):
@@ -343,7 +343,7 @@ class FlatGradSync:
     def _extra_piece(self, slot: int, value: torch.Tensor | float | None) -> torch.Tensor:
         """One extra slot's value as a 1-element tensor on the buffer's device and dtype."""
         if value is None:
-            return self._no_extras[slot:slot + 1]
+            return self._zero_extras[slot:slot + 1]
         if isinstance(value, torch.Tensor):  # only the calls needed: each costs microseconds
             if value.dim() != 1:
                 value = value.detach().reshape(1)

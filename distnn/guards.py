@@ -16,7 +16,9 @@ from distnn.process_group import collective
 
 
 class RunFailed(Exception):
-    """The run cannot go on; ``exit_code`` says why (3: non-finite values or diverged replicas).
+    """The run cannot go on; ``exit_code`` says why: 3 non-finite values or diverged replicas
+    (guards), 4 an output that could not be written (weights.EXIT_OUTPUT), 5 out of memory
+    (memory.EXIT_MEMORY), 128 + N stopped by signal N (preemption).
 
     ``label`` heads the one-line report: "error", or "stopped" for a requested stop.
     """

@@ -31,7 +31,7 @@ class Job:
     config: TrainConfig
     model: nn.Module  # the initial weights, identical on every rank
     loss_fn: LossFn  # a sum over the rows it is given
-    optimizer: torch.optim.Optimizer | None  # None: the seed's p -= lr * grad
+    optimizer: torch.optim.Optimizer | None  # None: the reference program's p -= lr * grad
     plan: BatchPlan | None = None
     source: RowSource | None = None
     fixed: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -25,8 +25,8 @@ FLUSH_SECONDS = 1.0
 class StepLog:
     """Writes the logged steps' global losses as the LossRecord hands them over.
 
-    ``record`` only counts; the losses stay on the device until a flush pulls them (about
-    once a second, and whenever the record is pulled for another reason). Steps
+    The losses stay on the device until a flush pulls them (:meth:`maybe_flush` after each
+    step: about once a second; and whenever the record is pulled for another reason). Steps
     ``0, K, 2K, ...`` (K = ``log_every``) are printed as ``step loss``, the reference
     program's format; K = 0 prints none. The metrics file, when given, gets one object per
     logged step (``step``, ``loss``, and the ``ms_per_step`` and ``samples_per_s`` measured
@@ -74,8 +74,9 @@ class StepLog:
             self.bar.update(steps)
         self.last_flush = time.perf_counter()
 
-    def record(self, step: int) -> None:
-        """Notes that ``step``'s loss is in the record (steps come in order)."""
+    def maybe_flush(self) -> None:
+        """Called after every step: flushes once ``FLUSH_SECONDS`` have passed since the
+        last flush."""
         if time.perf_counter() - self.last_flush >= FLUSH_SECONDS:
             self.flush()
 

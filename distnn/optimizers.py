@@ -1,10 +1,11 @@
-"""The update: the seed's ``p -= lr * grad`` or a ``torch.optim`` optimizer, and the
-optimizer's state as tensors for a checkpoint.
+"""The update: the reference program's ``p -= lr * grad`` or a ``torch.optim`` optimizer,
+and the optimizer's state as tensors for a checkpoint.
 
-``--optimizer sgd`` is the seed's update, applied by FlatGradSync over its flat buffer (no
-optimizer object). ``momentum`` and ``adamw`` are torch.optim's own SGD and AdamW, stepping
-on the summed gradients, so their numbers are torch's. Their state (momentum buffers,
-AdamW's moments and step counts) is saved as safetensors and restored bitwise.
+``--optimizer sgd`` is the reference program's update, applied by FlatGradSync over its
+flat buffer (no optimizer object). ``momentum`` and ``adamw`` are torch.optim's own SGD
+and AdamW, stepping on the summed gradients, so their numbers are torch's. Their state
+(momentum buffers, AdamW's moments and step counts) is saved as safetensors and restored
+bitwise.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from torch import nn
 
 def build_optimizer(name: str, parameters: Iterable[nn.Parameter], *, lr: float,
                     momentum: float, weight_decay: float) -> torch.optim.Optimizer | None:
-    """The torch.optim optimizer of ``--optimizer name``; None for ``sgd`` (the seed's)."""
+    """The torch.optim optimizer of ``--optimizer name``; None for ``sgd`` (the reference
+    program's update)."""
     if name == "sgd":
         return None
     if name == "momentum":

@@ -92,8 +92,8 @@ def profile_floor(config: TrainConfig, rt: Runtime, top: int = 25) -> StepProfil
     if others or rt.world_size != 1:
         given = f"got {', '.join(others)}" if others else f"got {rt.world_size} processes"
         raise UsageError(f"--floor: {given}; the floor is the reference loop (fp32, MSE, the "
-                         "seed's update, a fixed batch) in one process; allowed with it: "
-                         "--batch-size, --d-in, --hidden, --d-out, --lr, --seed, --steps, "
+                         "reference program's update, a fixed batch) in one process; allowed "
+                         "with it: --batch-size, --d-in, --hidden, --d-out, --lr, --seed, --steps, "
                          "--compile, --cuda-graph (it is a graph anyway)")
     if rt.device.type != "cuda":
         raise UsageError("--floor: the floor is a CUDA graph; this process computes on the "

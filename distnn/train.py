@@ -13,15 +13,15 @@ import sys
 import time
 from typing import Any
 
-from distnn.config import TrainConfig, UsageError, parse_config
+from distnn.config import EXIT_USAGE, TrainConfig, UsageError, parse_config
 from distnn.environment import detect_launch
 from distnn.guards import RunFailed
 from distnn.logs import configure_logging
 from distnn.process_group import CollectiveFailed, DeviceStalled, peer_failure, tell_peers
 from distnn.runtime import setup
-from distnn.trainer import Trainer, TrainResult, tf32_matmuls
+from distnn.trainer import Trainer
 
-__all__ = ["Trainer", "TrainResult", "main", "tf32_matmuls"]
+__all__ = ["main"]
 
 log = logging.getLogger("distnn")
 PEER_GRACE_S = 2.0  # how long a rank that failed alone waits before exiting (see main)
@@ -57,8 +57,9 @@ def _one_line(error: BaseException) -> str:
 
 
 def _exit_code(error: Exception) -> int:
-    """RunFailed's own code; 2 for usage and communication errors."""
-    return error.exit_code if isinstance(error, RunFailed) else 2
+    """RunFailed's own code; 2 (EXIT_USAGE) for usage errors, and for a failed collective
+    (a lost peer), as docs/checkpoints-and-faults.md lists."""
+    return error.exit_code if isinstance(error, RunFailed) else EXIT_USAGE
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,7 @@ from torch import nn
 from distnn import fusions, wgrad
 from distnn.batches import ShardStream
 from distnn.checkpoint import Checkpoint, FolderLock, save_checkpoint
-from distnn.config import TrainConfig, UsageError
+from distnn.config import EXIT_USAGE, TrainConfig, UsageError
 from distnn.cudagraph import capture_step
 from distnn.data import shard_bounds
 from distnn.faults import FaultPlan
@@ -83,7 +83,10 @@ class TrainResult:
 
 
 def flag_job(config: TrainConfig, runtime: Runtime) -> Job:
-    """The command line's Job (jobs.job_from_flags) for this rank."""
+    """The command line's Job (jobs.job_from_flags) for this rank; the flags' own MLP is
+    first checked against the memory it needs (startup.check_memory)."""
+    if not config.model:
+        check_memory(config, runtime)
     return job_from_flags(config, world_size=runtime.world_size, rank=runtime.rank)
 
 
@@ -181,11 +184,9 @@ class Trainer:
         Builds the job (self.job, self.config resolved); returns rank 0's checkpoint (None
         elsewhere) and the step to start at.
         """
-        error, code, checkpoint = None, 2, None
+        error, code, checkpoint = None, EXIT_USAGE, None
         try:
             check_placement(self.config, self.rt)
-            if self.build_job is flag_job and not self.config.model:  # the flags' own MLP
-                check_memory(self.config, self.rt)
             self.job = self.build_job(self.config, self.rt)
             self.config = self.job.config
             check_job(self.job)
@@ -210,7 +211,7 @@ class Trainer:
         }, distributed=self.rt.distributed)
         failures = [view for view in views if view["error"]]
         if failures:
-            if failures[0]["code"] == 2:
+            if failures[0]["code"] == EXIT_USAGE:
                 raise UsageError(failures[0]["error"])
             raise RunFailed(failures[0]["error"], failures[0]["code"])
         differ = disagreements([view["fingerprint"] for view in views])
@@ -304,7 +305,8 @@ class Trainer:
         return summed[0], summed[1]
 
     def _update(self, sync: FlatGradSync) -> None:
-        """The seed's ``p -= lr * grad`` over the flat buffer, or the optimizer's step."""
+        """The reference program's ``p -= lr * grad`` over the flat buffer, or the optimizer's
+        step."""
         if self.job.optimizer is None:
             sync.sgd_step(self.config.lr)
         else:
@@ -464,7 +466,7 @@ class Trainer:
                 self.losses.put(step, loss)
             done = step + 1
             if self.log:
-                self.log.record(step)
+                self.log.maybe_flush()
             if validating and self._validation_due(done):
                 self._validate(done)
             if stop.agreed(votes):

@@ -11,7 +11,7 @@ function that inductor compiles whole, so it can fuse that work:
   say, are passed in too and updated in place), differentiated by
   ``torch.func.grad_and_value`` with respect to the buffer itself: the gradient comes out
   flat, in the gradient buffer's layout, with no packing ``cat``.
-- Alone (one rank, the seed's ``p -= lr * grad``, one piece) the update is in the same
+- Alone (one rank, the reference program's ``p -= lr * grad``, one piece) the update is in the same
   function: forward, backward, update, and the loss written into the run's loss record
   (its device-side slot advanced: see LossRecord.target), are one compiled graph.
 - Otherwise the step splits at the all-reduce: the compiled part writes the gradient, the
@@ -19,15 +19,15 @@ function that inductor compiles whole, so it can fuse that work:
   (:meth:`FlatGradSync.sum_packed`; under ``--cuda-graph`` NCCL runs inside the graph),
   then the update runs.
 - ``--precision bf16``: the ``nn.Linear`` layers read bf16 copies of their weights and
-  biases, which the seed's update refreshes from the fp32 weights in the same kernel (after
-  a torch.optim step, one copy), instead of casting them at every step; autocast would cast
-  exactly those to bf16, so the arithmetic is the eager bf16 step's. Every other parameter
-  is read in fp32, as autocast leaves it. The gradients are fp32 (a bf16 layer's are its
-  bf16 products made fp32, as autocast's cast gives them), and so are the all-reduce and
-  the weights. A fixed batch (the same rows every step) whose only reader is an
-  ``nn.Linear`` (the first layer of an ``nn.Sequential``) is cast to bf16 once
-  (:meth:`WholeStep.inputs`), where autocast would cast it in every step. The sum
-  MSE loss and an ``nn.Sequential``'s Linear+ReLU pairs take fewer passes over memory
+  biases, which the reference program's update refreshes from the fp32 weights in the same
+  kernel (after a torch.optim step, one copy), instead of casting them at every step;
+  autocast would cast exactly those to bf16, so the arithmetic is the eager bf16 step's.
+  Every other parameter is read in fp32, as autocast leaves it. The gradients are fp32 (a
+  bf16 layer's are its bf16 products made fp32, as autocast's cast gives them), and so are
+  the all-reduce and the weights. A fixed batch (the same rows every step) whose only
+  reader is an ``nn.Linear`` (the first layer of an ``nn.Sequential``) is cast to bf16
+  once (:meth:`WholeStep.inputs`), where autocast would cast it in every step. The sum MSE
+  loss and an ``nn.Sequential``'s Linear+ReLU pairs take fewer passes over memory
   (distnn/fusions.py; ``DISTNN_BF16_FUSIONS=0`` turns that off).
 
 ``DISTNN_WEIGHT_GRAD`` (wgrad) makes the Linear layers' weight gradients come from another
@@ -108,10 +108,10 @@ class WholeStep:
         # (slower than the eager step); as an error it makes the trainer run the eager step
         compiled = lambda function: torch.compile(function, dynamic=False,  # noqa: E731
                                                   fullgraph=True)
-        self._alone = compiled(self._step_alone)
-        self._gradient_into = compiled(self._write_gradient)
-        self._piece_gradient = compiled(self._gradient)
-        self._sgd = compiled(self._sgd_and_refresh)
+        self._compiled_step_alone = compiled(self._step_alone)
+        self._compiled_write_gradient = compiled(self._write_gradient)
+        self._compiled_gradient = compiled(self._gradient)
+        self._compiled_sgd_and_refresh = compiled(self._sgd_and_refresh)
 
     def inputs(self, pieces: Sequence[Batch]) -> list[Batch]:
         """The pieces of a fixed batch as every step will read them: under bf16, inputs
@@ -133,7 +133,7 @@ class WholeStep:
     def __call__(self, pieces: Sequence[Batch], vote: torch.Tensor) -> Summed:
         sync = self.sync
         if self._fused(pieces):
-            return self._alone(sync.flat_params, self.copy, self.buffers, *pieces[0],
+            return self._compiled_step_alone(sync.flat_params, self.copy, self.buffers, *pieces[0],
                                self.losses), None
         self._write_gradients(pieces, vote, sync.flat_params, self.copy, self.buffers,
                               sync.flat_grads)
@@ -143,10 +143,10 @@ class WholeStep:
             if self.copy is not None:
                 self.copy.copy_(sync.flat_params)
         elif self.copy is not None:
-            self._sgd(sync.flat_params, self.copy, sync.grads)
+            self._compiled_sgd_and_refresh(sync.flat_params, self.copy, sync.grads)
         else:
             sync.sgd_step(self.lr)
-        return extras[0], extras[1] if sync.distributed else None
+        return extras[0], (extras[1] if sync.distributed else None)
 
     def warm_up(self, steps: Sequence[Sequence[Batch]], vote: torch.Tensor) -> None:
         """Compiles what the steps will call, for each of ``steps`` (one step's pieces each:
@@ -158,14 +158,15 @@ class WholeStep:
         losses = None if self.losses is None else tuple(t.clone() for t in self.losses)
         for pieces in steps:
             if self._fused(pieces):
-                self._alone(master, copy, buffers, *pieces[0], losses)
+                self._compiled_step_alone(master, copy, buffers, *pieces[0], losses)
                 continue
             self._write_gradients(pieces, vote, master, copy, buffers, out)
             if copy is not None and self.optimizer is None:
-                self._sgd(master, copy, out[:self.sync.numel])
+                self._compiled_sgd_and_refresh(master, copy, out[:self.sync.numel])
 
     def _fused(self, pieces: Sequence[Batch]) -> bool:
-        """Whether the step is one compiled function: alone, the seed's update, one piece."""
+        """Whether the step is one compiled function: alone, the reference program's update,
+        one piece."""
         return (not self.sync.distributed and self.optimizer is None and len(pieces) == 1
                 and len(pieces[0][0]) > 0)
 
@@ -174,11 +175,11 @@ class WholeStep:
                          out: torch.Tensor) -> None:
         """Writes the pieces' summed gradient, their loss and ``vote`` into ``out``."""
         if len(pieces) == 1 and len(pieces[0][0]):
-            self._gradient_into(master, copy, buffers, *pieces[0], vote, out)
+            self._compiled_write_gradient(master, copy, buffers, *pieces[0], vote, out)
             return
         grad = loss = None
         for piece_x, piece_y in pieces:  # micro-batches, or an empty shard (eager: no shape
-            compute = self._piece_gradient if len(piece_x) else self._gradient  # of 0 rows)
+            compute = self._compiled_gradient if len(piece_x) else self._gradient  # of 0 rows)
             piece_grad, piece_loss = compute(master, copy, buffers, piece_x, piece_y)
             grad = piece_grad if grad is None else grad + piece_grad
             loss = piece_loss if loss is None else loss + piece_loss

@@ -130,7 +130,7 @@ def test_the_bf16_whole_step_keeps_eager_autocast_s_gradients_fused_or_not(fused
 
 
 def test_the_bf16_step_compiled_as_one_function_updates_as_eager_autocast_would():
-    """Alone, with the seed's update, the fused step is one compiled function (forward,
+    """Alone, with the reference program's update, the fused step is one compiled function (forward,
     backward, update, the bf16 copies' refresh): its loss and new weights are those of an
     eager autocast step followed by ``p -= lr * p.grad``."""
     from distnn.gradsync import FlatGradSync

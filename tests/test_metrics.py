@@ -21,7 +21,7 @@ class Run:
 
     def step(self, log, step):
         self.record.put(step, torch.tensor(self.losses[step]))
-        log.record(step)
+        log.maybe_flush()
 
 
 def make_log(run, path, out, **kwargs) -> StepLog:

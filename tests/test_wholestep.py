@@ -1,5 +1,5 @@
 """--compile: the whole step compiled (forward, loss, backward, update) trains as the
-reference does, one process or several, with the seed's update or torch.optim, in fp32
+reference does, one process or several, with the reference program's update or torch.optim, in fp32
 (within the reference's tolerances, bitwise run to run) and bf16; and every shape a run
 meets is compiled before its timed steps."""
 
