@@ -70,7 +70,8 @@ def _fsync(path: str) -> None:
 def save_checkpoint(directory: str, *, step: int, weights: dict[str, torch.Tensor],
                     losses: torch.Tensor, state: dict[str, Any], keep: int,
                     optimizer: dict[str, torch.Tensor] | None = None) -> str:
-    """Writes ``directory/step-{step}`` atomically, then keeps only the newest ``keep``.
+    """Writes ``directory/step-{step}`` atomically, then keeps only the newest ``keep`` of
+    the checkpoints up to it (a folder of a later step is left alone).
 
     ``state`` is stored in state.json with the step and the files' checksums added;
     ``optimizer`` (optimizers.state_tensors) in optimizer.safetensors when given. Returns
@@ -101,7 +102,9 @@ def save_checkpoint(directory: str, *, step: int, weights: dict[str, torch.Tenso
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(directory)[:-keep]:
+    # Folders of later steps are not this run's (a resume would have started from one that
+    # verified): left alone, and not counted, so they cannot crowd out the one just written.
+    for old in [done for done in list_checkpoints(directory) if done <= step][:-keep]:
         shutil.rmtree(os.path.join(directory, f"step-{old}"), ignore_errors=True)
     return final
 

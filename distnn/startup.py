@@ -113,9 +113,11 @@ def prepare_outputs(job: Job) -> Checkpoint | None:
     whose writing was cut short removed), and the newest good checkpoint, checked to fit
     the run (None: nothing to resume)."""
     config = job.config
-    for flag, path in (("--metrics", config.metrics), ("--save", config.save)):
+    for flag, path, replaced in (("--metrics", config.metrics, False),
+                                 ("--save", config.save, True)):
         if path:
-            check_writable(path, flag)
+            check_writable(path, flag, replaced=replaced)
+    check_outputs_distinct(config)
     if config.save:
         for path in remove_stale_temporaries(config.save):
             log.info(f"removed {path}, a --save whose writing was cut short")
@@ -127,6 +129,25 @@ def prepare_outputs(job: Job) -> Checkpoint | None:
     if checkpoint:
         check_resume(checkpoint, job)
     return checkpoint
+
+
+def check_outputs_distinct(config: TrainConfig) -> None:
+    """Refuses --metrics or --save naming a file that an input or the other output names
+    (through a link too): the run would overwrite it."""
+    named: dict[object, str] = {}
+    for flag in ("--data", "--val-data", "--metrics", "--save"):
+        path = getattr(config, flag[2:].replace("-", "_"))
+        if not path:
+            continue
+        try:
+            found = os.stat(path)
+            key: object = (found.st_dev, found.st_ino)
+        except OSError:  # not there yet
+            key = os.path.realpath(path)
+        if key in named and flag in ("--metrics", "--save"):
+            raise UsageError(f"{flag}: got {path!r}, the file that {named[key]} names, which "
+                             "the run would overwrite; allowed: a file of its own")
+        named.setdefault(key, flag)
 
 
 def check_resume(checkpoint: Checkpoint, job: Job) -> None:

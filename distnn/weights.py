@@ -15,6 +15,7 @@ import errno
 import os
 import re
 import shutil
+import stat
 import tempfile
 
 import torch
@@ -28,15 +29,28 @@ _TEMPORARY = ".distnn-tmp"  # the suffix of a file being written: ".NAME.PID.dis
 SPACE_MARGIN = 1 << 20  # bytes a write leaves free besides its own, at least
 
 
-def check_writable(path: str, flag: str) -> None:
+def check_writable(path: str, flag: str, *, replaced: bool = True) -> None:
     """Raises UsageError unless a file can be created at ``path``.
 
     Tries for real (creates and removes a temporary file in the target directory), so the
-    answer holds for root, read-only mounts and full disks alike.
+    answer holds for root, read-only mounts and full disks alike. A symbolic link is
+    followed (the file it names is written). What is at the path already must be a regular
+    file; with ``replaced=False`` (a file opened and written in place, as --metrics is) a
+    device such as /dev/null too, never a named pipe, which would block the run until a
+    reader opened it, or a socket.
     """
-    directory = os.path.dirname(os.path.abspath(path))
+    path = os.path.realpath(path)
+    directory = os.path.dirname(path)
     if os.path.isdir(path):
         raise UsageError(f"{flag}: got {path!r}, which is a directory; allowed: a file path")
+    if os.path.exists(path):
+        mode = os.stat(path).st_mode
+        if not (stat.S_ISREG(mode) or (stat.S_ISCHR(mode) and not replaced)):
+            kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                    else "a device")
+            allowed = ("a regular file" if replaced
+                       else "a regular file or a character device such as /dev/null")
+            raise UsageError(f"{flag}: got {path!r}, which is {kind}; allowed: {allowed}")
     if not os.path.isdir(directory):
         raise UsageError(f"{flag}: got {path!r} but the directory {directory!r} does not exist; "
                          "allowed: a path in an existing, writable directory")
@@ -59,8 +73,10 @@ def check_space(directory: str, needed: int) -> None:
 
 def write_file(path: str, data: bytes) -> None:
     """Writes ``data`` to ``path`` whole or not at all: a temporary beside it, flushed to
-    disk, renamed over it. Raises OSError on failure, with no temporary left."""
-    directory, name = os.path.split(os.path.abspath(path))
+    disk, renamed over it (over the file a symbolic link names, not the link). Raises
+    OSError on failure, with no temporary left."""
+    target = os.path.realpath(path)
+    directory, name = os.path.split(target)
     check_space(directory, len(data))
     tmp_path = os.path.join(directory, f".{name}.{os.getpid()}{_TEMPORARY}")
     try:
@@ -68,7 +84,7 @@ def write_file(path: str, data: bytes) -> None:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(tmp_path, path)
+        os.replace(tmp_path, target)
     except BaseException:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
@@ -78,7 +94,7 @@ def write_file(path: str, data: bytes) -> None:
 def remove_stale_temporaries(path: str) -> list[str]:
     """Removes the temporaries of writes to ``path`` whose writer no longer runs (killed
     mid-write); returns their paths. A live writer's (another job's) is left alone."""
-    directory, name = os.path.split(os.path.abspath(path))
+    directory, name = os.path.split(os.path.realpath(path))
     pattern = re.compile(rf"^\.{re.escape(name)}\.(\d+){re.escape(_TEMPORARY)}$")
     removed = []
     for entry in os.listdir(directory) if os.path.isdir(directory) else []:

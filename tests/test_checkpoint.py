@@ -46,6 +46,15 @@ def test_only_the_newest_are_kept(tmp_path):
     assert list_checkpoints(str(tmp_path)) == [30, 40]
 
 
+def test_a_later_corrupt_folder_neither_counts_nor_goes(tmp_path):
+    (tmp_path / "step-1000").mkdir()
+    (tmp_path / "step-1000" / "state.json").write_text("{")
+    for step in (10, 20, 30):
+        save(tmp_path, step, keep=1)
+    assert list_checkpoints(str(tmp_path)) == [30, 1000]
+    assert latest_checkpoint(str(tmp_path))[0].step == 30
+
+
 def test_a_corrupt_newest_checkpoint_is_skipped_with_a_notice(tmp_path):
     save(tmp_path, 10)
     save(tmp_path, 20)

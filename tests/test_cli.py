@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 
 import pytest
-from safetensors.torch import load_file
+import torch
+from safetensors.torch import load_file, save_file
 
 from distnn.config import TrainConfig, UsageError, parse_config
 from distnn.train import main
@@ -55,6 +58,35 @@ def test_output_paths_that_are_directories_or_under_a_file_are_refused(tmp_path,
     assert "which is a directory" in capsys.readouterr().err
     assert main(["--metrics", str(a_file / "m.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_outputs_that_are_pipes_or_another_files_path_are_refused(tmp_path, capsys,
+                                                                 no_launcher):
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    data = tmp_path / "d.safetensors"
+    save_file({"x": torch.randn(8, 3), "y": torch.randn(8, 2)}, data)
+    before = data.read_bytes()
+    for argv, words in [
+            (["--save", str(pipe)], "which is a named pipe; allowed: a regular file"),
+            (["--metrics", str(pipe)], "which is a named pipe; allowed: a regular file or a "
+                                       "character device"),
+            (["--data", str(data), "--save", str(data)], "the file that --data names"),
+            (["--data", str(data), "--metrics", str(data)], "the file that --data names"),
+            (["--metrics", str(tmp_path / "o"), "--save", str(tmp_path / "o")],
+             "the file that --metrics names")]:
+        assert main([*argv, "--steps", "2"]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.splitlines()) == 1, err
+    assert data.read_bytes() == before and stat.S_ISFIFO(os.stat(pipe).st_mode)
+
+
+def test_a_save_through_a_link_writes_the_file_it_names(tmp_path, no_launcher):
+    link = tmp_path / "w.safetensors"
+    link.symlink_to(tmp_path / "target.safetensors")  # dangling until the run writes it
+    assert main(["--steps", "2", "--save", str(link), "--quiet"]) == 0
+    assert link.is_symlink() and set(load_file(link)) == {"0.weight", "0.bias", "2.weight",
+                                                          "2.bias"}
 
 
 @pytest.mark.parametrize("field, value", [("steps", True), ("lr", math.inf), ("device", "gpu")])
