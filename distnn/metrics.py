@@ -7,11 +7,14 @@ What is printed is the same as printing every step as it happens.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from typing import IO, Any
 
 from tqdm import tqdm
@@ -44,7 +47,8 @@ class StepLog:
         self.log_every = log_every
         self.print_steps = print_steps  # False (--quiet): logged steps go to the metrics only
         self.batch_size = batch_size
-        self.out = out if out is not None else sys.stdout
+        # stdout closed at start (``>&-``): Python has no sys.stdout, so nothing is printed
+        self.out = out or sys.stdout or open(os.devnull, "w")  # noqa: SIM115 - for the run
         self.written = record.pulled  # steps already written
         self.last_flush = time.perf_counter()
         self.metrics_path = metrics_path
@@ -83,7 +87,7 @@ class StepLog:
     def flush(self) -> None:
         """Writes every recorded step not yet written (pulls the record: one host sync)."""
         self.loss_record.pull()
-        self.out.flush()
+        self._to_out(self.out.flush)
         self._to_metrics(None)
         self.last_flush = time.perf_counter()
 
@@ -141,10 +145,26 @@ class StepLog:
     def _write(self, record: dict[str, Any], line: str | None) -> None:
         if line is not None:
             if self.bar:
-                self.bar.write(line, file=self.out)
+                self._to_out(lambda: self.bar.write(line, file=self.out))
             else:
-                print(line, file=self.out)
+                self._to_out(lambda: print(line, file=self.out))
         self._to_metrics(json.dumps(record) + "\n")
+
+    def _to_out(self, write: Callable[[], None]) -> None:
+        """Runs ``write`` (of stdout). A failure (a closed pipe, a full disk) warns once and
+        ends the printed lines, not the run, as for the metrics: the weights, checkpoints
+        and the metrics file do not depend on them."""
+        try:
+            write()
+        except (OSError, ValueError) as error:  # ValueError: a stream closed under us
+            reason = getattr(error, "strerror", None) or error
+            log.warning(f"could not write to stdout ({reason}); training goes on without "
+                        f"printing its loss lines, which end before step {self.written}")
+            self.bar = None
+            if self.out is sys.stdout:  # what Python would flush into it at exit goes nowhere
+                with contextlib.suppress(OSError, ValueError):
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            self.out = open(os.devnull, "w")  # noqa: SIM115 - for the run
 
     def _to_metrics(self, text: str | None) -> None:
         """Writes ``text`` to the metrics file (None: flushes it). A write that fails (no

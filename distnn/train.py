@@ -82,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 Trainer(config, runtime, environ=os.environ).train()
             except _REPORTED as error:
-                if runtime.communicates and not isinstance(error, CollectiveFailed):
+                # a stop is agreed (every rank stops at the same step and says so itself),
+                # and the launcher whose store tell_peers writes to may be the one gone
+                stopped = isinstance(error, RunFailed) and error.label == "stopped"
+                if runtime.communicates and not stopped and not isinstance(error,
+                                                                          CollectiveFailed):
                     tell_peers(_one_line(error), _exit_code(error), launch=launch)
                 # Said before the group is torn down: once a peer exits, the launcher may
                 # stop this rank at any moment.

@@ -101,6 +101,30 @@ def test_metrics_that_cannot_be_written_warn_once_and_the_run_goes_on(tmp_path):
     assert result.stdout.splitlines()[-1].startswith("summary: ")
 
 
+@pytest.mark.parametrize("stdout", ["full disk", "closed pipe"])
+def test_a_stdout_that_cannot_be_written_warns_once_and_the_run_goes_on(tmp_path, stdout):
+    command = [sys.executable, "-m", "distnn.train", *TINY, "--log-every", "1", "--steps",
+               "300", "--checkpoint-dir", str(tmp_path / "ck"), "--save",
+               str(tmp_path / "w.safetensors")]
+    if stdout == "full disk":
+        target = os.open("/dev/full", os.O_WRONLY)
+    else:  # a pipe whose reader is gone, as after `| head -1`
+        reader, target = os.pipe()
+        os.close(reader)
+    try:
+        run = subprocess.run(command, stdout=target, stderr=subprocess.PIPE, text=True,
+                             env=clean_env(), cwd=REPO, timeout=120)
+    finally:
+        os.close(target)
+    returncode, stderr = run.returncode, run.stderr
+    lines = distnn_lines(stderr)
+    assert returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(
+        "distnn: warning: could not write to stdout ("), lines
+    assert list_checkpoints(str(tmp_path / "ck")) == [100, 200, 300]
+    assert (tmp_path / "w.safetensors").exists()
+
+
 def test_the_free_space_is_checked_before_a_write():
     with pytest.raises(OSError) as info:
         check_space("/", 1 << 60)

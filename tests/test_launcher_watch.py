@@ -101,6 +101,9 @@ def test_killing_torchrun_stops_its_ranks_through_the_preemption_path(tmp_path):
     step = steps.pop()
     assert {match.group(2) for match in stops} == {str(ck / f"step-{step}")}
     assert (ck / f"step-{step}" / "weights.safetensors").is_file()
+    # nothing else: no C++ frames from a store that died with the launcher
+    assert "frame #" not in err.read_text() and "TCPStore" not in err.read_text(), (
+        err.read_text()[-3000:])
 
 
 # The launcher's part, for one process: the intermediate parent starts the watched child
