@@ -23,10 +23,11 @@ class UsageError(ValueError):
 
 
 def _option(default: Any, help: str, *, minimum: float | None = None, inclusive: bool = False,
-            choices: tuple[str, ...] | None = None, metavar: str | None = None) -> Any:
+            maximum: float | None = None, choices: tuple[str, ...] | None = None,
+            metavar: str | None = None) -> Any:
     return field(default=default, metadata={
-        "help": help, "minimum": minimum, "inclusive": inclusive, "choices": choices,
-        "metavar": metavar})
+        "help": help, "minimum": minimum, "inclusive": inclusive, "maximum": maximum,
+        "choices": choices, "metavar": metavar})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,7 +73,8 @@ class TrainConfig:
     weight_decay: float = _option(0.01, "weight decay of --optimizer adamw", minimum=0.0,
                                   inclusive=True)
     seed: int = _option(0, "torch.manual_seed before the data and weights are drawn; the "
-                        "epoch order is seeded with seed + epoch", minimum=0)
+                        "epoch order is seeded with seed + epoch", minimum=0,
+                        maximum=2**62)  # seed + epoch stays a 64-bit integer
     val_data: str | None = _option(None, "validate on x and y from this file (the same formats "
                                    "and widths as --data)", metavar="PATH")
     val_every: int = _option(0, "validate every K steps; 0: at the end of each epoch; always "
@@ -86,7 +88,7 @@ class TrainConfig:
                                metavar="PATH")
     timeout_s: float = _option(300.0, "seconds a collective may wait for a peer (and, on a GPU, "
                                "a read of step results for the device) before failing",
-                               minimum=0.0)
+                               minimum=0.0, maximum=1e6)
     checkpoint_dir: str | None = _option(
         None, "write checkpoints here (rank 0) and resume from the newest good one",
         metavar="DIR")
@@ -176,19 +178,21 @@ def _allowed(f: dataclasses.Field) -> str:
     kind = _base_type(f)
     if choices:
         return ", ".join(choices)
+    most = f.metadata["maximum"]
     if kind == "int":
-        return f"an integer >= {int(minimum)}"
+        return f"an integer >= {int(minimum)}" + (f" and <= {most}" if most else "")
     if kind == "tuple[int, ...]":
         return f"integers >= {int(minimum)}, comma-separated"
     if kind == "float":
-        return f"a finite number {'>=' if f.metadata['inclusive'] else '>'} {minimum:g}"
+        return (f"a finite number {'>=' if f.metadata['inclusive'] else '>'} {minimum:g}"
+                + (f" and <= {most:g}" if most else ""))
     if f.type == "bool":
         return "true or false"
     return "a file path"
 
 
 def _check_field(f: dataclasses.Field, value: Any) -> None:
-    minimum, choices = f.metadata["minimum"], f.metadata["choices"]
+    minimum, maximum, choices = (f.metadata[key] for key in ("minimum", "maximum", "choices"))
     kind = _base_type(f)
     bad = False
     if value is None and kind != f.type:
@@ -209,7 +213,7 @@ def _check_field(f: dataclasses.Field, value: Any) -> None:
         bad = value not in choices
     elif value is not None:
         bad = not isinstance(value, str) or value == ""
-    if bad:
+    if bad or (maximum is not None and value > maximum):
         raise UsageError(f"{flag_name(f.name)}: got {value!r}; allowed: {_allowed(f)}")
 
 

@@ -268,11 +268,12 @@ class Trainer:
     # -- the steps ------------------------------------------------------------------------
 
     def _pieces(self, x_shard: torch.Tensor, y_shard: torch.Tensor) -> list[Batch]:
-        """This rank's micro-batches of a shard (empty ones too: more ranks or pieces than
-        rows; such a piece adds nothing)."""
-        pieces = []
-        for index in range(self.config.micro_batches):
-            first, stop = shard_bounds(len(x_shard), self.config.micro_batches, index)
+        """This rank's micro-batches of a shard: --micro-batches of them, or one a row when
+        the shard has fewer rows (a piece of none would add nothing), or one empty piece for
+        an empty shard (more ranks than rows)."""
+        pieces, count = [], min(self.config.micro_batches, max(1, len(x_shard)))
+        for index in range(count):
+            first, stop = shard_bounds(len(x_shard), count, index)
             pieces.append((x_shard[first:stop], y_shard[first:stop]))
         return pieces
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import stat
+import sys
 
 import pytest
 import torch
@@ -28,7 +29,10 @@ BAD_INPUT = [
     (["--lr", "nan"], "--lr: got nan"),
     (["--lr", "inf"], "--lr: got inf"),
     (["--lr", "fast"], "--lr: got 'fast'"),
-    (["--seed", "-1"], "--seed: got -1; allowed: an integer >= 0"),
+    (["--seed", "-1"], "--seed: got -1; allowed: an integer >= 0 and <= 4611686018427387904"),
+    (["--seed", "99999999999999999999"], "--seed: got 99999999999999999999; allowed: an "),
+    (["--timeout-s", "1e300"], "--timeout-s: got 1e+300; allowed: a finite number > 0 and "
+                               "<= 1e+06"),
     (["--device", "tpu"], "--device: got 'tpu'; allowed: auto, cpu, cuda"),
     (["--backend", "mpi"], "--backend: got 'mpi'; allowed: auto, nccl, gloo"),
     (["--log-every", "-1"], "--log-every: got -1; allowed: an integer >= 0"),
@@ -79,6 +83,14 @@ def test_outputs_that_are_pipes_or_another_files_path_are_refused(tmp_path, caps
         err = capsys.readouterr().err
         assert words in err and len(err.splitlines()) == 1, err
     assert data.read_bytes() == before and stat.S_ISFIFO(os.stat(pipe).st_mode)
+
+
+def test_more_micro_batches_than_rows_is_one_a_row(tmp_path):
+    many = run_cli([sys.executable, "-m", "distnn.train", "--steps", "3", "--micro-batches",
+                    "99999999999999999999"], timeout=60)  # was a hang: a piece each, empty too
+    per_row = run_cli([sys.executable, "-m", "distnn.train", "--steps", "3", "--micro-batches",
+                       "64"], timeout=60)
+    assert many.returncode == 0 and many.stdout.splitlines()[:3] == per_row.stdout.splitlines()[:3]
 
 
 def test_a_save_through_a_link_writes_the_file_it_names(tmp_path, no_launcher):
