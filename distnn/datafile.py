@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import struct
+import weakref
 import zipfile
 from dataclasses import dataclass
 
@@ -66,8 +67,11 @@ class DataFile:
 
     def __init__(self, path: str, *, flag: str = "--data") -> None:
         self.path, self.flag = path, flag
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise self.fail("does not exist", "an existing file")
+        if not os.path.isfile(path):
+            raise self.fail("is a directory" if os.path.isdir(path) else "is not a regular file "
+                            "(a device or a pipe)", "a data file")
         suffix = os.path.splitext(path)[1]
         if suffix not in FORMATS:
             raise self.fail("has an unknown format", ", ".join(FORMATS) + " files")
@@ -95,10 +99,17 @@ class DataFile:
             raise self.fail(f"holds x of shape {list(self.x.shape)} and y of shape "
                             f"{list(self.y.shape)}",
                             "x of shape [N, D_in] and y of shape [N, D_out] or [N]")
-        if self.x.shape[0] != self.y.shape[0] or self.x.shape[0] < 1 or self.x.shape[1] < 1:
+        if self.x.shape[0] != self.y.shape[0] or self.x.shape[0] < 1:
             raise self.fail(f"holds {self.x.shape[0]} rows of x and {self.y.shape[0]} of y",
                             "the same number of rows, at least one, in x and y")
+        if self.x.shape[1] < 1 or (len(self.y.shape) == 2 and self.y.shape[1] < 1):
+            raise self.fail(f"holds x of shape {list(self.x.shape)} and y of shape "
+                            f"{list(self.y.shape)}", "at least one column in each")
         self._whole: dict[str, torch.Tensor] = {}  # arrays that had to be read whole
+        # Rows are read from the file opened now: one deleted or replaced (renamed over)
+        # during the run is still read as it was.
+        self._fd = os.open(path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self._fd)
 
     @property
     def rows(self) -> int:
@@ -165,7 +176,7 @@ class DataFile:
 
     def _column_rows(self, column: Column, indices: torch.Tensor) -> torch.Tensor:
         if column.offset is not None:
-            return _pread_rows(self.path, column, indices.numpy())
+            return _pread_rows(self._fd, self.path, column, indices.numpy())
         if column.tensor is not None:
             return column.tensor[indices]
         name = "x" if column is self.x else "y"
@@ -179,9 +190,10 @@ class DataFile:
         return self._whole[name][indices]
 
 
-def _pread_rows(path: str, column: Column, indices: np.ndarray) -> torch.Tensor:
-    """Rows ``indices`` of an array stored row after row from ``column.offset``: one pread per
-    run of consecutive rows, in file order, put back in the order asked for."""
+def _pread_rows(fd: int, path: str, column: Column, indices: np.ndarray) -> torch.Tensor:
+    """Rows ``indices`` of an array stored row after row from ``column.offset`` of the file
+    open as ``fd`` (named ``path``): one pread per run of consecutive rows, in file order,
+    put back in the order asked for."""
     count, row_bytes = len(indices), column.row_bytes
     if count == 0:
         return torch.empty((0, *column.shape[1:]), dtype=column.dtype)
@@ -191,14 +203,12 @@ def _pread_rows(path: str, column: Column, indices: np.ndarray) -> torch.Tensor:
     buffer = np.empty((count, row_bytes), dtype=np.uint8)
     breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
     starts, stops = np.r_[0, breaks], np.r_[breaks, count]
-    with open(path, "rb", buffering=0) as file:
-        for first, stop in zip(starts.tolist(), stops.tolist(), strict=True):
-            want = (stop - first) * row_bytes
-            got = os.preadv(file.fileno(), [buffer[first:stop]],
-                            column.offset + int(ordered[first]) * row_bytes)
-            if got != want:
-                raise UsageError(f"--data: {path!r} ended early (read {got} of {want} bytes "
-                                 f"at row {int(ordered[first])}); allowed: a complete file")
+    for first, stop in zip(starts.tolist(), stops.tolist(), strict=True):
+        want = (stop - first) * row_bytes
+        got = os.preadv(fd, [buffer[first:stop]], column.offset + int(ordered[first]) * row_bytes)
+        if got != want:
+            raise UsageError(f"--data: {path!r} ended early (read {got} of {want} bytes at row "
+                             f"{int(ordered[first])}); allowed: a complete file")
     if in_order:
         rows = buffer
     else:

@@ -124,6 +124,10 @@ BAD_FILES = {
     "nan.safetensors": "holds a non-finite value in x",
     "torn.safetensors": "cannot be read",
     "pickle.pt": "cannot be read",
+    "no_x_columns.safetensors": "holds x of shape [4, 0] and y of shape [4, 2]; allowed: at "
+                                "least one column in each",
+    "no_y_columns.safetensors": "holds x of shape [4, 3] and y of shape [4, 0]",
+    "folder.safetensors": "is a directory; allowed: a data file",
 }
 
 
@@ -148,7 +152,26 @@ def make_bad(tmp_path, name):
         path.write_bytes(path.read_bytes()[:40])
     elif name == "pickle.pt":
         torch.save({"x": x, "y": y, "evil": object()}, path)  # needs pickle: refused
+    elif name == "no_x_columns.safetensors":
+        save_file({"x": torch.zeros(4, 0), "y": y}, path)
+    elif name == "no_y_columns.safetensors":
+        save_file({"x": x, "y": torch.zeros(4, 0)}, path)
+    elif name == "folder.safetensors":
+        path.mkdir()
     return path
+
+
+@pytest.mark.parametrize("name", ["d.safetensors", "d.npz"])
+def test_a_file_replaced_or_deleted_during_the_run_is_read_as_it_was(tmp_path, name):
+    x, y = make_tensors(rows=20, d_in=3)
+    path = write(tmp_path / name, x, y)
+    data = DataFile(str(path))
+    other = write(tmp_path / f"other{path.suffix}", x + 1, y + 1)
+    os.replace(other, path)  # renamed over it, as a new version of the data would be
+    rows = torch.tensor([3, 4, 17])
+    assert all(torch.equal(got, want[rows]) for got, want in zip(data.read(rows), (x, y)))
+    path.unlink()
+    assert all(torch.equal(got, want[rows]) for got, want in zip(data.read(rows), (x, y)))
 
 
 @pytest.mark.parametrize("name", sorted(BAD_FILES))
