@@ -67,8 +67,9 @@ def check_space(directory: str, needed: int) -> None:
     than ``needed`` bytes and a margin: refused before a byte is written."""
     free = shutil.disk_usage(directory).free
     if free < needed + SPACE_MARGIN:
-        raise OSError(errno.ENOSPC, f"No space left on device: {needed} bytes needed, "
-                                    f"{free} free", directory)
+        raise OSError(errno.ENOSPC, f"No space left on device: {needed} bytes needed and "
+                                    f"{SPACE_MARGIN >> 20} MiB kept free, {free} free",
+                      directory)
 
 
 def write_file(path: str, data: bytes) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -129,6 +130,24 @@ def test_the_free_space_is_checked_before_a_write():
     with pytest.raises(OSError) as info:
         check_space("/", 1 << 60)
     assert info.value.errno == errno.ENOSPC and "bytes needed" in str(info.value)
+
+
+def test_a_checkpoint_that_visibly_will_not_fit_is_refused_before_writing(tmp_path, capsys,
+                                                                          no_launcher,
+                                                                          monkeypatch):
+    ck = tmp_path / "ck"
+    assert main([*TINY, "--steps", "10", "--checkpoint-dir", str(ck), "--checkpoint-every",
+                 "5"]) == 0
+    capsys.readouterr()
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1 << 20))
+    code = main([*TINY, "--steps", "20", "--checkpoint-dir", str(ck), "--checkpoint-every",
+                 "5"])
+    lines = [line for line in capsys.readouterr().err.splitlines()
+             if line.startswith("distnn: error")]
+    assert code == 4 and len(lines) == 1, lines
+    assert "(No space left on device: " in lines[0] and "1 MiB kept free" in lines[0], lines
+    assert sorted(os.listdir(ck)) == [".distnn-lock", "step-10", "step-5"]  # no temporary
 
 
 def test_a_second_job_on_the_same_checkpoint_folder_stops_naming_the_first(tmp_path):
