@@ -15,12 +15,14 @@ from safetensors.torch import load_file
 @functools.cache
 def reference_run(*, seed: int = 0, batch_size: int = 64, d_in: int = 1000,
                   hidden: tuple[int, ...] = (100,), d_out: int = 10, steps: int = 500,
-                  lr: float = 1e-4, data: str | None = None,
+                  lr: float = 1e-4, data: str | None = None, bf16: bool = False,
                   ) -> tuple[tuple[float, ...], dict[str, torch.Tensor]]:
     """Returns (the loss printed at each step, the final state_dict).
 
     With ``data`` (a safetensors file holding x and y) the batch comes from the file and
     the seed draws only the weights. ``hidden`` lists the widths of the hidden layers.
+    ``bf16``: the forward and the loss under ``torch.autocast`` in bfloat16 (the CPU's), as
+    PyTorch's documentation writes mixed precision; the weights and the update stay fp32.
     """
     torch.manual_seed(seed)
     if data is None:
@@ -37,8 +39,9 @@ def reference_run(*, seed: int = 0, batch_size: int = 64, d_in: int = 1000,
     loss_fn = torch.nn.MSELoss(reduction="sum")
     losses = []
     for _ in range(steps):
-        y_pred = model(x)
-        loss = loss_fn(y_pred, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y_pred = model(x)
+            loss = loss_fn(y_pred, y)
         losses.append(loss.item())
         model.zero_grad()
         loss.backward()

@@ -68,14 +68,23 @@ def test_more_micro_batches_than_rows_is_still_right(tmp_path, no_launcher):
                              load_file(tmp_path / "w.safetensors"), batch_size=3, steps=50)
 
 
-def test_bf16_autocast_trains_close_to_the_fp32_reference(tmp_path, no_launcher):
+def test_bf16_trains_as_a_plain_autocast_loop(tmp_path, no_launcher):
     assert main(["--precision", "bf16", "--steps", "100", "--log-every", "1",
                  "--metrics", str(tmp_path / "m.jsonl")]) == 0
     losses = read_losses(tmp_path / "m.jsonl")
-    want, _ = reference_run(steps=100)
-    for got, ref in zip(losses, want, strict=True):
-        assert got == pytest.approx(ref, rel=0.05)  # bf16 keeps about 3 significant digits
+    autocast, _ = reference_run(steps=100, bf16=True)
+    fp32, _ = reference_run(steps=100)
+    # the first steps are the loop's (measured: bitwise) and not fp32's (measured 1.7e-4);
+    # then the update's single rounding (docs/performance.md) makes the runs drift apart:
+    # measured 0.24% by step 100
+    assert max_relative(losses[:10], autocast[:10]) < 1e-5 < max_relative(losses[:10],
+                                                                          fp32[:10])
+    assert max_relative(losses, autocast) < 1e-2
     assert losses[-1] < losses[0] / 100
+
+
+def max_relative(got, want):
+    return max(abs(mine - theirs) / abs(theirs) for mine, theirs in zip(got, want, strict=True))
 
 
 def test_tf32_on_the_cpu_is_refused(capsys, no_launcher):
