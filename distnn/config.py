@@ -161,10 +161,13 @@ def flag_name(field_name: str) -> str:
 
 
 def flag_text(value: Any) -> str:
-    """A value as it is written on the command line (lists comma-separated)."""
+    """A value as it is written on the command line (lists comma-separated), a switch as on
+    or off, a flag not given as none."""
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value))
-    return str(value)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "none" if value is None else str(value)
 
 
 def _base_type(f: dataclasses.Field) -> str:

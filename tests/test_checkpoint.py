@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from distnn.checkpoint import (
     check_compatible,
@@ -17,6 +19,7 @@ from distnn.checkpoint import (
 )
 from distnn.config import TrainConfig, UsageError
 from distnn.model import build_model
+from distnn.train import main
 
 CONFIG = dataclasses.asdict(TrainConfig(d_in=6, hidden=(4,), d_out=2, batch_size=8))
 
@@ -107,3 +110,52 @@ def test_state_json_records_checksums(tmp_path):
     state = json.loads((tmp_path / "step-3" / "state.json").read_text())
     assert set(state["sha256"]) == {"weights.safetensors", "losses.safetensors"}
     assert state["step"] == 3 and state["config"]["hidden"] == [4]
+
+
+@pytest.fixture(scope="module")
+def a_finished_run(tmp_path_factory):
+    """A 6-step run on a 12-row file, checkpointed at steps 3 and 6."""
+    folder = tmp_path_factory.mktemp("run")
+    generator = torch.Generator().manual_seed(0)
+    for name, rows in (("d.safetensors", 12), ("more.safetensors", 16)):
+        save_file({"x": torch.randn(rows, 3, generator=generator),
+                   "y": torch.randn(rows, 2, generator=generator)}, folder / name)
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            patch.delenv(name, raising=False)
+        assert main(flags(folder, folder / "ck")) == 0
+    return folder
+
+
+def flags(folder, ck, **change):
+    """The run's flags, with ``change`` (``batch_size="6"``; True: a switch; None: left out)."""
+    given = {"data": str(folder / "d.safetensors"), "batch_size": "4", "steps": "6",
+             "hidden": "4", "checkpoint_every": "3", "checkpoint_dir": str(ck), "quiet": True,
+             **change}
+    argv = []
+    for name, value in given.items():
+        if value is not None:
+            argv += [f"--{name.replace('_', '-')}", *([] if value is True else [value])]
+    return argv
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"batch_size": "6"}, "made with --batch-size 4 (now 6)"),
+    ({"hidden": "5"}, "made with --hidden 4 (now 5)"),
+    ({"model": "tests.user_models:small_mlp", "hidden": None},
+     "made with --hidden 4 (now none), --model none (now tests.user_models:small_mlp)"),
+    ({"seed": "1"}, "made with --seed 0 (now 1)"),
+    ({"no_shuffle": True}, "made with --no-shuffle off (now on)"),
+    ({"drop_last": True}, "made with --drop-last off (now on)"),
+    ({"optimizer": "momentum"}, "made with --optimizer sgd (now momentum)"),
+    ({"data": "more.safetensors"}, "was made on 12 rows of data and this run has 16"),
+    ({"steps": "2"}, "--steps: got 2 but"),
+])
+def test_a_resume_that_changes_what_the_checkpoint_recorded_is_refused(
+        a_finished_run, tmp_path, capsys, no_launcher, change, words):
+    shutil.copytree(a_finished_run / "ck", tmp_path / "ck")
+    if "data" in change:
+        change["data"] = str(a_finished_run / change["data"])
+    assert main(flags(a_finished_run, tmp_path / "ck", **change)) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and words in lines[0], lines
