@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import tempfile
 
 import pytest
 import torch
@@ -30,11 +32,15 @@ def test_check_writable_refuses_unusable_paths(tmp_path, make_path, words):
     assert words in str(info.value)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write to a read-only directory")
-def test_check_writable_refuses_a_read_only_directory(tmp_path):
+def test_check_writable_refuses_a_read_only_directory(tmp_path, monkeypatch):
+    if os.geteuid() == 0:  # root writes to a read-only directory: refuse as the kernel would
+        def refused(**kwargs):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+        monkeypatch.setattr(tempfile, "NamedTemporaryFile", refused)
     tmp_path.chmod(0o500)
     try:
-        with pytest.raises(UsageError, match="is not writable"):
+        with pytest.raises(UsageError, match="is not writable \\(Permission denied\\)"):
             check_writable(str(tmp_path / "w.safetensors"), "--save")
     finally:
         tmp_path.chmod(0o700)
@@ -62,5 +68,21 @@ def test_a_failed_save_leaves_the_old_file_and_no_temporary(tmp_path):
 
     with pytest.raises(AttributeError):
         save_weights(Broken(), str(path))
+    assert path.read_bytes() == b"an older file"
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+def test_a_save_that_fails_while_writing_leaves_the_old_file_and_no_temporary(tmp_path,
+                                                                            monkeypatch):
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(b"an older file")
+
+    def failing_fsync(fd):  # the bytes are written, the disk then fails
+        assert os.fstat(fd).st_size > 0
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        save_weights(build_model(5, [4], 3), str(path))
     assert path.read_bytes() == b"an older file"
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
