@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -43,6 +44,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_every_rank_with_the_reason(tm
                       "20"], env=write_fail(50), timeout=90)
     lines = distnn_lines(result.stderr)
     assert result.returncode != 0 and len(lines) == 2, result.stderr[-3000:]
+    assert re.search(r"exitcode\s*:\s*4", result.stderr), result.stderr[-3000:]
     for rank, line in enumerate(sorted(lines)):
         assert line.startswith(f"distnn: rank {rank}: error: could not write the checkpoint "
                                f"{ck / 'step-60'} (File too large); the last good checkpoint "
@@ -165,6 +167,7 @@ def test_a_second_job_on_the_same_checkpoint_folder_stops_naming_the_first(tmp_p
                           *TINY, "--steps", "5", "--checkpoint-dir", str(ck)], timeout=90)
         lines = sorted(distnn_lines(second.stderr))
         assert second.returncode != 0 and len(lines) == 2, second.stderr[-2000:]
+        assert re.search(r"exitcode\s*:\s*2", second.stderr), second.stderr[-2000:]
         for rank, line in enumerate(lines):
             assert line.startswith(f"distnn: rank {rank}: error: --checkpoint-dir: '{ck}' is "
                                    f"in use by another job (host ")
@@ -224,6 +227,7 @@ def test_an_allocation_that_fails_is_one_line_and_exit_5_on_every_rank(tmp_path)
                             timeout=120, preexec_fn=small_address_space)
     lines = sorted(distnn_lines(result.stderr))
     assert result.returncode != 0 and len(lines) == 2, result.stderr[-2000:]
+    assert re.search(r"exitcode\s*:\s*5", result.stderr), result.stderr[-2000:]
     for rank, line in enumerate(lines):
         assert line.startswith(f"distnn: rank {rank}: error: out of memory on cpu: torch could "
                                "not allocate "), line
