@@ -83,6 +83,11 @@ class WholeStep:
                              f"the stop vote), got {sync.flat_grads.numel() - sync.numel}")
         self.model, self.loss_fn, self.sync = model, loss_fn, sync
         self.lr, self.optimizer = lr, optimizer
+        # the compiled updates read the learning rate from a tensor: as a Python number it
+        # would be a constant of the compiled code, and each run with another --lr in one
+        # process (a sweep) would compile again, until torch's limit of 8 made it fail
+        self._lr = torch.tensor(lr, dtype=sync.flat_params.dtype,
+                                device=sync.flat_params.device)
         self.buffers: Buffers = dict(model.named_buffers())
         self.losses = losses
         device = sync.flat_params.device
@@ -133,8 +138,8 @@ class WholeStep:
     def __call__(self, pieces: Sequence[Batch], vote: torch.Tensor) -> Summed:
         sync = self.sync
         if self._fused(pieces):
-            return self._compiled_step_alone(sync.flat_params, self.copy, self.buffers, *pieces[0],
-                               self.losses), None
+            return self._compiled_step_alone(sync.flat_params, self.copy, self.buffers,
+                                             *pieces[0], self._lr, self.losses), None
         self._write_gradients(pieces, vote, sync.flat_params, self.copy, self.buffers,
                               sync.flat_grads)
         extras = sync.sum_packed()
@@ -143,7 +148,7 @@ class WholeStep:
             if self.copy is not None:
                 self.copy.copy_(sync.flat_params)
         elif self.copy is not None:
-            self._compiled_sgd_and_refresh(sync.flat_params, self.copy, sync.grads)
+            self._compiled_sgd_and_refresh(sync.flat_params, self.copy, sync.grads, self._lr)
         else:
             sync.sgd_step(self.lr)
         return extras[0], (extras[1] if sync.distributed else None)
@@ -158,11 +163,11 @@ class WholeStep:
         losses = None if self.losses is None else tuple(t.clone() for t in self.losses)
         for pieces in steps:
             if self._fused(pieces):
-                self._compiled_step_alone(master, copy, buffers, *pieces[0], losses)
+                self._compiled_step_alone(master, copy, buffers, *pieces[0], self._lr, losses)
                 continue
             self._write_gradients(pieces, vote, master, copy, buffers, out)
             if copy is not None and self.optimizer is None:
-                self._compiled_sgd_and_refresh(master, copy, out[:self.sync.numel])
+                self._compiled_sgd_and_refresh(master, copy, out[:self.sync.numel], self._lr)
 
     def _fused(self, pieces: Sequence[Batch]) -> bool:
         """Whether the step is one compiled function: alone, the reference program's update,
@@ -209,10 +214,10 @@ class WholeStep:
         return of_master + of_copy.to(of_master.dtype), loss  # each is zero where the other is
 
     def _step_alone(self, master: torch.Tensor, copy: torch.Tensor | None, buffers: Buffers,
-                    x: torch.Tensor, y: torch.Tensor,
+                    x: torch.Tensor, y: torch.Tensor, lr: torch.Tensor,
                     losses: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
         grad, loss = self._gradient(master, copy, buffers, x, y)
-        master.add_(grad, alpha=-self.lr)
+        master.sub_(lr * grad)  # the reference program's p -= lr * grad
         if copy is not None:
             copy.copy_(master)
         if losses is None:
@@ -229,8 +234,8 @@ class WholeStep:
         out.copy_(torch.cat([grad, loss.reshape(1).to(out.dtype), vote.to(out.dtype)]))
 
     def _sgd_and_refresh(self, master: torch.Tensor, copy: torch.Tensor,
-                         grads: torch.Tensor) -> None:
-        master.add_(grads, alpha=-self.lr)
+                         grads: torch.Tensor, lr: torch.Tensor) -> None:
+        master.sub_(lr * grads)
         copy.copy_(master)
 
 

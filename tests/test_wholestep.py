@@ -59,15 +59,22 @@ def test_adamw_in_mini_batches_with_empty_shards_on_three_ranks(tmp_path):
     assert_close_run(result["losses"], result["weights"][0], losses, weights)
 
 
-def _frames_at_warm_up(monkeypatch) -> list[int]:
-    """Makes every WholeStep.warm_up note how many frames torch had compiled when it ended
-    (compare with ``counters["frames"]["total"]`` after the run: equal if nothing was
-    compiled during the steps)."""
-    warm_up, compiled = wholestep.WholeStep.warm_up, []
+class _Compiled(list):
+    """The graph counts at each warm_up's end; ``shapes``: the last one's rows per step."""
 
-    def counting(self, *args, **kwargs):
-        warm_up(self, *args, **kwargs)
-        compiled.append(counters["frames"]["total"])
+    shapes: list[int]
+
+
+def _graphs_at_warm_up(monkeypatch) -> list[int]:
+    """Makes every WholeStep.warm_up note how many frames torch had compiled when it ended
+    (compare with ``counters["stats"]["unique_graphs"]`` after the run: equal if nothing
+    was compiled during the steps)."""
+    warm_up, compiled = wholestep.WholeStep.warm_up, _Compiled()
+
+    def counting(self, steps, *args, **kwargs):
+        warm_up(self, steps, *args, **kwargs)
+        compiled.append(counters["stats"]["unique_graphs"])
+        compiled.shapes = sorted(sum(len(x) for x, _ in pieces) for pieces in steps)
 
     monkeypatch.setattr(wholestep.WholeStep, "warm_up", counting)
     return compiled
@@ -79,7 +86,7 @@ def test_every_shape_is_compiled_before_the_timed_steps(tmp_path, no_launcher, m
     """A data file that leaves a smaller last batch (10 rows in batches of 4, 4 and 2): both
     shapes are compiled in warm_up, also when a resumed run starts on the small one; nothing
     is compiled during the steps."""
-    compiled = _frames_at_warm_up(monkeypatch)
+    compiled = _graphs_at_warm_up(monkeypatch)
     generator = torch.Generator().manual_seed(6)
     x, y = torch.randn(10, 5, generator=generator), torch.randn(10, 2, generator=generator)
     data = tmp_path / "d.safetensors"
@@ -91,7 +98,9 @@ def test_every_shape_is_compiled_before_the_timed_steps(tmp_path, no_launcher, m
     counters.clear()
     compiled.clear()
     losses, weights, _ = _run(tmp_path, "run", *flags, "--epochs", "2")
-    assert compiled == [counters["frames"]["total"]]  # nothing compiled after warm_up
+    assert compiled == [counters["stats"]["unique_graphs"]]  # nothing compiled after warm_up
+    assert compiled.shapes == [2, 4]  # warm_up was given both shapes (with the stance, a
+    # shape it missed would run eagerly, and compile nothing either)
     want_losses, want_weights, _ = minibatch_reference(x=x, y=y, hidden=(4,), batch_size=4,
                                                        epochs=2, lr=1e-2)
     assert_close_run(losses, weights, want_losses[resume_at:], want_weights)
@@ -101,13 +110,13 @@ def test_bf16_keeps_the_eager_bf16_steps_numbers(tmp_path, no_launcher, monkeypa
     """The forward reads bf16 copies of the weights that the update refreshes, and the
     fixed batch cast to bf16 once: the losses stay those of eager autocast (bf16 rounding
     apart) and near the fp32 reference, and the steps compile nothing more."""
-    frames, read = _frames_at_warm_up(monkeypatch), set()
+    frames, read = _graphs_at_warm_up(monkeypatch), set()
     call = wholestep.WholeStep.__call__
     monkeypatch.setattr(wholestep.WholeStep, "__call__", lambda self, pieces, vote: (
         read.add(pieces[0][0].dtype), call(self, pieces, vote))[1])
     counters.clear()
     compiled, _, _ = _run(tmp_path, "c", "--compile", "--precision", "bf16", "--steps", "100")
-    assert frames == [counters["frames"]["total"]] and read == {torch.bfloat16}
+    assert frames == [counters["stats"]["unique_graphs"]] and read == {torch.bfloat16}
     eager, _, _ = _run(tmp_path, "e", "--precision", "bf16", "--steps", "100")
     autocast, _ = reference_run(steps=100, bf16=True)  # a plain autocast loop
     fp32, _ = reference_run(steps=100)
@@ -354,3 +363,16 @@ def test_the_losses_a_compiled_step_writes_itself_wrap_around_the_record(tmp_pat
     assert len(losses) == steps
     for step in (0, 1, WINDOW - 1, WINDOW, WINDOW + 1, steps - 1):
         assert losses[step] == pytest.approx(want[step], rel=1e-4), step
+
+
+def test_a_run_with_another_learning_rate_in_the_same_process_compiles_nothing_new(
+        tmp_path, no_launcher):
+    """A sweep over --lr in one process (distnn.fit in a notebook, say) reuses the compiled
+    step: the rate is read from a tensor, not built into the code (8 rates used to reach
+    torch's recompile limit, and the step fell back to eager)."""
+    _run(tmp_path, "first", "--compile", "--steps", "20", "--d-in", "20", "--lr", "1e-4")
+    graphs = counters["stats"]["unique_graphs"]
+    losses, weights, _ = _run(tmp_path, "other", "--compile", "--steps", "20", "--d-in", "20",
+                              "--lr", "3e-4")
+    assert counters["stats"]["unique_graphs"] == graphs > 0
+    assert_matches_reference(losses, weights, steps=20, d_in=20, lr=3e-4)
