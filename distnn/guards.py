@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import platform
 from typing import Any
 
 import safetensors
 import torch
 import torch.distributed as dist
+from torch import nn
 
 import distnn
 from distnn.config import TrainConfig, flag_name
@@ -38,6 +40,15 @@ def fingerprint(config: TrainConfig) -> dict[str, Any]:
         "safetensors": safetensors.__version__,
         "python": platform.python_version(),
     }
+
+
+def model_signature(model: nn.Module) -> str:
+    """The model as far as the ranks must agree on it: its parameters' and buffers' names,
+    shapes and dtypes, summed up in a line (a count, the values, a digest of the list)."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    listed = ";".join(f"{name}:{list(t.shape)}:{t.dtype}" for name, t in tensors)
+    digest = hashlib.sha256(listed.encode()).hexdigest()[:12]
+    return f"{len(tensors)} tensors of {sum(t.numel() for _, t in tensors)} values ({digest})"
 
 
 def disagreements(fingerprints: list[dict[str, Any]]) -> list[str]:

@@ -13,6 +13,8 @@ import dataclasses
 import logging
 import os
 
+import torch
+
 from distnn.checkpoint import (
     Checkpoint,
     FolderLock,
@@ -72,7 +74,9 @@ def check_memory(config: TrainConfig, rt: Runtime) -> None:
 
 
 def check_job(job: Job) -> None:
-    """Refuses combinations of the job and the flags that cannot run."""
+    """Refuses combinations of the job and the flags that cannot run: a model whose weights
+    cannot take the data's inputs, and what --cuda-graph cannot capture."""
+    check_model_takes_the_data(job)
     config = job.config
     if not config.cuda_graph:
         return
@@ -85,6 +89,28 @@ def check_job(job: Job) -> None:
                          f"smaller than --batch-size {job.plan.batch_size}, and a captured "
                          "step has one shape; allowed: a --batch-size that divides the "
                          "rows, or --drop-last")
+
+
+def check_model_takes_the_data(job: Job) -> None:
+    """Refuses a model without weights to train, with weights not yet made (the meta
+    device), or whose floating-point weights are of another dtype than the inputs (a
+    float64 model on a data file's float32 rows): each would fail in the first step."""
+    params = [p for p in job.model.parameters() if p.requires_grad]
+    if not params:
+        raise UsageError("the model has no trainable parameters; allowed: a model with "
+                         "parameters that require gradients")
+    if any(p.device.type == "meta" for p in params):
+        raise UsageError("the model's parameters are on the meta device (shapes without "
+                         "values); allowed: a model with its weights made, e.g. "
+                         "to_empty() and an initialisation, or built without device='meta'")
+    x = job.fixed[0] if job.fixed is not None else job.source.read(torch.arange(1))[0]
+    dtypes = {p.dtype for p in params}
+    if x.is_floating_point() and dtypes != {x.dtype}:
+        named = ", ".join(sorted(str(dtype).removeprefix("torch.") for dtype in dtypes))
+        given = str(x.dtype).removeprefix("torch.")
+        raise UsageError(f"the model's parameters are {named} and its inputs {given}; "
+                         f"allowed: parameters of the inputs' dtype ({given}; --precision "
+                         "bf16 for mixed precision)")
 
 
 def claim_checkpoint_dir(config: TrainConfig) -> FolderLock | None:

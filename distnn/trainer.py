@@ -38,7 +38,13 @@ from distnn.cudagraph import capture_step
 from distnn.data import shard_bounds
 from distnn.faults import FaultPlan
 from distnn.gradsync import FlatGradSync
-from distnn.guards import RunFailed, check_replicas, disagreements, fingerprint
+from distnn.guards import (
+    RunFailed,
+    check_replicas,
+    disagreements,
+    fingerprint,
+    model_signature,
+)
 from distnn.jobs import Job, job_from_flags
 from distnn.lossrecord import LossRecord
 from distnn.memory import out_of_memory
@@ -206,6 +212,7 @@ class Trainer:
             "error": error,
             "code": code,
             "fingerprint": fingerprint(self.config),
+            "model": model_signature(self.job.model) if self.job else None,
             "start": checkpoint.step if checkpoint else 0,
             "tail": checkpoint.losses.tolist() if checkpoint else [],
         }, distributed=self.rt.distributed)
@@ -218,6 +225,11 @@ class Trainer:
         if differ:
             raise UsageError("the ranks were started differently: " + "; ".join(differ)
                              + "; allowed: the same flags and library versions on every rank")
+        models = {view["model"] for view in views}
+        if len(models) > 1:
+            said = ", ".join(f"rank {rank} {view['model']}" for rank, view in enumerate(views))
+            raise UsageError(f"the ranks built different models: {said}; allowed: the same "
+                             "model on every rank (built the same way, whatever the rank)")
         start = views[0]["start"]
         self.losses = LossRecord(self.rt.device, start=start, tail=views[0]["tail"],
                                  wait=self.watch.wait)

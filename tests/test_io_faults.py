@@ -273,6 +273,15 @@ def test_out_of_memory_in_a_step_on_one_rank_is_reported_by_every_rank():
     assert "failed (exitcode: 5) local_rank: 1" in stderr, stderr[-3000:]
 
 
+def test_ranks_that_build_different_models_are_refused_before_training():
+    lines, stderr = _torchrun_lines(2, ["--model", "tests.user_models:wider_on_rank_1",
+                                        "--steps", "10"])
+    assert len(lines) == 2 and all(
+        "error: the ranks built different models: rank 0 4 tensors of 94 values" in line
+        and ", rank 1 4 tensors of 136 values" in line for line in lines), stderr[-3000:]
+    assert re.search(r"exitcode\s*:\s*2", stderr) and "gloo::EnforceNotMet" not in stderr
+
+
 def test_an_error_in_the_users_model_on_one_rank_is_named_by_the_others():
     lines, stderr = _torchrun_lines(2, ["--model", "tests.user_models:fails_on_rank_1",
                                         "--steps", "10"])

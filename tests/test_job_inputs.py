@@ -53,6 +53,12 @@ BAD = [
     (["--model", "tests.user_models:not_a_module"], "returned a str; allowed: a function that "
                                                     "returns an nn.Module"),
     (["--model", "tests.user_models:raises"], "raised RuntimeError: the user's bug"),
+    (["--model", "tests.user_models:float64"], "the model's parameters are float64 and its "
+                                               "inputs float32; allowed: parameters of the "
+                                               "inputs' dtype (float32"),
+    (["--data", "{floats}", "--model", "tests.user_models:on_the_meta_device"],
+     "the model's parameters are on the meta device"),
+    (["--model", "tests.user_models:frozen"], "the model has no trainable parameters"),
     (["--model", "nocolon"], "--model: got 'nocolon'; allowed: MODULE:FUNCTION"),
     (["--data", "{floats}", "--batch-size", "7", "--drop-last"],
      "--drop-last: --batch-size 7 is more than the data's 6 rows"),

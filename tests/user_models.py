@@ -59,3 +59,21 @@ class FailsOnRank1(nn.Sequential):
 
 def fails_on_rank_1(d_in: int, d_out: int) -> nn.Module:
     return FailsOnRank1(nn.Linear(d_in, 8), nn.ReLU(), nn.Linear(8, d_out))
+
+
+def wider_on_rank_1(d_in: int, d_out: int) -> nn.Module:
+    """A model built differently on rank 1 (its hidden layer), which distnn must refuse."""
+    width = 6 if os.environ.get("RANK") == "1" else 4
+    return nn.Sequential(nn.Linear(d_in, width), nn.ReLU(), nn.Linear(width, d_out))
+
+
+def float64(d_in: int, d_out: int) -> nn.Module:
+    return nn.Linear(d_in, d_out).double()
+
+
+def on_the_meta_device(d_in: int, d_out: int) -> nn.Module:
+    return nn.Linear(d_in, d_out, device="meta")
+
+
+def frozen(d_in: int, d_out: int) -> nn.Module:
+    return nn.Linear(d_in, d_out).requires_grad_(False)
