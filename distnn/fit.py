@@ -60,9 +60,13 @@ def fit(model: nn.Module, *, train: Data,
         raise UsageError(f"distnn.fit: got {', '.join(unknown)}, not a setting; allowed: the "
                          "flags of python -m distnn.train as keywords, dashes as underscores "
                          "(batch_size=32, epochs=3: docs/flags.md)")
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"distnn.fit: model is a {type(model).__name__}; allowed: an "
+                         "nn.Module (an instance, built on every rank)")
     if isinstance(optimizer, str):
         names = {"optimizer": optimizer}
     elif isinstance(optimizer, torch.optim.Optimizer):
+        _check_optimizes(optimizer, model)
         names = {}
     else:
         raise UsageError(f"distnn.fit: optimizer is a {type(optimizer).__name__}; allowed: "
@@ -102,6 +106,20 @@ def fit(model: nn.Module, *, train: Data,
     with setup(device=config.device, backend=config.backend,
                timeout_s=config.timeout_s) as rt:
         return run(rt)
+
+
+def _check_optimizes(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Refuses an optimizer that steps tensors which are not the model's, or none of its
+    trainable parameters: one built on another model (a copy, say) would leave this one
+    untrained, silently."""
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    own = {id(p): p.requires_grad for p in model.parameters()}
+    foreign = len(stepped - set(own))
+    if foreign or not any(own.get(p) for p in stepped):
+        said = (f"{foreign} tensors that are not the model's parameters" if foreign
+                else "none of the model's trainable parameters")
+        raise UsageError(f"distnn.fit: the optimizer steps {said}; allowed: an optimizer "
+                         "built on model.parameters()")
 
 
 def _rows(data: Data, name: str) -> RowSource:

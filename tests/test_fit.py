@@ -124,12 +124,22 @@ def test_fit_resumes_bitwise_from_its_checkpoint(tmp_path, no_launcher):
     ({"hidden": (4,)}, "distnn.fit: got hidden as settings"),
     ({"btach_size": 4}, "distnn.fit: got btach_size, not a setting; allowed: the flags"),
     ({"optimizer": object()}, "optimizer is a object"),
+    ({"optimizer": torch.optim.SGD(build().parameters(), lr=0.1)},
+     "the optimizer steps 4 tensors that are not the model's parameters; allowed: an "
+     "optimizer built on model.parameters()"),
     ({"epochs": 0}, "--epochs: got 0"),
 ])
 def test_bad_fit_arguments_raise_usage_errors(kwargs, words, no_launcher):
     arguments = {"train": data(), "log_every": 0, **kwargs}
     with pytest.raises(distnn.UsageError, match=re.escape(words)):
         distnn.fit(build(), **arguments)
+
+
+@pytest.mark.parametrize("model, words", [(None, "model is a NoneType"),
+                                          (nn.Linear, "model is a type")])
+def test_a_model_that_is_not_a_module_instance_is_refused(model, words, no_launcher):
+    with pytest.raises(distnn.UsageError, match=re.escape(words)):
+        distnn.fit(model, train=data())
 
 
 def sum_of_squares(prediction, target):
