@@ -1,9 +1,10 @@
 """The training objectives: sums over the batch, so the ranks' gradients add up.
 
 The reference program sums its squared errors (``MSELoss(reduction='sum')``);
-classification sums its cross-entropies the same way. With a sum, the gradient of a batch is the sum of the
-gradients of any split of it, so an all-reduce with SUM and no division by the world size
-gives the one-process result (a mean would weigh a rank's rows by its shard's size).
+classification sums its cross-entropies the same way. With a sum, the gradient of a batch is
+the sum of the gradients of any split of it, so an all-reduce with SUM and no division by
+the world size gives the one-process result (a mean would weigh a rank's rows by its
+shard's size).
 """
 
 from __future__ import annotations
