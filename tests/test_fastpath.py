@@ -3,6 +3,7 @@ step's operator count, which on a GPU is its kernel launches."""
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable
 
@@ -297,3 +298,23 @@ def test_the_trainer_s_cuda_graph_wiring_with_a_stand_in_graph_on_the_cpu(
         assert main([*flags, *data, *graph, "--metrics", str(metrics), "--quiet"]) == 0
         runs.append(read_losses(metrics))
     assert len(runs[1]) == (30 if data == [] else 96 // 16 * 2) and runs[1] == runs[0]
+
+
+@pytest.mark.parametrize("flags, words", [
+    ({"optimizer": "momentum"}, "--cuda-graph: got --optimizer momentum, whose torch.optim "
+                                "step is not captured"),
+    ({"batch_size": 4}, "--cuda-graph: the data's 10 rows leave a last batch smaller than "
+                        "--batch-size 4"),
+])
+def test_what_a_cuda_graph_cannot_capture_is_refused(tmp_path, flags, words):
+    """Checked before the device is (startup.check_job), so testable without a GPU."""
+    from safetensors.torch import save_file
+
+    from distnn.config import TrainConfig, UsageError
+    from distnn.jobs import job_from_flags
+    from distnn.startup import check_job
+
+    save_file({"x": torch.randn(10, 3), "y": torch.randn(10, 2)}, tmp_path / "d.safetensors")
+    config = TrainConfig(cuda_graph=True, data=str(tmp_path / "d.safetensors"), **flags)
+    with pytest.raises(UsageError, match=re.escape(words)):
+        check_job(job_from_flags(config, world_size=1, rank=0))
