@@ -82,6 +82,10 @@ def fit(model: nn.Module, *, train: Data,
     def build_job(flags: TrainConfig, rt: Runtime) -> Job:
         source = _rows(train, "train")
         x, y = source.read(torch.arange(min(1, source.rows)))
+        if loss == "mse" and not y.is_floating_point():
+            raise UsageError("distnn.fit: train holds integer targets (class labels?) and the "
+                             "loss is 'mse'; allowed: floating-point targets with 'mse', or "
+                             "loss='cross-entropy' for class labels")
         job = rows_job(flags, source=source, d_in=x.shape[1] if x.dim() > 1 else 1,
                        d_out=y.shape[1] if y.dim() > 1 else 1, model=model,
                        loss_fn=sum_loss(loss) if isinstance(loss, str) else loss,
@@ -131,6 +135,13 @@ def _rows(data: Data, name: str) -> RowSource:
         if len(data[0]) != len(data[1]) or len(data[0]) == 0:
             raise UsageError(f"distnn.fit: {name} holds {len(data[0])} inputs and "
                              f"{len(data[1])} targets; allowed: the same number, at least one")
+        for tensor, what in zip(data, ("inputs", "targets"), strict=True):
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise UsageError(f"distnn.fit: {name} holds a non-finite value in its {what}; "
+                                 "allowed: finite values")
+        if not data[1].is_floating_point() and len(data[1]) and data[1].min() < 0:
+            raise UsageError(f"distnn.fit: {name} holds a negative class label; allowed: "
+                             "class labels 0, 1, 2, ...")
         return TensorRows(*data)
     if hasattr(data, "__len__") and hasattr(data, "__getitem__"):
         if len(data) == 0:
