@@ -88,7 +88,7 @@ class TrainConfig:
                                metavar="PATH")
     timeout_s: float = _option(300.0, "seconds a collective may wait for a peer (and, on a GPU, "
                                "a read of step results for the device) before failing",
-                               minimum=0.0, maximum=1e6)
+                               minimum=1.0, inclusive=True, maximum=1e6)
     checkpoint_dir: str | None = _option(
         None, "write checkpoints here (rank 0) and resume from the newest good one",
         metavar="DIR")

@@ -31,8 +31,9 @@ BAD_INPUT = [
     (["--lr", "fast"], "--lr: got 'fast'"),
     (["--seed", "-1"], "--seed: got -1; allowed: an integer >= 0 and <= 4611686018427387904"),
     (["--seed", "99999999999999999999"], "--seed: got 99999999999999999999; allowed: an "),
-    (["--timeout-s", "1e300"], "--timeout-s: got 1e+300; allowed: a finite number > 0 and "
+    (["--timeout-s", "1e300"], "--timeout-s: got 1e+300; allowed: a finite number >= 1 and "
                                "<= 1e+06"),
+    (["--timeout-s", "1e-9"], "--timeout-s: got 1e-09; allowed: a finite number >= 1"),
     (["--device", "tpu"], "--device: got 'tpu'; allowed: auto, cpu, cuda"),
     (["--backend", "mpi"], "--backend: got 'mpi'; allowed: auto, nccl, gloo"),
     (["--log-every", "-1"], "--log-every: got -1; allowed: an integer >= 0"),
