@@ -67,7 +67,8 @@ class TrainConfig:
     optimizer: str = _option("sgd", "sgd: the reference's p -= lr * grad; momentum: "
                              "torch.optim.SGD with --momentum; adamw: torch.optim.AdamW with "
                              "--weight-decay", choices=("sgd", "momentum", "adamw"))
-    lr: float = _option(1e-4, "learning rate", minimum=0.0)
+    lr: float = _option(1e-4, "learning rate", minimum=0.0,
+                        maximum=3.4028234663852886e38)  # float32's largest: the update's dtype
     momentum: float = _option(0.9, "momentum of --optimizer momentum, in [0, 1)", minimum=0.0,
                               inclusive=True)
     weight_decay: float = _option(0.01, "weight decay of --optimizer adamw", minimum=0.0,

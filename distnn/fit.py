@@ -15,6 +15,7 @@ from torch import nn
 
 from distnn.batches import DatasetRows, RowSource, TensorRows
 from distnn.config import TrainConfig, UsageError
+from distnn.data import shard_bounds
 from distnn.datafile import DataFile
 from distnn.jobs import Job, rows_job
 from distnn.logs import LOGGER, configure_logging
@@ -80,7 +81,7 @@ def fit(model: nn.Module, *, train: Data,
     config = TrainConfig(**settings, **names, model=f"{kind.__module__}:{kind.__qualname__}")
 
     def build_job(flags: TrainConfig, rt: Runtime) -> Job:
-        source = _rows(train, "train")
+        source = _checked(_rows(train, "train"), rt)
         x, y = source.read(torch.arange(min(1, source.rows)))
         if loss == "mse" and not y.is_floating_point():
             raise UsageError("distnn.fit: train holds integer targets (class labels?) and the "
@@ -91,7 +92,7 @@ def fit(model: nn.Module, *, train: Data,
                        loss_fn=sum_loss(loss) if isinstance(loss, str) else loss,
                        classification=not y.is_floating_point(), world_size=rt.world_size,
                        rank=rt.rank)
-        job.val = _rows(val, "val") if val is not None else None
+        job.val = _checked(_rows(val, "val"), rt) if val is not None else None
         job.optimizer = (build_optimizer(flags.optimizer, model.parameters(), lr=flags.lr,
                                          momentum=flags.momentum,
                                          weight_decay=flags.weight_decay)
@@ -124,6 +125,16 @@ def _check_optimizes(optimizer: torch.optim.Optimizer, model: nn.Module) -> None
                 else "none of the model's trainable parameters")
         raise UsageError(f"distnn.fit: the optimizer steps {said}; allowed: an optimizer "
                          "built on model.parameters()")
+
+
+def _checked(source: RowSource, rt: Runtime) -> RowSource:
+    """A data file's rows checked as the command line checks them: this rank's share of the
+    rows finite, and class labels not negative."""
+    if isinstance(source, DataFile):
+        if source.labels:
+            source.check_labels()
+        source.check_rows(*shard_bounds(source.rows, rt.world_size, rt.rank))
+    return source
 
 
 def _rows(data: Data, name: str) -> RowSource:

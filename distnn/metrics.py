@@ -48,7 +48,9 @@ class StepLog:
         self.print_steps = print_steps  # False (--quiet): logged steps go to the metrics only
         self.batch_size = batch_size
         # stdout closed at start (``>&-``): Python has no sys.stdout, so nothing is printed
-        self.out = out or sys.stdout or open(os.devnull, "w")  # noqa: SIM115 - for the run
+        if out is None:
+            out = sys.stdout if sys.stdout is not None else open(os.devnull, "w")  # noqa: SIM115
+        self.out = out
         self.written = record.pulled  # steps already written
         self.last_flush = time.perf_counter()
         self.metrics_path = metrics_path
@@ -69,7 +71,9 @@ class StepLog:
         starts now.
         """
         if self.metrics_path:
-            kept = _records_before(self.metrics_path, steps) if steps else []
+            # (a pipe or a device holds no earlier records: reading it could wait for good)
+            kept = (_records_before(self.metrics_path, steps)
+                    if steps and os.path.isfile(self.metrics_path) else [])
             self.metrics = open(self.metrics_path, "w", encoding="utf-8")
             for line in kept:
                 self._to_metrics(line)
@@ -156,14 +160,18 @@ class StepLog:
         and the metrics file do not depend on them."""
         try:
             write()
-        except (OSError, ValueError) as error:  # ValueError: a stream closed under us
+        except (OSError, ValueError) as error:
+            if isinstance(error, ValueError) and not getattr(self.out, "closed", False):
+                raise  # not the stream's failure (a closed stream raises ValueError)
             reason = getattr(error, "strerror", None) or error
             log.warning(f"could not write to stdout ({reason}); training goes on without "
                         f"printing its loss lines, which end before step {self.written}")
             self.bar = None
             if self.out is sys.stdout:  # what Python would flush into it at exit goes nowhere
                 with contextlib.suppress(OSError, ValueError):
-                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                    devnull = os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(devnull, sys.stdout.fileno())
+                    os.close(devnull)
             self.out = open(os.devnull, "w")  # noqa: SIM115 - for the run
 
     def _to_metrics(self, text: str | None) -> None:

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import os
 
-import torch
+from torch.nn.parameter import is_lazy
 
 from distnn.checkpoint import (
     Checkpoint,
@@ -92,25 +92,22 @@ def check_job(job: Job) -> None:
 
 
 def check_model_takes_the_data(job: Job) -> None:
-    """Refuses a model without weights to train, with weights not yet made (the meta
-    device), or whose floating-point weights are of another dtype than the inputs (a
-    float64 model on a data file's float32 rows): each would fail in the first step."""
+    """Refuses a model without weights to train, or with weights not made yet (on the
+    meta device, or lazy modules' before their first call): each would fail later, with a
+    traceback, or (a lazy model's shapes) before the ranks could compare their models.
+    (Weights of another dtype than the inputs are the model's business: it may cast them.)"""
     params = [p for p in job.model.parameters() if p.requires_grad]
     if not params:
         raise UsageError("the model has no trainable parameters; allowed: a model with "
                          "parameters that require gradients")
+    if any(is_lazy(p) for p in params):
+        raise UsageError("the model has lazy parameters (nn.LazyLinear, say), whose shapes "
+                         "are not known before a first call; allowed: a model with its shapes "
+                         "given, or called once on an example before training")
     if any(p.device.type == "meta" for p in params):
         raise UsageError("the model's parameters are on the meta device (shapes without "
                          "values); allowed: a model with its weights made, e.g. "
                          "to_empty() and an initialisation, or built without device='meta'")
-    x = job.fixed[0] if job.fixed is not None else job.source.read(torch.arange(1))[0]
-    dtypes = {p.dtype for p in params}
-    if x.is_floating_point() and dtypes != {x.dtype}:
-        named = ", ".join(sorted(str(dtype).removeprefix("torch.") for dtype in dtypes))
-        given = str(x.dtype).removeprefix("torch.")
-        raise UsageError(f"the model's parameters are {named} and its inputs {given}; "
-                         f"allowed: parameters of the inputs' dtype ({given}; --precision "
-                         "bf16 for mixed precision)")
 
 
 def claim_checkpoint_dir(config: TrainConfig) -> FolderLock | None:
@@ -139,10 +136,10 @@ def prepare_outputs(job: Job) -> Checkpoint | None:
     whose writing was cut short removed), and the newest good checkpoint, checked to fit
     the run (None: nothing to resume)."""
     config = job.config
-    for flag, path, replaced in (("--metrics", config.metrics, False),
-                                 ("--save", config.save, True)):
+    for flag, path, in_place in (("--metrics", config.metrics, True),
+                                 ("--save", config.save, False)):
         if path:
-            check_writable(path, flag, replaced=replaced)
+            check_writable(path, flag, in_place=in_place)
     check_outputs_distinct(config)
     if config.save:
         for path in remove_stale_temporaries(config.save):
@@ -161,8 +158,8 @@ def check_outputs_distinct(config: TrainConfig) -> None:
     """Refuses --metrics or --save naming a file that an input or the other output names
     (through a link too): the run would overwrite it."""
     named: dict[object, str] = {}
-    for flag in ("--data", "--val-data", "--metrics", "--save"):
-        path = getattr(config, flag[2:].replace("-", "_"))
+    for flag, path in (("--data", config.data), ("--val-data", config.val_data),
+                       ("--metrics", config.metrics), ("--save", config.save)):
         if not path:
             continue
         try:

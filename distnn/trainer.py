@@ -190,12 +190,13 @@ class Trainer:
         Builds the job (self.job, self.config resolved); returns rank 0's checkpoint (None
         elsewhere) and the step to start at.
         """
-        error, code, checkpoint = None, EXIT_USAGE, None
+        error, code, checkpoint, model = None, EXIT_USAGE, None, None
         try:
             check_placement(self.config, self.rt)
             self.job = self.build_job(self.config, self.rt)
             self.config = self.job.config
             check_job(self.job)
+            model = model_signature(self.job.model)  # compared across the ranks below
             if self.rt.is_main:
                 self.lock = claim_checkpoint_dir(self.config)
                 checkpoint = prepare_outputs(self.job)
@@ -212,7 +213,7 @@ class Trainer:
             "error": error,
             "code": code,
             "fingerprint": fingerprint(self.config),
-            "model": model_signature(self.job.model) if self.job else None,
+            "model": model,
             "start": checkpoint.step if checkpoint else 0,
             "tail": checkpoint.losses.tolist() if checkpoint else [],
         }, distributed=self.rt.distributed)

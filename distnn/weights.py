@@ -29,36 +29,48 @@ _TEMPORARY = ".distnn-tmp"  # the suffix of a file being written: ".NAME.PID.dis
 SPACE_MARGIN = 1 << 20  # bytes a write leaves free besides its own, at least
 
 
-def check_writable(path: str, flag: str, *, replaced: bool = True) -> None:
-    """Raises UsageError unless a file can be created at ``path``.
+def check_writable(path: str, flag: str, *, in_place: bool = False) -> None:
+    """Raises UsageError unless ``path`` can be written.
 
-    Tries for real (creates and removes a temporary file in the target directory), so the
-    answer holds for root, read-only mounts and full disks alike. A symbolic link is
-    followed (the file it names is written). What is at the path already must be a regular
-    file; with ``replaced=False`` (a file opened and written in place, as --metrics is) a
-    device such as /dev/null too, never a named pipe, which would block the run until a
-    reader opened it, or a socket.
+    A file that will be replaced whole (``--save``, a checkpoint's) must be a regular file
+    or not exist yet; its directory is tried for real (a temporary file created and removed
+    there), so the answer holds for root, read-only mounts and full disks alike. A symbolic
+    link is followed: the file it names is written. A file written ``in_place`` (opened and
+    appended to, as --metrics is) may also be a device or a pipe that can be opened for
+    writing now (/dev/null, /dev/stdout); not a named pipe that no process reads, which
+    would block the run until one did.
     """
-    path = os.path.realpath(path)
-    directory = os.path.dirname(path)
-    if os.path.isdir(path):
-        raise UsageError(f"{flag}: got {path!r}, which is a directory; allowed: a file path")
-    if os.path.exists(path):
-        mode = os.stat(path).st_mode
-        if not (stat.S_ISREG(mode) or (stat.S_ISCHR(mode) and not replaced)):
-            kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-                    else "a device")
-            allowed = ("a regular file" if replaced
-                       else "a regular file or a character device such as /dev/null")
-            raise UsageError(f"{flag}: got {path!r}, which is {kind}; allowed: {allowed}")
+    try:
+        mode: int | None = os.stat(path).st_mode  # through links, /proc's too
+    except OSError:
+        mode = None  # not there (yet): the directory decides
+    link = f" (a link to {os.path.realpath(path)!r})" if os.path.islink(path) else ""
+    if mode is not None and stat.S_ISDIR(mode):
+        raise UsageError(f"{flag}: got {path!r}{link}, which is a directory; allowed: a file "
+                         "path")
+    if mode is not None and not stat.S_ISREG(mode):
+        kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device")
+        if not in_place:
+            raise UsageError(f"{flag}: got {path!r}{link}, which is {kind}; allowed: a regular "
+                             "file, which is replaced whole")
+        try:  # without blocking: a pipe no one reads fails with ENXIO
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError as error:
+            reason = "no process reads it" if error.errno == errno.ENXIO else error.strerror
+            raise UsageError(f"{flag}: got {path!r}{link}, which is {kind} that cannot be "
+                             f"written now ({reason}); allowed: a regular file, or a device "
+                             "or pipe open for writing") from None
+        return
+    directory = os.path.dirname(os.path.realpath(path))
     if not os.path.isdir(directory):
-        raise UsageError(f"{flag}: got {path!r} but the directory {directory!r} does not exist; "
-                         "allowed: a path in an existing, writable directory")
+        raise UsageError(f"{flag}: got {path!r}{link} but the directory {directory!r} does not "
+                         "exist; allowed: a path in an existing, writable directory")
     try:
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".distnn-probe-"):
             pass
     except OSError as error:
-        raise UsageError(f"{flag}: got {path!r} but {directory!r} is not writable "
+        raise UsageError(f"{flag}: got {path!r}{link} but {directory!r} is not writable "
                          f"({error.strerror}); allowed: a path in a writable directory") from None
 
 

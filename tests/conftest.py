@@ -45,7 +45,7 @@ def _rank_worker(rank: int, world_size: int, port: int, argv: list[str], out_dir
 
     from distnn.config import parse_config
     from distnn.runtime import setup
-    from distnn.train import Trainer
+    from distnn.trainer import Trainer
 
     config = parse_config(argv)
     with setup(device=config.device, backend=config.backend, timeout_s=config.timeout_s) as rt:

@@ -28,6 +28,7 @@ BAD_INPUT = [
     (["--lr=-1e-4"], "--lr: got -0.0001"),
     (["--lr", "nan"], "--lr: got nan"),
     (["--lr", "inf"], "--lr: got inf"),
+    (["--lr", "1e39"], "--lr: got 1e+39; allowed: a finite number > 0 and <= 3.40282e+38"),
     (["--lr", "fast"], "--lr: got 'fast'"),
     (["--seed", "-1"], "--seed: got -1; allowed: an integer >= 0 and <= 4611686018427387904"),
     (["--seed", "99999999999999999999"], "--seed: got 99999999999999999999; allowed: an "),
@@ -73,9 +74,10 @@ def test_outputs_that_are_pipes_or_another_files_path_are_refused(tmp_path, caps
     save_file({"x": torch.randn(8, 3), "y": torch.randn(8, 2)}, data)
     before = data.read_bytes()
     for argv, words in [
-            (["--save", str(pipe)], "which is a named pipe; allowed: a regular file"),
-            (["--metrics", str(pipe)], "which is a named pipe; allowed: a regular file or a "
-                                       "character device"),
+            (["--save", str(pipe)], "which is a named pipe; allowed: a regular file, which is "
+                                    "replaced whole"),
+            (["--metrics", str(pipe)], "which is a named pipe that cannot be written now (no "
+                                       "process reads it)"),
             (["--data", str(data), "--save", str(data)], "the file that --data names"),
             (["--data", str(data), "--metrics", str(data)], "the file that --data names"),
             (["--metrics", str(tmp_path / "o"), "--save", str(tmp_path / "o")],
@@ -92,6 +94,13 @@ def test_more_micro_batches_than_rows_is_one_a_row(tmp_path):
     per_row = run_cli([sys.executable, "-m", "distnn.train", "--steps", "3", "--micro-batches",
                        "64"], timeout=60)
     assert many.returncode == 0 and many.stdout.splitlines()[:3] == per_row.stdout.splitlines()[:3]
+
+
+def test_metrics_can_go_to_a_pipe_being_read(tmp_path):
+    done = run_cli([sys.executable, "-c", "import sys; from distnn.train import main; "
+                    "sys.exit(main(['--steps', '3', '--quiet', '--metrics', '/dev/stdout']))"])
+    assert done.returncode == 0, done.stderr  # stdout is the pipe run_cli reads
+    assert '"event": "summary"' in done.stdout.splitlines()[-1]
 
 
 def test_a_save_through_a_link_writes_the_file_it_names(tmp_path, no_launcher):
@@ -158,7 +167,7 @@ def test_the_module_entry_point_fails_without_a_traceback():
     result = run_cli([sys.executable, "-m", "distnn.train", "--lr", "nan"])
     assert result.returncode == 2
     assert result.stderr.splitlines() == ["distnn: error: --lr: got nan; allowed: "
-                                          "a finite number > 0"]
+                                          "a finite number > 0 and <= 3.40282e+38"]
 
 
 def test_quiet_prints_only_the_summary_and_verbose_adds_debug_notes(tmp_path, capsys,

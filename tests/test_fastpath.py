@@ -208,7 +208,7 @@ def test_a_run_sets_tf32_for_its_own_steps_and_puts_the_process_setting_back(
         monkeypatch, no_launcher, tmp_path):
     # TF32 is a process-wide switch: an fp32 run turns it off while it runs (a process that
     # had it on, or a tf32 run before it, must not change its numbers) and restores it.
-    from distnn.train import Trainer
+    from distnn.trainer import Trainer
 
     seen = []
     run_steps = Trainer._run_steps

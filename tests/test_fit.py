@@ -141,6 +141,16 @@ def test_bad_fit_arguments_raise_usage_errors(kwargs, words, no_launcher):
         distnn.fit(build(), **arguments)
 
 
+def test_a_data_file_is_checked_as_the_command_line_checks_it(tmp_path, no_launcher):
+    x, y = data()
+    x[5, 1] = float("nan")
+    save_file({"x": x, "y": y}, tmp_path / "nan.safetensors")
+    with pytest.raises(distnn.UsageError, match=re.escape(
+            "distnn.fit train: " + repr(str(tmp_path / "nan.safetensors"))
+            + " holds a non-finite value in x")):
+        distnn.fit(build(), train=str(tmp_path / "nan.safetensors"), loss="cross-entropy")
+
+
 @pytest.mark.parametrize("model, words", [(None, "model is a NoneType"),
                                           (nn.Linear, "model is a type")])
 def test_a_model_that_is_not_a_module_instance_is_refused(model, words, no_launcher):

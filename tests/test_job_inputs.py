@@ -53,9 +53,7 @@ BAD = [
     (["--model", "tests.user_models:not_a_module"], "returned a str; allowed: a function that "
                                                     "returns an nn.Module"),
     (["--model", "tests.user_models:raises"], "raised RuntimeError: the user's bug"),
-    (["--model", "tests.user_models:float64"], "the model's parameters are float64 and its "
-                                               "inputs float32; allowed: parameters of the "
-                                               "inputs' dtype (float32"),
+    (["--model", "tests.user_models:lazy"], "the model has lazy parameters"),
     (["--data", "{floats}", "--model", "tests.user_models:on_the_meta_device"],
      "the model's parameters are on the meta device"),
     (["--model", "tests.user_models:frozen"], "the model has no trainable parameters"),
@@ -75,6 +73,12 @@ def test_bad_job_input_is_one_line_and_exit_code_2(argv, words, files, capsys, n
     lines = captured.err.splitlines()
     assert captured.out == "" and len(lines) == 1, captured.err
     assert lines[0].startswith("distnn: error: ") and words.format(**files) in lines[0], lines[0]
+
+
+def test_a_model_of_another_dtype_that_casts_its_input_trains(capsys, no_launcher):
+    assert main(["--model", "tests.user_models:casts_its_input", "--steps", "3", "--d-in",
+                 "5", "--d-out", "2", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("summary: ")
 
 
 def test_a_model_that_fails_to_build_stops_every_rank(files):

@@ -67,8 +67,23 @@ def wider_on_rank_1(d_in: int, d_out: int) -> nn.Module:
     return nn.Sequential(nn.Linear(d_in, width), nn.ReLU(), nn.Linear(width, d_out))
 
 
-def float64(d_in: int, d_out: int) -> nn.Module:
-    return nn.Linear(d_in, d_out).double()
+def lazy(d_in: int, d_out: int) -> nn.Module:
+    return nn.Sequential(nn.LazyLinear(4), nn.ReLU(), nn.Linear(4, d_out))
+
+
+class CastsItsInput(nn.Module):
+    """A float64 model that casts the (float32) rows it is given."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(d_in, d_out, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.to(torch.float64)).float()
+
+
+def casts_its_input(d_in: int, d_out: int) -> nn.Module:
+    return CastsItsInput(d_in, d_out)
 
 
 def on_the_meta_device(d_in: int, d_out: int) -> nn.Module:
