@@ -186,7 +186,7 @@ class DataFile:
                             "which cannot be read by row: every rank reads it whole into "
                             "memory; save it with numpy.savez (C order) to read only the rows "
                             "each rank needs")
-            self._whole[name] = _npz_whole(self.path, name)
+            self._whole[name] = _npz_whole(self._fd, name)
         return self._whole[name][indices]
 
 
@@ -263,9 +263,11 @@ def _npz_columns(path: str) -> dict[str, Column]:
     return columns
 
 
-def _npz_whole(path: str, name: str) -> torch.Tensor:
-    """The ``name.npy`` member of an .npz file, read whole (C order)."""
-    with zipfile.ZipFile(path) as archive, archive.open(f"{name}.npy") as member:
+def _npz_whole(fd: int, name: str) -> torch.Tensor:
+    """The ``name.npy`` member of the .npz file open as ``fd``, read whole (C order). (A
+    duplicate descriptor shares the file's offset, which the reads by row never use.)"""
+    with (os.fdopen(os.dup(fd), "rb") as file, zipfile.ZipFile(file) as archive,
+          archive.open(f"{name}.npy") as member):
         shape, fortran_order, dtype = _npy_header(member)
         count = int(np.prod(shape, dtype=np.int64))
         array = np.frombuffer(member.read(count * dtype.itemsize), dtype=dtype,

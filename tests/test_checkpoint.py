@@ -159,3 +159,15 @@ def test_a_resume_that_changes_what_the_checkpoint_recorded_is_refused(
     assert main(flags(a_finished_run, tmp_path / "ck", **change)) == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and words in lines[0], lines
+
+
+@pytest.mark.parametrize("extra, kept", [
+    (["--keep-checkpoints", "2"], ["step-6", "step-8"]),  # and step-8 is the end
+    (["--checkpoint-every", "0"], ["step-8"]),  # only at the end
+])
+def test_the_command_line_keeps_the_checkpoints_it_is_told_to(a_finished_run, tmp_path,
+                                                               no_launcher, extra, kept):
+    given = flags(a_finished_run, tmp_path / "ck", steps="8", checkpoint_every="2")
+    assert main([*given, *extra]) == 0
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir() if p.name.startswith("step-")) \
+        == kept

@@ -161,12 +161,13 @@ def make_bad(tmp_path, name):
     return path
 
 
-@pytest.mark.parametrize("name", ["d.safetensors", "d.npz"])
-def test_a_file_replaced_or_deleted_during_the_run_is_read_as_it_was(tmp_path, name):
+@pytest.mark.parametrize("name, options", [("d.safetensors", {}), ("d.npz", {}),
+                                           ("d.npz", {"compressed": True})])
+def test_a_file_replaced_or_deleted_during_the_run_is_read_as_it_was(tmp_path, name, options):
     x, y = make_tensors(rows=20, d_in=3)
-    path = write(tmp_path / name, x, y)
+    path = write(tmp_path / name, x, y, **options)
     data = DataFile(str(path))
-    other = write(tmp_path / f"other{path.suffix}", x + 1, y + 1)
+    other = write(tmp_path / f"other{path.suffix}", x + 1, y + 1, **options)
     os.replace(other, path)  # renamed over it, as a new version of the data would be
     rows = torch.tensor([3, 4, 17])
     got = data.read(rows)
