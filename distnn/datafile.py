@@ -176,7 +176,7 @@ class DataFile:
 
     def _column_rows(self, column: Column, indices: torch.Tensor) -> torch.Tensor:
         if column.offset is not None:
-            return _pread_rows(self._fd, self.path, column, indices.numpy())
+            return _pread_rows(self._fd, self, column, indices.numpy())
         if column.tensor is not None:
             return column.tensor[indices]
         name = "x" if column is self.x else "y"
@@ -190,10 +190,10 @@ class DataFile:
         return self._whole[name][indices]
 
 
-def _pread_rows(fd: int, path: str, column: Column, indices: np.ndarray) -> torch.Tensor:
-    """Rows ``indices`` of an array stored row after row from ``column.offset`` of the file
-    open as ``fd`` (named ``path``): one pread per run of consecutive rows, in file order,
-    put back in the order asked for."""
+def _pread_rows(fd: int, file: DataFile, column: Column, indices: np.ndarray) -> torch.Tensor:
+    """Rows ``indices`` of an array stored row after row from ``column.offset`` of ``file``,
+    open as ``fd``: one pread per run of consecutive rows, in file order, put back in the
+    order asked for."""
     count, row_bytes = len(indices), column.row_bytes
     if count == 0:
         return torch.empty((0, *column.shape[1:]), dtype=column.dtype)
@@ -207,8 +207,8 @@ def _pread_rows(fd: int, path: str, column: Column, indices: np.ndarray) -> torc
         want = (stop - first) * row_bytes
         got = os.preadv(fd, [buffer[first:stop]], column.offset + int(ordered[first]) * row_bytes)
         if got != want:
-            raise UsageError(f"--data: {path!r} ended early (read {got} of {want} bytes at row "
-                             f"{int(ordered[first])}); allowed: a complete file")
+            raise file.fail(f"ended early (read {got} of {want} bytes at row "
+                            f"{int(ordered[first])})", "a complete file")
     if in_order:
         rows = buffer
     else:

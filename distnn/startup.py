@@ -74,9 +74,9 @@ def check_memory(config: TrainConfig, rt: Runtime) -> None:
 
 
 def check_job(job: Job) -> None:
-    """Refuses combinations of the job and the flags that cannot run: a model whose weights
-    cannot take the data's inputs, and what --cuda-graph cannot capture."""
-    check_model_takes_the_data(job)
+    """Refuses combinations of the job and the flags that cannot run: a model without
+    weights to train, and what --cuda-graph cannot capture."""
+    check_model_weights(job)
     config = job.config
     if not config.cuda_graph:
         return
@@ -91,7 +91,7 @@ def check_job(job: Job) -> None:
                          "rows, or --drop-last")
 
 
-def check_model_takes_the_data(job: Job) -> None:
+def check_model_weights(job: Job) -> None:
     """Refuses a model without weights to train, or with weights not made yet (on the
     meta device, or lazy modules' before their first call): each would fail later, with a
     traceback, or (a lazy model's shapes) before the ranks could compare their models.

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from distnn.config import UsageError
 from distnn.datafile import DataFile
 from distnn.train import main
 from tests.conftest import bin_path, read_losses, run_cli, run_world
@@ -204,3 +206,12 @@ def test_a_bad_shard_on_another_rank_stops_every_rank(tmp_path):
     for rank, line in enumerate(lines):
         assert line.startswith(f"distnn: rank {rank}: error: --data: ")
         assert "non-finite value in x, rows [4, 8)" in line
+
+
+def test_a_file_cut_short_during_the_run_is_named_in_one_line(tmp_path):
+    x, y = make_tensors(rows=20, d_in=3)
+    path = write(tmp_path / "v.safetensors", x, y)
+    data = DataFile(str(path), flag="--val-data")
+    os.truncate(path, os.path.getsize(path) // 2)
+    with pytest.raises(UsageError, match=re.escape(f"--val-data: {str(path)!r} ended early")):
+        data.read(torch.arange(20))
