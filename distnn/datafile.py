@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from distnn.config import UsageError
+from distnn.data import shard_bounds
 
 log = logging.getLogger("distnn")
 
@@ -157,6 +158,11 @@ class DataFile:
                     raise self.fail(f"holds a non-finite value in {name}, rows [{first}, {last})",
                                     "finite values")
                 del values  # one chunk alive at a time
+
+    def check_share(self, world_size: int, rank: int) -> None:
+        """:meth:`check_rows` over ``rank``'s contiguous share of the rows (every rank
+        checks its own, so together they check the whole file once)."""
+        self.check_rows(*shard_bounds(self.rows, world_size, rank))
 
     def check_labels(self) -> int:
         """Reads all of y (class labels), in bounded memory; returns the largest label.

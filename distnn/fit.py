@@ -15,7 +15,6 @@ from torch import nn
 
 from distnn.batches import DatasetRows, RowSource, TensorRows
 from distnn.config import TrainConfig, UsageError
-from distnn.data import shard_bounds
 from distnn.datafile import DataFile
 from distnn.jobs import Job, rows_job
 from distnn.logs import LOGGER, configure_logging
@@ -133,7 +132,7 @@ def _checked(source: RowSource, rt: Runtime) -> RowSource:
     if isinstance(source, DataFile):
         if source.labels:
             source.check_labels()
-        source.check_rows(*shard_bounds(source.rows, rt.world_size, rt.rank))
+        source.check_share(rt.world_size, rt.rank)
     return source
 
 

@@ -63,7 +63,7 @@ def job_from_flags(config: TrainConfig, *, world_size: int, rank: int) -> Job:
                 raise UsageError(f"--{name.replace('_', '-')}: got {given} but --data "
                                  f"{config.data!r} gives {value}; allowed: leave it out with "
                                  "--data")
-        train.check_rows(*shard_bounds(train.rows, world_size, rank))
+        train.check_share(world_size, rank)
         job = rows_job(config, source=train, d_in=train.d_in, d_out=d_out,
                        model=seeded_model, loss_fn=sum_loss(config.loss),
                        classification=train.labels, world_size=world_size, rank=rank)
@@ -134,5 +134,5 @@ def _val_file(config: TrainConfig, *, classification: bool, world_size: int,
                            f"labels 0 to {config.d_out - 1}, the training data's classes")
     elif val.d_out != config.d_out:
         raise val.fail(f"holds {val.d_out} target columns", f"{config.d_out}, as the model has")
-    val.check_rows(*shard_bounds(val.rows, world_size, rank))
+    val.check_share(world_size, rank)
     return val
