@@ -39,14 +39,15 @@ class StepLog:
     step, the loss and steps/s, with the loss lines printed above it.
     """
 
-    def __init__(self, *, record: LossRecord, steps: int, log_every: int, batch_size: int,
+    def __init__(self, *, record: LossRecord, steps: int, log_every: int,
+                 rows_between: Callable[[int, int], int],
                  metrics_path: str | None, out: IO[str] | None = None,
                  progress: bool | None = None, print_steps: bool = True) -> None:
         self.loss_record = record
         record.listeners.append(self._take)
         self.log_every = log_every
         self.print_steps = print_steps  # False (--quiet): logged steps go to the metrics only
-        self.batch_size = batch_size
+        self.rows_between = rows_between  # (start, stop) -> rows steps start..stop-1 train on
         # stdout closed at start (``>&-``): Python has no sys.stdout, so nothing is printed
         if out is None:
             out = sys.stdout if sys.stdout is not None else open(os.devnull, "w")  # noqa: SIM115
@@ -98,9 +99,10 @@ class StepLog:
     def _take(self, first: int, values: list[float]) -> None:
         """The record's listener: steps ``first``, ``first + 1``, ... have ``values``."""
         now = time.perf_counter()
-        seconds_per_step = max(now - self.last_flush, 1e-9) / len(values)
-        timing = {"ms_per_step": round(seconds_per_step * 1e3, 6),
-                  "samples_per_s": round(self.batch_size / seconds_per_step, 1)}
+        seconds = max(now - self.last_flush, 1e-9)
+        rows = self.rows_between(first, first + len(values))  # an epoch's last batch may be smaller
+        timing = {"ms_per_step": round(seconds / len(values) * 1e3, 6),
+                  "samples_per_s": round(rows / seconds, 1)}
         for step, loss in enumerate(values, start=first):
             if self.log_every and step % self.log_every == 0:
                 self._write({"step": step, "loss": loss, **timing},

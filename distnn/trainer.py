@@ -148,6 +148,11 @@ class Trainer:
                 if self.lock:
                     self.lock.release()
 
+    def _rows_between(self, start: int, stop: int) -> int:
+        """The global batch rows that steps ``start`` to ``stop - 1`` train on."""
+        plan = self.job.plan  # None: the reference program's one batch, every step
+        return plan.rows_between(start, stop) if plan else self.config.batch_size * (stop - start)
+
     def _train(self) -> TrainResult:
         checkpoint, start = self._start_up()
         job, config = self.job, self.config
@@ -155,7 +160,7 @@ class Trainer:
         if self.rt.is_main:
             quiet = config.quiet
             self.log = StepLog(record=self.losses, steps=config.steps,
-                               batch_size=config.batch_size, log_every=config.log_every,
+                               rows_between=self._rows_between, log_every=config.log_every,
                                metrics_path=config.metrics, progress=False if quiet else None,
                                print_steps=not quiet)
         stop = StopRequests(self.rt.device, self.watch)
@@ -619,8 +624,7 @@ class Trainer:
                             "run the same command to continue", stop.exit_code, label="stopped")
         if self.log:
             ran = done - start
-            plan = self.job.plan
-            rows = plan.rows_between(start, done) if plan else config.batch_size * ran
+            rows = self._rows_between(start, done)
             self.log.summary({
                 "world_size": rt.world_size,
                 "device": rt.placement.device,

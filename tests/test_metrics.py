@@ -8,6 +8,7 @@ import json
 import torch
 
 from distnn import metrics
+from distnn.batches import BatchPlan
 from distnn.lossrecord import LossRecord
 from distnn.metrics import StepLog
 
@@ -24,9 +25,14 @@ class Run:
         log.maybe_flush()
 
 
+def eight_rows_a_step(start, stop):
+    return 8 * (stop - start)
+
+
 def make_log(run, path, out, **kwargs) -> StepLog:
     return StepLog(record=run.record, steps=len(run.losses),
-                   log_every=kwargs.pop("log_every", 1), batch_size=8,
+                   log_every=kwargs.pop("log_every", 1),
+                   rows_between=kwargs.pop("rows_between", eight_rows_a_step),
                    metrics_path=str(path) if path else None, out=out, **kwargs)
 
 
@@ -58,6 +64,17 @@ def test_batched_flushes_print_what_per_step_printing_would(tmp_path, monkeypatc
     assert text.splitlines() == ["0 652.1390380859375", "2 0.25", "4 7.0",
                                  "summary: steps=5 final_loss=7"]
     assert rows == [(0, 652.1390380859375), (2, 0.25), (4, 7.0), (None, None)]
+
+
+def test_each_window_counts_the_rows_its_steps_had(tmp_path, monkeypatch):
+    # 10 rows in batches of 4: every third step is an epoch's last batch, of 2 rows
+    monkeypatch.setattr(metrics, "FLUSH_SECONDS", 0.0)  # a window per step
+    path = tmp_path / "m.jsonl"
+    plan = BatchPlan(rows=10, batch_size=4, seed=0)
+    drive([1.0] * 6, path, io.StringIO(), rows_between=plan.rows_between)
+    rows = [json.loads(line) for line in path.read_text().splitlines()][:-1]
+    per_step = [r["samples_per_s"] * r["ms_per_step"] / 1e3 for r in rows]
+    assert [round(n) for n in per_step] == [4, 4, 2, 4, 4, 2]
 
 
 def test_close_writes_what_was_recorded_before_a_failure(tmp_path, monkeypatch):
