@@ -39,16 +39,21 @@ class Job:
     classification: bool = False
 
 
-def job_from_flags(config: TrainConfig, *, world_size: int, rank: int) -> Job:
+def job_from_flags(config: TrainConfig, *, world_size: int, rank: int,
+                   check_sizes: Callable[[TrainConfig], None] | None = None) -> Job:
     """The Job of the command line: the reference batch, or --data (and --val-data), with the
     MLP or --model, --loss and --optimizer. Every check a rank can make alone happens here
-    (UsageError); this rank checks its own share of the training rows."""
+    (UsageError); this rank checks its own share of the training rows. ``check_sizes``,
+    when given, is called with the config resolved to the run's sizes (the data's widths,
+    its classes, the batch) before the batch or the model is allocated."""
     if config.loss == "cross-entropy" and not config.data:
         raise UsageError("--loss: got 'cross-entropy' without --data, and the random batch "
                          "has no class labels; allowed: --loss cross-entropy with --data "
                          "holding integer labels y [N]")
     if not config.data:
         config = config.resolved(steps=config.epochs)  # the batch is the whole data: 1 step
+        if check_sizes:
+            check_sizes(config)
         x, y, model = reference_setup(config)
         start, stop = shard_bounds(config.batch_size, world_size, rank)
         job = Job(config=config, model=model, loss_fn=sum_loss(config.loss),
@@ -64,8 +69,14 @@ def job_from_flags(config: TrainConfig, *, world_size: int, rank: int) -> Job:
                                  f"{config.data!r} gives {value}; allowed: leave it out with "
                                  "--data")
         train.check_share(world_size, rank)
+
+        def sized_model(sizes: TrainConfig) -> nn.Module:
+            if check_sizes:
+                check_sizes(sizes)
+            return seeded_model(sizes)
+
         job = rows_job(config, source=train, d_in=train.d_in, d_out=d_out,
-                       model=seeded_model, loss_fn=sum_loss(config.loss),
+                       model=sized_model, loss_fn=sum_loss(config.loss),
                        classification=train.labels, world_size=world_size, rank=rank)
         config = job.config
     if config.val_data:

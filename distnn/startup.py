@@ -23,7 +23,6 @@ from distnn.checkpoint import (
     remove_temporaries,
 )
 from distnn.config import TrainConfig, UsageError, flag_text
-from distnn.datafile import DataFile
 from distnn.jobs import Job
 from distnn.memory import check_fits, mlp_needs
 from distnn.runtime import Runtime
@@ -47,27 +46,27 @@ def check_placement(config: TrainConfig, rt: Runtime) -> None:
                          "graph; allowed: --backend nccl (one GPU per rank), or one process")
 
 
-def check_memory(config: TrainConfig, rt: Runtime) -> None:
-    """The flags' MLP and its data, sized by the flags (and a data file's header): refused
-    (exit 5) before anything is allocated when they visibly cannot fit. On the CPU the
-    ranks of a machine share its memory. (A model of --model or distnn.fit sizes itself;
-    an allocation that fails there is one line too: see Trainer.train.)"""
-    if config.data:
-        header = DataFile(config.data)  # the header only: nothing of the rows is read
-        sizes = config.resolved(d_in=header.d_in, d_out=max(1, header.d_out),
-                                batch_size=header.rows)
+def check_memory(sizes: TrainConfig, rt: Runtime) -> None:
+    """The flags' MLP and its data at the run's sizes (``sizes``: the config resolved with the
+    data's widths and, for class labels, its number of classes), refused (exit 5) before
+    they are allocated when they visibly cannot fit. On the CPU the ranks of a machine
+    share its memory. (A model of --model or distnn.fit sizes itself; an allocation that
+    fails there is one line too: see Trainer.train.)"""
+    outputs = (f"{sizes.d_out} classes (labels 0 to {sizes.d_out - 1})"
+               if sizes.loss == "cross-entropy"
+               else f"--d-out {sizes.d_out}")
+    if sizes.data:
         rows = -(-sizes.batch_size // rt.world_size)  # a shard of a batch
-        data = f"--batch-size {sizes.batch_size} of --data {config.data!r}"
+        data = f"--batch-size {sizes.batch_size} of --data {sizes.data!r}"
     else:
-        sizes = config.resolved()
         rows = sizes.batch_size  # every rank draws the whole reference batch
-        data = f"--batch-size {rows} with --d-in {sizes.d_in} and --d-out {sizes.d_out}"
+        data = f"--batch-size {rows} with --d-in {sizes.d_in} and {outputs}"
     hidden = flag_text(sizes.hidden)
     needs = mlp_needs(batch=rows, d_in=sizes.d_in, hidden=sizes.hidden, d_out=sizes.d_out,
                       data_rows=rows)
     check_fits(needs, flags={
         "data": data,
-        "weights": f"--hidden {hidden} with --d-in {sizes.d_in} and --d-out {sizes.d_out}",
+        "weights": f"--hidden {hidden} with --d-in {sizes.d_in} and {outputs}",
         "activations": f"--batch-size {sizes.batch_size} with --hidden {hidden}"},
         device=rt.device,
         sharing=rt.launch.local_world_size if rt.device.type == "cpu" else 1)

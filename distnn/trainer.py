@@ -90,10 +90,11 @@ class TrainResult:
 
 def flag_job(config: TrainConfig, runtime: Runtime) -> Job:
     """The command line's Job (jobs.job_from_flags) for this rank; the flags' own MLP is
-    first checked against the memory it needs (startup.check_memory)."""
-    if not config.model:
-        check_memory(config, runtime)
-    return job_from_flags(config, world_size=runtime.world_size, rank=runtime.rank)
+    checked against the memory it needs (startup.check_memory) once its sizes are known,
+    before it or its data is allocated."""
+    return job_from_flags(config, world_size=runtime.world_size, rank=runtime.rank,
+                          check_sizes=None if config.model else
+                          lambda sizes: check_memory(sizes, runtime))
 
 
 class Trainer:

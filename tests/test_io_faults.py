@@ -212,6 +212,18 @@ def test_sizes_that_cannot_fit_are_one_line_and_exit_5_before_allocating(flags, 
     assert len(lines) == 1 and lines[0].startswith("distnn: error: " + words), lines
 
 
+def test_a_class_label_too_large_for_memory_is_refused_before_the_model_is_built(
+        tmp_path, capsys, no_launcher):
+    data = tmp_path / "d.safetensors"
+    save_file({"x": torch.randn(4, 3), "y": torch.tensor([0, 1, 2**40, 1])}, data)
+    assert main(["--data", str(data), "--loss", "cross-entropy", "--hidden", "8",
+                 "--steps", "2", "--device", "cpu"]) == 5
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "distnn: error: out of memory: --hidden 8 with --d-in 3 and 1099511627777 classes "
+        "(labels 0 to 1099511627776) needs 158329.7 GB for the weights per rank"), lines
+
+
 def test_an_allocation_that_fails_is_one_line_and_exit_5_on_every_rank(tmp_path):
     import resource
 
