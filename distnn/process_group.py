@@ -14,6 +14,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+# Imported before any group exists, on purpose. torch.distributed.nn.functional binds
+# ``group.WORLD`` as a default argument when it is first imported; imported after the group
+# is made (torch._dynamo imports it, and torch.optim's step imports torch._dynamo), it holds
+# the group past destroy_process_group, and with it gloo's worker threads, into the
+# interpreter's exit. A worker that then lets go of a collective's tensor needs the
+# interpreter and aborts the process ("terminate called without an active exception",
+# SIGABRT) after a run that went well. Imported first, it binds None.
+import torch.distributed.nn  # noqa: F401
+
 from distnn.environment import LaunchEnv, Placement
 
 

@@ -1,0 +1,40 @@
+"""Leaving the process group: nothing of it outlives ``distnn.setup``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import clean_env, free_port, run_cli
+
+# One rank of a real gloo group: a collective, then torch._dynamo imported while the group
+# exists (as torch.optim's step and --compile do), then the way out. Prints the names of the
+# process's threads after setup() is left.
+ONE_RANK = """
+import os
+import torch
+import torch.distributed as dist
+from distnn.runtime import setup
+
+with setup(device="cpu", backend="gloo") as rt:
+    assert rt.distributed
+    dist.all_reduce(torch.ones(4))
+    import torch._dynamo
+    torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()).step()
+print(sorted(open(f"/proc/self/task/{task}/comm").read().strip()
+             for task in os.listdir("/proc/self/task")))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
+def test_the_group_and_its_gloo_threads_are_gone_after_setup_even_after_dynamo_is_imported():
+    # A group kept alive past destroy_process_group keeps gloo's worker threads into the
+    # interpreter's exit, where they can abort a run that went well (process_group.py).
+    env = clean_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    result = run_cli([sys.executable, "-c", ONE_RANK], env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    threads = result.stdout.strip().splitlines()[-1]
+    assert "gloo" not in threads, threads
