@@ -13,6 +13,8 @@ import dataclasses
 import logging
 import os
 
+import torch
+from torch import nn
 from torch.nn.parameter import is_lazy
 
 from distnn.checkpoint import (
@@ -74,8 +76,10 @@ def check_memory(sizes: TrainConfig, rt: Runtime) -> None:
 
 def check_job(job: Job) -> None:
     """Refuses combinations of the job and the flags that cannot run: a model without
-    weights to train, and what --cuda-graph cannot capture."""
+    weights to train, an output the mse loss would broadcast, and what --cuda-graph cannot
+    capture."""
     check_model_weights(job)
+    check_model_output(job)
     config = job.config
     if not config.cuda_graph:
         return
@@ -107,6 +111,49 @@ def check_model_weights(job: Job) -> None:
         raise UsageError("the model's parameters are on the meta device (shapes without "
                          "values); allowed: a model with its weights made, e.g. "
                          "to_empty() and an initialisation, or built without device='meta'")
+
+
+def check_model_output(job: Job) -> None:
+    """Under an mse loss, refuses a model whose output does not have the targets' shape:
+    torch's ``MSELoss`` broadcasts the two ([N] against [N, 1] gives [N, N]) and trains on
+    a wrong sum, with a warning at most (none under --compile).
+
+    The model is called once, on the data's first two rows, in eval mode, without
+    gradients, with the random generators' states and the buffers put back after it: the
+    run starts as it would have. A model that fails on those rows (or returns something
+    other than a tensor) is left to the first step to report.
+    """
+    if not isinstance(job.loss_fn, nn.MSELoss):
+        return
+    if job.fixed is not None:
+        x, y = (rows[:2] for rows in job.fixed)
+    else:
+        x, y = job.source.read(torch.arange(min(2, job.source.rows)))
+    if not len(x):
+        return
+    model = job.model
+    device = next(model.parameters()).device
+    modes = {module: module.training for module in model.modules()}
+    buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+    try:
+        with (torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+              torch.no_grad()):
+            model.eval()
+            output = model(x.to(device))
+    except Exception:  # noqa: BLE001 - the model's own error: the first step reports it
+        return
+    finally:
+        for module, training in modes.items():
+            module.training = training
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                if name in buffers and buffer.shape == buffers[name].shape:
+                    buffer.copy_(buffers[name])
+    if isinstance(output, torch.Tensor) and output.shape != y.shape:
+        raise UsageError(f"the model's output for {len(x)} rows has shape "
+                         f"{list(output.shape)} but their targets have {list(y.shape)}, and "
+                         "the mse loss would broadcast the two into a wrong sum; allowed: a "
+                         "model whose output has the targets' shape")
 
 
 def claim_checkpoint_dir(config: TrainConfig) -> FolderLock | None:

@@ -57,6 +57,10 @@ BAD = [
     (["--data", "{floats}", "--model", "tests.user_models:on_the_meta_device"],
      "the model's parameters are on the meta device"),
     (["--model", "tests.user_models:frozen"], "the model has no trainable parameters"),
+    (["--model", "tests.user_models:flat_output", "--d-out", "1"],
+     "the model's output for 2 rows has shape [2] but their targets have [2, 1], and the mse "
+     "loss would broadcast the two into a wrong sum; allowed: a model whose output has the "
+     "targets' shape"),
     (["--model", "nocolon"], "--model: got 'nocolon'; allowed: MODULE:FUNCTION"),
     (["--data", "{floats}", "--batch-size", "7", "--drop-last"],
      "--drop-last: --batch-size 7 is more than the data's 6 rows"),
@@ -73,6 +77,39 @@ def test_bad_job_input_is_one_line_and_exit_code_2(argv, words, files, capsys, n
     lines = captured.err.splitlines()
     assert captured.out == "" and len(lines) == 1, captured.err
     assert lines[0].startswith("distnn: error: ") and words.format(**files) in lines[0], lines[0]
+
+
+def test_the_output_check_leaves_the_model_and_the_generators_as_they_were():
+    from distnn.config import parse_config
+    from distnn.jobs import Job
+    from distnn.startup import check_model_output
+
+    class Noisy(torch.nn.Module):  # draws random numbers and counts its calls, in any mode
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("calls", torch.zeros(1))
+
+        def forward(self, x):
+            self.calls += 1
+            return x + 0 * torch.randn_like(x)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4),
+                                torch.nn.Dropout(0.5), Noisy(), torch.nn.Linear(4, 2))
+    model[2].eval()  # a model left partly in eval mode stays so
+    calls = []
+    model.register_forward_hook(lambda module, args, output: calls.append(output.shape))
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    job = Job(config=parse_config([]), model=model,
+              loss_fn=torch.nn.MSELoss(reduction="sum"), optimizer=None,
+              fixed=(torch.randn(5, 3), torch.randn(5, 2)))
+    state = torch.get_rng_state()
+    check_model_output(job)
+    assert calls == [torch.Size([2, 2])]  # it ran, on two rows
+    assert torch.equal(torch.get_rng_state(), state)
+    assert [m.training for m in model.modules()] == [True, True, True, False, True, True]
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
 
 
 def test_a_model_of_another_dtype_that_casts_its_input_trains(capsys, no_launcher):

@@ -36,6 +36,12 @@ def small_mlp(d_in: int, d_out: int) -> nn.Module:
     return nn.Sequential(nn.Linear(d_in, 16), nn.Tanh(), nn.Linear(16, d_out))
 
 
+def flat_output(d_in: int, d_out: int) -> nn.Module:
+    """A regression model whose output is [N] where the targets are [N, 1]: torch's
+    MSELoss would broadcast the two to [N, N]."""
+    return nn.Sequential(nn.Linear(d_in, 1), nn.Flatten(0))
+
+
 def not_a_module(d_in: int, d_out: int) -> str:
     return "a string"
 
