@@ -41,14 +41,16 @@ class Column:
     """Where one named array lies: its shape and dtype, and how to reach its rows.
 
     ``offset`` is the byte offset of row 0 in the file when the rows can be read in place
-    (C order, uncompressed); else ``tensor`` holds the array (memory-mapped), or neither is
-    set: the array must be read whole (a compressed or column-major .npz member).
+    (C order, uncompressed); else ``tensor`` holds the array (``mapped``: its pages are the
+    file's, read as it is indexed), or neither is set: the array must be read whole (a
+    compressed or column-major .npz member).
     """
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     offset: int | None = None
     tensor: torch.Tensor | None = None
+    mapped: bool = False
 
     @property
     def row_bytes(self) -> int:
@@ -111,6 +113,7 @@ class DataFile:
         # during the run is still read as it was.
         self._fd = os.open(path, os.O_RDONLY)
         weakref.finalize(self, os.close, self._fd)
+        self._size = os.fstat(self._fd).st_size
 
     @property
     def rows(self) -> int:
@@ -184,6 +187,13 @@ class DataFile:
         if column.offset is not None:
             return _pread_rows(self._fd, self, column, indices.numpy())
         if column.tensor is not None:
+            if column.mapped:
+                # A mapped page beyond the end of a file cut short kills the process (SIGBUS)
+                # when touched: look at the file's size first.
+                size = os.fstat(self._fd).st_size
+                if size < self._size:
+                    raise self.fail(f"ended early (cut to {size} of its {self._size} bytes "
+                                    "during the run)", "a complete file")
             return column.tensor[indices]
         name = "x" if column is self.x else "y"
         if name not in self._whole:
@@ -303,11 +313,12 @@ def _npy_header(member) -> tuple[tuple[int, ...], bool, np.dtype]:
 def _pt_columns(path: str) -> dict[str, Column]:
     """A ``torch.save``d dict, memory-mapped (pages are read as rows are indexed)."""
     try:
-        loaded = torch.load(path, weights_only=True, mmap=True)
+        loaded, mapped = torch.load(path, weights_only=True, mmap=True), True
     except RuntimeError:  # files in the legacy (non-zip) format cannot be mapped
-        loaded = torch.load(path, weights_only=True)
+        loaded, mapped = torch.load(path, weights_only=True), False
     if not isinstance(loaded, dict):
         raise ValueError(f"holds a {type(loaded).__name__}, not a dict of tensors")
-    return {name: Column(shape=tuple(tensor.shape), dtype=tensor.dtype, tensor=tensor)
+    return {name: Column(shape=tuple(tensor.shape), dtype=tensor.dtype, tensor=tensor,
+                         mapped=mapped)
             for name, tensor in loaded.items()
             if name in ("x", "y") and isinstance(tensor, torch.Tensor)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -206,6 +207,31 @@ def test_a_bad_shard_on_another_rank_stops_every_rank(tmp_path):
     for rank, line in enumerate(lines):
         assert line.startswith(f"distnn: rank {rank}: error: --data: ")
         assert "non-finite value in x, rows [4, 8)" in line
+
+
+CUT_MAPPED_PT = """
+import os, sys, torch
+from distnn.config import UsageError
+from distnn.datafile import DataFile
+path = sys.argv[1]
+torch.save({"x": torch.randn(20000, 8), "y": torch.randn(20000, 2)}, path)
+data = DataFile(path)
+os.truncate(path, 4096)
+try:
+    data.read(torch.arange(19990, 20000))
+except UsageError as error:
+    print(error)
+"""
+
+
+def test_a_memory_mapped_pt_file_cut_short_during_the_run_is_named_not_a_crash(tmp_path):
+    # touching a mapped page past the new end of the file would kill the process (SIGBUS);
+    # run apart, so that a regression fails this test rather than the whole session
+    path = tmp_path / "d.pt"
+    result = run_cli([sys.executable, "-c", CUT_MAPPED_PT, str(path)])
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.strip().startswith(
+        f"--data: {str(path)!r} ended early (cut to 4096 of its "), result.stdout
 
 
 def test_a_file_cut_short_during_the_run_is_named_in_one_line(tmp_path):
