@@ -14,6 +14,7 @@ from distnn.guards import RunFailed
 
 EXIT_MEMORY = 5
 FLOAT_BYTES = 4
+LABEL_BYTES = 8  # a class label, int64
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -33,14 +34,16 @@ def available_bytes(device: torch.device) -> int | None:
 
 
 def mlp_needs(*, batch: int, d_in: int, hidden: tuple[int, ...], d_out: int,
-              data_rows: int) -> dict[str, int]:
+              data_rows: int, y_bytes: int | None = None) -> dict[str, int]:
     """Bytes a run of the MLP needs on its device, by what the flags size: the data rows it
-    holds (``data_rows``), the weights (4 copies: parameters, gradients, the flat gradient
-    buffer, an optimizer's state) and the activations of a batch (kept for backward, twice)."""
+    holds (``data_rows``; a row's target is ``y_bytes``, by default ``d_out`` floats), the
+    weights (4 copies: parameters, gradients, the flat gradient buffer, an optimizer's
+    state) and the activations of a batch (kept for backward, twice)."""
     widths = (d_in, *hidden, d_out)
     parameters = sum((a + 1) * b for a, b in zip(widths, widths[1:], strict=False))
+    target = d_out * FLOAT_BYTES if y_bytes is None else y_bytes
     return {
-        "data": data_rows * (d_in + d_out) * FLOAT_BYTES,
+        "data": data_rows * (d_in * FLOAT_BYTES + target),
         "weights": 4 * parameters * FLOAT_BYTES,
         "activations": 2 * batch * sum(widths[1:]) * FLOAT_BYTES,
     }

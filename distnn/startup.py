@@ -15,6 +15,8 @@ import os
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.func import functional_call
 from torch.nn.parameter import is_lazy
 
 from distnn.checkpoint import (
@@ -26,7 +28,7 @@ from distnn.checkpoint import (
 )
 from distnn.config import TrainConfig, UsageError, flag_text
 from distnn.jobs import Job
-from distnn.memory import check_fits, mlp_needs
+from distnn.memory import LABEL_BYTES, check_fits, mlp_needs
 from distnn.runtime import Runtime
 from distnn.weights import check_writable, remove_stale_temporaries
 
@@ -48,15 +50,16 @@ def check_placement(config: TrainConfig, rt: Runtime) -> None:
                          "graph; allowed: --backend nccl (one GPU per rank), or one process")
 
 
-def check_memory(sizes: TrainConfig, rt: Runtime) -> None:
+def check_memory(sizes: TrainConfig, rt: Runtime, *, given_d_out: bool = True) -> None:
     """The flags' MLP and its data at the run's sizes (``sizes``: the config resolved with the
-    data's widths and, for class labels, its number of classes), refused (exit 5) before
-    they are allocated when they visibly cannot fit. On the CPU the ranks of a machine
-    share its memory. (A model of --model or distnn.fit sizes itself; an allocation that
-    fails there is one line too: see Trainer.train.)"""
+    data's widths and, for class labels, its number of classes; ``given_d_out``: whether
+    --d-out set the outputs, for the message), refused (exit 5) before they are allocated
+    when they visibly cannot fit. On the CPU the ranks of a machine share its memory. (A
+    model of --model or distnn.fit sizes itself; an allocation that fails there is one
+    line too: see Trainer.train.)"""
+    labels = sizes.loss == "cross-entropy"  # y: one int64 label a row, d_out classes
     outputs = (f"{sizes.d_out} classes (labels 0 to {sizes.d_out - 1})"
-               if sizes.loss == "cross-entropy"
-               else f"--d-out {sizes.d_out}")
+               if labels and not given_d_out else f"--d-out {sizes.d_out}")
     if sizes.data:
         rows = -(-sizes.batch_size // rt.world_size)  # a shard of a batch
         data = f"--batch-size {sizes.batch_size} of --data {sizes.data!r}"
@@ -65,7 +68,7 @@ def check_memory(sizes: TrainConfig, rt: Runtime) -> None:
         data = f"--batch-size {rows} with --d-in {sizes.d_in} and {outputs}"
     hidden = flag_text(sizes.hidden)
     needs = mlp_needs(batch=rows, d_in=sizes.d_in, hidden=sizes.hidden, d_out=sizes.d_out,
-                      data_rows=rows)
+                      data_rows=rows, y_bytes=LABEL_BYTES if labels else None)
     check_fits(needs, flags={
         "data": data,
         "weights": f"--hidden {hidden} with --d-in {sizes.d_in} and {outputs}",
@@ -116,13 +119,7 @@ def check_model_weights(job: Job) -> None:
 def check_model_output(job: Job) -> None:
     """Under an mse loss, refuses a model whose output does not have the targets' shape:
     torch's ``MSELoss`` broadcasts the two ([N] against [N, 1] gives [N, N]) and trains on
-    a wrong sum, with a warning at most (none under --compile).
-
-    The model is called once, on the data's first two rows, in eval mode, without
-    gradients, with the random generators' states and the buffers put back after it: the
-    run starts as it would have. A model that fails on those rows (or returns something
-    other than a tensor) is left to the first step to report.
-    """
+    a wrong sum, with a warning at most."""
     if not isinstance(job.loss_fn, nn.MSELoss):
         return
     if job.fixed is not None:
@@ -131,29 +128,33 @@ def check_model_output(job: Job) -> None:
         x, y = job.source.read(torch.arange(min(2, job.source.rows)))
     if not len(x):
         return
-    model = job.model
+    shape = output_shape(job.model, x)
+    if shape is not None and shape != y.shape:
+        raise UsageError(f"the model's output for {len(x)} rows has shape {list(shape)} but "
+                         f"their targets have {list(y.shape)}, and the mse loss would "
+                         "broadcast the two into a wrong sum; allowed: a model whose output "
+                         "has the targets' shape")
+
+
+def output_shape(model: nn.Module, x: torch.Tensor) -> torch.Size | None:
+    """The shape of ``model(x)``, found with fake tensors: they carry shapes, dtypes and
+    devices but no values, so nothing is computed and no tensor of the model (weights,
+    buffers, random generators) changes. None when the shape cannot be known so: a forward
+    that depends on values (a branch on a tensor's contents), one that reads tensors the
+    module does not register, or an output that is not a tensor. (Python state the forward
+    keeps, a count of its calls say, sees one call.)"""
     device = next(model.parameters()).device
-    modes = {module: module.training for module in model.modules()}
-    buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+    named = [*model.named_parameters(remove_duplicate=False),
+             *model.named_buffers(remove_duplicate=False)]
     try:
         with (torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
-              torch.no_grad()):
-            model.eval()
-            output = model(x.to(device))
-    except Exception:  # noqa: BLE001 - the model's own error: the first step reports it
-        return
-    finally:
-        for module, training in modes.items():
-            module.training = training
-        with torch.no_grad():
-            for name, buffer in model.named_buffers():
-                if name in buffers and buffer.shape == buffers[name].shape:
-                    buffer.copy_(buffers[name])
-    if isinstance(output, torch.Tensor) and output.shape != y.shape:
-        raise UsageError(f"the model's output for {len(x)} rows has shape "
-                         f"{list(output.shape)} but their targets have {list(y.shape)}, and "
-                         "the mse loss would broadcast the two into a wrong sum; allowed: a "
-                         "model whose output has the targets' shape")
+              FakeTensorMode() as fake):
+            output = functional_call(model, {name: fake.from_tensor(tensor)
+                                             for name, tensor in named},
+                                     (fake.from_tensor(x.to(device)),))
+    except Exception:  # noqa: BLE001 - not knowable without values: the first step will tell
+        return None
+    return output.shape if isinstance(output, torch.Tensor) else None
 
 
 def claim_checkpoint_dir(config: TrainConfig) -> FolderLock | None:

@@ -94,7 +94,8 @@ def flag_job(config: TrainConfig, runtime: Runtime) -> Job:
     before it or its data is allocated."""
     return job_from_flags(config, world_size=runtime.world_size, rank=runtime.rank,
                           check_sizes=None if config.model else
-                          lambda sizes: check_memory(sizes, runtime))
+                          lambda sizes: check_memory(sizes, runtime,
+                                                     given_d_out=config.d_out is not None))
 
 
 class Trainer:

@@ -222,6 +222,20 @@ def test_a_class_label_too_large_for_memory_is_refused_before_the_model_is_built
     assert len(lines) == 1 and lines[0].startswith(
         "distnn: error: out of memory: --hidden 8 with --d-in 3 and 1099511627777 classes "
         "(labels 0 to 1099511627776) needs 158329.7 GB for the weights per rank"), lines
+    # sized by --d-out instead: the message names the flag
+    assert main(["--data", str(data), "--loss", "cross-entropy", "--hidden", "8",
+                 "--d-out", str(2**41), "--steps", "2", "--device", "cpu"]) == 5
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("distnn: error: out of memory: --hidden 8 with --d-in 3 and "
+                           f"--d-out {2**41} needs"), line
+
+
+def test_a_class_label_counts_as_its_8_bytes_not_a_row_of_outputs():
+    from distnn.memory import mlp_needs
+
+    sizes = {"batch": 512, "d_in": 4, "hidden": (8,), "d_out": 100_000, "data_rows": 512}
+    assert mlp_needs(**sizes, y_bytes=8)["data"] == 512 * (4 * 4 + 8)
+    assert mlp_needs(**sizes)["data"] == 512 * (4 + 100_000) * 4  # float targets
 
 
 def test_an_allocation_that_fails_is_one_line_and_exit_5_on_every_rank(tmp_path):

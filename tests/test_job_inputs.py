@@ -82,7 +82,7 @@ def test_bad_job_input_is_one_line_and_exit_code_2(argv, words, files, capsys, n
 def test_the_output_check_leaves_the_model_and_the_generators_as_they_were():
     from distnn.config import parse_config
     from distnn.jobs import Job
-    from distnn.startup import check_model_output
+    from distnn.startup import check_model_output, output_shape
 
     class Noisy(torch.nn.Module):  # draws random numbers and counts its calls, in any mode
         def __init__(self):
@@ -110,6 +110,21 @@ def test_the_output_check_leaves_the_model_and_the_generators_as_they_were():
     assert [m.training for m in model.modules()] == [True, True, True, False, True, True]
     after = model.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)
+    # a forward that changes a weight in place: Embedding(max_norm) renormalises its rows
+    embedding = torch.nn.Sequential(torch.nn.Embedding(10, 4, max_norm=1.0),
+                                    torch.nn.Flatten(1), torch.nn.Linear(4, 2))
+    weight = embedding[0].weight.detach().clone()
+    assert output_shape(embedding, torch.tensor([[3], [7]])) == torch.Size([2, 2])
+    assert torch.equal(embedding[0].weight, weight)
+
+
+def test_the_output_check_leaves_a_shape_it_cannot_know_to_the_first_step():
+    from distnn.startup import output_shape
+    from tests.user_models import routed
+
+    torch.manual_seed(0)  # routed: which expert runs depends on the values
+    assert output_shape(routed(3, 2), torch.randn(2, 3)) is None
+    assert output_shape(torch.nn.Linear(3, 2), torch.randn(2, 3)) == torch.Size([2, 2])
 
 
 def test_a_model_of_another_dtype_that_casts_its_input_trains(capsys, no_launcher):
