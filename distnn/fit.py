@@ -73,6 +73,12 @@ def fit(model: nn.Module, *, train: Data,
                          "'sgd', 'momentum', 'adamw' or a torch.optim.Optimizer")
     if isinstance(loss, str):
         names["loss"] = loss
+    elif isinstance(loss, type) or not callable(loss):
+        what = f"the class {loss.__name__}" if isinstance(loss, type) else (
+            f"a {type(loss).__name__}")
+        raise UsageError(f"distnn.fit: loss is {what}; allowed: 'mse', 'cross-entropy', or a "
+                         "function (prediction, target) -> loss summed over the rows, such "
+                         "as nn.MSELoss(reduction='sum')")
     kind = type(model)
     # fit takes the model object; its class is named where --model names a function, so a
     # checkpoint records it and a resume with another model's class is refused (nothing is

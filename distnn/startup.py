@@ -27,6 +27,7 @@ from distnn.checkpoint import (
     remove_temporaries,
 )
 from distnn.config import TrainConfig, UsageError, flag_text
+from distnn.datafile import DataFile
 from distnn.jobs import Job
 from distnn.memory import LABEL_BYTES, check_fits, mlp_needs
 from distnn.runtime import Runtime
@@ -82,6 +83,7 @@ def check_job(job: Job) -> None:
     weights to train, an output the mse loss would broadcast, and what --cuda-graph cannot
     capture."""
     check_model_weights(job)
+    check_sum_loss(job)
     check_model_output(job)
     config = job.config
     if not config.cuda_graph:
@@ -116,6 +118,17 @@ def check_model_weights(job: Job) -> None:
                          "to_empty() and an initialisation, or built without device='meta'")
 
 
+def check_sum_loss(job: Job) -> None:
+    """Refuses a torch loss module that does not sum over the rows (``reduction='mean'``,
+    torch's default, or ``'none'``): each rank would average over its own shard, and the
+    ranks' results would not add up to the batch's."""
+    reduction = getattr(job.loss_fn, "reduction", "sum")
+    if isinstance(job.loss_fn, nn.modules.loss._Loss) and reduction != "sum":
+        raise UsageError(f"the loss {type(job.loss_fn).__name__}(reduction={reduction!r}) "
+                         "does not sum over the rows, so the ranks' losses and gradients "
+                         "would not add up to the batch's; allowed: reduction='sum'")
+
+
 def check_model_output(job: Job) -> None:
     """Under an mse loss, refuses a model whose output does not have the targets' shape:
     torch's ``MSELoss`` broadcasts the two ([N] against [N, 1] gives [N, N]) and trains on
@@ -146,6 +159,9 @@ def output_shape(model: nn.Module, x: torch.Tensor) -> torch.Size | None:
     device = next(model.parameters()).device
     named = [*model.named_parameters(remove_duplicate=False),
              *model.named_buffers(remove_duplicate=False)]
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")  # logs each failed op
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
     try:
         with (torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
               FakeTensorMode() as fake):
@@ -154,6 +170,8 @@ def output_shape(model: nn.Module, x: torch.Tensor) -> torch.Size | None:
                                      (fake.from_tensor(x.to(device)),))
     except Exception:  # noqa: BLE001 - not knowable without values: the first step will tell
         return None
+    finally:
+        fake_log.setLevel(level)
     return output.shape if isinstance(output, torch.Tensor) else None
 
 
@@ -187,7 +205,7 @@ def prepare_outputs(job: Job) -> Checkpoint | None:
                                  ("--save", config.save, False)):
         if path:
             check_writable(path, flag, in_place=in_place)
-    check_outputs_distinct(config)
+    check_outputs_distinct(job)
     if config.save:
         for path in remove_stale_temporaries(config.save):
             log.info(f"removed {path}, a --save whose writing was cut short")
@@ -201,12 +219,15 @@ def prepare_outputs(job: Job) -> Checkpoint | None:
     return checkpoint
 
 
-def check_outputs_distinct(config: TrainConfig) -> None:
-    """Refuses --metrics or --save naming a file that an input or the other output names
-    (through a link too): the run would overwrite it."""
+def check_outputs_distinct(job: Job) -> None:
+    """Refuses --metrics or --save naming a file that an input (a data file of the command
+    line or of distnn.fit) or the other output names (through a link too): the run would
+    overwrite it."""
+    config = job.config
+    inputs = [(data.flag, data.path) for data in (job.source, job.val)
+              if isinstance(data, DataFile)]
     named: dict[object, str] = {}
-    for flag, path in (("--data", config.data), ("--val-data", config.val_data),
-                       ("--metrics", config.metrics), ("--save", config.save)):
+    for flag, path in (*inputs, ("--metrics", config.metrics), ("--save", config.save)):
         if not path:
             continue
         try:

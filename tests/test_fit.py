@@ -134,6 +134,12 @@ def test_fit_resumes_bitwise_from_its_checkpoint(tmp_path, no_launcher):
      "the optimizer steps 4 tensors that are not the model's parameters; allowed: an "
      "optimizer built on model.parameters()"),
     ({"epochs": 0}, "--epochs: got 0"),
+    ({"loss": nn.CrossEntropyLoss()}, "the loss CrossEntropyLoss(reduction='mean') does not "
+                                      "sum over the rows, so the ranks' losses and gradients "
+                                      "would not add up to the batch's; allowed: "
+                                      "reduction='sum'"),
+    ({"loss": nn.MSELoss}, "distnn.fit: loss is the class MSELoss; allowed: 'mse'"),
+    ({"loss": 123}, "distnn.fit: loss is a int; allowed: 'mse'"),
 ])
 def test_bad_fit_arguments_raise_usage_errors(kwargs, words, no_launcher):
     arguments = {"train": data(), "log_every": 0, **kwargs}
@@ -149,6 +155,20 @@ def test_a_data_file_is_checked_as_the_command_line_checks_it(tmp_path, no_launc
             "distnn.fit train: " + repr(str(tmp_path / "nan.safetensors"))
             + " holds a non-finite value in x")):
         distnn.fit(build(), train=str(tmp_path / "nan.safetensors"), loss="cross-entropy")
+
+
+@pytest.mark.parametrize("output", ["save", "metrics"])
+def test_an_output_naming_fits_own_data_file_is_refused_and_the_file_kept(tmp_path, output,
+                                                                          no_launcher):
+    x, y = data()
+    path = tmp_path / "d.safetensors"
+    save_file({"x": x, "y": y}, path)
+    before = path.read_bytes()
+    with pytest.raises(distnn.UsageError, match=re.escape(
+            f"--{output}: got {str(path)!r}, the file that distnn.fit train names")):
+        distnn.fit(build(), train=str(path), loss="cross-entropy", log_every=0,
+                   **{output: str(path)})
+    assert path.read_bytes() == before
 
 
 @pytest.mark.parametrize("model, words", [(None, "model is a NoneType"),

@@ -118,13 +118,15 @@ def test_the_output_check_leaves_the_model_and_the_generators_as_they_were():
     assert torch.equal(embedding[0].weight, weight)
 
 
-def test_the_output_check_leaves_a_shape_it_cannot_know_to_the_first_step():
+def test_the_output_check_leaves_a_shape_it_cannot_know_to_the_first_step(capfd):
     from distnn.startup import output_shape
     from tests.user_models import routed
 
     torch.manual_seed(0)  # routed: which expert runs depends on the values
     assert output_shape(routed(3, 2), torch.randn(2, 3)) is None
+    assert output_shape(torch.nn.Linear(5, 2), torch.randn(2, 3)) is None  # fails: 3 != 5
     assert output_shape(torch.nn.Linear(3, 2), torch.randn(2, 3)) == torch.Size([2, 2])
+    assert capfd.readouterr().err == ""  # torch's fake tensors log each failed op; not here
 
 
 def test_a_model_of_another_dtype_that_casts_its_input_trains(capsys, no_launcher):
