@@ -78,12 +78,15 @@ def check_memory(sizes: TrainConfig, rt: Runtime, *, given_d_out: bool = True) -
         sharing=rt.launch.local_world_size if rt.device.type == "cpu" else 1)
 
 
-def check_job(job: Job) -> None:
-    """Refuses combinations of the job and the flags that cannot run: a model without
-    weights to train, an output the mse loss would broadcast, and what --cuda-graph cannot
-    capture."""
+def check_job(job: Job, *, ranks: int = 1) -> None:
+    """Refuses combinations of the job and the flags that cannot run, or that ``ranks``
+    ranks cannot run as one process would: a model without weights to train, a loss that
+    is not a sum, batch statistics, an output the mse loss would broadcast, and what
+    --cuda-graph cannot capture."""
     check_model_weights(job)
     check_sum_loss(job)
+    if ranks > 1:
+        check_no_batch_statistics(job)
     check_model_output(job)
     config = job.config
     if not config.cuda_graph:
@@ -129,6 +132,36 @@ def check_sum_loss(job: Job) -> None:
                          "would not add up to the batch's; allowed: reduction='sum'")
 
 
+def check_no_batch_statistics(job: Job) -> None:
+    """Refuses BatchNorm layers in training mode on more than one rank: they normalise over
+    the rows they are given, each rank's shard rather than the batch, so the ranks would not
+    train as one process does. (nn.SyncBatchNorm, which shares the statistics across the
+    ranks, is let through.)"""
+    layers = sorted({type(module).__name__ for module in job.model.modules()
+                     if isinstance(module, nn.modules.batchnorm._BatchNorm)
+                     and not isinstance(module, nn.SyncBatchNorm) and module.training})
+    if layers:
+        raise UsageError(f"the model has {', '.join(layers)} layers in training mode, which "
+                         "normalise over each rank's rows rather than the batch, so the "
+                         "ranks would not train as one process does; allowed: GroupNorm or "
+                         "LayerNorm, BatchNorm in eval mode (its running statistics fixed), "
+                         "or one process")
+
+
+def warn_random_layers(job: Job) -> None:
+    """Warns (rank 0) of Dropout layers in training mode: their masks are random numbers
+    that distnn's guarantee does not cover (N ranks draw them per rank, not as one process
+    would; the generators' states are not in a checkpoint, so a resumed run draws others)."""
+    layers = sorted({type(module).__name__ for module in job.model.modules()
+                     if isinstance(module, nn.modules.dropout._DropoutNd)
+                     and module.training and module.p > 0})
+    if layers:
+        log.warning(f"the model has {', '.join(layers)} layers in training mode: their random "
+                    "masks are outside distnn's guarantee (several ranks draw them otherwise "
+                    "than one process would, and a resumed run draws new ones), so the run "
+                    "is like the one-process run in distribution only")
+
+
 def check_model_output(job: Job) -> None:
     """Under an mse loss, refuses a model whose output does not have the targets' shape:
     torch's ``MSELoss`` broadcasts the two ([N] against [N, 1] gives [N, N]) and trains on
@@ -164,15 +197,22 @@ def output_shape(model: nn.Module, x: torch.Tensor) -> torch.Size | None:
     fake_log.setLevel(logging.CRITICAL)
     try:
         with (torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
-              FakeTensorMode() as fake):
-            output = functional_call(model, {name: fake.from_tensor(tensor)
-                                             for name, tensor in named},
-                                     (fake.from_tensor(x.to(device)),))
+              FakeTensorMode()):
+            # made from the shapes alone: a fake made from a tensor would hold a weak
+            # reference to it, which a later model.to() swapping tensors refuses
+            output = functional_call(model, {name: _fake_like(tensor) for name, tensor in named},
+                                     (_fake_like(x, device),))
     except Exception:  # noqa: BLE001 - not knowable without values: the first step will tell
         return None
     finally:
         fake_log.setLevel(level)
     return output.shape if isinstance(output, torch.Tensor) else None
+
+
+def _fake_like(tensor: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """Inside a FakeTensorMode: a fake tensor of ``tensor``'s shape, strides and dtype."""
+    return torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype,
+                               device=device or tensor.device)
 
 
 def claim_checkpoint_dir(config: TrainConfig) -> FolderLock | None:

@@ -60,6 +60,7 @@ from distnn.startup import (
     claim_checkpoint_dir,
     job_objects,
     prepare_outputs,
+    warn_random_layers,
 )
 from distnn.validation import evaluate
 from distnn.weights import EXIT_OUTPUT, describe_os_error, save_weights
@@ -202,7 +203,9 @@ class Trainer:
             check_placement(self.config, self.rt)
             self.job = self.build_job(self.config, self.rt)
             self.config = self.job.config
-            check_job(self.job)
+            check_job(self.job, ranks=self.rt.world_size if self.rt.communicates else 1)
+            if self.rt.is_main:
+                warn_random_layers(self.job)
             model = model_signature(self.job.model)  # compared across the ranks below
             if self.rt.is_main:
                 self.lock = claim_checkpoint_dir(self.config)
@@ -277,6 +280,7 @@ class Trainer:
             raise UsageError(f"the model: {error}; allowed: a model whose trainable "
                              "parameters share one dtype and device") from None
         sync.broadcast_parameters(src=0)
+        self._broadcast_the_rest(model)
         if job.optimizer is not None and start:
             state = [checkpoint.optimizer if checkpoint else None]
             if self.rt.communicates:  # rank 0 alone read the checkpoint
@@ -284,6 +288,20 @@ class Trainer:
                     dist.broadcast_object_list(state, src=0)
             load_state_tensors(job.optimizer, state[0])
         return sync
+
+    def _broadcast_the_rest(self, model: nn.Module) -> None:
+        """Rank 0's values of the model's tensors outside the flat buffer (frozen parameters
+        and buffers: a frozen layer drawn unseeded, or a resumed BatchNorm's statistics,
+        which rank 0 alone read from the checkpoint) on every rank."""
+        rest = [*(p for p in model.parameters() if not p.requires_grad), *model.buffers()]
+        if not (self.rt.communicates and rest):
+            return
+        with collective("broadcasting the frozen parameters and buffers"), torch.no_grad():
+            for tensor in rest:
+                dense = tensor.contiguous()  # the collectives take dense tensors
+                dist.broadcast(dense, src=0)
+                if dense is not tensor:
+                    tensor.copy_(dense)
 
     # -- the steps ------------------------------------------------------------------------
 

@@ -3,10 +3,13 @@ one line, exit code 2, before any training; on every rank."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from distnn.config import UsageError
 from distnn.train import main
 from tests.conftest import bin_path, run_cli
 
@@ -127,6 +130,32 @@ def test_the_output_check_leaves_a_shape_it_cannot_know_to_the_first_step(capfd)
     assert output_shape(torch.nn.Linear(5, 2), torch.randn(2, 3)) is None  # fails: 3 != 5
     assert output_shape(torch.nn.Linear(3, 2), torch.randn(2, 3)) == torch.Size([2, 2])
     assert capfd.readouterr().err == ""  # torch's fake tensors log each failed op; not here
+
+
+def test_batch_norm_in_training_mode_is_refused_on_several_ranks_only():
+    from distnn.config import parse_config
+    from distnn.jobs import Job
+    from distnn.startup import check_job
+    from tests.user_models import batch_norm
+
+    model = batch_norm(3, 2)
+    job = Job(config=parse_config([]), model=model,
+              loss_fn=torch.nn.MSELoss(reduction="sum"), optimizer=None,
+              fixed=(torch.randn(4, 3), torch.randn(4, 2)))
+    check_job(job, ranks=1)
+    with pytest.raises(UsageError, match=re.escape(
+            "the model has BatchNorm1d layers in training mode, which normalise over each "
+            "rank's rows rather than the batch")):
+        check_job(job, ranks=2)
+    model[1].eval()  # running statistics fixed: the same on every rank
+    check_job(job, ranks=2)
+
+
+def test_dropout_in_training_mode_is_named_in_a_warning(capsys, no_launcher):
+    assert main(["--model", "tests.user_models:with_dropout", "--steps", "2", "--d-in", "5",
+                 "--d-out", "2", "--device", "cpu", "--log-every", "0"]) == 0
+    assert ("distnn: warning: the model has Dropout layers in training mode: their random "
+            "masks are outside distnn's guarantee") in capsys.readouterr().err
 
 
 def test_a_model_of_another_dtype_that_casts_its_input_trains(capsys, no_launcher):

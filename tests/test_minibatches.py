@@ -199,3 +199,16 @@ def test_resume_mid_epoch_is_bitwise_on_the_same_world_and_close_on_another(tmp_
                                              hidden=(8,), optimizer="adamw", lr=1e-2, steps=17)
     assert_close_run(whole["losses"][:9] + other["losses"], other["weights"][0], losses,
                      weights)
+
+
+def test_frozen_parameters_and_buffers_are_rank_0s_on_every_rank(tmp_path):
+    # the model draws its frozen layer and a buffer from a seed of the rank's own
+    x, y = classes(rows=12)
+    data = save(tmp_path / "d.safetensors", x, y)
+    result = run_world(2, ["--data", data, "--loss", "cross-entropy", "--batch-size", "4",
+                           "--model", "tests.user_models:frozen_first_layer_of_the_rank",
+                           "--steps", "6"], tmp_path / "run")
+    rank0, rank1 = result["weights"]
+    assert rank0["scale"].item() == 1.0  # rank 0's
+    for name, tensor in rank0.items():
+        assert torch.equal(rank1[name], tensor), name

@@ -98,3 +98,22 @@ def on_the_meta_device(d_in: int, d_out: int) -> nn.Module:
 
 def frozen(d_in: int, d_out: int) -> nn.Module:
     return nn.Linear(d_in, d_out).requires_grad_(False)
+
+
+def frozen_first_layer_of_the_rank(d_in: int, d_out: int) -> nn.Module:
+    """An MLP whose first layer is frozen and drawn from a seed of the rank's own, with a
+    buffer of the rank's own too: rank 0's values are the ones every rank must train with."""
+    rank = int(os.environ.get("RANK", "0"))
+    torch.manual_seed(100 + rank)
+    model = nn.Sequential(nn.Linear(d_in, 8).requires_grad_(False), nn.Tanh(),
+                          nn.Linear(8, d_out))
+    model.register_buffer("scale", torch.tensor([1.0 + rank]))
+    return model
+
+
+def batch_norm(d_in: int, d_out: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(d_in, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, d_out))
+
+
+def with_dropout(d_in: int, d_out: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(d_in, 8), nn.Dropout(0.2), nn.Linear(8, d_out))
