@@ -1,4 +1,4 @@
-"""Preemption: SIGTERM or SIGINT stops every rank at the same step, cleanly.
+"""Preemption: SIGTERM, SIGINT or SIGHUP stops every rank at the same step, cleanly.
 
 A signal only sets a flag. Each step every rank adds its vote (1 if it was signalled) to a
 slot of the step's all-reduce (read from a device tensor, which a captured step can read
@@ -21,7 +21,8 @@ import torch
 
 from distnn.process_group import DeviceWatch
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGHUP: the terminal closed (an ssh session dropped); torchrun forwards it as it is
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 VOTE_EVERY = 4  # steps between looks at the vote total
 
 
@@ -40,24 +41,32 @@ class StopRequests:
 
     @contextmanager
     def installed(self) -> Iterator[StopRequests]:
-        """Catches SIGTERM and SIGINT while training; the previous handlers come back after.
+        """Catches the stop signals while training; the previous handlers come back after.
 
-        A second signal gets the previous handler's behaviour (Ctrl-C twice still kills).
+        The first signal asks for the stop. Another SIGTERM or SIGHUP is the same request
+        (torchrun forwards its own copy of a signal the scheduler sent every process of
+        the job), so it changes nothing; a second SIGINT gets the previous handler's
+        behaviour (Ctrl-C twice still interrupts).
         """
         previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
 
-        def handler(signum: int, frame: object) -> None:
-            self.signum = signum
+        def restore() -> None:
             for sig, old in previous.items():
                 signal.signal(sig, old)
+
+        def handler(signum: int, frame: object) -> None:
+            if self.signum is None:
+                self.signum = signum
+            elif signum == signal.SIGINT:
+                restore()
+                signal.raise_signal(signum)
 
         for sig in STOP_SIGNALS:
             signal.signal(sig, handler)
         try:
             yield self
         finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
+            restore()
 
     def ballot(self) -> torch.Tensor:
         """This rank's vote for the step's all-reduce: a 1-element device tensor, 1.0 once

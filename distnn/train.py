@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -85,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
                 # a stop is agreed (every rank stops at the same step and says so itself),
                 # and the launcher whose store tell_peers writes to may be the one gone
                 stopped = isinstance(error, RunFailed) and error.label == "stopped"
+                if stopped:
+                    # The checkpoint is written. A late copy of the signal (torchrun forwards
+                    # its own) must not turn the exit code 143 into a kill.
+                    for signum in (signal.SIGTERM, signal.SIGHUP):
+                        signal.signal(signum, signal.SIG_IGN)
                 if runtime.communicates and not stopped and not isinstance(error,
                                                                           CollectiveFailed):
                     tell_peers(_one_line(error), _exit_code(error), launch=launch)

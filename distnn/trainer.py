@@ -183,7 +183,8 @@ class Trainer:
                     if self.log:
                         self.log.flush()  # waits for the device: the wall time is honest
                     wall_s = time.perf_counter() - started
-            self._finish(sync, stop, start, done, wall_s)
+                # still caught: a signal now must not end the final checkpoint or --save
+                self._finish(sync, stop, start, done, wall_s)
         finally:
             if self.log:
                 self.log.close()

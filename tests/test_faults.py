@@ -6,6 +6,7 @@ same bits, interrupted or not.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -190,6 +191,49 @@ def test_one_process_stops_after_the_step_its_signal_arrived_in_and_resumes_the_
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resuming from {tmp_path / 'ck' / f'step-{stopped_at}'}" in rerun.stderr
     assert_same_bits(tmp_path / "whole.safetensors", tmp_path / "w.safetensors")
+
+
+def test_a_repeated_sigterm_is_the_same_request_and_a_second_sigint_interrupts():
+    from distnn.preemption import StopRequests
+
+    outside = []  # the handlers before training (harmless here, unlike the defaults)
+    before = {sig: signal.signal(sig, lambda signum, frame: outside.append(signum))
+              for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        stop = StopRequests(torch.device("cpu"), watch=None)
+        with stop.installed():
+            os.kill(os.getpid(), signal.SIGHUP)  # the first names the stop
+            os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's and torchrun's copies:
+            os.kill(os.getpid(), signal.SIGTERM)  # the same request, not a kill
+            assert stop.signum == signal.SIGHUP and stop.exit_code == 129
+        assert outside == []
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    stop = StopRequests(torch.device("cpu"), watch=None)
+    with pytest.raises(KeyboardInterrupt), stop.installed():
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C twice: out now
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+def test_two_sigterms_at_once_still_stop_at_a_step_with_a_checkpoint(tmp_path):
+    command = [sys.executable, "-m", "distnn.train", *TINY, "--steps", "5000",
+               "--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "100"]
+    job = subprocess.Popen(command, env=clean_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "ck" / "step-100").exists() and job.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    job.send_signal(signal.SIGTERM)  # as a scheduler signals every process of a job, and
+    time.sleep(0.2)  # (once the first was handled: two at once arrive as one)
+    job.send_signal(signal.SIGTERM)  # torchrun forwards its own copy
+    _, stderr = job.communicate(timeout=60)
+    assert job.returncode == 143, stderr[-3000:]
+    match = re.search(r"preempted \(SIGTERM\) after step (\d+) of 5000: wrote (\S+);", stderr)
+    assert match and os.path.isdir(match.group(2)), stderr[-3000:]
 
 
 def test_resuming_on_another_world_size_is_allowed_with_a_notice(tmp_path):
