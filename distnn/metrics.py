@@ -72,12 +72,15 @@ class StepLog:
         starts now.
         """
         if self.metrics_path:
-            # (a pipe or a device holds no earlier records: reading it could wait for good)
-            kept = (_records_before(self.metrics_path, steps)
-                    if steps and os.path.isfile(self.metrics_path) else [])
-            self.metrics = open(self.metrics_path, "w", encoding="utf-8")
-            for line in kept:
-                self._to_metrics(line)
+            try:
+                # (a pipe or a device holds no earlier records: reading it could wait for good)
+                if steps and os.path.isfile(self.metrics_path):
+                    _keep_only(self.metrics_path, _records_before(self.metrics_path, steps))
+                    self.metrics = open(self.metrics_path, "a", encoding="utf-8")
+                else:
+                    self.metrics = open(self.metrics_path, "w", encoding="utf-8")
+            except OSError as error:
+                self._metrics_failed(error)
         self.written = steps
         if self.bar:
             self.bar.update(steps)
@@ -195,16 +198,32 @@ class StepLog:
                     f"({error.strerror or error}); training goes on without metrics, which "
                     f"end before step {self.written}")
         metrics, self.metrics = self.metrics, None
-        try:
-            metrics.close()
-        except OSError:
-            pass  # the same failure, once more
+        if metrics is not None:
+            with contextlib.suppress(OSError):  # the same failure, once more
+                metrics.close()
 
 
 def _format(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
+
+
+def _keep_only(path: str, lines: list[str]) -> None:
+    """Replaces the file at ``path`` (through a link) with ``lines``, at once: written to a
+    temporary beside it, then renamed over it, so a run killed meanwhile leaves the earlier
+    file whole (rewriting it in place left it empty)."""
+    target = os.path.realpath(path)
+    temporary = f"{target}.tmp-{os.getpid()}"
+    try:
+        with open(temporary, "w", encoding="utf-8") as file:
+            file.writelines(lines)
+        shutil.copymode(target, temporary)
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def _records_before(path: str, steps: int) -> list[str]:

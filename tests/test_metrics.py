@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
 import torch
 
 from distnn import metrics
@@ -107,6 +108,31 @@ def test_a_resumed_run_goes_on_with_the_metrics_of_the_steps_before_it(tmp_path)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(r.get("event"), r["step"], r.get("loss")) for r in rows] == [
         (None, 0, 4.0), (None, 1, 3.0), ("val", 2, None), (None, 2, 2.5), (None, 3, 1.5)]
+
+
+def test_a_resume_killed_while_it_rewrites_the_metrics_leaves_the_earlier_file_whole(
+        tmp_path, monkeypatch):
+    path = tmp_path / "m.jsonl"
+    earlier = "".join(json.dumps({"step": step, "loss": 1.0}) + "\n" for step in range(4))
+    path.write_text(earlier)
+
+    def killed(*args):
+        raise KeyboardInterrupt  # as a kill between writing the kept records and using them
+
+    monkeypatch.setattr(metrics.os, "replace", killed)
+    log = make_log(Run([1.0] * 6, start=2), path, io.StringIO())
+    with pytest.raises(KeyboardInterrupt):
+        log.begin(2)
+    assert path.read_text() == earlier and [p.name for p in tmp_path.iterdir()] == ["m.jsonl"]
+
+
+def test_a_metrics_file_that_cannot_be_opened_warns_and_the_run_goes_on(tmp_path, caplog):
+    run = Run([3.0, 2.0])
+    log = make_log(run, tmp_path, io.StringIO())  # a folder: open() fails
+    log.begin()
+    run.step(log, 0)
+    log.close()
+    assert "could not write --metrics" in caplog.text
 
 
 def test_the_record_is_bounded_on_the_device_and_pulls_when_its_window_is_full():
