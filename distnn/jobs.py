@@ -37,6 +37,7 @@ class Job:
     fixed: tuple[torch.Tensor, torch.Tensor] | None = None
     val: RowSource | None = None
     classification: bool = False
+    data_digest: str | None = None  # startup.data_digest's, once computed ("" for none)
 
 
 def job_from_flags(config: TrainConfig, *, world_size: int, rank: int,

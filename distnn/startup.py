@@ -292,6 +292,11 @@ def check_resume(checkpoint: Checkpoint, job: Job) -> None:
                          f"{checkpoint.state.get('rows')} rows of data and this run "
                          f"has {rows}; allowed: resume on the same data, or use "
                          "another --checkpoint-dir")
+    saved_data, data = checkpoint.state.get("data"), data_digest(job)
+    if saved_data is not None and data is not None and saved_data != data:
+        raise UsageError(f"--checkpoint-dir: {checkpoint.path} was made on other data (the "
+                         f"same {rows} rows, but other sizes or bytes); allowed: resume on the "
+                         "same data, or use another --checkpoint-dir")
     if checkpoint.step > config.steps:
         raise UsageError(f"--steps: got {config.steps} but {checkpoint.path} has already "
                          f"done {checkpoint.step}; allowed: --steps >= {checkpoint.step}")
@@ -308,6 +313,16 @@ def check_resume(checkpoint: Checkpoint, job: Job) -> None:
         raise UsageError(f"--checkpoint-dir: {checkpoint.path} was made with "
                          f"{', '.join(differ)}; allowed: resume with the same loss and "
                          "optimizer, or use another --checkpoint-dir")
+
+
+def data_digest(job: Job) -> str | None:
+    """The training data's digest (a data file's or tensors'; batches.sampled_digest),
+    computed once; None for the reference batch (the flags make it) and for a dataset
+    object, which has no bytes to look at."""
+    if job.data_digest is None:
+        source = job.source
+        job.data_digest = source.digest() if hasattr(source, "digest") else ""
+    return job.data_digest or None
 
 
 def job_objects(job: Job) -> dict[str, str | None]:

@@ -58,6 +58,7 @@ from distnn.startup import (
     check_memory,
     check_placement,
     claim_checkpoint_dir,
+    data_digest,
     job_objects,
     prepare_outputs,
     warn_random_layers,
@@ -586,7 +587,8 @@ class Trainer:
 
         def write() -> None:
             state = {"config": dataclasses.asdict(self.config), "world_size": self.rt.world_size,
-                     "rows": job.plan.rows if job.plan else None, "val": self.val_results,
+                     "rows": job.plan.rows if job.plan else None,
+                     "data": data_digest(job), "val": self.val_results,
                      "objects": job_objects(job)}
             if job.plan:  # where the run is in its epoch (the step alone says it too)
                 state["epoch"], state["batch_in_epoch"] = job.plan.position(done)

@@ -212,3 +212,27 @@ def test_frozen_parameters_and_buffers_are_rank_0s_on_every_rank(tmp_path):
     assert rank0["scale"].item() == 1.0  # rank 0's
     for name, tensor in rank0.items():
         assert torch.equal(rank1[name], tensor), name
+
+
+def test_a_resume_on_other_data_of_the_same_rows_is_refused(tmp_path, capsys, no_launcher):
+    x, y = classes(rows=20)
+    first = save(tmp_path / "a.safetensors", x, y)
+    flags = ["--loss", "cross-entropy", "--batch-size", "5", "--hidden", "4", "--device",
+             "cpu", "--log-every", "0", "--checkpoint-dir", str(tmp_path / "ck")]
+    assert main(["--data", first, "--steps", "4", *flags]) == 0
+    other = save(tmp_path / "b.safetensors", x.flip(0), y.flip(0))  # the same rows, reordered
+    capsys.readouterr()
+    assert main(["--data", other, "--steps", "8", *flags]) == 2
+    assert "was made on other data (the same 20 rows, but other sizes or bytes)" in (
+        capsys.readouterr().err)
+    copy = shutil.copy(first, tmp_path / "copy.safetensors")  # the same bytes elsewhere
+    assert main(["--data", str(copy), "--steps", "8", *flags]) == 0
+
+
+def test_tensors_in_memory_have_a_digest_of_their_bytes():
+    from distnn.batches import TensorRows
+
+    x, y = classes(rows=20)
+    assert TensorRows(x, y).digest() == TensorRows(x.clone(), y.clone()).digest()
+    assert TensorRows(x, y).digest() != TensorRows(x.flip(0), y).digest()
+    assert TensorRows(x, y).digest() != TensorRows(x.double(), y).digest()
