@@ -325,6 +325,15 @@ def data_digest(job: Job) -> str | None:
     return job.data_digest or None
 
 
+def job_facts(job: Job) -> dict[str, object]:
+    """What the ranks must agree on beyond the flags (distnn.fit's arguments are not flags):
+    the rows trained on and validated on, the loss and the optimizer. A rank that differs
+    would train otherwise, or wait in a collective the others never call."""
+    return {"training rows": job.plan.rows if job.plan else None,
+            "validation rows": job.val.rows if job.val else None,
+            **job_objects(job)}
+
+
 def job_objects(job: Job) -> dict[str, str | None]:
     """The loss and optimizer a job trains with, by class or function (distnn.fit takes the
     user's own objects, which the flags cannot name): a checkpoint records them, and a

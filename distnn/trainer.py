@@ -59,6 +59,7 @@ from distnn.startup import (
     check_placement,
     claim_checkpoint_dir,
     data_digest,
+    job_facts,
     job_objects,
     prepare_outputs,
     warn_random_layers,
@@ -200,7 +201,7 @@ class Trainer:
         Builds the job (self.job, self.config resolved); returns rank 0's checkpoint (None
         elsewhere) and the step to start at.
         """
-        error, code, checkpoint, model = None, EXIT_USAGE, None, None
+        error, code, checkpoint, model, facts = None, EXIT_USAGE, None, None, {}
         try:
             check_placement(self.config, self.rt)
             self.job = self.build_job(self.config, self.rt)
@@ -209,6 +210,7 @@ class Trainer:
             if self.rt.is_main:
                 warn_random_layers(self.job)
             model = model_signature(self.job.model)  # compared across the ranks below
+            facts = job_facts(self.job)  # so are these
             if self.rt.is_main:
                 self.lock = claim_checkpoint_dir(self.config)
                 checkpoint = prepare_outputs(self.job)
@@ -224,7 +226,7 @@ class Trainer:
         views = gather_objects({
             "error": error,
             "code": code,
-            "fingerprint": fingerprint(self.config),
+            "fingerprint": {**fingerprint(self.config), **facts},
             "model": model,
             "start": checkpoint.step if checkpoint else 0,
             "tail": checkpoint.losses.tolist() if checkpoint else [],
@@ -237,7 +239,8 @@ class Trainer:
         differ = disagreements([view["fingerprint"] for view in views])
         if differ:
             raise UsageError("the ranks were started differently: " + "; ".join(differ)
-                             + "; allowed: the same flags and library versions on every rank")
+                             + "; allowed: the same flags (or distnn.fit arguments) and "
+                             "library versions on every rank")
         models = {view["model"] for view in views}
         if len(models) > 1:
             said = ", ".join(f"rank {rank} {view['model']}" for rank, view in enumerate(views))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,6 +53,17 @@ def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
               os.path.join(out_dir, f"rank{rank}.safetensors"))
 
 
+def _rank_with_val_on_rank_0(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+    try:
+        distnn.fit(build(), train=data(), loss="cross-entropy", device="cpu", log_every=0,
+                   val=data(rows=15, seed=4) if rank == 0 else None, timeout_s=60)
+    except distnn.UsageError as error:
+        Path(out_dir, f"rank{rank}.txt").write_text(str(error))
+
+
 def reference():
     x, y = data()
     # the reference builds the model right after torch.manual_seed(11), as fit_adamw does
@@ -71,6 +84,18 @@ def test_fit_on_three_ranks_matches_one_process_with_torch_optim(tmp_path):
     for mine, want in zip(got, val, strict=True):
         assert mine["loss"] == pytest.approx(want["loss"], rel=1e-5)
         assert mine["accuracy"] == want["accuracy"]
+
+
+def test_ranks_given_different_data_are_refused_on_every_rank_before_training(tmp_path):
+    # val on rank 0 only: rank 0 alone would call the validation's collective, and wait
+    started = time.monotonic()
+    mp.start_processes(_rank_with_val_on_rank_0, args=(2, free_port(), str(tmp_path)),
+                       nprocs=2, start_method="spawn")
+    assert time.monotonic() - started < 50  # not the collective's timeout
+    for rank in range(2):
+        said = (tmp_path / f"rank{rank}.txt").read_text()
+        assert said.startswith("the ranks were started differently: validation rows (rank 0 "
+                               "15, rank 1 None)"), said
 
 
 class Pairs(torch.utils.data.Dataset):
