@@ -23,6 +23,7 @@ import torch.distributed as dist
 # SIGABRT) after a run that went well. Imported first, it binds None.
 import torch.distributed.nn  # noqa: F401
 
+from distnn.config import UsageError
 from distnn.environment import LaunchEnv, Placement
 
 
@@ -109,6 +110,13 @@ def process_group(launch: LaunchEnv, placement: Placement, *, timeout_s: float) 
     if not launch.needs_process_group:
         yield False
         return
+    if _left:
+        # (torchrun's store still holds the first group's addresses: a second join fails
+        # to connect, or waits, on some of the ranks)
+        raise UsageError("this process already joined the job's process group and left it, "
+                         "and it cannot join again; allowed: one `with distnn.setup() as "
+                         "rt:` around the whole program, with distnn.fit(..., runtime=rt) "
+                         "inside it as often as needed")
     with collective("joining the process group"):
         dist.init_process_group(backend=placement.backend,
                                 timeout=timedelta(seconds=timeout_s))
@@ -116,6 +124,10 @@ def process_group(launch: LaunchEnv, placement: Placement, *, timeout_s: float) 
         yield True
     finally:
         dist.destroy_process_group()
+        _left.append(True)
+
+
+_left: list[bool] = []  # whether this process has left a process group (see process_group)
 
 
 def gather_objects(local: Any, *, distributed: bool) -> list[Any]:

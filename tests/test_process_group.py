@@ -38,3 +38,25 @@ def test_the_group_and_its_gloo_threads_are_gone_after_setup_even_after_dynamo_i
     assert result.returncode == 0, result.stderr[-2000:]
     threads = result.stdout.strip().splitlines()[-1]
     assert "gloo" not in threads, threads
+
+
+JOIN_TWICE = """
+import distnn
+with distnn.setup(device="cpu", backend="gloo") as rt:
+    assert rt.distributed
+try:
+    with distnn.setup(device="cpu", backend="gloo"):
+        pass
+except distnn.UsageError as error:
+    print(error)
+"""
+
+
+def test_a_second_join_in_one_process_is_refused_with_what_to_do_instead():
+    # (under torchrun a second join of a 2-rank job failed to connect, or hung, on a rank)
+    env = clean_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    result = run_cli([sys.executable, "-c", JOIN_TWICE], env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("this process already joined the job's process group "
+                                    "and left it"), result.stdout
