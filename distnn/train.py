@@ -91,17 +91,21 @@ def main(argv: list[str] | None = None) -> int:
                     # its own) must not turn the exit code 143 into a kill.
                     for signum in (signal.SIGTERM, signal.SIGHUP):
                         signal.signal(signum, signal.SIG_IGN)
-                if runtime.communicates and not stopped and not isinstance(error,
-                                                                          CollectiveFailed):
+                failed_here = (runtime.communicates and not stopped
+                               and not isinstance(error, CollectiveFailed))
+                if failed_here:
                     tell_peers(_one_line(error), _exit_code(error), launch=launch)
                 # Said before the group is torn down: once a peer exits, the launcher may
                 # stop this rank at any moment.
                 cause = (peer_failure(launch) if isinstance(error, CollectiveFailed)
                          and not isinstance(error, DeviceStalled) else None)
                 code = _report(error, config, cause)
-                if cause is not None:
-                    # torchrun's report names the first rank to exit: let the one that
-                    # failed go first (torchrun then stops this one; its line is said).
+                if cause is not None or failed_here:
+                    # As soon as one rank exits, torchrun stops the others. A peer's failure:
+                    # let the rank that failed go first, as torchrun's report names the first
+                    # to exit. This rank's own: the other ranks often fail alike (memory
+                    # that runs out where they allocate the same), a little later under load;
+                    # wait for them to say their own line.
                     time.sleep(PEER_GRACE_S)
                 if isinstance(error, DeviceStalled):
                     # The GPU is stuck behind a collective that will not finish, and tearing
