@@ -23,12 +23,15 @@ class RunFailed(Exception):
     (memory.EXIT_MEMORY), 128 + N stopped by signal N (preemption).
 
     ``label`` heads the one-line report: "error", or "stopped" for a requested stop.
+    ``alone``: raised on this rank by itself, not agreed with the others (out of memory).
     """
 
-    def __init__(self, message: str, exit_code: int, label: str = "error") -> None:
+    def __init__(self, message: str, exit_code: int, label: str = "error", *,
+                 alone: bool = False) -> None:
         super().__init__(message)
         self.exit_code = exit_code
         self.label = label
+        self.alone = alone
 
 
 def fingerprint(config: TrainConfig) -> dict[str, Any]:

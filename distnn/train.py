@@ -100,12 +100,12 @@ def main(argv: list[str] | None = None) -> int:
                 cause = (peer_failure(launch) if isinstance(error, CollectiveFailed)
                          and not isinstance(error, DeviceStalled) else None)
                 code = _report(error, config, cause)
-                if cause is not None or failed_here:
+                if cause is not None or (failed_here and getattr(error, "alone", False)):
                     # As soon as one rank exits, torchrun stops the others. A peer's failure:
                     # let the rank that failed go first, as torchrun's report names the first
-                    # to exit. This rank's own: the other ranks often fail alike (memory
-                    # that runs out where they allocate the same), a little later under load;
-                    # wait for them to say their own line.
+                    # to exit. This rank's own, out of step with the others: they often fail
+                    # alike (memory runs out where they all allocate the same), a little
+                    # later under load; wait for them to say their own line.
                     time.sleep(PEER_GRACE_S)
                 if isinstance(error, DeviceStalled):
                     # The GPU is stuck behind a collective that will not finish, and tearing

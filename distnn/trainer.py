@@ -146,6 +146,7 @@ class Trainer:
                 failed = out_of_memory(error, self.rt.device)
                 if failed is None:
                     raise
+                failed.alone = True
                 raise failed from None
             finally:
                 if self.stream:
