@@ -97,7 +97,7 @@ def fit(model: nn.Module, *, train: Data,
                        loss_fn=sum_loss(loss) if isinstance(loss, str) else loss,
                        classification=not y.is_floating_point(), world_size=rt.world_size,
                        rank=rt.rank)
-        job.val = _checked(_rows(val, "val"), rt) if val is not None else None
+        job.val = _like_train(_checked(_rows(val, "val"), rt), x, y) if val is not None else None
         job.optimizer = (build_optimizer(flags.optimizer, model.parameters(), lr=flags.lr,
                                          momentum=flags.momentum,
                                          weight_decay=flags.weight_decay)
@@ -130,6 +130,25 @@ def _check_optimizes(optimizer: torch.optim.Optimizer, model: nn.Module) -> None
                 else "none of the model's trainable parameters")
         raise UsageError(f"distnn.fit: the optimizer steps {said}; allowed: an optimizer "
                          "built on model.parameters()")
+
+
+def _like_train(val: RowSource, train_x: torch.Tensor, train_y: torch.Tensor) -> RowSource:
+    """``val``, refused unless its rows are shaped as the training rows (``train_x``,
+    ``train_y``: the first of them) and its targets are of their kind: the validation
+    would fail only after the training, or (targets [N] against [N, 1] under mse) report
+    a loss broadcast into a wrong sum."""
+    x, y = val.read(torch.arange(min(1, val.rows)))
+    if x.shape[1:] != train_x.shape[1:]:
+        raise UsageError(f"distnn.fit: val's inputs have shape {list(x.shape[1:])} a row; "
+                         f"allowed: {list(train_x.shape[1:])}, as train's")
+    if y.is_floating_point() != train_y.is_floating_point():
+        kinds = {True: "floating-point targets", False: "integer class labels"}
+        raise UsageError(f"distnn.fit: val holds {kinds[y.is_floating_point()]}; allowed: "
+                         f"{kinds[train_y.is_floating_point()]}, as train holds")
+    if y.shape[1:] != train_y.shape[1:]:
+        raise UsageError(f"distnn.fit: val's targets have shape {list(y.shape[1:])} a row; "
+                         f"allowed: {list(train_y.shape[1:])}, as train's")
+    return val
 
 
 def _checked(source: RowSource, rt: Runtime) -> RowSource:

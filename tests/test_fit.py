@@ -164,6 +164,13 @@ def test_fit_resumes_bitwise_from_its_checkpoint(tmp_path, no_launcher):
                                       "would not add up to the batch's; allowed: "
                                       "reduction='sum'"),
     ({"loss": nn.MSELoss}, "distnn.fit: loss is the class MSELoss; allowed: 'mse'"),
+    ({"loss": "cross-entropy", "val": (torch.zeros(4, 7), torch.zeros(4).long())},
+     "distnn.fit: val's inputs have shape [7] a row; allowed: [6], as train's"),
+    ({"loss": "cross-entropy", "val": (torch.zeros(4, 6), torch.zeros(4))},
+     "distnn.fit: val holds floating-point targets; allowed: integer class labels"),
+    ({"train": (torch.zeros(4, 6), torch.zeros(4, 1)),
+      "val": (torch.zeros(4, 6), torch.zeros(4))},
+     "distnn.fit: val's targets have shape [] a row; allowed: [1], as train's"),
     ({"loss": 123}, "distnn.fit: loss is a int; allowed: 'mse'"),
 ])
 def test_bad_fit_arguments_raise_usage_errors(kwargs, words, no_launcher):
