@@ -22,6 +22,7 @@ from torch.nn.parameter import is_lazy
 from distnn.checkpoint import (
     Checkpoint,
     FolderLock,
+    changed_settings,
     check_compatible,
     latest_checkpoint,
     remove_temporaries,
@@ -286,6 +287,10 @@ def check_resume(checkpoint: Checkpoint, job: Job) -> None:
     optimizer, or more steps done than this run asks for."""
     config = job.config
     check_compatible(checkpoint, dataclasses.asdict(config))
+    changed = changed_settings(checkpoint, dataclasses.asdict(config))
+    if changed:
+        log.warning(f"resuming {checkpoint.path}, made with {', '.join(changed)}: the steps "
+                    "after it follow this run's settings, so the result is neither run's")
     rows = job.plan.rows if job.plan else None
     if checkpoint.state.get("rows") != rows:
         raise UsageError(f"--checkpoint-dir: {checkpoint.path} was made on "

@@ -236,3 +236,15 @@ def test_tensors_in_memory_have_a_digest_of_their_bytes():
     assert TensorRows(x, y).digest() == TensorRows(x.clone(), y.clone()).digest()
     assert TensorRows(x, y).digest() != TensorRows(x.flip(0), y).digest()
     assert TensorRows(x, y).digest() != TensorRows(x.double(), y).digest()
+
+
+def test_a_resume_with_another_learning_rate_says_so(tmp_path, capsys, no_launcher):
+    x, y = classes(rows=20)
+    data = save(tmp_path / "a.safetensors", x, y)
+    flags = ["--data", data, "--loss", "cross-entropy", "--batch-size", "5", "--hidden", "4",
+             "--device", "cpu", "--log-every", "0", "--checkpoint-dir", str(tmp_path / "ck")]
+    assert main([*flags, "--steps", "4", "--lr", "1e-2"]) == 0
+    capsys.readouterr()
+    assert main([*flags, "--steps", "8", "--lr", "1e-3"]) == 0
+    assert (f"warning: resuming {tmp_path / 'ck' / 'step-4'}, made with --lr 0.01 (now 0.001): "
+            "the steps after it follow this run's settings") in capsys.readouterr().err
