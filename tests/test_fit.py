@@ -164,6 +164,11 @@ def test_fit_resumes_bitwise_from_its_checkpoint(tmp_path, no_launcher):
                                       "would not add up to the batch's; allowed: "
                                       "reduction='sum'"),
     ({"loss": nn.MSELoss}, "distnn.fit: loss is the class MSELoss; allowed: 'mse'"),
+    ({"loss": "cross-entropy", "train": (torch.zeros(4, 6), torch.zeros(4))},
+     "distnn.fit: train holds targets of shape [] a row and dtype float32, and the loss is "
+     "'cross-entropy'; allowed: integer class labels, one a row (y of shape [N])"),
+    ({"loss": "cross-entropy", "train": (torch.zeros(4, 6), torch.zeros(4, 1).long())},
+     "distnn.fit: train holds targets of shape [1] a row and dtype int64"),
     ({"loss": "cross-entropy", "val": (torch.zeros(4, 7), torch.zeros(4).long())},
      "distnn.fit: val's inputs have shape [7] a row; allowed: [6], as train's"),
     ({"loss": "cross-entropy", "val": (torch.zeros(4, 6), torch.zeros(4))},
