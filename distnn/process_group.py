@@ -4,6 +4,7 @@ failures of its collectives: CollectiveFailed, and DeviceWatch's bounded waits o
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -117,7 +118,7 @@ def process_group(launch: LaunchEnv, placement: Placement, *, timeout_s: float) 
                          "and it cannot join again; allowed: one `with distnn.setup() as "
                          "rt:` around the whole program, with distnn.fit(..., runtime=rt) "
                          "inside it as often as needed")
-    with collective("joining the process group"):
+    with collective(f"joining the process group{_restart_hint(launch, placement)}"):
         dist.init_process_group(backend=placement.backend,
                                 timeout=timedelta(seconds=timeout_s))
     try:
@@ -128,6 +129,17 @@ def process_group(launch: LaunchEnv, placement: Placement, *, timeout_s: float) 
 
 
 _left: list[bool] = []  # whether this process has left a process group (see process_group)
+
+
+def _restart_hint(launch: LaunchEnv, placement: Placement) -> str:
+    """For an elastic restart over gloo that shares torchrun's rendezvous store: a restarted
+    attempt may read the previous attempt's addresses there and fail to connect (pytorch
+    issue 135712). Named where the join fails; empty otherwise."""
+    if (launch.restart_count and placement.backend == "gloo"
+            and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1"):
+        return (f" (attempt {launch.restart_count + 1} of an elastic job over gloo: set "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, see docs/launching.md)")
+    return ""
 
 
 def gather_objects(local: Any, *, distributed: bool) -> list[Any]:

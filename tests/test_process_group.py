@@ -60,3 +60,20 @@ def test_a_second_join_in_one_process_is_refused_with_what_to_do_instead():
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("this process already joined the job's process group "
                                     "and left it"), result.stdout
+
+
+def test_a_restarted_attempt_over_gloo_is_told_the_variable_that_lets_it_join(monkeypatch):
+    from distnn.environment import LaunchEnv, Placement
+    from distnn.process_group import _restart_hint
+
+    monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
+    launch = LaunchEnv(launcher="torchrun", rank=0, local_rank=0, world_size=2,
+                       local_world_size=2, restart_count=1)
+    gloo, nccl = Placement(device="cpu", backend="gloo"), Placement("cuda:0", "nccl")
+    assert "set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in _restart_hint(launch, gloo)
+    assert _restart_hint(launch, nccl) == ""
+    first = LaunchEnv(launcher="torchrun", rank=0, local_rank=0, world_size=2,
+                      local_world_size=2)
+    assert _restart_hint(first, gloo) == ""
+    monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    assert _restart_hint(launch, gloo) == ""
