@@ -603,10 +603,14 @@ class Trainer:
                             optimizer=state_tensors(job.optimizer) if job.optimizer else None)
             log.debug(f"wrote checkpoint step-{done}")
 
-        kept = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
-                else "no checkpoint was written")
+        last = self.last_checkpoint
+        if last and not os.path.isdir(last):  # (rank 0's view is the one reported)
+            kept = f"the last checkpoint, {last}, is gone too"
+        else:
+            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
         self._write_on_rank_0(write, f"could not write the checkpoint {path}",
-                              f"{kept}; make room and run the same command to continue")
+                              f"{kept}; make room (or the folder again) and run the same "
+                              "command to continue")
         self.last_checkpoint = path
 
     def _write_on_rank_0(self, write: Callable[[], None], failed: str, after: str) -> None:

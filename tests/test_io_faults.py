@@ -314,3 +314,23 @@ def test_an_error_in_the_users_model_on_one_rank_is_named_by_the_others():
     assert lines == ["distnn: rank 0: error: rank 1 stopped the run: ValueError: this model "
                      "cannot take that row (its own output has the traceback)"], stderr[-3000:]
     assert "ValueError: this model cannot take that row" in stderr  # rank 1's traceback
+
+
+def test_a_checkpoint_folder_removed_mid_run_is_said_as_it_is(tmp_path):
+    ck = tmp_path / "ck"
+    job = subprocess.Popen([sys.executable, "-m", "distnn.train", *TINY, "--steps",
+                            str(10**7), "--checkpoint-dir", str(ck), "--checkpoint-every",
+                            "200"], env=clean_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (ck / "step-200").exists() and job.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    shutil.rmtree(ck)
+    _, stderr = job.communicate(timeout=60)
+    lines = distnn_lines(stderr)
+    assert job.returncode == 4 and len(lines) == 1, stderr[-2000:]
+    assert re.fullmatch(rf"distnn: error: could not write the checkpoint {re.escape(str(ck))}/"
+                        r"step-\d+ \(No such file or directory\); the last checkpoint, "
+                        rf"{re.escape(str(ck))}/step-\d+, is gone too; make room \(or the "
+                        r"folder again\) and run the same command to continue", lines[0]), lines
