@@ -110,6 +110,7 @@ class DataFile:
             raise self.fail(f"holds x of shape {list(self.x.shape)} and y of shape "
                             f"{list(self.y.shape)}", "at least one column in each")
         self._whole: dict[str, torch.Tensor] = {}  # arrays that had to be read whole
+        self.largest_label: int | None = None  # check_labels', once it has read y
         # Rows are read from the file opened now: one deleted or replaced (renamed over)
         # during the run is still read as it was.
         self._fd = os.open(path, os.O_RDONLY)
@@ -178,8 +179,10 @@ class DataFile:
     def check_labels(self) -> int:
         """Reads all of y (class labels), in bounded memory; returns the largest label.
 
-        Raises UsageError for a negative label.
+        Raises UsageError for a negative label. The result is kept (:attr:`largest_label`).
         """
+        if self.largest_label is not None:
+            return self.largest_label
         largest = 0
         chunk = max(1, SCAN_BYTES // self.y.row_bytes)
         for first in range(0, self.rows, chunk):
@@ -189,6 +192,7 @@ class DataFile:
                 raise self.fail(f"holds a negative class label in y, rows [{first}, {last})",
                                 "class labels 0, 1, 2, ...")
             largest = max(largest, int(labels.max()))
+        self.largest_label = largest
         return largest
 
     def _column_rows(self, column: Column, indices: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.func import functional_call
 from torch.nn.parameter import is_lazy
 
+from distnn.batches import TensorRows
 from distnn.checkpoint import (
     Checkpoint,
     FolderLock,
@@ -164,23 +165,43 @@ def warn_random_layers(job: Job) -> None:
 
 
 def check_model_output(job: Job) -> None:
-    """Under an mse loss, refuses a model whose output does not have the targets' shape:
-    torch's ``MSELoss`` broadcasts the two ([N] against [N, 1] gives [N, N]) and trains on
-    a wrong sum, with a warning at most."""
-    if not isinstance(job.loss_fn, nn.MSELoss):
+    """Refuses a model whose output does not suit the loss and the data. Under an mse loss
+    its shape must be the targets': torch's ``MSELoss`` broadcasts the two ([N] against
+    [N, 1] gives [N, N]) and trains on a wrong sum, with a warning at most. Under
+    cross-entropy it must give a score for every class the labels name (else torch fails
+    in the first step, with a traceback)."""
+    mse = isinstance(job.loss_fn, nn.MSELoss)
+    classes = isinstance(job.loss_fn, nn.CrossEntropyLoss) and job.classification
+    if not (mse or classes):
         return
     if job.fixed is not None:
         x, y = (rows[:2] for rows in job.fixed)
     else:
         x, y = job.source.read(torch.arange(min(2, job.source.rows)))
-    if not len(x):
+    shape = output_shape(job.model, x) if len(x) else None
+    if shape is None:
         return
-    shape = output_shape(job.model, x)
-    if shape is not None and shape != y.shape:
+    if mse and shape != y.shape:
         raise UsageError(f"the model's output for {len(x)} rows has shape {list(shape)} but "
                          f"their targets have {list(y.shape)}, and the mse loss would "
                          "broadcast the two into a wrong sum; allowed: a model whose output "
                          "has the targets' shape")
+    largest = _largest_label(job) if classes and len(shape) == 2 else None
+    if largest is not None and largest >= shape[1]:
+        raise UsageError(f"the model gives {shape[1]} scores a row but the data holds the "
+                         f"class label {largest}; allowed: a model with a score for each "
+                         f"class, {largest + 1} or more")
+
+
+def _largest_label(job: Job) -> int | None:
+    """The training data's largest class label; None where it is not known without reading
+    every row (a dataset object)."""
+    source = job.source
+    if isinstance(source, DataFile):
+        return source.check_labels()  # read once, when the file was checked
+    if isinstance(source, TensorRows):
+        return int(source.y.max())
+    return None
 
 
 def output_shape(model: nn.Module, x: torch.Tensor) -> torch.Size | None:

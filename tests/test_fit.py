@@ -164,6 +164,9 @@ def test_fit_resumes_bitwise_from_its_checkpoint(tmp_path, no_launcher):
                                       "would not add up to the batch's; allowed: "
                                       "reduction='sum'"),
     ({"loss": nn.MSELoss}, "distnn.fit: loss is the class MSELoss; allowed: 'mse'"),
+    ({"loss": "cross-entropy", "train": (torch.zeros(4, 6), torch.tensor([0, 1, 7, 2]))},
+     "the model gives 3 scores a row but the data holds the class label 7; allowed: a model "
+     "with a score for each class, 8 or more"),
     ({"loss": "cross-entropy", "train": (torch.zeros(4, 6), torch.zeros(4))},
      "distnn.fit: train holds targets of shape [] a row and dtype float32, and the loss is "
      "'cross-entropy'; allowed: integer class labels, one a row (y of shape [N])"),
