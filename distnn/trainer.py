@@ -49,6 +49,7 @@ from distnn.jobs import Job, job_from_flags
 from distnn.lossrecord import LossRecord
 from distnn.memory import out_of_memory
 from distnn.metrics import StepLog
+from distnn.modelcheck import warn_random_layers
 from distnn.optimizers import load_state_tensors, state_tensors
 from distnn.preemption import StopRequests
 from distnn.process_group import DeviceWatch, collective, gather_objects
@@ -62,7 +63,6 @@ from distnn.startup import (
     job_facts,
     job_objects,
     prepare_outputs,
-    warn_random_layers,
 )
 from distnn.validation import evaluate
 from distnn.weights import EXIT_OUTPUT, describe_os_error, save_weights
