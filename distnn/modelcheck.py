@@ -55,19 +55,21 @@ def check_sum_loss(job: Job) -> None:
 
 
 def check_no_batch_statistics(job: Job) -> None:
-    """Refuses BatchNorm layers in training mode on more than one rank: they normalise over
-    the rows they are given, each rank's shard rather than the batch, so the ranks would not
-    train as one process does. (nn.SyncBatchNorm, which shares the statistics across the
-    ranks, is let through.)"""
+    """Refuses BatchNorm layers that use batch statistics (training mode, or no running
+    statistics kept) where a batch is split (several ranks, or --micro-batches): they
+    normalise over the rows they are given, a piece rather than the batch, so the run would
+    not train as one process on whole batches does. (nn.SyncBatchNorm, which shares the
+    statistics across the ranks, is let through.)"""
     layers = sorted({type(module).__name__ for module in job.model.modules()
                      if isinstance(module, nn.modules.batchnorm._BatchNorm)
-                     and not isinstance(module, nn.SyncBatchNorm) and module.training})
+                     and not isinstance(module, nn.SyncBatchNorm)
+                     and (module.training or module.running_mean is None)})
     if layers:
-        raise UsageError(f"the model has {', '.join(layers)} layers in training mode, which "
-                         "normalise over each rank's rows rather than the batch, so the "
-                         "ranks would not train as one process does; allowed: GroupNorm or "
-                         "LayerNorm, BatchNorm in eval mode (its running statistics fixed), "
-                         "or one process")
+        raise UsageError(f"the model has {', '.join(layers)} layers using batch statistics, "
+                         "which normalise over each rank's or micro-batch's rows rather than "
+                         "the batch, so the run would not train as one process does; allowed: "
+                         "GroupNorm or LayerNorm, BatchNorm in eval mode with running "
+                         "statistics, or one process without --micro-batches")
 
 
 def warn_random_layers(job: Job) -> None:
@@ -106,7 +108,8 @@ def check_model_output(job: Job) -> None:
                          f"their targets have {list(y.shape)}, and the mse loss would "
                          "broadcast the two into a wrong sum; allowed: a model whose output "
                          "has the targets' shape")
-    largest = _largest_label(job) if classes and len(shape) == 2 else None
+    ignored = getattr(job.loss_fn, "ignore_index", -100)  # a label torch leaves out
+    largest = _largest_label(job) if classes and len(shape) == 2 and ignored < 0 else None
     if largest is not None and largest >= shape[1]:
         raise UsageError(f"the model gives {shape[1]} scores a row but the data holds the "
                          f"class label {largest}; allowed: a model with a score for each "

@@ -48,7 +48,10 @@ class StopRequests:
         the job), so it changes nothing; a second SIGINT gets the previous handler's
         behaviour (Ctrl-C twice still interrupts).
         """
-        previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+        previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS
+                    # a SIGHUP ignored (nohup) stays ignored: the run outlives the terminal
+                    if not (sig == signal.SIGHUP
+                            and signal.getsignal(sig) == signal.SIG_IGN)}
 
         def restore() -> None:
             for sig, old in previous.items():
@@ -61,7 +64,7 @@ class StopRequests:
                 restore()
                 signal.raise_signal(signum)
 
-        for sig in STOP_SIGNALS:
+        for sig in previous:
             signal.signal(sig, handler)
         try:
             yield self

@@ -111,7 +111,7 @@ def process_group(launch: LaunchEnv, placement: Placement, *, timeout_s: float) 
     if not launch.needs_process_group:
         yield False
         return
-    if _left:
+    if _left and launch.agent_store and launch.world_size > 1:
         # (torchrun's store still holds the first group's addresses: a second join fails
         # to connect, or waits, on some of the ranks)
         raise UsageError("this process already joined the job's process group and left it, "

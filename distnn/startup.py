@@ -87,7 +87,7 @@ def check_job(job: Job, *, ranks: int = 1) -> None:
     --cuda-graph cannot capture."""
     check_model_weights(job)
     check_sum_loss(job)
-    if ranks > 1:
+    if ranks > 1 or job.config.micro_batches > 1:
         check_no_batch_statistics(job)
     check_model_output(job)
     config = job.config

@@ -304,8 +304,9 @@ class Trainer:
             return
         with collective("broadcasting the frozen parameters and buffers"), torch.no_grad():
             for tensor in rest:
-                dense = tensor.contiguous()  # the collectives take dense tensors
-                dist.broadcast(dense, src=0)
+                # as bytes: dense, and of a dtype every backend sends (gloo has no uint32)
+                dense = tensor.contiguous()
+                dist.broadcast(dense.reshape(-1).view(torch.uint8), src=0)
                 if dense is not tensor:
                     tensor.copy_(dense)
 

@@ -210,6 +210,14 @@ def test_a_repeated_sigterm_is_the_same_request_and_a_second_sigint_interrupts()
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+    try:
+        stop = StopRequests(torch.device("cpu"), watch=None)
+        with stop.installed():
+            os.kill(os.getpid(), signal.SIGHUP)  # the run outlives the terminal
+            assert stop.signum is None and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
     stop = StopRequests(torch.device("cpu"), watch=None)
     with pytest.raises(KeyboardInterrupt), stop.installed():
         os.kill(os.getpid(), signal.SIGINT)

@@ -98,6 +98,14 @@ def test_ranks_given_different_data_are_refused_on_every_rank_before_training(tm
                                "15, rank 1 None)"), said
 
 
+def test_a_label_the_loss_ignores_is_not_counted_as_a_class(no_launcher):
+    x, y = data()
+    y[3] = 255  # CrossEntropyLoss(ignore_index=255) leaves these rows out
+    loss = nn.CrossEntropyLoss(reduction="sum", ignore_index=255)
+    result = distnn.fit(build(), train=(x, y), loss=loss, log_every=0, steps=2)
+    assert result.steps == 2
+
+
 class Pairs(torch.utils.data.Dataset):
     def __init__(self, x, y):
         self.x, self.y = x, y

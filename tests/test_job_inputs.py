@@ -144,11 +144,16 @@ def test_batch_norm_in_training_mode_is_refused_on_several_ranks_only():
               fixed=(torch.randn(4, 3), torch.randn(4, 2)))
     check_job(job, ranks=1)
     with pytest.raises(UsageError, match=re.escape(
-            "the model has BatchNorm1d layers in training mode, which normalise over each "
-            "rank's rows rather than the batch")):
+            "the model has BatchNorm1d layers using batch statistics, which normalise over "
+            "each rank's or micro-batch's rows rather than the batch")):
         check_job(job, ranks=2)
+    pieces = Job(config=parse_config(["--micro-batches", "2"]), model=model,
+                 loss_fn=job.loss_fn, optimizer=None, fixed=job.fixed)
+    with pytest.raises(UsageError, match="using batch statistics"):
+        check_job(pieces, ranks=1)
     model[1].eval()  # running statistics fixed: the same on every rank
     check_job(job, ranks=2)
+    check_job(pieces, ranks=1)
 
 
 def test_dropout_in_training_mode_is_named_in_a_warning(capsys, no_launcher):

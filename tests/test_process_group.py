@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import clean_env, free_port, run_cli
+from tests.conftest import bin_path, clean_env, free_port, run_cli
 
 # One rank of a real gloo group: a collective, then torch._dynamo imported while the group
 # exists (as torch.optim's step and --compile do), then the way out. Prints the names of the
@@ -41,25 +41,34 @@ def test_the_group_and_its_gloo_threads_are_gone_after_setup_even_after_dynamo_i
 
 
 JOIN_TWICE = """
+import torch, torch.distributed as dist
 import distnn
-with distnn.setup(device="cpu", backend="gloo") as rt:
-    assert rt.distributed
-try:
-    with distnn.setup(device="cpu", backend="gloo"):
-        pass
-except distnn.UsageError as error:
-    print(error)
+for attempt in range(2):
+    try:
+        with distnn.setup(device="cpu", backend="gloo") as rt:
+            t = torch.ones(1)
+            dist.all_reduce(t)
+            print("joined", attempt, int(t.item()))
+    except distnn.UsageError as error:
+        print(error)
 """
 
 
-def test_a_second_join_in_one_process_is_refused_with_what_to_do_instead():
-    # (under torchrun a second join of a 2-rank job failed to connect, or hung, on a rank)
+def test_a_second_join_is_refused_under_torchruns_store_and_works_elsewhere(tmp_path):
+    script = tmp_path / "twice.py"
+    script.write_text(JOIN_TWICE)
+    # under torchrun (its agent's store): a second join failed to connect, or hung, on a rank
+    result = run_cli([bin_path("torchrun"), "--nproc_per_node=2", str(script)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines.count("joined 0 2") == 2 and sum(line.startswith(
+        "this process already joined the job's process group and left it") for line in lines
+    ) == 2, lines
+    # plain variables, rank 0 holding the store: joining again works
     env = clean_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    result = run_cli([sys.executable, "-c", JOIN_TWICE], env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.startswith("this process already joined the job's process group "
-                                    "and left it"), result.stdout
+    again = run_cli([sys.executable, str(script)], env=env)
+    assert again.stdout.splitlines() == ["joined 0 1", "joined 1 1"], again.stderr[-2000:]
 
 
 def test_a_restarted_attempt_over_gloo_is_told_the_variable_that_lets_it_join(monkeypatch):

@@ -108,6 +108,7 @@ def frozen_first_layer_of_the_rank(d_in: int, d_out: int) -> nn.Module:
     model = nn.Sequential(nn.Linear(d_in, 8).requires_grad_(False), nn.Tanh(),
                           nn.Linear(8, d_out))
     model.register_buffer("scale", torch.tensor([1.0 + rank]))
+    model.register_buffer("code", torch.tensor([7 + rank], dtype=torch.uint16))  # not gloo's
     return model
 
 
