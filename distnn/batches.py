@@ -14,7 +14,6 @@ one row shorter than another, or empty.
 from __future__ import annotations
 
 import functools
-import hashlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -103,21 +102,6 @@ class BatchPlan:
         return batch[start:stop]
 
 
-SAMPLE_BYTES = 1 << 20  # a digest reads this much from each end of the data
-
-
-def sampled_digest(*parts: memoryview, about: object) -> str:
-    """A SHA-256 of ``about`` (shapes, dtypes, sizes) and of the first and last
-    ``SAMPLE_BYTES`` of each part: cheap for data of any size, and different for other data
-    unless it differs only in the middle. A checkpoint records it (resume on other data is
-    refused)."""
-    digest = hashlib.sha256(repr(about).encode())
-    for part in parts:
-        digest.update(part[:SAMPLE_BYTES])
-        digest.update(part[-SAMPLE_BYTES:])
-    return digest.hexdigest()
-
-
 class TensorRows:
     """Rows of tensors in memory (x [N, ...], y [N, ...])."""
 
@@ -128,12 +112,6 @@ class TensorRows:
 
     def read(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x[indices], self.y[indices]
-
-    def digest(self) -> str:
-        """What tells these rows from others (see :func:`sampled_digest`)."""
-        return sampled_digest(*(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8)
-                                .numpy().data for tensor in (self.x, self.y)),
-                              about=[(list(t.shape), str(t.dtype)) for t in (self.x, self.y)])
 
 
 class DatasetRows:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from distnn.batches import SAMPLE_BYTES, sampled_digest
 from distnn.config import UsageError
 from distnn.data import shard_bounds
 
@@ -131,13 +130,6 @@ class DataFile:
         if self.labels:
             return 0
         return self.y.shape[1] if len(self.y.shape) == 2 else 1
-
-    def digest(self) -> str:
-        """What tells this file from others: its size and its first and last bytes (see
-        batches.sampled_digest), read from the file opened at start."""
-        head = os.pread(self._fd, SAMPLE_BYTES, 0)
-        tail = os.pread(self._fd, SAMPLE_BYTES, max(0, self._size - SAMPLE_BYTES))
-        return sampled_digest(memoryview(head), memoryview(tail), about=self._size)
 
     def fail(self, problem: str, allowed: str) -> UsageError:
         return _fail(self.flag, self.path, problem, allowed)

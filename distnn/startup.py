@@ -11,9 +11,13 @@ Trainer shares every rank's verdict in one exchange, so any rank's error stops a
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 
+import torch
+
+from distnn.batches import RowSource
 from distnn.checkpoint import (
     Checkpoint,
     FolderLock,
@@ -188,8 +192,8 @@ def check_resume(checkpoint: Checkpoint, job: Job) -> None:
     saved_data, data = checkpoint.state.get("data"), data_digest(job)
     if saved_data is not None and data is not None and saved_data != data:
         raise UsageError(f"--checkpoint-dir: {checkpoint.path} was made on other data (the "
-                         f"same {rows} rows, but other sizes or bytes); allowed: resume on the "
-                         "same data, or use another --checkpoint-dir")
+                         f"same {rows} rows, but other values, order or dtypes); allowed: "
+                         "resume on the same data, or use another --checkpoint-dir")
     if checkpoint.step > config.steps:
         raise UsageError(f"--steps: got {config.steps} but {checkpoint.path} has already "
                          f"done {checkpoint.step}; allowed: --steps >= {checkpoint.step}")
@@ -208,14 +212,33 @@ def check_resume(checkpoint: Checkpoint, job: Job) -> None:
                          "optimizer, or use another --checkpoint-dir")
 
 
+DIGEST_BYTES = 1 << 20  # of rows read from each end of the training data for its digest
+DIGEST_ROWS = 1024  # at most, from each end
+
+
 def data_digest(job: Job) -> str | None:
-    """The training data's digest (a data file's or tensors'; batches.sampled_digest),
-    computed once; None for the reference batch (the flags make it) and for a dataset
-    object, which has no bytes to look at."""
+    """The training data's digest, computed once; None for the reference batch (the flags
+    make it). A checkpoint records it (a resume on other data is refused), and the ranks
+    compare theirs at start-up."""
     if job.data_digest is None:
-        source = job.source
-        job.data_digest = source.digest() if hasattr(source, "digest") else ""
+        job.data_digest = rows_digest(job.source) if job.source is not None else ""
     return job.data_digest or None
+
+
+def rows_digest(source: RowSource) -> str:
+    """A SHA-256 of the rows' count, of a row's shapes and dtypes, and of the rows at both
+    ends (up to DIGEST_BYTES or DIGEST_ROWS from each), as ``source.read`` gives them: the
+    same for the same rows in any file format or as tensors; other for other or reordered
+    data, unless it differs only in the middle."""
+    x, y = source.read(torch.arange(1))
+    row_bytes = max(1, x.element_size() * x[0].numel() + y.element_size() * y[0].numel())
+    count = min(source.rows, DIGEST_ROWS, max(1, DIGEST_BYTES // row_bytes))
+    digest = hashlib.sha256(repr((source.rows, [(list(t.shape[1:]), str(t.dtype))
+                                                for t in (x, y)])).encode())
+    for indices in (torch.arange(count), torch.arange(source.rows - count, source.rows)):
+        for tensor in source.read(indices):
+            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def job_facts(job: Job) -> dict[str, object]:
@@ -223,6 +246,7 @@ def job_facts(job: Job) -> dict[str, object]:
     the rows trained on and validated on, the loss and the optimizer. A rank that differs
     would train otherwise, or wait in a collective the others never call."""
     return {"training rows": job.plan.rows if job.plan else None,
+            "training data": data_digest(job),
             "validation rows": job.val.rows if job.val else None,
             **job_objects(job)}
 

@@ -223,19 +223,25 @@ def test_a_resume_on_other_data_of_the_same_rows_is_refused(tmp_path, capsys, no
     other = save(tmp_path / "b.safetensors", x.flip(0), y.flip(0))  # the same rows, reordered
     capsys.readouterr()
     assert main(["--data", other, "--steps", "8", *flags]) == 2
-    assert "was made on other data (the same 20 rows, but other sizes or bytes)" in (
+    assert "was made on other data (the same 20 rows, but other values, order or dtypes)" in (
         capsys.readouterr().err)
     copy = shutil.copy(first, tmp_path / "copy.safetensors")  # the same bytes elsewhere
     assert main(["--data", str(copy), "--steps", "8", *flags]) == 0
 
 
-def test_tensors_in_memory_have_a_digest_of_their_bytes():
+def test_the_datas_digest_is_of_its_rows_in_any_container(tmp_path):
     from distnn.batches import TensorRows
+    from distnn.datafile import DataFile
+    from distnn.startup import rows_digest
 
     x, y = classes(rows=20)
-    assert TensorRows(x, y).digest() == TensorRows(x.clone(), y.clone()).digest()
-    assert TensorRows(x, y).digest() != TensorRows(x.flip(0), y).digest()
-    assert TensorRows(x, y).digest() != TensorRows(x.double(), y).digest()
+    as_tensors = rows_digest(TensorRows(x, y))
+    assert rows_digest(DataFile(save(tmp_path / "a.safetensors", x, y))) == as_tensors
+    for name in ("a.pt", "b.pt"):  # torch.save writes the file's name into the archive
+        torch.save({"x": x, "y": y}, tmp_path / name)
+        assert rows_digest(DataFile(str(tmp_path / name))) == as_tensors
+    assert rows_digest(TensorRows(x.flip(0), y.flip(0))) != as_tensors
+    assert rows_digest(TensorRows(x.double(), y)) != as_tensors
 
 
 def test_a_resume_with_another_learning_rate_says_so(tmp_path, capsys, no_launcher):
