@@ -237,7 +237,7 @@ def rows_digest(source: RowSource) -> str:
                                                 for t in (x, y)])).encode())
     for indices in (torch.arange(count), torch.arange(source.rows - count, source.rows)):
         for tensor in source.read(indices):
-            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
