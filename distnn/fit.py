@@ -92,11 +92,12 @@ def fit(model: nn.Module, *, train: Data,
             raise UsageError("distnn.fit: train holds integer targets (class labels?) and the "
                              "loss is 'mse'; allowed: floating-point targets with 'mse', or "
                              "loss='cross-entropy' for class labels")
-        if loss == "cross-entropy" and (y.is_floating_point() or y.dim() != 1):
+        soft = y.is_floating_point() and y.dim() == 2 and y.shape[1] > 1  # probabilities
+        if loss == "cross-entropy" and not soft and (y.is_floating_point() or y.dim() != 1):
             raise UsageError(f"distnn.fit: train holds targets of shape {list(y.shape[1:])} a "
                              f"row and dtype {str(y.dtype).removeprefix('torch.')}, and the "
                              "loss is 'cross-entropy'; allowed: integer class labels, one a "
-                             "row (y of shape [N])")
+                             "row (y of shape [N]), or class probabilities (y [N, classes])")
         job = rows_job(flags, source=source, d_in=x.shape[1] if x.dim() > 1 else 1,
                        d_out=y.shape[1] if y.dim() > 1 else 1, model=model,
                        loss_fn=sum_loss(loss) if isinstance(loss, str) else loss,

@@ -98,6 +98,13 @@ def test_ranks_given_different_data_are_refused_on_every_rank_before_training(tm
                                "15, rank 1 None)"), said
 
 
+def test_cross_entropy_takes_class_probabilities_too(no_launcher):
+    x, y = data()
+    soft = torch.nn.functional.one_hot(y, 3).float() * 0.8 + 0.2 / 3
+    result = distnn.fit(build(), train=(x, soft), loss="cross-entropy", log_every=0, steps=2)
+    assert result.steps == 2
+
+
 def test_a_label_the_loss_ignores_is_not_counted_as_a_class(no_launcher):
     x, y = data()
     y[3] = 255  # CrossEntropyLoss(ignore_index=255) leaves these rows out
