@@ -37,9 +37,6 @@ TEMPORARY_PREFIX = ".step-"  # a checkpoint being written: ".step-N.tmp-XXXX"
 # the batches and the meaning of the saved state.
 MUST_MATCH = ("batch_size", "d_in", "hidden", "d_out", "model", "seed", "no_shuffle",
               "drop_last", "loss", "optimizer")
-# May change at a resume (a schedule done by hand, say), but the result then equals neither
-# run's: a resume names them.
-NAMED_IF_CHANGED = ("lr", "momentum", "weight_decay", "precision")
 
 
 @dataclass(frozen=True)
@@ -197,11 +194,14 @@ def latest_checkpoint(directory: str) -> tuple[Checkpoint | None, list[str]]:
     return None, notices
 
 
-def changed_settings(checkpoint: Checkpoint, config: dict[str, Any]) -> list[str]:
-    """The NAMED_IF_CHANGED settings this run changes from the checkpoint's run, as text."""
+def changed_settings(checkpoint: Checkpoint, config: dict[str, Any],
+                     names: list[str]) -> list[str]:
+    """The settings of ``names`` that this run changes from the checkpoint's run, as text.
+    (Settings that may change at a resume, a schedule by hand say, though the result is
+    then neither run's.)"""
     saved = checkpoint.state.get("config", {})
     return [f"{flag_name(name)} {flag_text(saved[name])} (now {flag_text(config[name])})"
-            for name in NAMED_IF_CHANGED if name in saved and saved[name] != config.get(name)]
+            for name in names if name in saved and saved[name] != config.get(name)]
 
 
 def check_compatible(checkpoint: Checkpoint, config: dict[str, Any]) -> None:

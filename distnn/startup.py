@@ -179,10 +179,6 @@ def check_resume(checkpoint: Checkpoint, job: Job) -> None:
     optimizer, or more steps done than this run asks for."""
     config = job.config
     check_compatible(checkpoint, dataclasses.asdict(config))
-    changed = changed_settings(checkpoint, dataclasses.asdict(config))
-    if changed:
-        log.warning(f"resuming {checkpoint.path}, made with {', '.join(changed)}: the steps "
-                    "after it follow this run's settings, so the result is neither run's")
     rows = job.plan.rows if job.plan else None
     if checkpoint.state.get("rows") != rows:
         raise UsageError(f"--checkpoint-dir: {checkpoint.path} was made on "
@@ -210,6 +206,15 @@ def check_resume(checkpoint: Checkpoint, job: Job) -> None:
         raise UsageError(f"--checkpoint-dir: {checkpoint.path} was made with "
                          f"{', '.join(differ)}; allowed: resume with the same loss and "
                          "optimizer, or use another --checkpoint-dir")
+    # the settings this run's update reads (an optimizer object given to fit reads none)
+    given_optimizer = job.optimizer is not None and config.optimizer == "sgd"
+    used = {"lr": not given_optimizer, "momentum": config.optimizer == "momentum",
+            "weight_decay": config.optimizer == "adamw", "precision": True}
+    changed = changed_settings(checkpoint, dataclasses.asdict(config),
+                               [name for name, counts in used.items() if counts])
+    if changed:
+        log.warning(f"resuming {checkpoint.path}, made with {', '.join(changed)}: the steps "
+                    "after it follow this run's settings, so the result is neither run's")
 
 
 DIGEST_BYTES = 1 << 20  # of rows read from each end of the training data for its digest
