@@ -6,6 +6,8 @@ distnn/batches.py's.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
@@ -20,8 +22,12 @@ def shard_bounds(total: int, world_size: int, rank: int) -> tuple[int, int]:
     ``total % world_size`` ranks hold one row more). A shard may be empty when
     ``total < world_size``; with a sum loss an empty shard simply contributes zero gradient.
     """
-    if world_size < 1 or not 0 <= rank < world_size or total < 0:
-        raise ValueError(f"shard_bounds: total={total}, world_size={world_size}, rank={rank}")
+    if (not all(isinstance(n, numbers.Integral) and not isinstance(n, bool)
+                for n in (total, world_size, rank))
+            or world_size < 1 or not 0 <= rank < world_size or total < 0):
+        raise ValueError(f"shard_bounds: total={total!r}, world_size={world_size!r}, "
+                         f"rank={rank!r}; allowed: integers with total >= 0, world_size >= 1 "
+                         "and 0 <= rank < world_size")
     base, extra = divmod(total, world_size)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)

@@ -13,13 +13,17 @@ to sum: it stops after the step its signal arrived in, reading nothing from the 
 
 from __future__ import annotations
 
+import logging
 import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
 from distnn.process_group import DeviceWatch
+
+log = logging.getLogger("distnn")
 
 # SIGHUP: the terminal closed (an ssh session dropped); torchrun forwards it as it is
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -48,6 +52,12 @@ class StopRequests:
         the job), so it changes nothing; a second SIGINT gets the previous handler's
         behaviour (Ctrl-C twice still interrupts).
         """
+        if threading.current_thread() is not threading.main_thread():
+            # Python lets only the main thread handle signals: the program's own handlers
+            # stay, and a stop comes from the main thread's code (or not at all)
+            log.info("training outside the main thread: stop signals are not caught")
+            yield self
+            return
         previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS
                     # a SIGHUP ignored (nohup) stays ignored: the run outlives the terminal
                     if not (sig == signal.SIGHUP

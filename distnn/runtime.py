@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from distnn.config import UsageError
 from distnn.environment import LaunchEnv, Placement, detect_launch, resolve_placement
 from distnn.launcher_watch import launcher_watch
 from distnn.process_group import process_group
@@ -63,6 +64,7 @@ def setup(*, device: str = "auto", backend: str = "auto", timeout_s: float = 300
     (distnn.launcher_watch); the watch ends when this context does.
     Raises UsageError for an impossible device/backend or launch environment.
     """
+    _check_arguments(device=device, backend=backend, timeout_s=timeout_s)
     launch = launch or detect_launch(os.environ)
     placement = resolve_placement(device=device, backend=backend, launch=launch,
                                   cuda_devices=torch.cuda.device_count())
@@ -71,3 +73,16 @@ def setup(*, device: str = "auto", backend: str = "auto", timeout_s: float = 300
     with (launcher_watch(launch.agent),
           process_group(launch, placement, timeout_s=timeout_s) as distributed):
         yield Runtime(launch=launch, placement=placement, distributed=distributed)
+
+
+def _check_arguments(*, device: str, backend: str, timeout_s: float) -> None:
+    """setup's arguments as the command line's flags allow them (UsageError otherwise)."""
+    for name, value, allowed in (("device", device, ("auto", "cpu", "cuda")),
+                                 ("backend", backend, ("auto", "gloo", "nccl"))):
+        if value not in allowed:
+            raise UsageError(f"distnn.setup: {name}={value!r}; allowed: "
+                             + ", ".join(repr(choice) for choice in allowed))
+    if (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
+            or not 1 <= timeout_s <= 1e6):
+        raise UsageError(f"distnn.setup: timeout_s={timeout_s!r}; allowed: seconds from 1 "
+                         "to 1e6")

@@ -98,6 +98,42 @@ def test_ranks_given_different_data_are_refused_on_every_rank_before_training(tm
                                "15, rank 1 None)"), said
 
 
+def test_fit_runs_outside_the_main_thread(no_launcher):
+    import threading
+
+    results, errors = [], []
+
+    def train():
+        try:
+            results.append(distnn.fit(build(), train=data(), loss="cross-entropy",
+                                      log_every=0, steps=2))
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    thread.join(timeout=60)
+    assert not errors and results[0].steps == 2, errors
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"device": "gpu"}, "distnn.setup: device='gpu'; allowed: 'auto', 'cpu', 'cuda'"),
+    ({"backend": "mpi"}, "distnn.setup: backend='mpi'; allowed: 'auto', 'gloo', 'nccl'"),
+    ({"timeout_s": 0}, "distnn.setup: timeout_s=0; allowed: seconds from 1 to 1e6"),
+    ({"timeout_s": "30"}, "distnn.setup: timeout_s='30'; allowed: seconds from 1 to 1e6"),
+])
+def test_setups_arguments_are_checked(kwargs, words, no_launcher):
+    with pytest.raises(distnn.UsageError, match=re.escape(words)), distnn.setup(**kwargs):
+        pass
+
+
+def test_shard_bounds_says_what_it_takes():
+    assert distnn.shard_bounds(10, 3, 1) == (4, 7)
+    for args in ((10, 2, 2), (10.0, 3, 1), (-1, 2, 0)):
+        with pytest.raises(ValueError, match="allowed: integers with total >= 0"):
+            distnn.shard_bounds(*args)
+
+
 def test_cross_entropy_takes_class_probabilities_too(no_launcher):
     x, y = data()
     soft = torch.nn.functional.one_hot(y, 3).float() * 0.8 + 0.2 / 3
