@@ -20,6 +20,7 @@ from typing import IO, Any
 from tqdm import tqdm
 
 from distnn.lossrecord import LossRecord
+from distnn.weights import write_file
 
 log = logging.getLogger("distnn")
 FLUSH_SECONDS = 1.0
@@ -75,7 +76,9 @@ class StepLog:
             try:
                 # (a pipe or a device holds no earlier records: reading it could wait for good)
                 if steps and os.path.isfile(self.metrics_path):
-                    _keep_only(self.metrics_path, _records_before(self.metrics_path, steps))
+                    # whole or not at all: a run killed meanwhile leaves the earlier file
+                    kept = _records_before(self.metrics_path, steps)
+                    write_file(self.metrics_path, "".join(kept).encode("utf-8"))
                     self.metrics = open(self.metrics_path, "a", encoding="utf-8")
                 else:
                     self.metrics = open(self.metrics_path, "w", encoding="utf-8")
@@ -207,23 +210,6 @@ def _format(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
-
-
-def _keep_only(path: str, lines: list[str]) -> None:
-    """Replaces the file at ``path`` (through a link) with ``lines``, at once: written to a
-    temporary beside it, then renamed over it, so a run killed meanwhile leaves the earlier
-    file whole (rewriting it in place left it empty)."""
-    target = os.path.realpath(path)
-    temporary = f"{target}.tmp-{os.getpid()}"
-    try:
-        with open(temporary, "w", encoding="utf-8") as file:
-            file.writelines(lines)
-        shutil.copymode(target, temporary)
-        os.replace(temporary, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
 
 
 def _records_before(path: str, steps: int) -> list[str]:

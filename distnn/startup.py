@@ -139,9 +139,10 @@ def prepare_outputs(job: Job) -> Checkpoint | None:
         if path:
             check_writable(path, flag, in_place=in_place)
     check_outputs_distinct(job)
-    if config.save:
-        for path in remove_stale_temporaries(config.save):
-            log.info(f"removed {path}, a --save whose writing was cut short")
+    for flag, output in (("--save", config.save), ("--metrics", config.metrics)):
+        if output:
+            for path in remove_stale_temporaries(output):
+                log.info(f"removed {path}, a {flag} whose writing was cut short")
     if not config.checkpoint_dir:
         return None
     checkpoint, notices = latest_checkpoint(config.checkpoint_dir)
