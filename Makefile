@@ -45,7 +45,7 @@ test-gpu: $(STAMP)
 # *_LIMIT seconds and run even if an earlier one failed:
 # 1. the CUDA tests, one at a time (several torchrun launches at once would contend for
 #    its default port); each test cut off after 90 s where pytest-timeout is installed;
-# 2. kernel profiles of the step (python -m distnn.profile): eager, --cuda-graph, both
+# 2. kernel profiles of the step (python -m distnn.tools.profile): eager, --cuda-graph, both
 #    with --compile, the hand-made floors (--floor, with and without --compile), bf16
 #    --compile on the compute-bound size, and --cuda-graph --compile with cuBLASLt as
 #    torch's preferred BLAS (on an H100: 14.1 kernels and 43.0 us of GPU time against 13.1
@@ -88,19 +88,19 @@ gpu-check:
 	PYTHONPATH=. PYTHONUNBUFFERED=1 timeout $(PROFILE_LIMIT) bash -c 'status=0; \
 	  for flags in "" "--cuda-graph" "--compile" "--cuda-graph --compile" "--floor" \
 	      "--floor --compile" "$(COMPUTE_SIZE) --steps 10 --precision bf16 --compile"; do \
-	    $(PYTHON) -m distnn.profile --steps 200 $$flags || status=1; done; \
-	  TORCH_BLAS_PREFER_CUBLASLT=1 $(PYTHON) -m distnn.profile --steps 200 --cuda-graph \
+	    $(PYTHON) -m distnn.tools.profile --steps 200 $$flags || status=1; done; \
+	  TORCH_BLAS_PREFER_CUBLASLT=1 $(PYTHON) -m distnn.tools.profile --steps 200 --cuda-graph \
 	    --compile || status=1; \
 	  echo "experiment: no cuBLAS workspace, so no split-K reductions (may fail; not counted)"; \
-	  CUBLAS_WORKSPACE_CONFIG=:0:0 $(PYTHON) -m distnn.profile --steps 200 --cuda-graph \
+	  CUBLAS_WORKSPACE_CONFIG=:0:0 $(PYTHON) -m distnn.tools.profile --steps 200 --cuda-graph \
 	    --compile || true; exit $$status' \
 	  2>&1 | tee -a $$log || failed=1; \
-	PYTHONPATH=. PYTHONUNBUFFERED=1 timeout $(BENCH_LIMIT) $(PYTHON) -m distnn.bench \
+	PYTHONPATH=. PYTHONUNBUFFERED=1 timeout $(BENCH_LIMIT) $(PYTHON) -m distnn.tools.bench \
 	  --out $(OUT) --budget-s $(BENCH_BUDGET) $(BENCH_ARGS) 2>&1 | tee -a $$log \
 	  || failed=1; \
 	if [ -n "$(OVERLAP)" ]; then mkdir -p $(OUT)/cpu-overlap; \
 	  CUDA_VISIBLE_DEVICES= PYTHONPATH=. PYTHONUNBUFFERED=1 timeout $(OVERLAP_LIMIT) \
-	  $(PYTHON) -m distnn.bench --out $(OUT)/cpu-overlap --workloads large,deep --worlds 2 \
+	  $(PYTHON) -m distnn.tools.bench --out $(OUT)/cpu-overlap --workloads large,deep --worlds 2 \
 	  --compute-steps 5 --threads $(OVERLAP_THREADS) --budget-s $(OVERLAP_BUDGET) 2>&1 \
 	  | tee -a $$log || failed=1; fi; \
 	exit $$failed
@@ -108,8 +108,8 @@ gpu-check:
 # distnn against the reference loop, DDP and Accelerate; then training from a data file
 # against DDP + DistributedSampler (world sizes, file vs memory, memory); in bench-results/.
 bench: $(STAMP)
-	$(BIN)/python -m distnn.bench --out bench-results
-	$(BIN)/python -m distnn.bench_data --out bench-results/data
+	$(BIN)/python -m distnn.tools.bench --out bench-results
+	$(BIN)/python -m distnn.tools.bench_data --out bench-results/data
 
 lint: $(STAMP)
 	$(BIN)/ruff check distnn tests

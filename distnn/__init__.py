@@ -7,14 +7,13 @@ optimizer and data. Its pieces, for a loop of your own: ``setup`` joins the job,
 update, ``shard_bounds`` says which rows of a batch are this rank's.
 """
 
-from distnn.config import UsageError
-from distnn.data import shard_bounds
+from distnn._version import __version__
+from distnn.data.shards import shard_bounds
+from distnn.distributed.gradsync import FlatGradSync
+from distnn.distributed.runtime import Runtime, setup
+from distnn.errors import RunFailed, UsageError
 from distnn.fit import fit
-from distnn.gradsync import FlatGradSync
-from distnn.guards import RunFailed
-from distnn.runtime import Runtime, setup
 from distnn.trainer import TrainResult
 
-__version__ = "0.1.0"
 __all__ = ["FlatGradSync", "RunFailed", "Runtime", "TrainResult", "UsageError", "fit", "setup",
            "shard_bounds", "__version__"]

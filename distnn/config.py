@@ -14,12 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-EXIT_USAGE = 2  # the exit code of a UsageError
-
-
-class UsageError(ValueError):
-    """A mistake the user can fix: a bad flag value, a bad launch environment, an unusable path
-    (exit code ``EXIT_USAGE``)."""
+from distnn.errors import UsageError
 
 
 def _option(default: Any, help: str, *, minimum: float | None = None, inclusive: bool = False,

@@ -13,14 +13,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from distnn.batches import DatasetRows, RowSource, TensorRows
-from distnn.config import TrainConfig, UsageError
-from distnn.datafile import DataFile
-from distnn.jobs import Job, rows_job
+from distnn.config import TrainConfig
+from distnn.data.batches import DatasetRows, RowSource, TensorRows
+from distnn.data.datafile import DataFile
+from distnn.distributed.runtime import Runtime, setup
+from distnn.errors import UsageError
+from distnn.job.losses import sum_loss
+from distnn.job.optimizers import build_optimizer
+from distnn.job.spec import Job, rows_job
 from distnn.logs import LOGGER, configure_logging
-from distnn.losses import sum_loss
-from distnn.optimizers import build_optimizer
-from distnn.runtime import Runtime, setup
 from distnn.trainer import Trainer, TrainResult
 
 # Flags that describe the command line's own model and data: fit takes the objects instead.

@@ -1,7 +1,7 @@
 """Entry point: ``python -m distnn.train``, ``distnn-train``, or under torchrun/accelerate.
 
 A thin layer: the flags become a TrainConfig, the launcher's environment a Runtime, and the
-Trainer (distnn/trainer.py) runs the Job the flags describe (distnn/jobs.py). Every error a
+Trainer (distnn/trainer.py) runs the Job the flags describe (distnn/job/spec.py). Every error a
 user can act on ends here as one line and an exit code.
 """
 
@@ -14,12 +14,17 @@ import sys
 import time
 from typing import Any
 
-from distnn.config import EXIT_USAGE, TrainConfig, UsageError, parse_config
-from distnn.environment import detect_launch
-from distnn.guards import RunFailed
+from distnn.config import TrainConfig, parse_config
+from distnn.distributed.environment import detect_launch
+from distnn.distributed.process_group import (
+    CollectiveFailed,
+    DeviceStalled,
+    peer_failure,
+    tell_peers,
+)
+from distnn.distributed.runtime import setup
+from distnn.errors import EXIT_USAGE, RunFailed, UsageError
 from distnn.logs import configure_logging
-from distnn.process_group import CollectiveFailed, DeviceStalled, peer_failure, tell_peers
-from distnn.runtime import setup
 from distnn.trainer import Trainer
 
 __all__ = ["main"]

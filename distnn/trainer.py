@@ -30,31 +30,25 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distnn import fusions, wgrad
-from distnn.batches import ShardStream
-from distnn.checkpoint import Checkpoint, FolderLock, save_checkpoint
-from distnn.config import EXIT_USAGE, TrainConfig, UsageError
-from distnn.cudagraph import capture_step
-from distnn.data import shard_bounds
-from distnn.faults import FaultPlan
-from distnn.gradsync import FlatGradSync
-from distnn.guards import (
-    RunFailed,
-    check_replicas,
-    disagreements,
-    fingerprint,
-    model_signature,
-)
-from distnn.jobs import Job, job_from_flags
-from distnn.lossrecord import LossRecord
-from distnn.memory import out_of_memory
-from distnn.metrics import StepLog
-from distnn.modelcheck import warn_random_layers
-from distnn.optimizers import load_state_tensors, state_tensors
-from distnn.preemption import StopRequests
-from distnn.process_group import DeviceWatch, collective, gather_objects
-from distnn.runtime import Runtime
-from distnn.startup import (
+from distnn.config import TrainConfig
+from distnn.data.batches import ShardStream
+from distnn.data.shards import shard_bounds
+from distnn.distributed.gradsync import FlatGradSync
+from distnn.distributed.process_group import DeviceWatch, collective, gather_objects
+from distnn.distributed.runtime import Runtime
+from distnn.errors import EXIT_GUARD, EXIT_OUTPUT, EXIT_USAGE, RunFailed, UsageError
+from distnn.job.checks import warn_random_layers
+from distnn.job.optimizers import load_state_tensors, state_tensors
+from distnn.job.spec import Job, job_from_flags
+from distnn.resilience.checkpoint import Checkpoint, FolderLock, save_checkpoint
+from distnn.resilience.faults import FaultPlan
+from distnn.resilience.guards import check_replicas, disagreements, fingerprint, model_signature
+from distnn.resilience.memory import out_of_memory
+from distnn.resilience.outputs import describe_os_error, save_weights
+from distnn.resilience.preemption import StopRequests
+from distnn.run.lossrecord import LossRecord
+from distnn.run.metrics import StepLog
+from distnn.run.startup import (
     check_job,
     check_memory,
     check_placement,
@@ -64,9 +58,10 @@ from distnn.startup import (
     job_objects,
     prepare_outputs,
 )
-from distnn.validation import evaluate
-from distnn.weights import EXIT_OUTPUT, describe_os_error, save_weights
-from distnn.wholestep import Batch, Summed, WholeStep
+from distnn.run.validation import evaluate
+from distnn.step import fusions, wgrad
+from distnn.step.cudagraph import capture_step
+from distnn.step.wholestep import Batch, Summed, WholeStep
 
 log = logging.getLogger("distnn")
 # Gradient buffers up to this size are summed through rank 0 on gloo (see gradsync).
@@ -178,7 +173,7 @@ class Trainer:
                 # The device finishes the work queued before the steps (placing the weights,
                 # a capture's warm-up) before the clock starts, and outside the steps' range.
                 self.watch.wait()
-                # The range names the steps in a profile (python -m distnn.profile); it costs
+                # The range names the steps in a profile (python -m distnn.tools.profile); it costs
                 # nothing when no profiler runs.
                 with torch.profiler.record_function(STEPS_RANGE), self._after_warm_up():
                     started = time.perf_counter()
@@ -577,7 +572,8 @@ class Trainer:
             kept = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
                     else "no checkpoint was written")
             raise RunFailed(f"non-finite loss or gradient at step {step} (loss {loss!r}; last "
-                            f"finite loss {last}); stopping: {kept}; try a smaller --lr", 3)
+                            f"finite loss {last}); stopping: {kept}; try a smaller --lr",
+                            EXIT_GUARD)
         self.verified = done
         check_replicas(sync.flat_params, step=done, distributed=self.rt.communicates)
 

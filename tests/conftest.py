@@ -44,7 +44,7 @@ def _rank_worker(rank: int, world_size: int, port: int, argv: list[str], out_dir
     from safetensors.torch import save_file
 
     from distnn.config import parse_config
-    from distnn.runtime import setup
+    from distnn.distributed.runtime import setup
     from distnn.trainer import Trainer
 
     config = parse_config(argv)

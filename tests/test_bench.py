@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from distnn.bench import REFERENCE, main
+from distnn.tools.bench import REFERENCE, main
 
 pytest.importorskip("matplotlib")
 
@@ -64,7 +64,7 @@ def test_budget_ends_the_rounds_early_with_every_workload_measured(tmp_path, cap
 
 
 def test_flop_count_of_a_deeper_net_counts_no_input_gradient_for_the_first_layer():
-    from distnn.bench import Workload
+    from distnn.tools.bench import Workload
 
     net = Workload("t", 1, 2, (3, 4), 5, 1e-4)  # Linear(2,3), Linear(3,4), Linear(4,5)
     forward = weights = 2 * (2 * 3 + 3 * 4 + 4 * 5)
@@ -77,9 +77,9 @@ def test_flop_count_is_what_autograd_runs_and_what_the_matmul_floor_times():
     # backward) of a deeper net, and of the step's matmuls that step_matmul_tflops times.
     from torch.utils.flop_counter import FlopCounterMode
 
-    from distnn.bench import Workload
-    from distnn.bench_rates import step_matmuls
-    from distnn.model import build_model
+    from distnn.job.model import build_model
+    from distnn.tools.bench import Workload
+    from distnn.tools.bench_rates import step_matmuls
 
     work = Workload("t", 8, 6, (5, 4), 3, 1e-4)
     model = build_model(work.d_in, work.hidden, work.d_out)
@@ -92,8 +92,8 @@ def test_flop_count_is_what_autograd_runs_and_what_the_matmul_floor_times():
 
 
 def test_step_matmul_rate_is_measured():
-    from distnn.bench import Workload
-    from distnn.bench_rates import step_matmul_tflops
+    from distnn.tools.bench import Workload
+    from distnn.tools.bench_rates import step_matmul_tflops
 
     assert step_matmul_tflops(Workload("t", 64, 64, (64,), 64, 1e-4), torch.device("cpu"),
                               torch.float32, repeats=1, batch=1) > 0
@@ -101,8 +101,8 @@ def test_step_matmul_rate_is_measured():
 
 
 def test_the_gpu_runs_the_compiled_tf32_step_in_its_default_layout_and_in_autograds():
-    from distnn.bench import COMPUTE_GPU, WEIGHT_GRAD_VARIANT, WEIGHT_GRAD_VARIANTS, _variants
-    from distnn.wgrad import AUTOGRAD, LAYOUTS
+    from distnn.step.wgrad import AUTOGRAD, LAYOUTS
+    from distnn.tools.bench import COMPUTE_GPU, WEIGHT_GRAD_VARIANT, WEIGHT_GRAD_VARIANTS, _variants
 
     assert WEIGHT_GRAD_VARIANTS[WEIGHT_GRAD_VARIANT] == AUTOGRAD
     assert set(WEIGHT_GRAD_VARIANTS.values()) == set(LAYOUTS)
@@ -111,10 +111,10 @@ def test_the_gpu_runs_the_compiled_tf32_step_in_its_default_layout_and_in_autogr
 
 
 def test_the_gpu_runs_the_compiled_bf16_step_fused_and_as_written():
-    """Beside the bf16 whole step with distnn/fusions.py's fusions, the GPU's compute
+    """Beside the bf16 whole step with distnn/step/fusions.py's fusions, the GPU's compute
     workload runs the same step without them (DISTNN_BF16_FUSIONS=0), so the table shows
     what they buy (tests/test_fusions.py checks both against eager autocast)."""
-    from distnn import bench
+    from distnn.tools import bench
 
     names = bench._variants(bench.COMPUTE_GPU, 1, torch.device("cuda"))
     assert {"distnn --compile, bf16", bench.BF16_AS_WRITTEN,
@@ -123,8 +123,8 @@ def test_the_gpu_runs_the_compiled_bf16_step_fused_and_as_written():
 
 
 def test_weight_gradient_layouts_are_each_measured():
-    from distnn.bench import Workload
-    from distnn.bench_rates import weight_grad_layouts
+    from distnn.tools.bench import Workload
+    from distnn.tools.bench_rates import weight_grad_layouts
 
     rates = weight_grad_layouts(Workload("t", 64, 48, (32,), 8, 1e-4), torch.device("cpu"),
                                 torch.float32, repeats=1, batch=1)
@@ -134,7 +134,7 @@ def test_weight_gradient_layouts_are_each_measured():
 
 
 def test_each_row_is_set_against_the_hand_made_floors_of_its_workload():
-    from distnn.bench import FLOORS, markdown, summarise
+    from distnn.tools.bench import FLOORS, markdown, summarise
 
     def sample(variant, ms):
         return {"workload": "reference", "world_size": 1, "variant": variant, "repeat": 0,
@@ -150,8 +150,8 @@ def test_each_row_is_set_against_the_hand_made_floors_of_its_workload():
 
 
 def test_the_fusion_leads_time_each_way_after_checking_they_agree():
-    from distnn.bench import Workload
-    from distnn.bench_rates import fusion_leads
+    from distnn.tools.bench import Workload
+    from distnn.tools.bench_rates import fusion_leads
 
     times = fusion_leads(Workload("t", 64, 48, (32,), 8, 1e-4), torch.device("cpu"),
                          torch.float32, repeats=1, batch=1)

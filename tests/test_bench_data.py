@@ -1,4 +1,4 @@
-"""python -m distnn.bench_data: a tiny run writes both files with every table's rows, and
+"""python -m distnn.tools.bench_data: a tiny run writes both files with every table's rows, and
 distnn's final loss does not change with the world size."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from distnn.bench_data import (
+from distnn.tools.bench_data import (
     DDP_LOADER,
     DISTNN_FILE,
     DISTNN_MEMORY,

@@ -10,15 +10,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from distnn.checkpoint import (
+from distnn.config import TrainConfig
+from distnn.errors import UsageError
+from distnn.job.model import build_model
+from distnn.resilience.checkpoint import (
     check_compatible,
     latest_checkpoint,
     list_checkpoints,
     read_checkpoint,
     save_checkpoint,
 )
-from distnn.config import TrainConfig, UsageError
-from distnn.model import build_model
 from distnn.train import main
 
 CONFIG = dataclasses.asdict(TrainConfig(d_in=6, hidden=(4,), d_out=2, batch_size=8))

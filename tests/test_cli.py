@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from distnn.config import TrainConfig, UsageError, parse_config
+from distnn.config import TrainConfig, parse_config
+from distnn.errors import UsageError
 from distnn.train import main
 from tests.conftest import read_metrics, run_cli
 from tests.reference import assert_matches_reference, reference_run

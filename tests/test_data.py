@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distnn.config import TrainConfig
-from distnn.data import reference_setup, shard_bounds
+from distnn.data.shards import reference_setup, shard_bounds
 
 
 @pytest.mark.parametrize("total", [0, 1, 3, 7, 64, 65])

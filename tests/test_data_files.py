@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from distnn.config import UsageError
-from distnn.datafile import DataFile
+from distnn.data.datafile import DataFile
+from distnn.errors import UsageError
 from distnn.train import main
 from tests.conftest import bin_path, read_losses, run_cli, run_world
 from tests.reference import assert_matches_reference
@@ -211,8 +211,8 @@ def test_a_bad_shard_on_another_rank_stops_every_rank(tmp_path):
 
 CUT_MAPPED_PT = """
 import os, sys, torch
-from distnn.config import UsageError
-from distnn.datafile import DataFile
+from distnn.errors import UsageError
+from distnn.data.datafile import DataFile
 path = sys.argv[1]
 torch.save({"x": torch.randn(20000, 8), "y": torch.randn(20000, 2)}, path)
 data = DataFile(path)

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from distnn.config import UsageError
-from distnn.environment import LaunchEnv, detect_launch, resolve_placement, started_by_agent
+from distnn.distributed.environment import (
+    LaunchEnv,
+    detect_launch,
+    resolve_placement,
+    started_by_agent,
+)
+from distnn.errors import UsageError
 
 TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
             "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "job",

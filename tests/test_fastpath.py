@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from distnn.gradsync import FlatGradSync, plan_buckets, sums_via_root
+from distnn.distributed.gradsync import FlatGradSync, plan_buckets, sums_via_root
 from distnn.train import main
 from tests.conftest import bin_path, read_losses, run_cli, run_world
 from tests.reference import assert_matches_reference, reference_run
@@ -234,7 +234,7 @@ def test_a_replay_holds_the_step_and_so_what_the_step_holds():
     import gc
     import weakref
 
-    from distnn.cudagraph import Replay
+    from distnn.step.cudagraph import Replay
 
     batch = torch.ones(4)
     watch = weakref.ref(batch)
@@ -275,7 +275,7 @@ def test_the_trainer_s_cuda_graph_wiring_with_a_stand_in_graph_on_the_cpu(
     from safetensors.torch import save_file
 
     from distnn import trainer
-    from distnn.cudagraph import Replay
+    from distnn.step.cudagraph import Replay
 
     def capture(step, *, restore):
         saved = [tensor.detach().clone() for tensor in restore]
@@ -310,9 +310,10 @@ def test_what_a_cuda_graph_cannot_capture_is_refused(tmp_path, flags, words):
     """Checked before the device is (startup.check_job), so testable without a GPU."""
     from safetensors.torch import save_file
 
-    from distnn.config import TrainConfig, UsageError
-    from distnn.jobs import job_from_flags
-    from distnn.startup import check_job
+    from distnn.config import TrainConfig
+    from distnn.errors import UsageError
+    from distnn.job.spec import job_from_flags
+    from distnn.run.startup import check_job
 
     save_file({"x": torch.randn(10, 3), "y": torch.randn(10, 2)}, tmp_path / "d.safetensors")
     config = TrainConfig(cuda_graph=True, data=str(tmp_path / "d.safetensors"), **flags)

@@ -194,7 +194,7 @@ def test_one_process_stops_after_the_step_its_signal_arrived_in_and_resumes_the_
 
 
 def test_a_repeated_sigterm_is_the_same_request_and_a_second_sigint_interrupts():
-    from distnn.preemption import StopRequests
+    from distnn.resilience.preemption import StopRequests
 
     outside = []  # the handlers before training (harmless here, unlike the defaults)
     before = {sig: signal.signal(sig, lambda signum, frame: outside.append(signum))
@@ -336,7 +336,7 @@ class EventDoneAfter:
 
 
 def test_waits_for_the_gpu_end_after_the_timeout_and_a_stuck_gpu_is_not_waited_for_again():
-    from distnn.process_group import DeviceStalled, DeviceWatch
+    from distnn.distributed.process_group import DeviceStalled, DeviceWatch
 
     watch = DeviceWatch(torch.device("cuda", 0), timeout_s=0.5)  # no CUDA call until a wait
     watch.wait(EventDoneAfter(0.05))  # in time: past the spinning, into the sleeping polls

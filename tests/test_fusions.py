@@ -1,4 +1,4 @@
-"""distnn/fusions.py: the bf16 whole step's loss and Linear+ReLU pairs in fewer passes, against
+"""distnn/step/fusions.py: the bf16 whole step's loss and Linear+ReLU pairs in fewer passes, against
 the same work as written (F.mse_loss; nn.Linear then nn.ReLU under autograd)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from distnn import fusions
-from distnn.config import UsageError
+from distnn.errors import UsageError
+from distnn.step import fusions
 from tests.test_wholestep import assert_eager_autocast_gradients
 
 
@@ -133,8 +133,8 @@ def test_the_bf16_step_compiled_as_one_function_updates_as_eager_autocast_would(
     """Alone, with the reference program's update, the fused step is one compiled function (forward,
     backward, update, the bf16 copies' refresh): its loss and new weights are those of an
     eager autocast step followed by ``p -= lr * p.grad``."""
-    from distnn.gradsync import FlatGradSync
-    from distnn.wholestep import WholeStep
+    from distnn.distributed.gradsync import FlatGradSync
+    from distnn.step.wholestep import WholeStep
 
     generator = torch.Generator().manual_seed(6)
     x, y = torch.randn(64, 32, generator=generator), torch.randn(64, 8, generator=generator)

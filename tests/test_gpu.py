@@ -100,8 +100,8 @@ def _library_run(device: torch.device, *, graphed: bool) -> dict:
     """STEPS steps through the library API, eager or captured; the losses and weights."""
     from distnn import FlatGradSync
     from distnn.config import TrainConfig
-    from distnn.cudagraph import capture_step
-    from distnn.data import reference_setup
+    from distnn.data.shards import reference_setup
+    from distnn.step.cudagraph import capture_step
 
     x, y, model = reference_setup(TrainConfig().resolved())
     x, y, model = x.to(device), y.to(device), model.to(device)
@@ -134,7 +134,7 @@ def _library_run(device: torch.device, *, graphed: bool) -> dict:
 
 def _captured_sum_of_ones(size: int):
     """A step captured over a batch that only the step itself refers to, once this returns."""
-    from distnn.cudagraph import capture_step
+    from distnn.step.cudagraph import capture_step
 
     x = torch.ones(size, device="cuda")
     out = torch.zeros((), device="cuda")
@@ -160,8 +160,8 @@ def test_the_floor_replays_train_after_the_caller_lets_go_of_its_model():
     """bench_loops.captured_floor returns only its replay and loss: its model and batch must
     live on (they once did not, and the floor's losses ran to inf under the bench's
     allocations)."""
-    from distnn.bench_loops import captured_floor
     from distnn.config import TrainConfig
+    from distnn.tools.bench_loops import captured_floor
 
     replay, loss = captured_floor(TrainConfig().resolved(), torch.device("cuda"),
                                   compiled=False)
@@ -227,7 +227,7 @@ def test_the_step_clock_starts_once_the_gpu_has_done_the_compile_and_capture(fla
     # timed steps of the compute workload, --compile read 30.0 ms/step against 27.4 captured
     # (H100, 2026-11-27). The steps must start on an idle GPU.
     from distnn.config import TrainConfig
-    from distnn.runtime import setup
+    from distnn.distributed.runtime import setup
     from distnn.trainer import Trainer
 
     idle_at_start = []
@@ -288,7 +288,7 @@ def test_cuda_graph_over_gloo_is_refused_on_every_rank():
 def test_a_stuck_gpu_fails_the_wait_after_the_timeout_and_every_later_wait_at_once():
     import time
 
-    from distnn.process_group import DeviceStalled, DeviceWatch
+    from distnn.distributed.process_group import DeviceStalled, DeviceWatch
 
     watch = DeviceWatch(torch.device("cuda", 0), timeout_s=0.2)
     watch.wait()  # nothing queued: returns
@@ -335,8 +335,8 @@ def test_a_tf32_run_leaves_the_fp32_runs_after_it_in_fp32(tmp_path, no_launcher)
 
 def test_the_profile_of_a_captured_step_counts_its_kernels_and_gpu_time(no_launcher):
     from distnn.config import TrainConfig
-    from distnn.profile import profile_steps
-    from distnn.runtime import setup
+    from distnn.distributed.runtime import setup
+    from distnn.tools.profile import profile_steps
 
     with setup(device="cuda") as rt:
         eager = profile_steps(TrainConfig(steps=50), rt)
@@ -349,9 +349,9 @@ def test_the_profile_of_a_captured_step_counts_its_kernels_and_gpu_time(no_launc
 
 def test_the_profile_of_the_floor_counts_its_kernels_beside_the_captured_step(no_launcher):
     from distnn.config import TrainConfig
-    from distnn.profile import main as profile_main
-    from distnn.profile import profile_floor
-    from distnn.runtime import setup
+    from distnn.distributed.runtime import setup
+    from distnn.tools.profile import main as profile_main
+    from distnn.tools.profile import profile_floor
 
     with setup(device="cuda") as rt:
         floor = profile_floor(TrainConfig(steps=50), rt)

@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 import torch
 
-from distnn.gradsync import ALIGN, FlatGradSync
+from distnn.distributed.gradsync import ALIGN, FlatGradSync
 from tests.conftest import free_port
 
 

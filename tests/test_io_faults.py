@@ -20,9 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from distnn.checkpoint import list_checkpoints
+from distnn.resilience.checkpoint import list_checkpoints
+from distnn.resilience.outputs import check_space
 from distnn.train import main
-from distnn.weights import check_space
 from tests.conftest import REPO, bin_path, clean_env, run_cli
 
 TINY = ["--d-in", "10", "--hidden", "10", "--log-every", "0"]
@@ -231,7 +231,7 @@ def test_a_class_label_too_large_for_memory_is_refused_before_the_model_is_built
 
 
 def test_a_class_label_counts_as_its_8_bytes_not_a_row_of_outputs():
-    from distnn.memory import mlp_needs
+    from distnn.resilience.memory import mlp_needs
 
     sizes = {"batch": 512, "d_in": 4, "hidden": (8,), "d_out": 100_000, "data_rows": 512}
     assert mlp_needs(**sizes, y_bytes=8)["data"] == 512 * (4 * 4 + 8)

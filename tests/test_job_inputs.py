@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from distnn.config import UsageError
+from distnn.errors import UsageError
 from distnn.train import main
 from tests.conftest import bin_path, run_cli
 
@@ -84,8 +84,8 @@ def test_bad_job_input_is_one_line_and_exit_code_2(argv, words, files, capsys, n
 
 def test_the_output_check_leaves_the_model_and_the_generators_as_they_were():
     from distnn.config import parse_config
-    from distnn.jobs import Job
-    from distnn.modelcheck import check_model_output, output_shape
+    from distnn.job.checks import check_model_output, output_shape
+    from distnn.job.spec import Job
 
     class Noisy(torch.nn.Module):  # draws random numbers and counts its calls, in any mode
         def __init__(self):
@@ -122,7 +122,7 @@ def test_the_output_check_leaves_the_model_and_the_generators_as_they_were():
 
 
 def test_the_output_check_leaves_a_shape_it_cannot_know_to_the_first_step(capfd):
-    from distnn.modelcheck import output_shape
+    from distnn.job.checks import output_shape
     from tests.user_models import routed
 
     torch.manual_seed(0)  # routed: which expert runs depends on the values
@@ -134,8 +134,8 @@ def test_the_output_check_leaves_a_shape_it_cannot_know_to_the_first_step(capfd)
 
 def test_batch_norm_in_training_mode_is_refused_on_several_ranks_only():
     from distnn.config import parse_config
-    from distnn.jobs import Job
-    from distnn.startup import check_job
+    from distnn.job.spec import Job
+    from distnn.run.startup import check_job
     from tests.user_models import batch_norm
 
     model = batch_norm(3, 2)

@@ -17,9 +17,9 @@ import threading
 import time
 from pathlib import Path
 
-from distnn.environment import LaunchEnv, detect_launch
-from distnn.launcher_watch import THREAD_NAME
-from distnn.runtime import setup
+from distnn.distributed.environment import LaunchEnv, detect_launch
+from distnn.distributed.launcher_watch import THREAD_NAME
+from distnn.distributed.runtime import setup
 from tests.conftest import REPO, bin_path, clean_env
 
 STEPS = 1_000_000  # far more than the test waits for: the run ends only by the watch
@@ -112,7 +112,7 @@ PARENT = "import subprocess, sys, time; subprocess.Popen(sys.argv[1:]); time.sle
 CHILD = """
 import os, signal, sys, time
 from pathlib import Path
-from distnn.launcher_watch import launcher_watch
+from distnn.distributed.launcher_watch import launcher_watch
 out, catch = Path(sys.argv[1]), sys.argv[2] == "catch"
 caught = []
 if catch:

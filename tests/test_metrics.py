@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from distnn import metrics
-from distnn.batches import BatchPlan
-from distnn.lossrecord import LossRecord
-from distnn.metrics import StepLog
+from distnn.data.batches import BatchPlan
+from distnn.run import metrics
+from distnn.run.lossrecord import LossRecord
+from distnn.run.metrics import StepLog
 
 
 class Run:

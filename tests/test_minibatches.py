@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from distnn.batches import BatchPlan
+from distnn.data.batches import BatchPlan
 from distnn.train import main
 from tests.conftest import read_events, read_losses, run_world
 from tests.reference import assert_close_run, minibatch_reference
@@ -230,9 +230,9 @@ def test_a_resume_on_other_data_of_the_same_rows_is_refused(tmp_path, capsys, no
 
 
 def test_the_datas_digest_is_of_its_rows_in_any_container(tmp_path):
-    from distnn.batches import TensorRows
-    from distnn.datafile import DataFile
-    from distnn.startup import rows_digest
+    from distnn.data.batches import TensorRows
+    from distnn.data.datafile import DataFile
+    from distnn.run.startup import rows_digest
 
     x, y = classes(rows=20)
     as_tensors = rows_digest(TensorRows(x, y))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from distnn.plot import main as plot_main
+from distnn.tools.plot import main as plot_main
 from distnn.train import main as train_main
 
 pytest.importorskip("matplotlib")
@@ -20,7 +20,7 @@ def test_plot_writes_a_png(tmp_path, capsys, no_launcher):
 def test_plot_draws_validation_beside_the_training_loss(tmp_path, capsys, no_launcher):
     import numpy as np
 
-    from distnn.plot import read_rows
+    from distnn.tools.plot import read_rows
 
     generator = np.random.default_rng(0)
     for name, rows in (("train.npz", 50), ("val.npz", 20)):

@@ -16,7 +16,7 @@ ONE_RANK = """
 import os
 import torch
 import torch.distributed as dist
-from distnn.runtime import setup
+from distnn.distributed.runtime import setup
 
 with setup(device="cpu", backend="gloo") as rt:
     assert rt.distributed
@@ -77,8 +77,8 @@ def test_a_second_join_is_refused_under_torchruns_store_and_works_elsewhere(tmp_
 
 
 def test_a_restarted_attempt_over_gloo_is_told_the_variable_that_lets_it_join(monkeypatch):
-    from distnn.environment import LaunchEnv, Placement
-    from distnn.process_group import _restart_hint
+    from distnn.distributed.environment import LaunchEnv, Placement
+    from distnn.distributed.process_group import _restart_hint
 
     monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
     launch = LaunchEnv(launcher="torchrun", rank=0, local_rank=0, world_size=2,

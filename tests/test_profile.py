@@ -1,10 +1,10 @@
-"""python -m distnn.profile: the work of the steps alone, per step."""
+"""python -m distnn.tools.profile: the work of the steps alone, per step."""
 
 from __future__ import annotations
 
 from distnn.config import TrainConfig
-from distnn.profile import main, profile_steps
-from distnn.runtime import setup
+from distnn.distributed.runtime import setup
+from distnn.tools.profile import main, profile_steps
 
 
 def test_the_profile_counts_the_steps_alone(no_launcher):
@@ -30,23 +30,23 @@ def test_the_command_prints_a_table_and_refuses_bad_flags_in_one_line(capsys, no
     assert "summary:" not in out
     assert main(["--steps", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("distnn.profile: error: --steps"), err
+    assert len(err) == 1 and err[0].startswith("distnn.tools.profile: error: --steps"), err
 
 
 def test_a_profile_with_no_work_recorded_is_one_line_and_exit_1(capsys, no_launcher,
                                                                  monkeypatch):
     """A profiler that records nothing in the steps' range (reported with CUDA 13.0 after an
     empty session) fails the command instead of reporting 0 kernels per step."""
-    import distnn.profile
+    import distnn.tools.profile
 
-    class Blind(distnn.profile.profile):
+    class Blind(distnn.tools.profile.profile):
         def events(self):
             return [e for e in super().events() if not e.name.startswith("aten::")]
 
-    monkeypatch.setattr(distnn.profile, "profile", Blind)
+    monkeypatch.setattr(distnn.tools.profile, "profile", Blind)
     assert main(["--steps", "4"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["distnn.profile: error: the profiler recorded no operators in the steps' "
+    assert err == ["distnn.tools.profile: error: the profiler recorded no operators in the steps' "
                    "range, so there is nothing to count"], err
 
 
@@ -54,10 +54,10 @@ def test_the_floor_on_the_cpu_or_with_flags_it_ignores_is_refused_in_one_line(ca
                                                                               no_launcher):
     assert main(["--floor", "--device", "cpu", "--steps", "5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["distnn.profile: error: --floor: the floor is a CUDA graph; this process "
+    assert err == ["distnn.tools.profile: error: --floor: the floor is a CUDA graph; this process "
                    "computes on the CPU"], err
     assert main(["--floor", "--epochs", "2", "--precision", "bf16"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(
-        "distnn.profile: error: --floor: got --epochs, --precision; the floor is the "
+        "distnn.tools.profile: error: --floor: got --epochs, --precision; the floor is the "
         "reference loop"), err

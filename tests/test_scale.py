@@ -1,4 +1,4 @@
-"""The cost model (distnn/costmodel.py), its calibration fit and `python -m distnn.scale`."""
+"""The cost model (distnn/tools/costmodel.py), its calibration fit and `python -m distnn.scale`."""
 
 import json
 import random
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from distnn import calibrate, costmodel, scale
+from distnn.tools import calibrate, costmodel, scale
 
 
 def test_ring_tree_and_via_root_by_hand():
@@ -164,7 +164,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, says):
 
 @pytest.mark.parametrize("args, says", [BAD_INPUT[0], BAD_INPUT[4]])
 def test_bad_input_from_the_command_line(tmp_path, args, says):
-    done = subprocess.run([sys.executable, "-m", "distnn.scale", *_bad_args(args, tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "distnn.tools.scale", *_bad_args(args, tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()

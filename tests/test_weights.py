@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distnn.config import UsageError
-from distnn.model import build_model
-from distnn.weights import check_writable, save_weights
+from distnn.errors import UsageError
+from distnn.job.model import build_model
+from distnn.resilience.outputs import check_writable, save_weights
 
 
 def test_check_writable_accepts_a_new_file_in_an_existing_directory(tmp_path):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from distnn import wgrad
+from distnn.step import wgrad
 from distnn.train import main
 from tests.conftest import read_losses
 from tests.reference import assert_matches_reference
@@ -93,7 +93,7 @@ def test_a_run_with_a_layout_uses_it_and_matches_the_reference(tmp_path, no_laun
     layout named: one that gives zeros leaves the weight matrices as they started (the
     biases train); the real one trains as the reference does."""
     from distnn.config import TrainConfig
-    from distnn.data import reference_setup
+    from distnn.data.shards import reference_setup
 
     name = "(x.T @ g).T"
     monkeypatch.setenv("DISTNN_WEIGHT_GRAD", name)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch._dynamo.utils import counters
 
-from distnn import wholestep
+from distnn.step import wholestep
 from distnn.train import main
 from tests.conftest import read_losses, read_metrics, run_world
 from tests.reference import (
@@ -131,7 +131,7 @@ BF16_VS_EAGER = 0.01  # measured 0.0024 over these 100 steps (docs/performance.m
 
 
 def test_a_gradient_buffer_without_the_two_slots_is_refused():
-    from distnn.gradsync import FlatGradSync
+    from distnn.distributed.gradsync import FlatGradSync
 
     model = torch.nn.Linear(3, 2)
     sync = FlatGradSync(model, distributed=False, extra_slots=1)
@@ -200,7 +200,7 @@ def test_a_step_that_falls_back_to_eager_takes_the_eager_steps_default_layout(no
     # The compiled step's default layout (wgrad.default: TF32 on a GPU) is for the compiled
     # step; the eager step it falls back to takes the eager default, unless one was named.
     import distnn
-    from distnn import wgrad
+    from distnn.step import wgrad
 
     monkeypatch.setattr(wgrad, "default", lambda *, precision, compiled, device: (
         "(x.T @ g).T" if compiled else wgrad.AUTOGRAD))
@@ -270,7 +270,7 @@ def assert_eager_autocast_gradients(model: torch.nn.Module, *, in_features: int,
     fp32 gradients, for one piece and four; returns the step."""
     import copy
 
-    from distnn.gradsync import FlatGradSync
+    from distnn.distributed.gradsync import FlatGradSync
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(256, in_features, generator=generator)
@@ -303,7 +303,7 @@ def test_a_fixed_input_only_a_linear_layer_reads_is_cast_to_bf16_once():
     """WholeStep.inputs casts the input of an nn.Sequential that starts with nn.Linear, as
     autocast would in every step: the loss and gradients are the same bits. Anything else
     (fp32, another first layer, a model of its own) is left as it is."""
-    from distnn.gradsync import FlatGradSync
+    from distnn.distributed.gradsync import FlatGradSync
 
     generator = torch.Generator().manual_seed(2)
     x, y = torch.randn(64, 32, generator=generator), torch.randn(64, 8, generator=generator)
@@ -342,8 +342,8 @@ def test_alone_the_step_is_one_compiled_graph_around_the_matmuls(no_launcher):
     the update and the loss's write into the loss record all run in inductor's fused
     code."""
     from distnn.config import TrainConfig
-    from distnn.profile import profile_steps
-    from distnn.runtime import setup
+    from distnn.distributed.runtime import setup
+    from distnn.tools.profile import profile_steps
 
     with setup(device="cpu") as rt:
         compiled = profile_steps(TrainConfig(steps=40, compile=True, verify_every=0), rt)
@@ -355,7 +355,7 @@ def test_the_losses_a_compiled_step_writes_itself_wrap_around_the_record(tmp_pat
                                                                          no_launcher):
     """The fused step writes each loss into the loss record's device window (4096 slots) at
     a slot it advances itself: past the window's end the losses are still each step's."""
-    from distnn.lossrecord import WINDOW
+    from distnn.run.lossrecord import WINDOW
 
     steps = WINDOW + 200
     losses, _, _ = _run(tmp_path, "long", "--compile", "--steps", str(steps), "--d-in", "20")

@@ -1,0 +1,88 @@
+"""The library's entry: ``with distnn.setup() as rt:`` joins the job, and leaves it after."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from distnn.distributed.environment import LaunchEnv, Placement, detect_launch, resolve_placement
+from distnn.distributed.launcher_watch import launcher_watch
+from distnn.distributed.process_group import process_group
+from distnn.errors import UsageError
+
+log = logging.getLogger("distnn")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """This process's place in the job and where it computes."""
+
+    launch: LaunchEnv
+    placement: Placement
+    distributed: bool  # True when a process group exists (any launcher, even world size 1)
+
+    @property
+    def rank(self) -> int:
+        return self.launch.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.launch.world_size
+
+    @property
+    def communicates(self) -> bool:
+        """True when there are other ranks to sum with: a group of one has nothing to sum."""
+        return self.distributed and self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Global rank 0: the rank that prints and writes files."""
+        return self.launch.is_main
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.placement.device)
+
+
+@contextmanager
+def setup(*, device: str = "auto", backend: str = "auto", timeout_s: float = 300.0,
+          launch: LaunchEnv | None = None) -> Iterator[Runtime]:
+    """Joins the job described by the launcher's environment; leaves it on every way out.
+
+    Reads torchrun's/accelerate's variables (``launch``, when given, instead of reading
+    ``os.environ``), picks the device and backend (``auto``: ``cuda:LOCAL_RANK`` with NCCL
+    when every local rank has a GPU, else the CPU with gloo), sets the CUDA device, then
+    creates the process group with ``timeout_s`` as the bound on every collective. Without
+    a launcher it yields a single-process runtime with no process group.
+    Under torchrun's agent (``launch.agent``) a rank whose agent dies sends itself SIGTERM
+    within about a second, so it stops as if preempted instead of training on as an orphan
+    (distnn.distributed.launcher_watch); the watch ends when this context does.
+    Raises UsageError for an impossible device/backend or launch environment.
+    """
+    _check_arguments(device=device, backend=backend, timeout_s=timeout_s)
+    launch = launch or detect_launch(os.environ)
+    placement = resolve_placement(device=device, backend=backend, launch=launch,
+                                  cuda_devices=torch.cuda.device_count())
+    if placement.notice and launch.is_main:
+        log.warning(placement.notice)
+    with (launcher_watch(launch.agent),
+          process_group(launch, placement, timeout_s=timeout_s) as distributed):
+        yield Runtime(launch=launch, placement=placement, distributed=distributed)
+
+
+def _check_arguments(*, device: str, backend: str, timeout_s: float) -> None:
+    """setup's arguments as the command line's flags allow them (UsageError otherwise)."""
+    for name, value, allowed in (("device", device, ("auto", "cpu", "cuda")),
+                                 ("backend", backend, ("auto", "gloo", "nccl"))):
+        if value not in allowed:
+            raise UsageError(f"distnn.setup: {name}={value!r}; allowed: "
+                             + ", ".join(repr(choice) for choice in allowed))
+    if (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
+            or not 1 <= timeout_s <= 1e6):
+        raise UsageError(f"distnn.setup: timeout_s={timeout_s!r}; allowed: seconds from 1 "
+                         "to 1e6")

@@ -1,0 +1,160 @@
+"""What a run checks of the user's model and loss before its first step, on every rank:
+weights that exist and can be trained, a loss that sums over the rows, no batch statistics
+on several ranks (and a warning for random layers), and an output that suits the loss and
+the data, seen with fake tensors (shapes without values: nothing computed, nothing changed).
+
+Each check raises UsageError (exit 2) with one line; startup.check_job runs them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.func import functional_call
+from torch.nn.parameter import is_lazy
+
+from distnn.data.batches import TensorRows
+from distnn.data.datafile import DataFile
+from distnn.errors import UsageError
+from distnn.job.spec import Job
+
+log = logging.getLogger("distnn")
+
+
+def check_model_weights(job: Job) -> None:
+    """Refuses a model without weights to train, or with weights not made yet (on the
+    meta device, or lazy modules' before their first call): each would fail later, with a
+    traceback, or (a lazy model's shapes) before the ranks could compare their models.
+    (Weights of another dtype than the inputs are the model's business: it may cast them.)"""
+    params = [p for p in job.model.parameters() if p.requires_grad]
+    if not params:
+        raise UsageError("the model has no trainable parameters; allowed: a model with "
+                         "parameters that require gradients")
+    if any(is_lazy(p) for p in params):
+        raise UsageError("the model has lazy parameters (nn.LazyLinear, say), whose shapes "
+                         "are not known before a first call; allowed: a model with its shapes "
+                         "given, or called once on an example before training")
+    if any(p.device.type == "meta" for p in params):
+        raise UsageError("the model's parameters are on the meta device (shapes without "
+                         "values); allowed: a model with its weights made, e.g. "
+                         "to_empty() and an initialisation, or built without device='meta'")
+
+
+def check_sum_loss(job: Job) -> None:
+    """Refuses a torch loss module that does not sum over the rows (``reduction='mean'``,
+    torch's default, or ``'none'``): each rank would average over its own shard, and the
+    ranks' results would not add up to the batch's."""
+    reduction = getattr(job.loss_fn, "reduction", "sum")
+    if isinstance(job.loss_fn, nn.modules.loss._Loss) and reduction != "sum":
+        raise UsageError(f"the loss {type(job.loss_fn).__name__}(reduction={reduction!r}) "
+                         "does not sum over the rows, so the ranks' losses and gradients "
+                         "would not add up to the batch's; allowed: reduction='sum'")
+
+
+def check_no_batch_statistics(job: Job) -> None:
+    """Refuses BatchNorm layers that use batch statistics (training mode, or no running
+    statistics kept) where a batch is split (several ranks, or --micro-batches): they
+    normalise over the rows they are given, a piece rather than the batch, so the run would
+    not train as one process on whole batches does. (nn.SyncBatchNorm, which shares the
+    statistics across the ranks, is let through.)"""
+    layers = sorted({type(module).__name__ for module in job.model.modules()
+                     if isinstance(module, nn.modules.batchnorm._BatchNorm)
+                     and not isinstance(module, nn.SyncBatchNorm)
+                     and (module.training or module.running_mean is None)})
+    if layers:
+        raise UsageError(f"the model has {', '.join(layers)} layers using batch statistics, "
+                         "which normalise over each rank's or micro-batch's rows rather than "
+                         "the batch, so the run would not train as one process does; allowed: "
+                         "GroupNorm or LayerNorm, BatchNorm in eval mode with running "
+                         "statistics, or one process without --micro-batches")
+
+
+def warn_random_layers(job: Job) -> None:
+    """Warns (rank 0) of Dropout layers in training mode: their masks are random numbers
+    that distnn's guarantee does not cover (N ranks draw them per rank, not as one process
+    would; the generators' states are not in a checkpoint, so a resumed run draws others)."""
+    layers = sorted({type(module).__name__ for module in job.model.modules()
+                     if isinstance(module, nn.modules.dropout._DropoutNd)
+                     and module.training and module.p > 0})
+    if layers:
+        log.warning(f"the model has {', '.join(layers)} layers in training mode: their random "
+                    "masks are outside distnn's guarantee (several ranks draw them otherwise "
+                    "than one process would, and a resumed run draws new ones), so the run "
+                    "is like the one-process run in distribution only")
+
+
+def check_model_output(job: Job) -> None:
+    """Refuses a model whose output does not suit the loss and the data. Under an mse loss
+    its shape must be the targets': torch's ``MSELoss`` broadcasts the two ([N] against
+    [N, 1] gives [N, N]) and trains on a wrong sum, with a warning at most. Under
+    cross-entropy it must give a score for every class the labels name (else torch fails
+    in the first step, with a traceback)."""
+    mse = isinstance(job.loss_fn, nn.MSELoss)
+    classes = isinstance(job.loss_fn, nn.CrossEntropyLoss) and job.classification
+    if not (mse or classes):
+        return
+    if job.fixed is not None:
+        x, y = (rows[:2] for rows in job.fixed)
+    else:
+        x, y = job.source.read(torch.arange(min(2, job.source.rows)))
+    shape = output_shape(job.model, x) if len(x) else None
+    if shape is None:
+        return
+    if mse and shape != y.shape:
+        raise UsageError(f"the model's output for {len(x)} rows has shape {list(shape)} but "
+                         f"their targets have {list(y.shape)}, and the mse loss would "
+                         "broadcast the two into a wrong sum; allowed: a model whose output "
+                         "has the targets' shape")
+    ignored = getattr(job.loss_fn, "ignore_index", -100)  # a label torch leaves out
+    largest = _largest_label(job) if classes and len(shape) == 2 and ignored < 0 else None
+    if largest is not None and largest >= shape[1]:
+        raise UsageError(f"the model gives {shape[1]} scores a row but the data holds the "
+                         f"class label {largest}; allowed: a model with a score for each "
+                         f"class, {largest + 1} or more")
+
+
+def _largest_label(job: Job) -> int | None:
+    """The training data's largest class label; None where it is not known without reading
+    every row (a dataset object)."""
+    source = job.source
+    if isinstance(source, DataFile):
+        return source.check_labels()  # read once, when the file was checked
+    if isinstance(source, TensorRows):
+        return int(source.y.max())
+    return None
+
+
+def output_shape(model: nn.Module, x: torch.Tensor) -> torch.Size | None:
+    """The shape of ``model(x)``, found with fake tensors: they carry shapes, dtypes and
+    devices but no values, so nothing is computed and no tensor of the model (weights,
+    buffers, random generators) changes. None when the shape cannot be known so: a forward
+    that depends on values (a branch on a tensor's contents), one that reads tensors the
+    module does not register, or an output that is not a tensor. (Python state the forward
+    keeps, a count of its calls say, sees one call.)"""
+    device = next(model.parameters()).device
+    named = [*model.named_parameters(remove_duplicate=False),
+             *model.named_buffers(remove_duplicate=False)]
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")  # logs each failed op
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        with (torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+              FakeTensorMode()):
+            # made from the shapes alone: a fake made from a tensor would hold a weak
+            # reference to it, which a later model.to() swapping tensors refuses
+            output = functional_call(model, {name: _fake_like(tensor) for name, tensor in named},
+                                     (_fake_like(x, device),))
+    except Exception:  # noqa: BLE001 - not knowable without values: the first step will tell
+        return None
+    finally:
+        fake_log.setLevel(level)
+    return output.shape if isinstance(output, torch.Tensor) else None
+
+
+def _fake_like(tensor: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """Inside a FakeTensorMode: a fake tensor of ``tensor``'s shape, strides and dtype."""
+    return torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype,
+                               device=device or tensor.device)

@@ -1,0 +1,74 @@
+"""The network: the reference program's MLP (deeper with more hidden layers), or the user's
+own, built by ``--model MODULE:FUNCTION``."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from distnn.config import TrainConfig
+from distnn.errors import UsageError
+
+
+def build_model(d_in: int, hidden: Sequence[int], d_out: int) -> nn.Sequential:
+    """``Linear(d_in, h1) -> ReLU -> ... -> Linear(hk, d_out)``, on the CPU, default init.
+
+    With one hidden layer (the reference program's) its state_dict keys are ``0.weight``,
+    ``0.bias``, ``2.weight``, ``2.bias``; each further hidden layer adds a Linear and a ReLU.
+    """
+    widths = [d_in, *hidden]
+    layers: list[nn.Module] = []
+    for width_in, width_out in zip(widths, widths[1:], strict=False):
+        layers += [nn.Linear(width_in, width_out), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(widths[-1], d_out))
+
+
+def import_model(spec: str, *, d_in: int, d_out: int) -> nn.Module:
+    """``FUNCTION(d_in=..., d_out=...)`` of ``spec`` = "MODULE:FUNCTION" (--model).
+
+    Raises UsageError, naming what failed, when the module does not import, the function is
+    missing, it raises, or it returns something other than an ``nn.Module``.
+    """
+    module_name, _, function_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # any failure while importing the user's code
+        raise UsageError(f"--model: cannot import {module_name!r} ({type(error).__name__}: "
+                         f"{_first_line(error)}); allowed: an importable module (the working "
+                         "directory and PYTHONPATH are searched)") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise UsageError(f"--model: {module_name!r} has no function {function_name!r}; "
+                         "allowed: MODULE:FUNCTION naming a function of the module")
+    try:
+        model = function(d_in=d_in, d_out=d_out)
+    except Exception as error:
+        raise UsageError(f"--model: {spec}(d_in={d_in}, d_out={d_out}) raised "
+                         f"{type(error).__name__}: {_first_line(error)}; allowed: a function "
+                         "that returns an nn.Module") from None
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"--model: {spec}(d_in={d_in}, d_out={d_out}) returned a "
+                         f"{type(model).__name__}; allowed: a function that returns an "
+                         "nn.Module")
+    return model
+
+
+def config_model(config: TrainConfig) -> nn.Module:
+    """The run's model for a resolved config: --model's, else the MLP of --hidden. It draws
+    its initial weights from torch's global generator: seed it first."""
+    if config.model:
+        return import_model(config.model, d_in=config.d_in, d_out=config.d_out)
+    return build_model(config.d_in, config.hidden, config.d_out)
+
+
+def seeded_model(config: TrainConfig) -> nn.Module:
+    """``torch.manual_seed(seed)``, then the model: its weights do not depend on the data."""
+    torch.manual_seed(config.seed)
+    return config_model(config)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0]

@@ -1,0 +1,151 @@
+"""What a run trains: a model, a sum loss, the training rows and their order, validation
+rows, an optimizer. The CLI builds a Job from flags (:func:`job_from_flags`); ``distnn.fit``
+from the user's own objects. The Trainer runs either the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from distnn.config import TrainConfig
+from distnn.data.batches import BatchPlan, RowSource
+from distnn.data.datafile import DataFile
+from distnn.data.shards import reference_setup, shard_bounds
+from distnn.errors import UsageError
+from distnn.job.losses import LossFn, sum_loss
+from distnn.job.model import seeded_model
+from distnn.job.optimizers import build_optimizer
+
+
+@dataclass
+class Job:
+    """One rank's view of what to train. ``config`` is resolved (every size filled in).
+
+    The training rows are either ``fixed`` (this rank's shard of the one batch every step
+    trains on: the reference program's) or read per step from ``source`` in ``plan``'s order.
+    """
+
+    config: TrainConfig
+    model: nn.Module  # the initial weights, identical on every rank
+    loss_fn: LossFn  # a sum over the rows it is given
+    optimizer: torch.optim.Optimizer | None  # None: the reference program's p -= lr * grad
+    plan: BatchPlan | None = None
+    source: RowSource | None = None
+    fixed: tuple[torch.Tensor, torch.Tensor] | None = None
+    val: RowSource | None = None
+    classification: bool = False
+    data_digest: str | None = None  # startup.data_digest's, once computed ("" for none)
+
+
+def job_from_flags(config: TrainConfig, *, world_size: int, rank: int,
+                   check_sizes: Callable[[TrainConfig], None] | None = None) -> Job:
+    """The Job of the command line: the reference batch, or --data (and --val-data), with the
+    MLP or --model, --loss and --optimizer. Every check a rank can make alone happens here
+    (UsageError); this rank checks its own share of the training rows. ``check_sizes``,
+    when given, is called with the config resolved to the run's sizes (the data's widths,
+    its classes, the batch) before the batch or the model is allocated."""
+    if config.loss == "cross-entropy" and not config.data:
+        raise UsageError("--loss: got 'cross-entropy' without --data, and the random batch "
+                         "has no class labels; allowed: --loss cross-entropy with --data "
+                         "holding integer labels y [N]")
+    if not config.data:
+        config = config.resolved(steps=config.epochs)  # the batch is the whole data: 1 step
+        if check_sizes:
+            check_sizes(config)
+        x, y, model = reference_setup(config)
+        start, stop = shard_bounds(config.batch_size, world_size, rank)
+        job = Job(config=config, model=model, loss_fn=sum_loss(config.loss),
+                  optimizer=None, fixed=(x[start:stop], y[start:stop]))
+    else:
+        train = DataFile(config.data, flag="--data")
+        classes = _check_targets(train, config)
+        d_out = classes if train.labels else train.d_out
+        for name, value in (("d_in", train.d_in), ("d_out", d_out)):
+            given = getattr(config, name)
+            if given is not None and given != value and not (name == "d_out" and train.labels):
+                raise UsageError(f"--{name.replace('_', '-')}: got {given} but --data "
+                                 f"{config.data!r} gives {value}; allowed: leave it out with "
+                                 "--data")
+        train.check_share(world_size, rank)
+
+        def sized_model(sizes: TrainConfig) -> nn.Module:
+            if check_sizes:
+                check_sizes(sizes)
+            return seeded_model(sizes)
+
+        job = rows_job(config, source=train, d_in=train.d_in, d_out=d_out,
+                       model=sized_model, loss_fn=sum_loss(config.loss),
+                       classification=train.labels, world_size=world_size, rank=rank)
+        config = job.config
+    if config.val_data:
+        job.val = _val_file(config, classification=job.classification,
+                            world_size=world_size, rank=rank)
+    job.optimizer = build_optimizer(config.optimizer, job.model.parameters(), lr=config.lr,
+                                    momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
+    return job
+
+
+def rows_job(config: TrainConfig, *, source: RowSource, d_in: int, d_out: int,
+             model: nn.Module | Callable[[TrainConfig], nn.Module], loss_fn: LossFn,
+             classification: bool, world_size: int, rank: int,
+             optimizer: torch.optim.Optimizer | None = None) -> Job:
+    """A Job training on ``source`` in mini-batches (BatchPlan from the config's batch
+    size, by default all of the source's rows, and its seed, shuffle and drop_last); the
+    config resolved with the rows' widths ``d_in`` and ``d_out``, the batch and the steps of
+    --epochs. ``model`` is the model, or a function of the resolved config that builds it.
+    When every step trains on the same rows (one batch per epoch, unshuffled), this rank's
+    rows are read once."""
+    plan = BatchPlan(rows=source.rows, batch_size=config.batch_size or source.rows,
+                     seed=config.seed, shuffle=not config.no_shuffle, drop_last=config.drop_last)
+    config = config.resolved(d_in=d_in, d_out=d_out, batch_size=plan.batch_size,
+                             steps=config.epochs and config.epochs * plan.per_epoch)
+    job = Job(config=config, model=model if isinstance(model, nn.Module) else model(config),
+              loss_fn=loss_fn, optimizer=optimizer, plan=plan, source=source,
+              classification=classification)
+    if plan.per_epoch == 1 and not plan.shuffle:
+        job.fixed = source.read(plan.shard(0, world_size, rank))
+    return job
+
+
+def _check_targets(file: DataFile, config: TrainConfig) -> int:
+    """Checks that y suits --loss; for class labels returns the number of classes (--d-out,
+    else the largest label + 1: every rank reads all of y, in bounded memory)."""
+    if config.loss == "cross-entropy" and not file.labels:
+        raise file.fail("holds floating-point targets y",
+                        "integer class labels y [N] with --loss cross-entropy")
+    if config.loss == "mse" and file.labels:
+        raise file.fail("holds integer targets y (class labels?)",
+                        "floating-point targets with --loss mse, or --loss cross-entropy "
+                        "for class labels")
+    if not file.labels:
+        return 0
+    largest = file.check_labels()
+    if config.d_out is not None and largest >= config.d_out:
+        raise file.fail(f"holds the class label {largest}, but --d-out is {config.d_out}",
+                        f"labels 0 to {config.d_out - 1}, or a larger --d-out")
+    return config.d_out or largest + 1
+
+
+def _val_file(config: TrainConfig, *, classification: bool, world_size: int,
+              rank: int) -> DataFile:
+    """--val-data, checked against the training data's widths and targets."""
+    val = DataFile(config.val_data, flag="--val-data")
+    if val.d_in != config.d_in:
+        raise val.fail(f"holds {val.d_in} input features", f"{config.d_in}, as the model takes")
+    if classification != val.labels:
+        raise val.fail("holds " + ("integer class labels" if val.labels else "float targets"),
+                       "the same kind of targets as the training data")
+    if val.labels:
+        largest = val.check_labels()
+        if largest >= config.d_out:
+            raise val.fail(f"holds the class label {largest}",
+                           f"labels 0 to {config.d_out - 1}, the training data's classes")
+    elif val.d_out != config.d_out:
+        raise val.fail(f"holds {val.d_out} target columns", f"{config.d_out}, as the model has")
+    val.check_share(world_size, rank)
+    return val

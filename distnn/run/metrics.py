@@ -1,0 +1,232 @@
+"""Rank 0's record of the run: loss lines on stdout, JSON Lines metrics, a progress bar.
+
+Losses stay on the device during the step loop and are copied to the host in batches
+(about once a second and at the end), so logging never makes a step wait for the device.
+What is printed is the same as printing every step as it happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+from tqdm import tqdm
+
+from distnn.resilience.outputs import write_file
+from distnn.run.lossrecord import LossRecord
+
+log = logging.getLogger("distnn")
+FLUSH_SECONDS = 1.0
+
+
+class StepLog:
+    """Writes the logged steps' global losses as the LossRecord hands them over.
+
+    The losses stay on the device until a flush pulls them (:meth:`maybe_flush` after each
+    step: about once a second; and whenever the record is pulled for another reason). Steps
+    ``0, K, 2K, ...`` (K = ``log_every``) are printed as ``step loss``, the reference
+    program's format; K = 0 prints none. The metrics file, when given, gets one object per
+    logged step (``step``, ``loss``, and the ``ms_per_step`` and ``samples_per_s`` measured
+    over the flush window holding that step), events such as ``{"event": "val", "step": S,
+    ...}`` (after step S - 1's line: S steps were done), then a final ``{"event":
+    "summary", ...}`` object. On an interactive terminal a progress bar (tqdm) shows the
+    step, the loss and steps/s, with the loss lines printed above it.
+    """
+
+    def __init__(self, *, record: LossRecord, steps: int, log_every: int,
+                 rows_between: Callable[[int, int], int],
+                 metrics_path: str | None, out: IO[str] | None = None,
+                 progress: bool | None = None, print_steps: bool = True) -> None:
+        self.loss_record = record
+        record.listeners.append(self._take)
+        self.log_every = log_every
+        self.print_steps = print_steps  # False (--quiet): logged steps go to the metrics only
+        self.rows_between = rows_between  # (start, stop) -> rows steps start..stop-1 train on
+        # stdout closed at start (``>&-``): Python has no sys.stdout, so nothing is printed
+        if out is None:
+            out = sys.stdout if sys.stdout is not None else open(os.devnull, "w")  # noqa: SIM115
+        self.out = out
+        self.written = record.pulled  # steps already written
+        self.last_flush = time.perf_counter()
+        self.metrics_path = metrics_path
+        self.metrics: IO[str] | None = None
+        if progress is None:
+            progress = self.out.isatty()
+        # A terminal that reports no size (some ptys) gets 80 columns, not an empty bar.
+        self.bar = (tqdm(total=steps, unit="step", file=self.out,
+                         ncols=shutil.get_terminal_size().columns) if progress else None)
+
+    def begin(self, steps: int = 0) -> None:
+        """Call just before the first step; ``steps`` were already done (by a checkpointed run).
+
+        The metrics file goes on where that run's left off: its records of those steps (and
+        of validations after them, up to ``steps``) are kept, later ones (a run cut off
+        after its checkpoint) dropped, so the file matches an uninterrupted run's. Without
+        an earlier file, it starts at ``steps``. The timing of the first flush window
+        starts now.
+        """
+        if self.metrics_path:
+            try:
+                # (a pipe or a device holds no earlier records: reading it could wait for good)
+                if steps and os.path.isfile(self.metrics_path):
+                    # whole or not at all: a run killed meanwhile leaves the earlier file
+                    kept = _records_before(self.metrics_path, steps)
+                    write_file(self.metrics_path, "".join(kept).encode("utf-8"))
+                    self.metrics = open(self.metrics_path, "a", encoding="utf-8")
+                else:
+                    self.metrics = open(self.metrics_path, "w", encoding="utf-8")
+            except OSError as error:
+                self._metrics_failed(error)
+        self.written = steps
+        if self.bar:
+            self.bar.update(steps)
+        self.last_flush = time.perf_counter()
+
+    def maybe_flush(self) -> None:
+        """Called after every step: flushes once ``FLUSH_SECONDS`` have passed since the
+        last flush."""
+        if time.perf_counter() - self.last_flush >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Writes every recorded step not yet written (pulls the record: one host sync)."""
+        self.loss_record.pull()
+        self._to_out(self.out.flush)
+        self._to_metrics(None)
+        self.last_flush = time.perf_counter()
+
+    def _take(self, first: int, values: list[float]) -> None:
+        """The record's listener: steps ``first``, ``first + 1``, ... have ``values``."""
+        now = time.perf_counter()
+        seconds = max(now - self.last_flush, 1e-9)
+        rows = self.rows_between(first, first + len(values))  # an epoch's last batch may be smaller
+        timing = {"ms_per_step": round(seconds / len(values) * 1e3, 6),
+                  "samples_per_s": round(rows / seconds, 1)}
+        for step, loss in enumerate(values, start=first):
+            if self.log_every and step % self.log_every == 0:
+                self._write({"step": step, "loss": loss, **timing},
+                            f"{step} {loss}" if self.print_steps else None)
+        if self.bar:
+            self.bar.set_postfix(loss=f"{values[-1]:.6g}", refresh=False)
+            self.bar.update(len(values))
+        self.written = first + len(values)
+        self.last_flush = now
+
+    def event(self, record: dict[str, Any]) -> None:
+        """Writes an event after the steps recorded so far: a line (``val 100 loss=...``)
+        and the record itself in the metrics file."""
+        self.flush()
+        fields = " ".join(f"{key}={_format(value)}" for key, value in record.items()
+                          if key not in ("event", "step"))
+        self._write(record, f"{record['event']} {record['step']} {fields}"
+                    if self.print_steps else None)
+        self.flush()
+
+    def summary(self, fields: dict[str, Any]) -> None:
+        """Writes the summary line and the metrics file's closing object."""
+        self.flush()
+        if self.bar:
+            self.bar.close()
+            self.bar = None
+        text = " ".join(f"{key}={_format(value)}" for key, value in fields.items())
+        self._write({"event": "summary", **fields}, f"summary: {text}")
+        self.flush()
+
+    def close(self) -> None:
+        """Writes what is pending and closes the metrics file; safe to call more than once."""
+        try:
+            self.flush()
+        finally:
+            if self.bar:
+                self.bar.close()
+                self.bar = None
+            if self.metrics:
+                try:
+                    self.metrics.close()
+                except OSError as error:
+                    self._metrics_failed(error)
+                self.metrics = None
+
+    def _write(self, record: dict[str, Any], line: str | None) -> None:
+        if line is not None:
+            if self.bar:
+                self._to_out(lambda: self.bar.write(line, file=self.out))
+            else:
+                self._to_out(lambda: print(line, file=self.out))
+        self._to_metrics(json.dumps(record) + "\n")
+
+    def _to_out(self, write: Callable[[], None]) -> None:
+        """Runs ``write`` (of stdout). A failure (a closed pipe, a full disk) warns once and
+        ends the printed lines, not the run, as for the metrics: the weights, checkpoints
+        and the metrics file do not depend on them."""
+        try:
+            write()
+        except (OSError, ValueError) as error:
+            if isinstance(error, ValueError) and not getattr(self.out, "closed", False):
+                raise  # not the stream's failure (a closed stream raises ValueError)
+            reason = getattr(error, "strerror", None) or error
+            log.warning(f"could not write to stdout ({reason}); training goes on without "
+                        f"printing its loss lines, which end before step {self.written}")
+            self.bar = None
+            if self.out is sys.stdout:  # what Python would flush into it at exit goes nowhere
+                with contextlib.suppress(OSError, ValueError):
+                    devnull = os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(devnull, sys.stdout.fileno())
+                    os.close(devnull)
+            self.out = open(os.devnull, "w")  # noqa: SIM115 - for the run
+
+    def _to_metrics(self, text: str | None) -> None:
+        """Writes ``text`` to the metrics file (None: flushes it). A write that fails (no
+        space, the folder gone, an I/O error) warns once and ends the metrics, not the run:
+        the weights are the run's result, the metrics a record of it."""
+        if not self.metrics:
+            return
+        try:
+            if text is None:
+                self.metrics.flush()
+            else:
+                self.metrics.write(text)
+        except OSError as error:
+            self._metrics_failed(error)
+
+    def _metrics_failed(self, error: OSError) -> None:
+        log.warning(f"could not write --metrics {self.metrics_path} "
+                    f"({error.strerror or error}); training goes on without metrics, which "
+                    f"end before step {self.written}")
+        metrics, self.metrics = self.metrics, None
+        if metrics is not None:
+            with contextlib.suppress(OSError):  # the same failure, once more
+                metrics.close()
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _records_before(path: str, steps: int) -> list[str]:
+    """The lines of an earlier metrics file at ``path`` for the first ``steps`` steps: step
+    records before ``steps``, events at ``steps`` or before; none if there is no file."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.readlines()
+    except FileNotFoundError:
+        return []
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a line cut short where the earlier run was stopped
+        event, step = record.get("event"), record.get("step")
+        if step is not None and (step < steps if event is None else step <= steps):
+            kept.append(line if line.endswith("\n") else line + "\n")
+    return kept

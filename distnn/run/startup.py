@@ -1,0 +1,273 @@
+"""What a run checks before its first step: on every rank, what its device and backend can
+do, whether the flags' sizes can fit, and whether the job and the flags go together (the
+model's own checks are in distnn.job.checks); on
+rank 0, its outputs (writable, the checkpoint folder held for this job alone, leftovers of
+killed writes removed) and the checkpoint to resume, which must fit the run.
+
+Each check raises UsageError (exit 2) or RunFailed (exit 5 for memory) with one line; the
+Trainer shares every rank's verdict in one exchange, so any rank's error stops all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+
+import torch
+
+from distnn.config import TrainConfig, flag_text
+from distnn.data.batches import RowSource
+from distnn.data.datafile import DataFile
+from distnn.distributed.runtime import Runtime
+from distnn.errors import UsageError
+from distnn.job.checks import (
+    check_model_output,
+    check_model_weights,
+    check_no_batch_statistics,
+    check_sum_loss,
+)
+from distnn.job.spec import Job
+from distnn.resilience.checkpoint import (
+    Checkpoint,
+    FolderLock,
+    changed_settings,
+    check_compatible,
+    latest_checkpoint,
+    remove_temporaries,
+)
+from distnn.resilience.memory import LABEL_BYTES, check_fits, mlp_needs
+from distnn.resilience.outputs import check_writable, remove_stale_temporaries
+
+log = logging.getLogger("distnn")
+
+
+def check_placement(config: TrainConfig, rt: Runtime) -> None:
+    """Refuses what this rank's device or backend cannot do."""
+    if config.precision == "tf32" and rt.device.type != "cuda":
+        raise UsageError("--precision: got 'tf32' but this rank computes on the CPU; "
+                         "TF32 is a CUDA tensor-core format; allowed on the CPU: "
+                         "fp32, bf16")
+    if config.cuda_graph and rt.device.type != "cuda":
+        raise UsageError("--cuda-graph: this rank computes on the CPU, and a CUDA graph "
+                         "captures CUDA kernels; allowed: --cuda-graph on a CUDA device")
+    if config.cuda_graph and rt.communicates and rt.placement.backend != "nccl":
+        raise UsageError(f"--cuda-graph: the backend is {rt.placement.backend}, whose "
+                         "collectives run on the CPU and cannot be captured in a CUDA "
+                         "graph; allowed: --backend nccl (one GPU per rank), or one process")
+
+
+def check_memory(sizes: TrainConfig, rt: Runtime, *, given_d_out: bool = True) -> None:
+    """The flags' MLP and its data at the run's sizes (``sizes``: the config resolved with the
+    data's widths and, for class labels, its number of classes; ``given_d_out``: whether
+    --d-out set the outputs, for the message), refused (exit 5) before they are allocated
+    when they visibly cannot fit. On the CPU the ranks of a machine share its memory. (A
+    model of --model or distnn.fit sizes itself; an allocation that fails there is one
+    line too: see Trainer.train.)"""
+    labels = sizes.loss == "cross-entropy"  # y: one int64 label a row, d_out classes
+    outputs = (f"{sizes.d_out} classes (labels 0 to {sizes.d_out - 1})"
+               if labels and not given_d_out else f"--d-out {sizes.d_out}")
+    if sizes.data:
+        rows = -(-sizes.batch_size // rt.world_size)  # a shard of a batch
+        data = f"--batch-size {sizes.batch_size} of --data {sizes.data!r}"
+    else:
+        rows = sizes.batch_size  # every rank draws the whole reference batch
+        data = f"--batch-size {rows} with --d-in {sizes.d_in} and {outputs}"
+    hidden = flag_text(sizes.hidden)
+    needs = mlp_needs(batch=rows, d_in=sizes.d_in, hidden=sizes.hidden, d_out=sizes.d_out,
+                      data_rows=rows, y_bytes=LABEL_BYTES if labels else None)
+    check_fits(needs, flags={
+        "data": data,
+        "weights": f"--hidden {hidden} with --d-in {sizes.d_in} and {outputs}",
+        "activations": f"--batch-size {sizes.batch_size} with --hidden {hidden}"},
+        device=rt.device,
+        sharing=rt.launch.local_world_size if rt.device.type == "cpu" else 1)
+
+
+def check_job(job: Job, *, ranks: int = 1) -> None:
+    """Refuses combinations of the job and the flags that cannot run, or that ``ranks``
+    ranks cannot run as one process would: a model without weights to train, a loss that
+    is not a sum, batch statistics, an output the mse loss would broadcast, and what
+    --cuda-graph cannot capture."""
+    check_model_weights(job)
+    check_sum_loss(job)
+    if ranks > 1 or job.config.micro_batches > 1:
+        check_no_batch_statistics(job)
+    check_model_output(job)
+    config = job.config
+    if not config.cuda_graph:
+        return
+    if job.optimizer is not None:
+        raise UsageError(f"--cuda-graph: got --optimizer {config.optimizer}, whose "
+                         "torch.optim step is not captured; allowed: --cuda-graph with "
+                         "--optimizer sgd")
+    if job.fixed is None and not job.plan.uniform:
+        raise UsageError(f"--cuda-graph: the data's {job.plan.rows} rows leave a last batch "
+                         f"smaller than --batch-size {job.plan.batch_size}, and a captured "
+                         "step has one shape; allowed: a --batch-size that divides the "
+                         "rows, or --drop-last")
+
+
+def claim_checkpoint_dir(config: TrainConfig) -> FolderLock | None:
+    """Rank 0: --checkpoint-dir made, writable and held for this job alone (the lock is
+    the caller's to release); the leftovers of killed checkpoint writes removed."""
+    if not config.checkpoint_dir:
+        return None
+    try:
+        os.makedirs(config.checkpoint_dir, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--checkpoint-dir: cannot create {config.checkpoint_dir!r} "
+                         f"({error.strerror}); allowed: a writable directory") from None
+    check_writable(os.path.join(config.checkpoint_dir, ".distnn-probe"), "--checkpoint-dir")
+    lock = FolderLock(config.checkpoint_dir)
+    try:
+        for path in remove_temporaries(config.checkpoint_dir):
+            log.info(f"removed {path}, a checkpoint whose writing was cut short")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def prepare_outputs(job: Job) -> Checkpoint | None:
+    """Rank 0, after :func:`claim_checkpoint_dir`: --metrics and --save writable (a --save
+    whose writing was cut short removed), and the newest good checkpoint, checked to fit
+    the run (None: nothing to resume)."""
+    config = job.config
+    for flag, path, in_place in (("--metrics", config.metrics, True),
+                                 ("--save", config.save, False)):
+        if path:
+            check_writable(path, flag, in_place=in_place)
+    check_outputs_distinct(job)
+    for flag, output in (("--save", config.save), ("--metrics", config.metrics)):
+        if output:
+            for path in remove_stale_temporaries(output):
+                log.info(f"removed {path}, a {flag} whose writing was cut short")
+    if not config.checkpoint_dir:
+        return None
+    checkpoint, notices = latest_checkpoint(config.checkpoint_dir)
+    for notice in notices:
+        log.warning(notice)
+    if checkpoint:
+        check_resume(checkpoint, job)
+    return checkpoint
+
+
+def check_outputs_distinct(job: Job) -> None:
+    """Refuses --metrics or --save naming a file that an input (a data file of the command
+    line or of distnn.fit) or the other output names (through a link too): the run would
+    overwrite it."""
+    config = job.config
+    inputs = [(data.flag, data.path) for data in (job.source, job.val)
+              if isinstance(data, DataFile)]
+    named: dict[object, str] = {}
+    for flag, path in (*inputs, ("--metrics", config.metrics), ("--save", config.save)):
+        if not path:
+            continue
+        try:
+            found = os.stat(path)
+            key: object = (found.st_dev, found.st_ino)
+        except OSError:  # not there yet
+            key = os.path.realpath(path)
+        if key in named and flag in ("--metrics", "--save"):
+            raise UsageError(f"{flag}: got {path!r}, the file that {named[key]} names, which "
+                             "the run would overwrite; allowed: a file of its own")
+        named.setdefault(key, flag)
+
+
+def check_resume(checkpoint: Checkpoint, job: Job) -> None:
+    """Refuses a checkpoint made for another run: other sizes, batch order, data, loss or
+    optimizer, or more steps done than this run asks for."""
+    config = job.config
+    check_compatible(checkpoint, dataclasses.asdict(config))
+    rows = job.plan.rows if job.plan else None
+    if checkpoint.state.get("rows") != rows:
+        raise UsageError(f"--checkpoint-dir: {checkpoint.path} was made on "
+                         f"{checkpoint.state.get('rows')} rows of data and this run "
+                         f"has {rows}; allowed: resume on the same data, or use "
+                         "another --checkpoint-dir")
+    saved_data, data = checkpoint.state.get("data"), data_digest(job)
+    if saved_data is not None and data is not None and saved_data != data:
+        raise UsageError(f"--checkpoint-dir: {checkpoint.path} was made on other data (the "
+                         f"same {rows} rows, but other values, order or dtypes); allowed: "
+                         "resume on the same data, or use another --checkpoint-dir")
+    if checkpoint.step > config.steps:
+        raise UsageError(f"--steps: got {config.steps} but {checkpoint.path} has already "
+                         f"done {checkpoint.step}; allowed: --steps >= {checkpoint.step}")
+    if (checkpoint.optimizer is None) != (job.optimizer is None):
+        raise UsageError(f"--checkpoint-dir: {checkpoint.path} holds "
+                         f"{'no ' if checkpoint.optimizer is None else ''}optimizer "
+                         "state and this run's optimizer "
+                         f"{'needs' if checkpoint.optimizer is None else 'has'} none; "
+                         "allowed: resume with the same optimizer")
+    saved, now = checkpoint.state.get("objects"), job_objects(job)
+    if saved is not None and saved != now:  # checkpoints before this record skip it
+        differ = [f"{kind} {saved.get(kind)} (now {name})" for kind, name in now.items()
+                  if saved.get(kind) != name]
+        raise UsageError(f"--checkpoint-dir: {checkpoint.path} was made with "
+                         f"{', '.join(differ)}; allowed: resume with the same loss and "
+                         "optimizer, or use another --checkpoint-dir")
+    # the settings this run's update reads (an optimizer object given to fit reads none)
+    given_optimizer = job.optimizer is not None and config.optimizer == "sgd"
+    used = {"lr": not given_optimizer, "momentum": config.optimizer == "momentum",
+            "weight_decay": config.optimizer == "adamw", "precision": True}
+    changed = changed_settings(checkpoint, dataclasses.asdict(config),
+                               [name for name, counts in used.items() if counts])
+    if changed:
+        log.warning(f"resuming {checkpoint.path}, made with {', '.join(changed)}: the steps "
+                    "after it follow this run's settings, so the result is neither run's")
+
+
+DIGEST_BYTES = 1 << 20  # of rows read from each end of the training data for its digest
+DIGEST_ROWS = 1024  # at most, from each end
+
+
+def data_digest(job: Job) -> str | None:
+    """The training data's digest, computed once; None for the reference batch (the flags
+    make it). A checkpoint records it (a resume on other data is refused), and the ranks
+    compare theirs at start-up."""
+    if job.data_digest is None:
+        job.data_digest = rows_digest(job.source) if job.source is not None else ""
+    return job.data_digest or None
+
+
+def rows_digest(source: RowSource) -> str:
+    """A SHA-256 of the rows' count, of a row's shapes and dtypes, and of the rows at both
+    ends (up to DIGEST_BYTES or DIGEST_ROWS from each), as ``source.read`` gives them: the
+    same for the same rows in any file format or as tensors; other for other or reordered
+    data, unless it differs only in the middle."""
+    x, y = source.read(torch.arange(1))
+    row_bytes = max(1, x.element_size() * x[0].numel() + y.element_size() * y[0].numel())
+    count = min(source.rows, DIGEST_ROWS, max(1, DIGEST_BYTES // row_bytes))
+    digest = hashlib.sha256(repr((source.rows, [(list(t.shape[1:]), str(t.dtype))
+                                                for t in (x, y)])).encode())
+    for indices in (torch.arange(count), torch.arange(source.rows - count, source.rows)):
+        for tensor in source.read(indices):
+            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def job_facts(job: Job) -> dict[str, object]:
+    """What the ranks must agree on beyond the flags (distnn.fit's arguments are not flags):
+    the rows trained on and validated on, the loss and the optimizer. A rank that differs
+    would train otherwise, or wait in a collective the others never call."""
+    return {"training rows": job.plan.rows if job.plan else None,
+            "training data": data_digest(job),
+            "validation rows": job.val.rows if job.val else None,
+            **job_objects(job)}
+
+
+def job_objects(job: Job) -> dict[str, str | None]:
+    """The loss and optimizer a job trains with, by class or function (distnn.fit takes the
+    user's own objects, which the flags cannot name): a checkpoint records them, and a
+    resume with others is refused."""
+    return {"loss": qualified_name(job.loss_fn),
+            "optimizer": qualified_name(job.optimizer) if job.optimizer else None}
+
+
+def qualified_name(thing: object) -> str:
+    """``module:QualName`` of a function, or of an object's class (a loss module, an
+    optimizer): what a checkpoint can record of a Python object."""
+    named = thing if hasattr(thing, "__qualname__") else type(thing)
+    return f"{named.__module__}:{named.__qualname__}"
