@@ -33,7 +33,7 @@ from torch import nn
 from distnn.config import TrainConfig
 from distnn.data.batches import ShardStream
 from distnn.data.shards import shard_bounds
-from distnn.distributed.gradsync import FlatGradSync
+from distnn.distributed.gradsync import VIA_ROOT_MAX_MB, FlatGradSync
 from distnn.distributed.process_group import DeviceWatch, collective, gather_objects
 from distnn.distributed.runtime import Runtime
 from distnn.errors import EXIT_GUARD, EXIT_OUTPUT, EXIT_USAGE, RunFailed, UsageError
@@ -64,8 +64,6 @@ from distnn.step.cudagraph import capture_step
 from distnn.step.wholestep import Batch, Summed, WholeStep
 
 log = logging.getLogger("distnn")
-# Gradient buffers up to this size are summed through rank 0 on gloo (see gradsync).
-VIA_ROOT_MAX_MB = 1.0
 VAL_CHUNK_ROWS = 4096  # validation rows a rank evaluates at a time, at most
 
 STEPS_RANGE = "distnn: steps"  # the profiler range around the step loop and its last flush

@@ -71,6 +71,8 @@ DEFAULT_BUCKET_MB = 25.0
 # 64 bytes in fp32 and 32 in a bf16 copy, at least the 16 that vectorised loads need.
 ALIGN = 16
 VIA_ROOT_MAX_RANKS = 8  # rank 0 receives one buffer from each peer: keep that small
+# gloo's gradient buffers up to this size are summed through rank 0 (the Trainer's setting)
+VIA_ROOT_MAX_MB = 1.0
 
 
 def plan_buckets(sizes: Sequence[int], capacity: int) -> list[tuple[int, int]]:
