@@ -55,7 +55,7 @@ test-gpu: $(STAMP)
 # 3. the benchmark on the GPU, with the hand-made CUDA graph floors distnn is set against
 #    ("vs floors") and the weight gradient's layouts: no round starts past BENCH_BUDGET
 #    seconds; each sample is logged as it is taken;
-# 4. with OVERLAP=1 only (measured already: docs/bench-cpu16-overlap.md), the
+# 4. with OVERLAP=1 only (measured already: docs/results/bench-cpu16-overlap.md), the
 #    bucketed-overlap benchmark (the large and deep workloads: overlap, and the bucket
 #    size sweep) on that machine's CPU cores, 2 gloo ranks of OVERLAP_THREADS threads,
 #    leaving cores free for the communication.

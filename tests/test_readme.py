@@ -124,7 +124,7 @@ def heading_anchors(markdown: str) -> set[str]:
 
 
 def test_every_relative_link_in_the_readme_and_docs_leads_to_a_file_and_heading_that_exist():
-    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    pages = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
     broken = []
     for page in pages:
         text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # links, not code

@@ -46,8 +46,8 @@ def load_cluster(spec: str) -> costmodel.Cluster:
     if spec == "this-machine-gloo":
         spec_path = _this_machine_file()
         if spec_path is None:
-            raise UsageError("--cluster this-machine-gloo: docs/scale-calibration-cpu.json not "
-                             "found; allowed: run from the repository, or give a FILE from "
+            raise UsageError("--cluster this-machine-gloo: docs/results/scale-calibration-cpu.json "
+                             "not found; allowed: run from the repository, or give a FILE from "
                              "`python -m distnn.scale calibrate`")
         spec = spec_path
     elif spec in costmodel.PRESETS:
@@ -65,8 +65,8 @@ def load_cluster(spec: str) -> costmodel.Cluster:
 
 
 def _this_machine_file() -> str | None:
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
-                        "scale-calibration-cpu.json")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    here = os.path.join(repo, "docs", "results", "scale-calibration-cpu.json")
     return here if os.path.exists(here) else None
 
 
@@ -265,14 +265,14 @@ def tbf_burst_bytes(rate_bits: float) -> float:
     return max(65536.0, float(int(rate_bits / 8 / 1000)))
 
 
-NETNS_RATES = {"netns-1gbit": 1e9, "netns-200mbit": 2e8}  # bits/s, docs/scale-netns.md
+NETNS_RATES = {"netns-1gbit": 1e9, "netns-200mbit": 2e8}  # bits/s, docs/results/scale-netns.md
 NETNS_MODELS = {"tutorial": ("tutorial", 1000, [100], 10, 64),
                 "compute-bound": ("compute", 1024, [1024], 1024, 512)}
 
 
-def netns_check(docs: str = "docs") -> list[dict]:
-    """The namespace check (docs/scaling.md): predictions beside docs/scale-netns.json's
-    medians. Compute and the 2-rank overhead from docs/scale-check-cpu.json and the
+def netns_check(docs: str = "docs/results") -> list[dict]:
+    """The namespace check (docs/scaling.md): predictions beside docs/results/scale-netns.json's
+    medians. Compute and the 2-rank overhead from docs/results/scale-check-cpu.json and the
     calibration; loopback and unshaped veth use this machine's fits; a shaped link is 2 nodes
     of 1 rank, beta = 1/rate, alpha = half the loopback 2-rank sum via rank 0's intercept,
     its tbf bucket as the script sets it (:func:`tbf_burst_bytes`), the bucket's bytes at
