@@ -2,7 +2,7 @@
 
 In the compiled bf16 step of the compute workload (N=8192, 4096 -> 4096 -> 4096) on an
 H100, the matmuls took 1.77 of 2.13 ms of GPU time and the elementwise work around them
-most of the rest, each piece a pass over a 64 MiB activation (docs/profile-gpu-h100.md).
+most of the rest, each piece a pass over a 64 MiB activation (docs/results/profile-gpu-h100.md).
 Two of those pieces can be done in fewer passes, with the same arithmetic; timed alone at
 that size, each way checked to agree with the other first (``bench_rates.fusion_leads``,
 H100, 2026-11-27):
@@ -23,7 +23,7 @@ Both apply to the bf16 whole step (wholestep.py), where they were measured, unle
 environment sets ``DISTNN_BF16_FUSIONS=0`` (the benchmark runs the step both ways). In fp32
 the reference model's loss and its gradient are one fused kernel already, and with cuBLASLt
 preferred (``TORCH_BLAS_PREFER_CUBLASLT=1``) its compiled step took 43.0 us of GPU time
-against cuBLAS's 35.7 (docs/profile-gpu-h100.md). The rounding differs from the step as
+against cuBLAS's 35.7 (docs/results/profile-gpu-h100.md). The rounding differs from the step as
 written only in the order the loss's squares are added.
 """
 
