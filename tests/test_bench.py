@@ -64,7 +64,7 @@ def test_budget_ends_the_rounds_early_with_every_workload_measured(tmp_path, cap
 
 
 def test_flop_count_of_a_deeper_net_counts_no_input_gradient_for_the_first_layer():
-    from distnn.tools.bench import Workload
+    from distnn.tools.workload import Workload
 
     net = Workload("t", 1, 2, (3, 4), 5, 1e-4)  # Linear(2,3), Linear(3,4), Linear(4,5)
     forward = weights = 2 * (2 * 3 + 3 * 4 + 4 * 5)
@@ -78,8 +78,8 @@ def test_flop_count_is_what_autograd_runs_and_what_the_matmul_floor_times():
     from torch.utils.flop_counter import FlopCounterMode
 
     from distnn.job.model import build_model
-    from distnn.tools.bench import Workload
     from distnn.tools.bench_rates import step_matmuls
+    from distnn.tools.workload import Workload
 
     work = Workload("t", 8, 6, (5, 4), 3, 1e-4)
     model = build_model(work.d_in, work.hidden, work.d_out)
@@ -92,8 +92,8 @@ def test_flop_count_is_what_autograd_runs_and_what_the_matmul_floor_times():
 
 
 def test_step_matmul_rate_is_measured():
-    from distnn.tools.bench import Workload
     from distnn.tools.bench_rates import step_matmul_tflops
+    from distnn.tools.workload import Workload
 
     assert step_matmul_tflops(Workload("t", 64, 64, (64,), 64, 1e-4), torch.device("cpu"),
                               torch.float32, repeats=1, batch=1) > 0
@@ -102,11 +102,16 @@ def test_step_matmul_rate_is_measured():
 
 def test_the_gpu_runs_the_compiled_tf32_step_in_its_default_layout_and_in_autograds():
     from distnn.step.wgrad import AUTOGRAD, LAYOUTS
-    from distnn.tools.bench import COMPUTE_GPU, WEIGHT_GRAD_VARIANT, WEIGHT_GRAD_VARIANTS, _variants
+    from distnn.tools.bench import (
+        COMPUTE_GPU,
+        WEIGHT_GRAD_VARIANT,
+        WEIGHT_GRAD_VARIANTS,
+        variants_for,
+    )
 
     assert WEIGHT_GRAD_VARIANTS[WEIGHT_GRAD_VARIANT] == AUTOGRAD
     assert set(WEIGHT_GRAD_VARIANTS.values()) == set(LAYOUTS)
-    names = _variants(COMPUTE_GPU, 1, torch.device("cuda"))
+    names = variants_for(COMPUTE_GPU, 1, torch.device("cuda"))
     assert {"distnn --compile, tf32", WEIGHT_GRAD_VARIANT} <= set(names)
 
 
@@ -116,15 +121,15 @@ def test_the_gpu_runs_the_compiled_bf16_step_fused_and_as_written():
     what they buy (tests/test_fusions.py checks both against eager autocast)."""
     from distnn.tools import bench
 
-    names = bench._variants(bench.COMPUTE_GPU, 1, torch.device("cuda"))
+    names = bench.variants_for(bench.COMPUTE_GPU, 1, torch.device("cuda"))
     assert {"distnn --compile, bf16", bench.BF16_AS_WRITTEN,
             "distnn --cuda-graph --compile, bf16"} <= set(names)
     assert bench.BF16_AS_WRITTEN in bench.VARIANTS
 
 
 def test_weight_gradient_layouts_are_each_measured():
-    from distnn.tools.bench import Workload
     from distnn.tools.bench_rates import weight_grad_layouts
+    from distnn.tools.workload import Workload
 
     rates = weight_grad_layouts(Workload("t", 64, 48, (32,), 8, 1e-4), torch.device("cpu"),
                                 torch.float32, repeats=1, batch=1)
@@ -150,8 +155,8 @@ def test_each_row_is_set_against_the_hand_made_floors_of_its_workload():
 
 
 def test_the_fusion_leads_time_each_way_after_checking_they_agree():
-    from distnn.tools.bench import Workload
     from distnn.tools.bench_rates import fusion_leads
+    from distnn.tools.workload import Workload
 
     times = fusion_leads(Workload("t", 64, 48, (32,), 8, 1e-4), torch.device("cpu"),
                          torch.float32, repeats=1, batch=1)

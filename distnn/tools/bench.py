@@ -21,21 +21,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import itertools
 import json
 import os
 import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from distnn.config import TrainConfig
 from distnn.distributed.runtime import setup
 from distnn.step.wgrad import AUTOGRAD, LAYOUTS
 from distnn.tools.bench_loops import ddp_loop, end_worker, graph_floor_loop, reference_loop
@@ -45,33 +41,11 @@ from distnn.tools.bench_rates import (
     step_matmul_tflops,
     weight_grad_layouts,
 )
-from distnn.trainer import Trainer, tf32_matmuls
-
-
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    batch_size: int
-    d_in: int
-    hidden: tuple[int, ...]
-    d_out: int
-    lr: float
-
-    @property
-    def flop_per_step(self) -> float:
-        """The matmuls of one step. Each Linear(a, b) costs 2Nab forward and 2Nab for its
-        weight's gradient; each but the first 2Nab more for its input's gradient (the input
-        itself needs none). One hidden layer H: 4*N*D_in*H + 6*N*H*D_out (the often quoted
-        6*N*(D_in*H + H*D_out) counts one matmul too many)."""
-        widths = (self.d_in, *self.hidden, self.d_out)
-        layers = [a * b for a, b in itertools.pairwise(widths)]
-        return 2.0 * self.batch_size * (2 * sum(layers) + sum(layers[1:]))
-
-    def config(self, **changes: Any) -> TrainConfig:
-        return TrainConfig(batch_size=self.batch_size, d_in=self.d_in, hidden=self.hidden,
-                           d_out=self.d_out, lr=self.lr, log_every=0, quiet=True,
-                           verify_every=0, **changes)
-
+from distnn.tools.spawn import join, spawn
+from distnn.tools.workload import Workload
+from distnn.settings import Settings
+from distnn.step.precision import tf32_matmuls
+from distnn.trainer import Trainer
 
 REFERENCE = Workload("reference", 64, 1000, (100,), 10, 1e-4)
 # Compute-bound: big matmuls, large enough to keep an H100 or H200 busy; the CPU one is
@@ -96,16 +70,17 @@ def distnn_trainer(work: Workload, steps: int, warmup: int, rt, environ: dict[st
     start-up, compiling or capturing before it.
     """
     for count in (max(warmup, 1), steps):
-        trainer = Trainer(work.config(steps=count, **config_changes), rt, environ=environ)
+        trainer = Trainer(work.config(steps=count, **config_changes), rt,
+                          settings=Settings.from_environ(environ))
         with contextlib.redirect_stdout(io.StringIO()):  # its summary line
             result = trainer.train()
-        if trainer.step_compiled is False:  # a --compile row must not time the eager step
+        if result.compiled is False:  # a --compile row must not time the eager step
             raise RuntimeError("--compile fell back to the eager step (its warning says why)")
-    kept = list(trainer.losses.tail)  # the newest steps' losses (all of a short run)
+    kept = result.losses  # the newest steps' losses (all of a short run)
     return result.wall_s / steps * 1e3, [None] * (steps - len(kept)) + kept
 
 
-def _variants(work: Workload, world: int, device: torch.device,
+def variants_for(work: Workload, world: int, device: torch.device,
               chosen: list[str] | None = None) -> list[str]:
     """The variants run for ``work``: those that apply to it, world and device, or ``chosen``
     (``--variant``) as given, less the one-process reference loops at world sizes above 1."""
@@ -124,7 +99,7 @@ def _variants(work: Workload, world: int, device: torch.device,
         names += [*FLOORS, "distnn --cuda-graph", "distnn --cuda-graph --compile"]
     if work.name == "compute" and device.type == "cuda":
         # On a CPU without bf16 matrix units, bf16 matmuls run hundreds of times slower than
-        # fp32 (measured on this project's CPU machine), and TF32 does not exist.
+        # fp32, and TF32 does not exist.
         names += ["distnn eager, tf32", "distnn eager, bf16", "distnn --compile, tf32",
                   "distnn --compile, bf16", "distnn --cuda-graph --compile, tf32",
                   "distnn --cuda-graph --compile, bf16", BF16_AS_WRITTEN, WEIGHT_GRAD_VARIANT]
@@ -178,8 +153,7 @@ DISTNN_VARIANTS: dict[str, dict[str, Any]] = {
     # these show how much of the gap to the matmul rate that work is.
     "distnn --compile, tf32": {"precision": "tf32", "compile": True},
     "distnn --compile, bf16": {"precision": "bf16", "compile": True},
-    # ... and captured: no launch gaps between those kernels (on an H100 the compiled bf16
-    # step's GPU was busy about 2.04 of its 2.17 ms)
+    # ... and captured: no launch gaps between those kernels
     "distnn --cuda-graph --compile, tf32": {"precision": "tf32", "compile": True,
                                             "cuda_graph": True},
     "distnn --cuda-graph --compile, bf16": {"precision": "bf16", "compile": True,
@@ -204,12 +178,7 @@ VARIANTS = ["reference loop", "reference loop, no per-step sync", "DDP", "Accele
 
 
 def _worker(rank: int, world: int, port: int, plan: dict, out_path: str) -> None:
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)})
-    if plan["threads"]:
-        os.environ["OMP_NUM_THREADS"] = str(plan["threads"])  # as torchrun sets it
-        torch.set_num_threads(plan["threads"])
+    join(rank, world, port, threads=plan["threads"] or None)  # 0: a GPU's, left as is
     samples = []
     works = [Workload(**w) for w in plan["workloads"]]
     with setup(device=plan["device"], timeout_s=600) as rt:
@@ -222,10 +191,10 @@ def _worker(rank: int, world: int, port: int, plan: dict, out_path: str) -> None
                 break
             round_started = time.perf_counter()
             for work in works:
-                names = _variants(work, world, rt.device, plan["variants"])
+                names = variants_for(work, world, rt.device, plan["variants"])
                 # Each round starts one variant later: a variant that leaves the process
-                # slower for a while (measured here after DDP and Accelerate) does not always
-                # slow the same neighbour.
+                # slower for a while (DDP and Accelerate can) does not always slow the same
+                # neighbour.
                 shift = repeat % len(names)
                 for name in names[shift:] + names[:shift]:
                     sample = {"workload": work.name, "world_size": world, "variant": name,
@@ -441,10 +410,8 @@ def main(argv: list[str] | None = None) -> int:
                 "steps": steps,
                 "threads": 0 if cuda else threads(world)}
         out_path = os.path.join(args.out, f".samples-{world}.json")
-        port = _free_port()
         print(f"world size {world}: running...", file=sys.stderr, flush=True)
-        mp.start_processes(_worker, args=(world, port, plan, out_path), nprocs=world,
-                           start_method="spawn")
+        spawn(_worker, world, plan, out_path)
         with open(out_path, encoding="utf-8") as file:
             samples += json.load(file)
         os.remove(out_path)
@@ -497,14 +464,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distnn: error: {row['variant']} (world {row['world_size']}, {row['workload']}) "
               f"failed: {row['error']}", file=sys.stderr)
     return 1 if failed else 0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -50,8 +49,9 @@ from distnn.distributed.runtime import Runtime, setup
 from distnn.job.model import build_model
 from distnn.job.spec import Job, job_from_flags
 from distnn.run.lossrecord import TAIL
-from distnn.tools.bench import Workload, _free_port
 from distnn.tools.bench_loops import end_worker
+from distnn.tools.spawn import join, spawn
+from distnn.tools.workload import Workload
 from distnn.trainer import Trainer, flag_job
 
 SEED = 0
@@ -192,7 +192,7 @@ def in_memory_job(x: torch.Tensor, y: torch.Tensor) -> Callable[[TrainConfig, Ru
 
 def run_distnn(config: TrainConfig, rt: Runtime, build_job=flag_job) -> tuple[Trainer, Any]:
     """One run of distnn's trainer (its summary line swallowed); returns it and its result."""
-    trainer = Trainer(config, rt, environ={}, build_job=build_job)
+    trainer = Trainer(config, rt, build_job=build_job)
     with contextlib.redirect_stdout(io.StringIO()):
         result = trainer.train()
     return trainer, result
@@ -210,23 +210,10 @@ def distnn_losses(trainer: Trainer, steps: int) -> list[float]:
 
 # -- the spawned ranks -----------------------------------------------------------------------
 
-def _join(rank: int, world: int, port: int) -> None:
-    """This process's place in the job, as torchrun describes it; one thread, as it sets."""
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
-    torch.set_num_threads(1)
-
-
-def _spawn(worker: Callable, world: int, *args: Any) -> None:
-    mp.start_processes(worker, args=(world, _free_port(), *args), nprocs=world,
-                       start_method="spawn")
-
-
 def _world_worker(rank: int, world: int, port: int, plan: dict, out_dir: str) -> None:
     """Table 1, one rank: distnn, then the DDP recipe, on the same file; rank 0 saves both
     final models."""
-    _join(rank, world, port)
+    join(rank, world, port)
     shape = Workload(**plan["shape"])
     with setup(device="cpu", timeout_s=300) as rt:
         config = shape.config(data=plan["path"], epochs=plan["epochs"], seed=SEED)
@@ -245,7 +232,7 @@ def _world_worker(rank: int, world: int, port: int, plan: dict, out_dir: str) ->
 def _speed_worker(rank: int, world: int, port: int, plan: dict, out_path: str) -> None:
     """Table 2, one rank: every variant once per round, each round starting one variant
     later; rank 0's times are the samples."""
-    _join(rank, world, port)
+    join(rank, world, port)
     shape = Workload(**plan["shape"])
     tensors = load_file(plan["path"])
     x, y = tensors["x"], tensors["y"]
@@ -353,7 +340,7 @@ def fix_mmap_threshold(nbytes: int) -> None:
 
 def _memory_worker(rank: int, world: int, port: int, plan: dict, out_dir: str) -> None:
     """Table 3, one rank: distnn over the big file, with this rank's memory watched."""
-    _join(rank, world, port)
+    join(rank, world, port)
     if plan["mmap_threshold"]:
         fix_mmap_threshold(plan["mmap_threshold"])
     shape = Workload(**plan["shape"])
@@ -400,7 +387,7 @@ def world_table(args: argparse.Namespace, scratch: str) -> dict[str, Any]:
     rows = []
     for world in args.worlds:
         print(f"world sizes: {world} rank(s)...", file=sys.stderr, flush=True)
-        _spawn(_world_worker, world, plan, scratch)
+        spawn(_world_worker, world, plan, scratch)
         with open(os.path.join(scratch, f"steps-{world}.json")) as file:
             steps = json.load(file)
         rows.append({
@@ -436,7 +423,7 @@ def speed_table(args: argparse.Namespace, scratch: str) -> dict[str, Any]:
     out_path = os.path.join(scratch, "speed.json")
     print(f"speed: {args.speed_world} ranks, {args.rounds} rounds...", file=sys.stderr,
           flush=True)
-    _spawn(_speed_worker, args.speed_world, plan, out_path)
+    spawn(_speed_worker, args.speed_world, plan, out_path)
     with open(out_path) as file:
         samples = json.load(file)
     reference = next(s["losses"] for s in samples if s["variant"] == DISTNN_FILE)
@@ -515,7 +502,7 @@ def memory_table(args: argparse.Namespace) -> dict[str, Any]:
                     "allocator": allocator, "mmap_threshold": threshold}
             print(f"memory: {world} ranks, {args.memory_steps} steps, {allocator}...",
                   file=sys.stderr, flush=True)
-            _spawn(_memory_worker, world, plan, big)
+            spawn(_memory_worker, world, plan, big)
             for rank in range(world):
                 with open(os.path.join(big, f"memory-{allocator}-rank{rank}.json")) as file:
                     ranks.append(json.load(file))

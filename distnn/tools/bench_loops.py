@@ -13,17 +13,15 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from distnn.config import TrainConfig
 from distnn.data.shards import reference_setup, shard_bounds
-
-if TYPE_CHECKING:
-    from distnn.config import TrainConfig
-    from distnn.tools.bench import Workload
+from distnn.tools.workload import Workload
 
 GRAPH_WARMUP_STEPS = 3  # before a capture, as the torch.cuda.graphs documentation does
 
@@ -44,10 +42,9 @@ def end_worker() -> NoReturn:
     rank meets at a barrier, then exits without the process's teardown.
 
     DDP on gloo can abort a process as it tears down, after all its work is done
-    ("terminate called without an active exception"); dropping the DDP
-    module first makes it rare, not impossible: a loaded machine showed it once more in
-    this project's CI (2026-11-27), and the run that spawned the worker failed for it. The
-    peers are past the last collective, so nothing waits on this rank's group.
+    ("terminate called without an active exception"); dropping the DDP module first makes
+    it rare, not impossible, and an aborted worker fails the run that spawned it. The peers
+    are past the last collective, so nothing waits on this rank's group.
     """
     dist.barrier()
     sys.stdout.flush()

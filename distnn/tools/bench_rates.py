@@ -12,7 +12,6 @@ import itertools
 import statistics
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +19,7 @@ from torch.func import grad_and_value
 
 from distnn.step.wgrad import LAYOUTS
 from distnn.tools.bench_loops import sync
-
-if TYPE_CHECKING:
-    from distnn.tools.bench import Workload
+from distnn.tools.workload import Workload
 
 
 def _ms(run: Callable[[], object], device: torch.device, *, repeats: int, batch: int,
@@ -104,9 +101,9 @@ def weight_grad_layouts(work: Workload, device: torch.device, dtype: torch.dtype
     - ``(xT @ g).T, xT kept``: the transposed product from a row-major copy of x.T made
       once (a rank's shard of a fixed batch never changes): a plain row-major product.
 
-    In TF32 on an H200 autograd's layout ran at 224 TFLOP/s against 385 for the forward's
-    (docs/benchmarks.md): this shows, on the machine at hand, which layout a custom linear
-    layer should use. Medians over ``repeats`` of ``batch`` back-to-back calls.
+    On a GPU the layouts can differ widely in speed (docs/benchmarks.md): this shows, on the
+    machine at hand, which layout a custom linear layer should use. Medians over ``repeats``
+    of ``batch`` back-to-back calls.
     """
     a, b = work.d_in, (*work.hidden, work.d_out)[0]
     x = torch.randn(work.batch_size, a, device=device, dtype=dtype)
@@ -124,9 +121,9 @@ def weight_grad_layouts(work: Workload, device: torch.device, dtype: torch.dtype
 def fusion_leads(work: Workload, device: torch.device, dtype: torch.dtype, repeats: int = 5,
                  batch: int = 10) -> dict[str, float]:
     """Milliseconds per call, at ``work``'s sizes in ``dtype``, of two pieces of the step's
-    elementwise work written two ways each, to tell whether fusing them would pay (in bf16
-    on an H100 the compiled step's loss took 65 us and its gradient 84 us, two passes over
-    the same output and targets, and the ReLU after the first matmul 42 us):
+    elementwise work written two ways each, to tell whether fusing them would pay (as
+    written, the loss and its gradient are two passes over the same output and targets, and
+    the ReLU a pass of its own after the first matmul):
 
     - the sum MSE loss and its gradient with respect to the output (``torch.func``, compiled
       whole as the step is), as the loss is written (``F.mse_loss``) and with the rows

@@ -26,18 +26,28 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from distnn.tools.spawn import join, spawn
+
 DEFAULT_SIZES = (4096, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
-VIA_ROOT_MAX_BYTES = 2**20
+
+
+def via_root_here(nbytes: int, world: int) -> bool:
+    """Whether distnn's Trainer sums a one-bucket gradient buffer of ``nbytes`` on ``world``
+    CPU ranks over gloo through rank 0 (its rule and limit, from gradsync)."""
+    import torch
+
+    from distnn.distributed.gradsync import VIA_ROOT_MAX_MB, sums_via_root
+
+    return sums_via_root(buckets=1, world_size=world, device=torch.device("cpu"), nbytes=nbytes,
+                         max_mb=VIA_ROOT_MAX_MB)
 
 
 def _worker(rank: int, world: int, port: int, sizes: list[int], repeats: int,
             out_path: str) -> None:
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    join(rank, world, port)
     import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     samples = []
 
@@ -57,7 +67,7 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], repeats: int,
     for size in sizes:
         buffer = torch.ones(size // 4)
         kinds = ["allreduce"]
-        if size <= VIA_ROOT_MAX_BYTES and world <= 8:
+        if via_root_here(size, world):
             kinds.append("via_root")
         inbox = [torch.empty_like(buffer) for _ in range(world - 1)] if rank == 0 else []
         calls = max(1, min(20, int(2**22 // size)))  # about 4 MB moved per sample
@@ -87,14 +97,11 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], repeats: int,
 def measure(worlds: Sequence[int], sizes: Sequence[int], repeats: int = 5,
             out_dir: str = ".") -> list[dict]:
     """Samples ``{"world_size", "bytes", "kind", "seconds"}`` for every world and size."""
-    import torch.multiprocessing as mp
-
     samples = []
     for world in worlds:
         path = os.path.join(out_dir, f".calibrate-{world}.json")
         print(f"calibrate: world size {world}...", file=sys.stderr, flush=True)
-        mp.start_processes(_worker, args=(world, _free_port(), list(sizes), repeats, path),
-                           nprocs=world, start_method="spawn")
+        spawn(_worker, world, list(sizes), repeats, path)
         with open(path, encoding="utf-8") as file:
             samples += json.load(file)
         os.remove(path)
@@ -165,14 +172,6 @@ def cluster_description(rows: Sequence[dict], *, name: str, cores: int | None) -
     return description
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # -- distnn's own step, measured in place -------------------------------------------------
 #
 # ``measure_steps`` spawns ``world`` ranks (one thread each, as torchrun sets) and, in the
@@ -209,9 +208,7 @@ def _via_root(buffer, inbox: list, rank: int, world: int) -> None:
 
 
 def _step_worker(rank: int, world: int, port: int, plan: dict, out_path: str) -> None:
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    join(rank, world, port)
     import contextlib
     import io
 
@@ -224,7 +221,6 @@ def _step_worker(rank: int, world: int, port: int, plan: dict, out_path: str) ->
     from distnn.job.model import build_model
     from distnn.trainer import Trainer
 
-    torch.set_num_threads(1)
     d_in, hidden, d_out, batch = plan["d_in"], tuple(plan["hidden"]), plan["d_out"], plan["batch"]
     steps, warmup = plan["steps"], plan["warmup"]
     samples = []
@@ -236,7 +232,7 @@ def _step_worker(rank: int, world: int, port: int, plan: dict, out_path: str) ->
         loss_fn = torch.nn.MSELoss(reduction="sum")
         params = sum(p.numel() for p in model.parameters())
         buffer, slots = torch.ones(params + 2), torch.ones(2)
-        via_root = buffer.numel() * 4 <= VIA_ROOT_MAX_BYTES and world <= 8
+        via_root = via_root_here(buffer.numel() * 4, world)
         inbox = [torch.empty_like(buffer) for _ in range(world - 1)] if rank == 0 else []
 
         def compute() -> None:
@@ -272,7 +268,7 @@ def _step_worker(rank: int, world: int, port: int, plan: dict, out_path: str) ->
             config = TrainConfig(batch_size=batch, d_in=d_in, hidden=hidden, d_out=d_out,
                                  lr=plan["lr"], log_every=0, quiet=True, verify_every=0)
             for count in (warmup, steps):
-                run = Trainer(dataclasses.replace(config, steps=count), rt, environ={})
+                run = Trainer(dataclasses.replace(config, steps=count), rt)
                 with contextlib.redirect_stdout(io.StringIO()):
                     result = run.train()
             return result.wall_s / steps * 1e3
@@ -300,13 +296,10 @@ def measure_steps(*, model: str, world: int, batch: int, d_in: int, hidden: Sequ
                   d_out: int, lr: float, steps: int, warmup: int = 3, rounds: int = 5,
                   out_dir: str = ".") -> list[dict]:
     """Samples ``{"model", "world_size", "kind", "round", "ms"}`` (see STEP_KINDS above)."""
-    import torch.multiprocessing as mp
-
     path = os.path.join(out_dir, f".steps-{model}-{world}.json")
     plan = {"model": model, "batch": batch, "d_in": d_in, "hidden": list(hidden),
             "d_out": d_out, "lr": lr, "steps": steps, "warmup": warmup, "rounds": rounds}
-    mp.start_processes(_step_worker, args=(world, _free_port(), plan, path), nprocs=world,
-                       start_method="spawn")
+    spawn(_step_worker, world, plan, path)
     with open(path, encoding="utf-8") as file:
         samples = json.load(file)
     os.remove(path)

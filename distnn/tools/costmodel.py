@@ -15,9 +15,9 @@ The collectives, for a buffer of ``n`` bytes on ``p`` ranks (Thakur, Rabenseifne
   one per local rank, in parallel on the node's ``inter_links`` network links
   ``2 (m-1) alpha_e + 2 (m-1)/m (n/g) beta_e * g/links``, then an all-gather inside each node
   (the same cost as the reduce-scatter). With p <= g it is a ring inside one node;
-- distnn's sum through rank 0 (gloo, one bucket of at most 1 MiB, 2 to 8 ranks): the p-1
-  peers each send the whole buffer to rank 0 and get the sum back. Rank 0's link takes the
-  messages one after the other, so they are counted SERIALISED:
+- distnn's sum through rank 0 (where gradsync.sums_via_root says so: gloo, one small
+  bucket, a few ranks): the p-1 peers each send the whole buffer to rank 0 and get the sum
+  back. Rank 0's link takes the messages one after the other, so they are counted SERIALISED:
   ``2 (p-1) (alpha + n beta)`` (the adds on rank 0 are folded into beta by the calibration).
 
 A step: forward F, backward B and the update make the compute time C (B = 2/3 of C by
@@ -52,10 +52,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+import torch
+
+from distnn.distributed import gradsync
+
 BYTES_PER_PARAM = 4  # fp32 gradients
 MIB = 2**20
-VIA_ROOT_MAX_BYTES = MIB  # distnn.trainer.VIA_ROOT_MAX_MB
-VIA_ROOT_MAX_RANKS = 8  # distnn.distributed.gradsync.VIA_ROOT_MAX_RANKS
 
 
 def shaped_bytes_s(n_bytes: float, beta: float, bucket_bytes: float = 0.0,
@@ -212,10 +214,12 @@ def _fitted(fit: dict[str, list[float]], p: int, n_bytes: float) -> float | None
 
 
 def sums_via_root(n_bytes: float, p: int, buckets: int, cluster: Cluster) -> bool:
-    """distnn's rule (distnn.distributed.gradsync.sums_via_root): gloo, one bucket, <= 1 MiB,
-    2-8 ranks."""
-    return (cluster.backend == "gloo" and buckets == 1 and 1 < p <= VIA_ROOT_MAX_RANKS
-            and n_bytes <= VIA_ROOT_MAX_BYTES)
+    """Whether distnn sums a buffer of ``n_bytes`` in ``buckets`` buckets on ``p`` ranks of
+    ``cluster`` through rank 0: distnn's own rule (gradsync.sums_via_root, with the Trainer's
+    gradsync.VIA_ROOT_MAX_MB on gloo), a gloo cluster's ranks holding CPU tensors."""
+    device = torch.device("cpu" if cluster.backend == "gloo" else "cuda")
+    return gradsync.sums_via_root(buckets=buckets, world_size=p, device=device, nbytes=n_bytes,
+                                  max_mb=gradsync.VIA_ROOT_MAX_MB)
 
 
 def gradient_sum_s(n_bytes: float, p: int, cluster: Cluster, *, buckets: int = 1,
@@ -257,18 +261,13 @@ def step_overhead_s(n_bytes: float, p: int, cluster: Cluster) -> float:
 def bucket_sizes(layer_params: Sequence[int], bucket_mb: float) -> list[tuple[int, int]]:
     """Buckets as (parameters, parameters up to and including this bucket), in the order
     backward fills them: ``layer_params`` is given in backward order (last layer first).
-    Same rule as distnn.distributed.gradsync.plan_buckets: a bucket closes once it holds
-    bucket_mb."""
-    capacity = max(1, int(bucket_mb * MIB / BYTES_PER_PARAM))
-    buckets, filled, done = [], 0, 0
-    for size in layer_params:
-        filled += size
+    distnn's own grouping (gradsync.plan_buckets) with the capacity FlatGradSync gives it."""
+    capacity = max(1, int(bucket_mb * MIB) // BYTES_PER_PARAM)
+    buckets, done = [], 0
+    for first, stop in gradsync.plan_buckets(layer_params, capacity):
+        size = sum(layer_params[first:stop])
         done += size
-        if filled >= capacity:
-            buckets.append((filled, done))
-            filled = 0
-    if filled:
-        buckets.append((filled, done))
+        buckets.append((size, done))
     return buckets
 
 
