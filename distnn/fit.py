@@ -22,6 +22,7 @@ from distnn.job.losses import sum_loss
 from distnn.job.optimizers import build_optimizer
 from distnn.job.spec import Job, rows_job
 from distnn.logs import LOGGER, configure_logging
+from distnn.settings import Settings
 from distnn.trainer import Trainer, TrainResult
 
 # Flags that describe the command line's own model and data: fit takes the objects instead.
@@ -116,7 +117,8 @@ def fit(model: nn.Module, *, train: Data,
             # the program has not set up logging: the command line's lines on stderr
             configure_logging(rank=rt.rank, world_size=rt.world_size,
                               verbosity=config.verbosity)
-        return Trainer(config, rt, environ=os.environ, build_job=build_job).train()
+        return Trainer(config, rt, settings=Settings.from_environ(os.environ),
+                       build_job=build_job).train()
 
     if runtime is not None:
         return run(runtime)

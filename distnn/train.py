@@ -25,6 +25,7 @@ from distnn.distributed.process_group import (
 from distnn.distributed.runtime import setup
 from distnn.errors import EXIT_USAGE, RunFailed, UsageError
 from distnn.logs import configure_logging
+from distnn.settings import Settings
 from distnn.trainer import Trainer
 
 __all__ = ["main"]
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         with setup(device=config.device, backend=config.backend, timeout_s=config.timeout_s,
                    launch=launch) as runtime:
             try:
-                Trainer(config, runtime, environ=os.environ).train()
+                Trainer(config, runtime, settings=Settings.from_environ(os.environ)).train()
             except _REPORTED as error:
                 # a stop is agreed (every rank stops at the same step and says so itself),
                 # and the launcher whose store tell_peers writes to may be the one gone

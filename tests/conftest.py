@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -13,9 +14,32 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import distnn
+
 REPO = Path(__file__).resolve().parent.parent
+PACKAGE = Path(distnn.__file__).resolve().parent  # the distnn whose code the ranks run
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
+
+
+# A Python traceback's frame line, as printed whole or behind a prefix such as "[rank0]: "
+_FRAME = re.compile(r'File "(?P<path>[^"\n]+)", line \d+')
+
+
+def package_frames(text: str) -> list[str]:
+    """The traceback frames in ``text`` whose file lies inside the distnn package.
+
+    A rank that dies with a traceback prints frames of distnn's own files; torchrun's traceback
+    (printed when any rank fails) has none. Checking for "distnn/" or "Traceback" instead
+    matches torchrun's frames too wherever the checkout lies in a folder named distnn
+    (``.../distnn/.venv/bin/torchrun``). Use ``assert not package_frames(stderr)``.
+    """
+    frames = []
+    for match in _FRAME.finditer(text):
+        path = Path(match["path"])
+        if path.is_absolute() and path.resolve().is_relative_to(PACKAGE):
+            frames.append(match.group(0))
+    return frames
 
 
 def free_port() -> int:
@@ -45,11 +69,12 @@ def _rank_worker(rank: int, world_size: int, port: int, argv: list[str], out_dir
 
     from distnn.config import parse_config
     from distnn.distributed.runtime import setup
+    from distnn.settings import Settings
     from distnn.trainer import Trainer
 
     config = parse_config(argv)
     with setup(device=config.device, backend=config.backend, timeout_s=config.timeout_s) as rt:
-        result = Trainer(config, rt, environ=os.environ).train()
+        result = Trainer(config, rt, settings=Settings.from_environ(os.environ)).train()
     state = {k: v.detach().cpu().contiguous().clone() for k, v in result.model.state_dict().items()}
     save_file(state, os.path.join(out_dir, f"rank{rank}.safetensors"))
 

@@ -274,7 +274,8 @@ def test_the_trainer_s_cuda_graph_wiring_with_a_stand_in_graph_on_the_cpu(
     capture) is tests/test_gpu.py's, which captures for real."""
     from safetensors.torch import save_file
 
-    from distnn import trainer
+    from distnn.run import agreement
+    from distnn.step import builder
     from distnn.step.cudagraph import Replay
 
     def capture(step, *, restore):
@@ -286,8 +287,8 @@ def test_the_trainer_s_cuda_graph_wiring_with_a_stand_in_graph_on_the_cpu(
                 tensor.copy_(value)
         return Replay(_StandInGraph(step, outputs), step), outputs
 
-    monkeypatch.setattr(trainer, "capture_step", capture)
-    monkeypatch.setattr(trainer, "check_placement", lambda config, rt: None)
+    monkeypatch.setattr(builder, "capture_step", capture)
+    monkeypatch.setattr(agreement, "check_placement", lambda config, rt: None)
     generator = torch.Generator().manual_seed(0)
     save_file({"x": torch.randn(96, 12, generator=generator),
                "y": torch.randn(96, 3, generator=generator)}, tmp_path / "d.safetensors")

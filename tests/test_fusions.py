@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from distnn.errors import UsageError
 from distnn.step import fusions
 from tests.test_wholestep import assert_eager_autocast_gradients
 
@@ -104,17 +103,6 @@ def test_models_it_cannot_run_as_it_would_be_run_are_left_alone():
     finally:
         handle.remove()
     assert fusions.relu_epilogues(plain)
-
-
-@pytest.mark.parametrize(("value", "want"), [(None, True), ("", True), ("1", True),
-                                             ("0", False)])
-def test_distnn_bf16_fusions_turns_them_off_with_0(value, want):
-    assert fusions.from_environ({} if value is None else {"DISTNN_BF16_FUSIONS": value}) is want
-
-
-def test_any_other_distnn_bf16_fusions_is_refused_with_the_values_allowed():
-    with pytest.raises(UsageError, match=r"DISTNN_BF16_FUSIONS='yes'; allowed: 1 .*, 0 "):
-        fusions.from_environ({"DISTNN_BF16_FUSIONS": "yes"})
 
 
 @pytest.mark.parametrize("fused", [True, False])

@@ -241,9 +241,8 @@ def test_the_step_clock_starts_once_the_gpu_has_done_the_compile_and_capture(fla
     config = TrainConfig(batch_size=4096, d_in=2048, hidden=(2048,), d_out=2048, lr=1e-9,
                          steps=2, log_every=0, quiet=True, verify_every=0, **flags)
     with setup(device="cuda") as rt:
-        trainer = Trainer(config, rt, environ={})
-        trainer.train()
-    assert trainer.step_compiled and idle_at_start == [True]
+        result = Trainer(config, rt).train()
+    assert result.compiled and idle_at_start == [True]
 
 
 def test_bf16_whole_step_compiled_keeps_the_eager_bf16_numbers(tmp_path, no_launcher, caplog):

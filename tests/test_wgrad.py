@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from distnn.settings import Settings
 from distnn.step import wgrad
 from distnn.train import main
 from tests.conftest import read_losses
@@ -77,13 +78,14 @@ CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 def test_the_default_layout_is_the_forwards_only_for_the_compiled_tf32_step_on_a_gpu(
         precision, compiled, device, expected):
     for environ in ({}, {"DISTNN_WEIGHT_GRAD": ""}):  # an empty setting is the default
-        assert wgrad.from_environ(environ, precision=precision, compiled=compiled,
-                                  device=device) == expected
+        name = Settings.from_environ(environ).weight_grad
+        assert wgrad.resolve(name, precision=precision, compiled=compiled,
+                             device=device) == expected
 
 
 def test_a_layout_named_replaces_the_default():
-    assert wgrad.from_environ({"DISTNN_WEIGHT_GRAD": wgrad.AUTOGRAD}, precision="tf32",
-                              compiled=True, device=CUDA) == wgrad.AUTOGRAD
+    name = Settings.from_environ({"DISTNN_WEIGHT_GRAD": wgrad.AUTOGRAD}).weight_grad
+    assert wgrad.resolve(name, precision="tf32", compiled=True, device=CUDA) == wgrad.AUTOGRAD
 
 
 @pytest.mark.parametrize("flags", [[], ["--compile"]])

@@ -44,14 +44,9 @@ class FaultPlan:
     kind: str = "exit"
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str], *, restart_count: int,
-                     device: torch.device) -> FaultPlan | None:
-        """The planned fault, or None (none asked for, or this is a restarted attempt).
-
-        Checked when a rank starts, on every rank alike, so a fault that cannot happen on
-        ``device`` stops them all at once rather than the one rank when it comes to fire.
-        """
-        if "DISTNN_FAULT_STEP" not in environ or restart_count > 0:
+    def from_environ(cls, environ: Mapping[str, str]) -> FaultPlan | None:
+        """The planned fault, or None (none asked for)."""
+        if "DISTNN_FAULT_STEP" not in environ:
             return None
         values = {}
         for name, key in (("DISTNN_FAULT_STEP", "step"), ("DISTNN_FAULT_RANK", "rank")):
@@ -63,10 +58,19 @@ class FaultPlan:
         if kind not in KINDS:
             raise UsageError(f"environment: DISTNN_FAULT_KIND={kind!r}; "
                              f"allowed: {', '.join(KINDS)}")
-        if kind == "stall" and device.type != "cuda":
+        return cls(kind=kind, **values)
+
+    def for_attempt(self, *, restart_count: int, device: torch.device) -> FaultPlan | None:
+        """The fault for this attempt of the job: None after an elastic restart (the restart
+        runs clean). Checked when a rank starts, on every rank alike, so a fault that cannot
+        happen on ``device`` stops them all at once rather than the one rank when it comes
+        to fire."""
+        if restart_count > 0:
+            return None
+        if self.kind == "stall" and device.type != "cuda":
             raise UsageError("environment: DISTNN_FAULT_KIND=stall needs a CUDA device; "
                              f"this rank computes on {device}")
-        return cls(kind=kind, **values)
+        return self
 
     def maybe_fire(self, *, step: int, rank: int, flat_params: torch.Tensor) -> None:
         """Misbehaves if this is the planned rank and step; otherwise does nothing."""

@@ -13,7 +13,11 @@ from torch import nn
 from distnn.data.batches import RowSource
 from distnn.data.shards import shard_bounds
 from distnn.distributed.process_group import collective
+from distnn.distributed.runtime import Runtime
 from distnn.job.losses import LossFn, correct_predictions
+from distnn.job.spec import Job
+
+VAL_CHUNK_ROWS = 4096  # validation rows a rank evaluates at a time, at most
 
 
 @torch.no_grad()
@@ -55,3 +59,39 @@ def evaluate(model: nn.Module, rows: RowSource, loss_fn: LossFn, *, chunk_rows: 
     if classification:
         result["accuracy"] = correct / rows.rows
     return result
+
+
+class Validator:
+    """Validates a job that has validation rows: every --val-every steps, else at the end of
+    each epoch (--data) or of the run. Keeps every result (``results``, one dict a
+    validation, in order; a resumed run's start with the checkpoint's) and hands each to
+    ``report`` (rank 0's metrics log)."""
+
+    def __init__(self, job: Job, runtime: Runtime, *, autocast: Callable[[],
+                 AbstractContextManager], results: list[dict],
+                 report: Callable[[dict], None] | None = None) -> None:
+        self.job, self.config, self.rt = job, job.config, runtime
+        self.autocast = autocast
+        self.results = results
+        self.report = report
+        self.enabled = job.val is not None  # asked once: the loop is the step's host time
+
+    def due(self, done: int) -> bool:
+        if not self.enabled:
+            return False
+        config, plan = self.config, self.job.plan
+        if config.val_every:
+            return done % config.val_every == 0 or done == config.steps
+        return done == config.steps or (plan is not None and plan.ends_epoch(done))
+
+    def run(self, done: int) -> None:
+        """Evaluates on the validation rows (every rank its share; the sums all-reduced)."""
+        job, rt = self.job, self.rt
+        result = {"step": done, **evaluate(
+            job.model, job.val, job.loss_fn, chunk_rows=VAL_CHUNK_ROWS,
+            world_size=rt.world_size, rank=rt.rank, device=rt.device,
+            communicates=rt.communicates, classification=job.classification,
+            autocast=self.autocast)}
+        self.results.append(result)
+        if self.report:
+            self.report({"event": "val", **result})

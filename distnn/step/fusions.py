@@ -29,25 +29,13 @@ written only in the order the loss's squares are added.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from distnn.errors import UsageError
-
 Tensors = dict[str, torch.Tensor]
-
-
-def from_environ(environ: Mapping[str, str]) -> bool:
-    """Whether the bf16 whole step uses these fusions: ``DISTNN_BF16_FUSIONS`` unset, empty
-    or ``1``: yes; ``0``: no (the step as written). A UsageError for anything else."""
-    value = environ.get("DISTNN_BF16_FUSIONS") or "1"
-    if value not in ("0", "1"):
-        raise UsageError(f"environment: DISTNN_BF16_FUSIONS={value!r}; allowed: 1 (the "
-                         "default: fused), 0 (the bf16 whole step as written)")
-    return value == "1"
 
 
 def loss_in_one_pass(loss_fn: Callable) -> Callable | None:

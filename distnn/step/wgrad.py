@@ -21,7 +21,7 @@ H100 (docs/benchmarks.md); for every other run autograd's, which needs no mode a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -55,13 +55,11 @@ def default(*, precision: str, compiled: bool, device: torch.device) -> str:
     return AUTOGRAD
 
 
-def from_environ(environ: Mapping[str, str], *, precision: str, compiled: bool,
-                 device: torch.device) -> str:
-    """The layout ``DISTNN_WEIGHT_GRAD`` names (:func:`default` if unset or empty). A
-    UsageError for a name not in :data:`LAYOUTS`, or for a bf16 run, whose layers autocast
-    runs in bf16."""
-    name = (environ.get("DISTNN_WEIGHT_GRAD")
-            or default(precision=precision, compiled=compiled, device=device))
+def resolve(name: str | None, *, precision: str, compiled: bool, device: torch.device) -> str:
+    """The layout a run uses: ``name`` (``DISTNN_WEIGHT_GRAD``, distnn.settings), or
+    :func:`default`'s when None. A UsageError for a name not in :data:`LAYOUTS`, or for a
+    bf16 run, whose layers autocast runs in bf16."""
+    name = name or default(precision=precision, compiled=compiled, device=device)
     if name not in LAYOUTS:
         raise UsageError(f"environment: DISTNN_WEIGHT_GRAD={name!r}; allowed: "
                          + ", ".join(repr(known) for known in LAYOUTS))

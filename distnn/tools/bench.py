@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 
 from distnn.distributed.runtime import setup
+from distnn.settings import Settings
+from distnn.step.precision import tf32_matmuls
 from distnn.step.wgrad import AUTOGRAD, LAYOUTS
 from distnn.tools.bench_loops import ddp_loop, end_worker, graph_floor_loop, reference_loop
 from distnn.tools.bench_rates import (
@@ -43,8 +45,6 @@ from distnn.tools.bench_rates import (
 )
 from distnn.tools.spawn import join, spawn
 from distnn.tools.workload import Workload
-from distnn.settings import Settings
-from distnn.step.precision import tf32_matmuls
 from distnn.trainer import Trainer
 
 REFERENCE = Workload("reference", 64, 1000, (100,), 10, 1e-4)

@@ -76,9 +76,9 @@ def profile_steps(config: TrainConfig, rt: Runtime, top: int = 25) -> StepProfil
     # captured inside the session, and with CUDA 13.0 an empty session was reported to leave
     # later ones without kernel records (a check below says so if it happens).
     with contextlib.redirect_stdout(io.StringIO()):  # the runs' summary lines
-        Trainer(dataclasses.replace(config, steps=WARMUP_STEPS), rt, environ={}).train()
+        Trainer(dataclasses.replace(config, steps=WARMUP_STEPS), rt).train()
         with profile(activities=activities) as prof:
-            result = Trainer(config, rt, environ={}).train()
+            result = Trainer(config, rt).train()
     return _step_profile(prof.events(), rt, result.steps, result.wall_s, top)
 
 

@@ -1,0 +1,163 @@
+"""The run's checkpoints and outputs: resume from one, write one when due, --save at the end.
+
+Rank 0 alone reads and writes; every rank learns the outcome of a write (one small
+collective), so a full disk on rank 0 stops every rank with the same line (exit 4) rather
+than looking like a lost peer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distnn.distributed.process_group import collective
+from distnn.distributed.runtime import Runtime
+from distnn.errors import EXIT_OUTPUT, RunFailed, UsageError
+from distnn.job.optimizers import load_state_tensors, state_tensors
+from distnn.job.spec import Job
+from distnn.resilience.checkpoint import Checkpoint, FolderLock, save_checkpoint
+from distnn.resilience.outputs import describe_os_error, save_weights
+from distnn.run.lossrecord import LossRecord
+from distnn.run.startup import data_digest, job_objects
+from distnn.run.verifier import Verifier
+
+log = logging.getLogger("distnn")
+
+
+class Checkpointer:
+    """``step-N`` folders in --checkpoint-dir: what a run resumes from (``resumed``, rank
+    0's; None elsewhere), and one written every --checkpoint-every steps and at the end,
+    each verified first (a checkpoint never holds bad weights). Holds rank 0's lock on the
+    folder (:meth:`close` releases it)."""
+
+    def __init__(self, job: Job, runtime: Runtime, losses: LossRecord, *,
+                 resumed: Checkpoint | None, start: int, lock: FolderLock | None) -> None:
+        self.job, self.config, self.rt = job, job.config, runtime
+        self.losses = losses
+        self.resumed = resumed
+        self.lock = lock
+        self.verifier: Verifier | None = None  # set by the Trainer: run before each write
+        # the newest written or resumed from
+        self.last = (os.path.join(self.config.checkpoint_dir, f"step-{start}") if start
+                     else None)
+
+    def kept(self) -> str:
+        """Where the last good weights are, for a report of a failure."""
+        if self.last:
+            return f"the last good checkpoint is {self.last}"
+        return "no checkpoint was written"
+
+    # -- resume ---------------------------------------------------------------------------
+
+    def restore_weights(self, model: nn.Module) -> list[dict]:
+        """Rank 0: loads the resumed checkpoint's weights into ``model`` (before the model is
+        placed and broadcast); returns its validation results (none elsewhere)."""
+        checkpoint, config = self.resumed, self.config
+        if checkpoint is None:
+            return []
+        try:
+            model.load_state_dict(checkpoint.weights)
+        except RuntimeError as error:
+            raise UsageError(f"--checkpoint-dir: {checkpoint.path} holds weights that do "
+                             f"not fit the model ({str(error).splitlines()[0]}); allowed: "
+                             "resume with the same model") from None
+        log.info(f"resuming from {checkpoint.path}: {checkpoint.step} of {config.steps} "
+                 "steps done")
+        saved_world = checkpoint.state.get("world_size")
+        if saved_world != self.rt.world_size:
+            log.warning(f"the checkpoint was written by {saved_world} ranks and this run "
+                        f"has {self.rt.world_size}: the result differs from an "
+                        "uninterrupted run only by rounding")
+        return list(checkpoint.state.get("val", []))
+
+    def restore_optimizer(self, optimizer: torch.optim.Optimizer | None, start: int) -> None:
+        """Every rank: the resumed optimizer state (rank 0 read it), once the model is
+        placed."""
+        if optimizer is None or not start:
+            return
+        state = [self.resumed.optimizer if self.resumed else None]
+        if self.rt.communicates:  # rank 0 alone read the checkpoint
+            with collective("broadcasting the optimizer state"):
+                dist.broadcast_object_list(state, src=0)
+        load_state_tensors(optimizer, state[0])
+
+    # -- write ----------------------------------------------------------------------------
+
+    def due(self, done: int) -> bool:
+        """Every --checkpoint-every steps, but not at the end (:meth:`save` then)."""
+        config = self.config
+        return bool(config.checkpoint_dir and config.checkpoint_every
+                    and done % config.checkpoint_every == 0 and done < config.steps)
+
+    def save(self, done: int, flat_params: torch.Tensor, *, val: list[dict],
+             before_write: Callable[[], None] | None = None) -> None:
+        """Verifies, then rank 0 writes ``step-{done}`` (``before_write`` first: the metrics
+        file then holds every step up to the checkpoint). Every rank learns whether the
+        write worked; if not, all stop (exit 4)."""
+        if self.verifier:
+            self.verifier.verify(done, flat_params)
+        if before_write:
+            before_write()
+        job, config = self.job, self.config
+        path = os.path.join(config.checkpoint_dir, f"step-{done}")
+
+        def write() -> None:
+            state = {"config": dataclasses.asdict(config), "world_size": self.rt.world_size,
+                     "rows": job.plan.rows if job.plan else None,
+                     "data": data_digest(job), "val": val,
+                     "objects": job_objects(job)}
+            if job.plan:  # where the run is in its epoch (the step alone says it too)
+                state["epoch"], state["batch_in_epoch"] = job.plan.position(done)
+            save_checkpoint(config.checkpoint_dir, step=done, weights=job.model.state_dict(),
+                            losses=torch.tensor(list(self.losses.tail)),
+                            keep=config.keep_checkpoints, state=state,
+                            optimizer=state_tensors(job.optimizer) if job.optimizer else None)
+            log.debug(f"wrote checkpoint step-{done}")
+
+        last = self.last
+        if last and not os.path.isdir(last):  # (rank 0's view is the one reported)
+            kept = f"the last checkpoint, {last}, is gone too"
+        else:
+            kept = self.kept()
+        write_on_rank_0(self.rt, write, f"could not write the checkpoint {path}",
+                        f"{kept}; make room (or the folder again) and run the same command "
+                        "to continue")
+        self.last = path
+
+    def save_weights(self) -> None:
+        """--save: rank 0 writes the trained weights as one safetensors file."""
+        config = self.config
+        kept = (f"the trained weights are in the final checkpoint {self.last}" if self.last
+                else "the trained weights are lost (no --checkpoint-dir)")
+        write_on_rank_0(self.rt, lambda: save_weights(self.job.model, config.save),
+                        f"could not write --save {config.save}", kept)
+
+    def close(self) -> None:
+        if self.lock:
+            self.lock.release()
+            self.lock = None
+
+
+def write_on_rank_0(runtime: Runtime, write: Callable[[], None], failed: str,
+                    after: str) -> None:
+    """Rank 0 runs ``write``; every rank learns its outcome (one small collective) and, if
+    it failed, stops with the same line: ``failed`` (reason) ``after``, exit 4."""
+    error = None
+    if runtime.is_main:
+        try:
+            write()
+        except OSError as os_error:
+            error = f"{failed} ({describe_os_error(os_error)}); {after}"
+    if runtime.communicates:
+        outcome = [error]
+        with collective("sharing whether rank 0's write worked"):
+            dist.broadcast_object_list(outcome, src=0)
+        error = outcome[0]
+    if error:
+        raise RunFailed(error, EXIT_OUTPUT)

@@ -1,0 +1,52 @@
+"""The run's guard: stops it on non-finite values or diverged replicas (exit 3)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from distnn.errors import EXIT_GUARD, RunFailed
+from distnn.resilience.guards import check_replicas
+from distnn.run.lossrecord import LossRecord
+
+
+class Verifier:
+    """Checks the steps since its last check: every ``every`` steps (--verify-every), before
+    each checkpoint and at the end.
+
+    A non-finite gradient makes the weights non-finite, and those the next loss, so the
+    checks are: the losses since the last check, and the weights now. Every rank reaches the
+    same verdict without communicating (the losses are all-reduced, so equal everywhere); the
+    replica check is one small all-gather. ``kept()`` says where the last good weights are,
+    for the report.
+    """
+
+    def __init__(self, losses: LossRecord, *, every: int, start: int, distributed: bool,
+                 kept: Callable[[], str]) -> None:
+        self.losses = losses
+        self.every = every
+        self.verified = start  # steps checked so far
+        self.distributed = distributed
+        self.kept = kept
+
+    def due(self, done: int) -> bool:
+        return bool(self.every) and done % self.every == 0
+
+    def verify(self, done: int, flat_params: torch.Tensor) -> None:
+        """Raises RunFailed (exit 3) if a step up to ``done`` went bad or replicas differ."""
+        if done <= self.verified:
+            return
+        self.losses.pull()  # waits for the device, within --timeout-s
+        bad = self.losses.first_bad
+        if bad is None and not flat_params.isfinite().all():
+            # the last update made the weights non-finite; the loss was still finite
+            bad = (done - 1, self.losses.last(), None)
+        if bad is not None:
+            step, loss, previous = bad
+            last = f"{previous!r} at step {step - 1}" if previous is not None else "none"
+            raise RunFailed(f"non-finite loss or gradient at step {step} (loss {loss!r}; last "
+                            f"finite loss {last}); stopping: {self.kept()}; try a smaller "
+                            "--lr", EXIT_GUARD)
+        self.verified = done
+        check_replicas(flat_params, step=done, distributed=self.distributed)
