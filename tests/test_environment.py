@@ -8,6 +8,7 @@ from distnn.distributed.environment import (
     LaunchEnv,
     detect_launch,
     resolve_placement,
+    single_process_notice,
     started_by_agent,
 )
 from distnn.errors import UsageError
@@ -52,6 +53,27 @@ def test_accelerate_cpu_starts_one_process_that_prefers_the_cpu():
     env = detect_launch({"ACCELERATE_USE_CPU": "True"})
     assert (env.launcher, env.world_size, env.prefer_cpu) == ("accelerate", 1, True)
     assert not env.needs_process_group
+
+
+@pytest.mark.parametrize("environ, noticed", [
+    ({"ACCELERATE_USE_CPU": "True"}, True),  # accelerate launch --cpu --num_processes N
+    # (with --num_processes 2 accelerate also sets MASTER_ADDR/PORT, but no RANK)
+    ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, True),
+    ({"ACCELERATE_USE_CPU": "true"}, True),
+    ({"ACCELERATE_USE_CPU": "False"}, False),  # accelerate launch without --cpu
+    ({"PATH": "/bin"}, False),  # python -m distnn.train
+    ({**TORCHRUN, "ACCELERATE_USE_CPU": "True"}, False),  # several ranks: nothing to say
+    ({**TORCHRUN, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+      "ACCELERATE_USE_CPU": "True"}, True),
+])
+def test_accelerate_cpu_at_world_size_1_gets_a_notice(environ, noticed):
+    notice = single_process_notice(detect_launch(environ))
+    if not noticed:
+        assert notice is None
+    else:
+        assert "accelerate launch --cpu" in notice and "single process" in notice
+        assert "accelerate launch --multi_gpu --num_processes N starts N ranks" in notice
+        assert "gloo" in notice
 
 
 def test_plain_environment_variables_without_torchrun():

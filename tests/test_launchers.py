@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+import sys
 import time
 
 from safetensors.torch import load_file
 
-from tests.conftest import bin_path, clean_env, read_losses, read_metrics, run_cli
+from tests.conftest import bin_path, clean_env, package_frames, read_losses, read_metrics, run_cli
 from tests.reference import assert_matches_reference
 
 STEPS = 200
@@ -42,13 +43,31 @@ def test_accelerate_launch_two_ranks(tmp_path):
     check_run(result, tmp_path, world_size=2)
 
 
-def test_accelerate_launch_cpu_is_one_process(tmp_path):
+CPU_NOTICE = ("distnn: warning: world size 1: accelerate launch --cpu (ACCELERATE_USE_CPU) "
+              "starts a single process")
+
+
+def test_accelerate_launch_cpu_is_one_process_and_says_so(tmp_path):
     result = run_cli([bin_path("accelerate"), "launch", "--cpu", "--num_processes", "2",
                       "-m", "distnn.train", *outputs(tmp_path)],
                      env=clean_env(HF_HOME=str(tmp_path / "hf")), timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = read_metrics(tmp_path / "m.jsonl")[-1]
     assert (summary["world_size"], summary["device"], summary["backend"]) == (1, "cpu", "none")
+    notices = [line for line in result.stderr.splitlines() if line.startswith(CPU_NOTICE)]
+    assert len(notices) == 1, result.stderr[-3000:]
+
+
+def test_the_accelerate_cpu_variable_at_world_size_1_gets_one_notice():
+    noticed = run_cli([sys.executable, "-m", "distnn.train", "--steps", "2"],
+                      env=clean_env(ACCELERATE_USE_CPU="True"))
+    assert noticed.returncode == 0, noticed.stderr
+    assert [line for line in noticed.stderr.splitlines() if line.startswith("distnn:")] == [
+        CPU_NOTICE + ", whatever --num_processes says; accelerate launch --multi_gpu "
+        "--num_processes N starts N ranks, on the CPU over gloo where there is no GPU "
+        "(elsewhere add --device cpu)"]
+    plain = run_cli([sys.executable, "-m", "distnn.train", "--steps", "2"])
+    assert plain.returncode == 0 and CPU_NOTICE not in plain.stderr, plain.stderr
 
 
 def test_bad_input_under_torchrun_stops_every_rank_quickly(tmp_path):
@@ -65,7 +84,7 @@ def test_bad_input_under_torchrun_stops_every_rank_quickly(tmp_path):
                              f"directory '{missing.parent}' does not exist; allowed: a path in "
                              "an existing, writable directory" for r in range(3)]
     assert re.search(r"exitcode\s*:\s*2", result.stderr), result.stderr[-2000:]
-    assert "Traceback" not in "\n".join(lines)
+    assert not package_frames(result.stderr), result.stderr[-2000:]  # no rank's traceback
 
 
 def test_invalid_flag_under_torchrun_is_reported_by_every_rank(tmp_path):

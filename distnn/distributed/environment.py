@@ -109,6 +109,22 @@ def detect_launch(environ: Mapping[str, str]) -> LaunchEnv:
                      agent_store=environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
 
 
+def single_process_notice(launch: LaunchEnv) -> str | None:
+    """One line for rank 0 when ``accelerate launch --cpu`` left this run at world size 1.
+
+    ``accelerate launch --cpu --num_processes N`` starts ONE process (several CPU processes
+    need MPI there) and sets ACCELERATE_USE_CPU but nothing carrying N, so the run cannot tell
+    whether N ranks were asked for. Under ACCELERATE_USE_CPU at world size 1 it says so, and
+    how to start N CPU ranks; None otherwise.
+    """
+    if not (launch.prefer_cpu and launch.world_size == 1):
+        return None
+    return ("world size 1: accelerate launch --cpu (ACCELERATE_USE_CPU) starts a single "
+            "process, whatever --num_processes says; accelerate launch --multi_gpu "
+            "--num_processes N starts N ranks, on the CPU over gloo where there is no GPU "
+            "(elsewhere add --device cpu)")
+
+
 @dataclass(frozen=True)
 class Placement:
     """Which device this rank computes on and which backend its collectives use."""

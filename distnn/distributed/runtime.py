@@ -10,7 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
-from distnn.distributed.environment import LaunchEnv, Placement, detect_launch, resolve_placement
+from distnn.distributed.environment import (
+    LaunchEnv,
+    Placement,
+    detect_launch,
+    resolve_placement,
+    single_process_notice,
+)
 from distnn.distributed.launcher_watch import launcher_watch
 from distnn.distributed.process_group import process_group
 from distnn.errors import UsageError
@@ -68,8 +74,10 @@ def setup(*, device: str = "auto", backend: str = "auto", timeout_s: float = 300
     launch = launch or detect_launch(os.environ)
     placement = resolve_placement(device=device, backend=backend, launch=launch,
                                   cuda_devices=torch.cuda.device_count())
-    if placement.notice and launch.is_main:
-        log.warning(placement.notice)
+    if launch.is_main:
+        for notice in (single_process_notice(launch), placement.notice):
+            if notice:
+                log.warning(notice)
     with (launcher_watch(launch.agent),
           process_group(launch, placement, timeout_s=timeout_s) as distributed):
         yield Runtime(launch=launch, placement=placement, distributed=distributed)
