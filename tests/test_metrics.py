@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import shlex
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +16,7 @@ from distnn.data.batches import BatchPlan
 from distnn.run import metrics
 from distnn.run.lossrecord import LossRecord
 from distnn.run.metrics import StepLog
+from tests.conftest import REPO, clean_env
 
 
 class Run:
@@ -165,6 +170,33 @@ def test_the_progress_bar_keeps_the_loss_lines(tmp_path):
     for line in ("0 3.0", "1 2.0", "2 1.0", "summary: steps=3 final_loss=1"):
         assert line in text.splitlines()
     assert "3/3" in text and "loss=1" in text  # the bar, finished
+
+
+@pytest.mark.parametrize("reported, environ, size", [
+    ((120, 40), {}, (120, 40)),  # a terminal that knows its size
+    ((0, 0), {}, (80, 24)),  # a pty that reports none: tqdm alone would take -1 lines, no bar
+    (None, {}, (80, 24)),  # no terminal at all (a bar asked for with progress=True)
+    ((120, 0), {}, (120, 24)),
+    ((0, 0), {"COLUMNS": "100", "LINES": "30"}, (100, 30)),  # as shutil.get_terminal_size
+    ((120, 40), {"COLUMNS": "60"}, (60, 40)),
+    ((0, 0), {"COLUMNS": "wide", "LINES": "-3"}, (80, 24)),
+])
+def test_the_bar_size_falls_back_where_the_terminal_reports_none(reported, environ, size):
+    assert metrics.bar_size(reported, environ) == size
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("script") is None,
+                    reason="needs util-linux's script (a pseudo-terminal)")
+@pytest.mark.parametrize("stty, columns", [("", 80), ("stty cols 100 rows 30; ", 100)])
+def test_the_bar_shows_in_a_pseudo_terminal_with_or_without_a_size(stty, columns):
+    env = {k: v for k, v in clean_env().items() if k not in ("COLUMNS", "LINES")}
+    # `script` outside a terminal gives the command a pty of 0 x 0 unless stty sizes it
+    command = f"{stty}{shlex.quote(sys.executable)} -m distnn.train --steps 20 --log-every 0"
+    done = subprocess.run(["script", "-q", "-c", command, "/dev/null"], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:]
+    bars = [line for line in done.stdout.replace("\r", "\n").splitlines() if "20/20" in line]
+    assert bars and len(bars[-1]) == columns, done.stdout[-2000:]
 
 
 def test_the_bar_appears_on_a_terminal_only(tmp_path):

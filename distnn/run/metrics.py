@@ -11,10 +11,9 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import IO, Any
 
 from tqdm import tqdm
@@ -24,6 +23,36 @@ from distnn.run.lossrecord import LossRecord
 
 log = logging.getLogger("distnn")
 FLUSH_SECONDS = 1.0
+
+
+DEFAULT_BAR_SIZE = (80, 24)  # (columns, lines) for a terminal that reports no size
+
+
+def bar_size(reported: tuple[int, int] | None, environ: Mapping[str, str]) -> tuple[int, int]:
+    """The progress bar's (columns, lines): COLUMNS and LINES when set (as in
+    shutil.get_terminal_size), else the terminal's own size, else ``DEFAULT_BAR_SIZE``.
+
+    ``reported`` is os.get_terminal_size() of the bar's stream (None when it has none). A
+    pseudo-terminal may report 0 x 0 (``script -c CMD /dev/null`` run outside a terminal, some
+    CI runners): left to itself tqdm then takes -1 lines, draws nothing, and the bar never
+    shows; each zero gets the default instead.
+    """
+    sizes = []
+    for name, size, default in zip(("COLUMNS", "LINES"), reported or (0, 0), DEFAULT_BAR_SIZE,
+                                   strict=True):
+        try:
+            size = int(environ.get(name, "")) or size
+        except ValueError:
+            pass
+        sizes.append(size if size > 0 else default)
+    return sizes[0], sizes[1]
+
+
+def _reported_size(out: IO[str]) -> tuple[int, int] | None:
+    try:
+        return tuple(os.get_terminal_size(out.fileno()))  # type: ignore[return-value]
+    except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is an OSError
+        return None
 
 
 class StepLog:
@@ -59,9 +88,10 @@ class StepLog:
         self.metrics: IO[str] | None = None
         if progress is None:
             progress = self.out.isatty()
-        # A terminal that reports no size (some ptys) gets 80 columns, not an empty bar.
-        self.bar = (tqdm(total=steps, unit="step", file=self.out,
-                         ncols=shutil.get_terminal_size().columns) if progress else None)
+        self.bar = None
+        if progress:
+            columns, lines = bar_size(_reported_size(self.out), os.environ)
+            self.bar = tqdm(total=steps, unit="step", file=self.out, ncols=columns, nrows=lines)
 
     def begin(self, steps: int = 0) -> None:
         """Call just before the first step; ``steps`` were already done (by a checkpointed run).
