@@ -21,6 +21,7 @@ from distnn.errors import UsageError
 from distnn.job.losses import sum_loss
 from distnn.job.optimizers import build_optimizer
 from distnn.job.spec import Job, rows_job
+from distnn.job.targets import loss_mismatch, val_mismatch
 from distnn.logs import LOGGER, configure_logging
 from distnn.settings import Settings
 from distnn.trainer import Trainer, TrainResult
@@ -90,16 +91,10 @@ def fit(model: nn.Module, *, train: Data,
     def build_job(flags: TrainConfig, rt: Runtime) -> Job:
         source = _checked(_rows(train, "train"), rt)
         x, y = source.read(torch.arange(min(1, source.rows)))
-        if loss == "mse" and not y.is_floating_point():
-            raise UsageError("distnn.fit: train holds integer targets (class labels?) and the "
-                             "loss is 'mse'; allowed: floating-point targets with 'mse', or "
-                             "loss='cross-entropy' for class labels")
-        soft = y.is_floating_point() and y.dim() == 2 and y.shape[1] > 1  # probabilities
-        if loss == "cross-entropy" and not soft and (y.is_floating_point() or y.dim() != 1):
-            raise UsageError(f"distnn.fit: train holds targets of shape {list(y.shape[1:])} a "
-                             f"row and dtype {str(y.dtype).removeprefix('torch.')}, and the "
-                             "loss is 'cross-entropy'; allowed: integer class labels, one a "
-                             "row (y of shape [N]), or class probabilities (y [N, classes])")
+        if isinstance(loss, str):
+            mismatch = loss_mismatch(loss, y, named="loss={!r}")
+            if mismatch:
+                raise UsageError(f"distnn.fit: train holds {mismatch[0]}; allowed: {mismatch[1]}")
         job = rows_job(flags, source=source, d_in=x.shape[1] if x.dim() > 1 else 1,
                        d_out=y.shape[1] if y.dim() > 1 else 1, model=model,
                        loss_fn=sum_loss(loss) if isinstance(loss, str) else loss,
@@ -143,20 +138,10 @@ def _check_optimizes(optimizer: torch.optim.Optimizer, model: nn.Module) -> None
 
 def _like_train(val: RowSource, train_x: torch.Tensor, train_y: torch.Tensor) -> RowSource:
     """``val``, refused unless its rows are shaped as the training rows (``train_x``,
-    ``train_y``: the first of them) and its targets are of their kind: the validation
-    would fail only after the training, or (targets [N] against [N, 1] under mse) report
-    a loss broadcast into a wrong sum."""
-    x, y = val.read(torch.arange(min(1, val.rows)))
-    if x.shape[1:] != train_x.shape[1:]:
-        raise UsageError(f"distnn.fit: val's inputs have shape {list(x.shape[1:])} a row; "
-                         f"allowed: {list(train_x.shape[1:])}, as train's")
-    if y.is_floating_point() != train_y.is_floating_point():
-        kinds = {True: "floating-point targets", False: "integer class labels"}
-        raise UsageError(f"distnn.fit: val holds {kinds[y.is_floating_point()]}; allowed: "
-                         f"{kinds[train_y.is_floating_point()]}, as train holds")
-    if y.shape[1:] != train_y.shape[1:]:
-        raise UsageError(f"distnn.fit: val's targets have shape {list(y.shape[1:])} a row; "
-                         f"allowed: {list(train_y.shape[1:])}, as train's")
+    ``train_y``: the first of them) and its targets are of their kind (distnn.job.targets)."""
+    mismatch = val_mismatch(*val.read(torch.arange(min(1, val.rows))), train_x, train_y)
+    if mismatch:
+        raise UsageError(f"distnn.fit: val holds {mismatch[0]}; allowed: {mismatch[1]}")
     return val
 
 

@@ -201,7 +201,8 @@ def test_fit_resumes_bitwise_from_its_checkpoint(tmp_path, no_launcher):
     ({"train": (torch.zeros(2, 6), torch.tensor([0, -1])), "loss": "cross-entropy"},
      "distnn.fit: train holds a negative class label"),
     ({"train": (torch.zeros(2, 6), torch.tensor([0, 1]))},
-     "train holds integer targets (class labels?) and the loss is 'mse'"),
+     "train holds integer targets y (class labels?) under loss='mse'; allowed: "
+     "floating-point targets with loss='mse', or loss='cross-entropy' for class labels"),
     ({"train": (torch.zeros(3, 6), torch.zeros(2))}, "train holds 3 inputs and 2 targets"),
     ({"hidden": (4,)}, "distnn.fit: got hidden as settings"),
     ({"btach_size": 4}, "distnn.fit: got btach_size, not a setting; allowed: the flags"),
@@ -219,17 +220,20 @@ def test_fit_resumes_bitwise_from_its_checkpoint(tmp_path, no_launcher):
      "the model gives 3 scores a row but the data holds the class label 7; allowed: a model "
      "with a score for each class, 8 or more"),
     ({"loss": "cross-entropy", "train": (torch.zeros(4, 6), torch.zeros(4))},
-     "distnn.fit: train holds targets of shape [] a row and dtype float32, and the loss is "
-     "'cross-entropy'; allowed: integer class labels, one a row (y of shape [N])"),
+     "distnn.fit: train holds targets y of shape [] a row and dtype float32 under "
+     "loss='cross-entropy'; allowed: integer class labels, one a row (y of shape [N])"),
     ({"loss": "cross-entropy", "train": (torch.zeros(4, 6), torch.zeros(4, 1).long())},
-     "distnn.fit: train holds targets of shape [1] a row and dtype int64"),
+     "distnn.fit: train holds targets y of shape [1] a row and dtype int64"),
     ({"loss": "cross-entropy", "val": (torch.zeros(4, 7), torch.zeros(4).long())},
-     "distnn.fit: val's inputs have shape [7] a row; allowed: [6], as train's"),
+     "distnn.fit: val holds inputs of shape [7] a row; allowed: [6], as the training "
+     "data's"),
     ({"loss": "cross-entropy", "val": (torch.zeros(4, 6), torch.zeros(4))},
-     "distnn.fit: val holds floating-point targets; allowed: integer class labels"),
+     "distnn.fit: val holds floating-point targets; allowed: integer class labels, as the "
+     "training data holds"),
     ({"train": (torch.zeros(4, 6), torch.zeros(4, 1)),
       "val": (torch.zeros(4, 6), torch.zeros(4))},
-     "distnn.fit: val's targets have shape [] a row; allowed: [1], as train's"),
+     "distnn.fit: val holds targets of shape [] a row; allowed: [1], as the training "
+     "data's"),
     ({"loss": 123}, "distnn.fit: loss is a int; allowed: 'mse'"),
 ])
 def test_bad_fit_arguments_raise_usage_errors(kwargs, words, no_launcher):

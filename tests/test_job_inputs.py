@@ -34,9 +34,10 @@ def files(tmp_path):
 
 BAD = [
     (["--data", "{floats}", "--loss", "cross-entropy"],
-     "--data: '{floats}' holds floating-point targets y; allowed: integer class labels"),
-    (["--data", "{labels}"], "holds integer targets y (class labels?); allowed: "
-                             "floating-point targets with --loss mse"),
+     "--data: '{floats}' holds targets y of shape [2] a row and dtype float32 under --loss "
+     "cross-entropy; allowed: integer class labels, one a row (y of shape [N])"),
+    (["--data", "{labels}"], "holds integer targets y (class labels?) under --loss mse; "
+                             "allowed: floating-point targets with --loss mse"),
     (["--data", "{negative}", "--loss", "cross-entropy"], "holds a negative class label in y"),
     (["--data", "{labels}", "--loss", "cross-entropy", "--d-out", "2"],
      "holds the class label 2, but --d-out is 2; allowed: labels 0 to 1"),
@@ -44,7 +45,8 @@ BAD = [
                                                           "int64"),
     (["--loss", "cross-entropy"], "--loss: got 'cross-entropy' without --data"),
     (["--data", "{floats}", "--val-data", "{wide}"],
-     "--val-data: '{wide}' holds 5 input features; allowed: 3"),
+     "--val-data: '{wide}' holds inputs of shape [5] a row; allowed: [3], as the training "
+     "data's"),
     (["--data", "{floats}", "--val-data", "{labels}"], "--val-data: '{labels}' holds integer"),
     (["--steps", "5", "--epochs", "2"], "--steps and --epochs: got both; allowed: one of them"),
     (["--hidden", "8", "--model", "tests.user_models:small_mlp"],

@@ -19,6 +19,7 @@ from distnn.errors import UsageError
 from distnn.job.losses import LossFn, sum_loss
 from distnn.job.model import seeded_model
 from distnn.job.optimizers import build_optimizer
+from distnn.job.targets import loss_mismatch, val_mismatch
 
 
 @dataclass
@@ -82,8 +83,8 @@ def job_from_flags(config: TrainConfig, *, world_size: int, rank: int,
                        classification=train.labels, world_size=world_size, rank=rank)
         config = job.config
     if config.val_data:
-        job.val = _val_file(config, classification=job.classification,
-                            world_size=world_size, rank=rank)
+        train_rows = job.source.read(torch.arange(1)) if job.source else job.fixed
+        job.val = _val_file(config, train_rows=train_rows, world_size=world_size, rank=rank)
     job.optimizer = build_optimizer(config.optimizer, job.model.parameters(), lr=config.lr,
                                     momentum=config.momentum,
                                     weight_decay=config.weight_decay)
@@ -113,15 +114,13 @@ def rows_job(config: TrainConfig, *, source: RowSource, d_in: int, d_out: int,
 
 
 def _check_targets(file: DataFile, config: TrainConfig) -> int:
-    """Checks that y suits --loss; for class labels returns the number of classes (--d-out,
-    else the largest label + 1: every rank reads all of y, in bounded memory)."""
-    if config.loss == "cross-entropy" and not file.labels:
-        raise file.fail("holds floating-point targets y",
-                        "integer class labels y [N] with --loss cross-entropy")
-    if config.loss == "mse" and file.labels:
-        raise file.fail("holds integer targets y (class labels?)",
-                        "floating-point targets with --loss mse, or --loss cross-entropy "
-                        "for class labels")
+    """Checks that y suits --loss (distnn.job.targets); for class labels returns the number
+    of classes (--d-out, else the largest label + 1: every rank reads all of y, in bounded
+    memory)."""
+    mismatch = loss_mismatch(config.loss, file.read(torch.arange(1))[1], named="--loss {}",
+                             probabilities=False)
+    if mismatch:
+        raise file.fail(f"holds {mismatch[0]}", mismatch[1])
     if not file.labels:
         return 0
     largest = file.check_labels()
@@ -131,21 +130,18 @@ def _check_targets(file: DataFile, config: TrainConfig) -> int:
     return config.d_out or largest + 1
 
 
-def _val_file(config: TrainConfig, *, classification: bool, world_size: int,
-              rank: int) -> DataFile:
-    """--val-data, checked against the training data's widths and targets."""
+def _val_file(config: TrainConfig, *, train_rows: tuple[torch.Tensor, torch.Tensor],
+              world_size: int, rank: int) -> DataFile:
+    """--val-data, checked against the training rows (``train_rows``: some of them, or
+    none of a batch of that shape) and classes."""
     val = DataFile(config.val_data, flag="--val-data")
-    if val.d_in != config.d_in:
-        raise val.fail(f"holds {val.d_in} input features", f"{config.d_in}, as the model takes")
-    if classification != val.labels:
-        raise val.fail("holds " + ("integer class labels" if val.labels else "float targets"),
-                       "the same kind of targets as the training data")
+    mismatch = val_mismatch(*val.read(torch.arange(1)), *train_rows)
+    if mismatch:
+        raise val.fail(f"holds {mismatch[0]}", mismatch[1])
     if val.labels:
         largest = val.check_labels()
         if largest >= config.d_out:
             raise val.fail(f"holds the class label {largest}",
                            f"labels 0 to {config.d_out - 1}, the training data's classes")
-    elif val.d_out != config.d_out:
-        raise val.fail(f"holds {val.d_out} target columns", f"{config.d_out}, as the model has")
     val.check_share(world_size, rank)
     return val
