@@ -203,16 +203,91 @@ def test_step_overhead_by_hand():
 
 
 def test_overhead_fit_by_hand():
-    # world 2: model a (1000 B) 3 - 1 - 1 = 1 ms, model b (3000 B) 6 - 2 - 1 = 3 ms:
-    # b = 2 ms / 2000 B = 1e-6 s/B, a = 1 ms - 1e-3 s = 0
-    samples = []
-    for model, parts in (("a", (3.0, 1.0, 1.0)), ("b", (6.0, 2.0, 1.0))):
-        for kind, ms in zip(("trainer", "compute", "collective"), parts, strict=True):
-            for jitter in (-0.5, 0.0, 0.5):  # medians
-                samples.append({"model": model, "world_size": 2, "kind": kind,
-                                "ms": ms + jitter})
-    fit = calibrate.overhead_fit(samples, {"a": 1000, "b": 3000})
-    assert fit["2"] == pytest.approx([0.0, 1e-6], abs=1e-12)
+    # world 1: (1000 B, 1 ms) and (3000 B, 3 ms): b = 1e-6 s/B, a = 0; world 2, one point: a
+    # constant; world 4, three points off a line: least squares (b = 1e-6, a = 1e-3 + 1/3 ms)
+    fit = calibrate.overhead_fit({"1": [[1000, 1e-3], [3000, 3e-3]], "2": [[1000, 2e-3]],
+                                  "4": [[0, 1e-3], [1000, 3e-3], [2000, 3e-3]]})
+    assert fit["1"] == pytest.approx([0.0, 1e-6], abs=1e-12)
+    assert fit["2"] == pytest.approx([2e-3, 0.0])
+    assert fit["4"] == pytest.approx([1e-3 + 1e-3 / 3, 1e-6])
+
+
+def test_one_ranks_overhead_is_added_where_listed():
+    cluster = costmodel.Cluster(name="t", gpus_per_node=1, intra_alpha_s=0, intra_beta_s=0,
+                                inter_alpha_s=0, inter_beta_s=0,
+                                allreduce_fit={"2": [0.0, 0.0]},
+                                step_overhead_fit={"1": [1e-3, 0.0], "2": [1e-3, 0.0]})
+    rows = costmodel.predict(layer_params=[10], batch=10, cluster=cluster, worlds=[1, 2],
+                             compute=costmodel.Compute(fixed_ms=0.0, per_sample_ms=1.0))
+    assert [r["overhead_ms"] for r in rows] == pytest.approx([1.0, 1.0])
+    assert [r["step_ms"] for r in rows] == pytest.approx([11.0, 6.0])
+    assert [r["efficiency"] for r in rows] == pytest.approx([1.0, 11 / 12])  # T(1) has it too
+
+
+TINY = (calibrate.HeldOut("tiny a", 16, 20, (8,), 4), calibrate.HeldOut("tiny b", 16, 20, (64,), 4))
+
+
+def test_calibrate_measures_the_overhead_and_the_prediction_uses_it(tmp_path, capsys,
+                                                                   monkeypatch):
+    # Small models, few steps: what the file carries and what the prediction makes of it, not
+    # how well (docs/scaling.md records the real check).
+    monkeypatch.setattr(calibrate, "HELD_OUT", TINY)
+    out = tmp_path / "here.json"
+    assert scale.main(["calibrate", "--out", str(out), "--worlds", "2", "--sizes",
+                       "4096,65536", "--repeats", "1", "--rounds", "1",
+                       "--run-seconds", "0.01"]) == 0
+    said = capsys.readouterr().out
+    assert "calibrate: measured here in " in said and "held-out models tiny a, tiny b" in said
+    assert "gloo all-reduce at 2 ranks" in said and "\n  1 rank: a = " in said, said
+    assert "\n  2 ranks: a = " in said and said.rstrip().endswith(f"wrote {out}")
+    data = json.loads(out.read_text())
+    fit = data["cluster"]["step_overhead_fit"]
+    assert sorted(fit) == ["1", "2"] and all(len(line) == 2 for line in fit.values())
+    assert data["seconds"]["overhead"] > 0 and data["seconds"]["total"] >= (
+        data["seconds"]["collectives"] + data["seconds"]["overhead"])
+    assert [m["name"] for m in data["overhead"]["models"]] == ["tiny a", "tiny b"]
+    assert {s["name"] for s in data["overhead"]["samples"]} == {"tiny a", "tiny b"}
+    assert {s["world_size"] for s in data["overhead"]["samples"]} == {1, 2}
+
+    prediction = tmp_path / "p.json"
+    assert scale.main(["--cluster", str(out), "--batch-size", "16", "--d-in", "20", "--hidden",
+                       "32", "--d-out", "4", "--compute-ms", "1", "--worlds", "1,2",
+                       "--json", str(prediction)]) == 0
+    rows = json.loads(prediction.read_text())
+    n = (20 * 32 + 32 + 32 * 4 + 4) * 4
+    for row in rows:
+        a, b = fit[str(row["world_size"])]
+        assert row["overhead_ms"] == pytest.approx(max(0.0, a + b * n) * 1e3)
+        assert row["step_ms"] == pytest.approx(row["compute_ms"] + row["comm_ms"]
+                                               + row["overhead_ms"])
+
+
+def test_measure_times_distnns_step_beside_a_prediction(tmp_path, capsys):
+    prediction = tmp_path / "p.json"
+    prediction.write_text(json.dumps([{"world_size": 1, "step_ms": 1.0}]))
+    out = tmp_path / "m.json"
+    assert scale.main(["measure", "--batch-size", "16", "--d-in", "20", "--hidden", "8",
+                       "--d-out", "4", "--worlds", "1", "--steps", "5,25", "--rounds", "2",
+                       "--against", str(prediction), "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    row, = data["rows"]
+    assert row["world_size"] == 1 and row["rounds"] == 2 and row["ms_per_step"] > 0
+    assert row["error"] == pytest.approx(1.0 / row["ms_per_step"] - 1)
+    assert "| 1 | " in capsys.readouterr().out
+    assert [(s["short_steps"], s["long_steps"]) for s in data["samples"]] == [(5, 25)] * 2
+
+
+@pytest.mark.parametrize("args, says", [
+    (["measure", "--steps", "25,5"], "--steps"),
+    (["measure", "--against", "UNREADABLE"], "--against"),
+    (["calibrate", "--out", "x.json", "--worlds", "2", "--overhead-worlds", "1,4"],
+     "--overhead-worlds"),
+])
+def test_bad_input_to_calibrate_and_measure(tmp_path, capsys, args, says):
+    assert scale.main(_bad_args(args, tmp_path)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distnn: error: ") and says in lines[0]
+    assert "allowed:" in lines[0]
 
 
 def test_tbf_bucket_by_hand():

@@ -1,17 +1,21 @@
-"""Measuring gloo's all-reduce (and distnn's sum through rank 0) here, and fitting alpha, beta.
+"""Measuring on this machine what a prediction takes from a cluster file
+(``python -m distnn.scale calibrate``).
 
-:func:`measure` spawns ``world`` processes (as distnn.tools.bench does), each with one CPU thread
-(as torchrun sets OMP_NUM_THREADS=1), and times ``all_reduce(SUM)`` of float32 buffers of
-each size, and, for sizes and world sizes where distnn uses it, the sum through rank 0 (the
-same messages as distnn.distributed.gradsync.FlatGradSync._sum_via_root). Each sample is
-the mean of a few back-to-back calls after a barrier, on rank 0's clock; :func:`fit` takes medians.
+1. The collectives: :func:`measure` spawns ``world`` processes (:mod:`distnn.tools.spawn`),
+   each with one CPU thread (as torchrun sets OMP_NUM_THREADS=1), and times
+   ``all_reduce(SUM)`` of float32 buffers of each size, and, for sizes and world sizes where
+   distnn uses it, the sum through rank 0 (the same messages as
+   distnn.distributed.gradsync.FlatGradSync's). Each sample is the mean of a few back-to-back
+   calls after a barrier, on rank 0's clock; :func:`medians` takes medians. The fits are least
+   squares on relative error (each equation divided by its measured time, so 4 KB and 64 MB
+   count alike):
 
-The fits are least squares on relative error (each equation divided by its measured time,
-so 4 KB and 64 MB count alike):
+   - per world size p: ``T(n) = a_p + b_p n``;
+   - overall, the ring formula ``T(p, n) = 2 (p-1) alpha + 2 (p-1)/p n beta`` over all (p, n);
+   - through rank 0, overall: ``T(p, n) = 2 (p-1) (alpha + n beta)``.
 
-- per world size p: ``T(n) = a_p + b_p n``;
-- overall, the ring formula ``T(p, n) = 2 (p-1) alpha + 2 (p-1)/p n beta`` over all (p, n);
-- through rank 0, overall: ``T(p, n) = 2 (p-1) (alpha + n beta)``.
+2. The per-step overhead (:func:`measure_overhead`): distnn's own step on held-out models,
+   less what the prediction without it gives for them (see the section below).
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from distnn.tools import costmodel, steptime
 from distnn.tools.spawn import join, spawn
 
 DEFAULT_SIZES = (4096, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
@@ -172,158 +177,153 @@ def cluster_description(rows: Sequence[dict], *, name: str, cores: int | None) -
     return description
 
 
-# -- distnn's own step, measured in place -------------------------------------------------
-#
-# ``measure_steps`` spawns ``world`` ranks (one thread each, as torchrun sets) and, in the
-# same processes, in alternating order over ``rounds`` rounds, times four things for one
-# model and global batch:
-#
-# - ``trainer``: distnn's real Trainer, a warm-up run then a timed run, its own ``wall_s``
-#   per step (as distnn.tools.bench does);
-# - ``compute``: the bare forward, sum-MSE backward and SGD update of this rank's shard,
-#   with ALL ranks doing it at once and no collective (compute under the same
-#   oversubscription as the trainer's);
-# - ``collective``: the one per-step sum alone, of the trainer's buffer (the gradients and
-#   its two extra slots), through rank 0 where distnn does that, else ``all_reduce``;
-# - ``bare``: compute then the collective, one after the other, in one loop.
-#
-# Each sample is a median over the timed steps (rank 0's clock, after a barrier).
+# -- one rank's compute, as the prediction measures it --------------------------------------
 
-STEP_KINDS = ("trainer", "compute", "collective", "bare")
-
-
-def _via_root(buffer, inbox: list, rank: int, world: int) -> None:
-    import torch.distributed as dist
-
-    if rank != 0:
-        dist.send(buffer, dst=0)
-        dist.recv(buffer, src=0)
-        return
-    for receive in [dist.irecv(box, src=peer) for peer, box in enumerate(inbox, 1)]:
-        receive.wait()
-    for box in inbox:
-        buffer.add_(box)
-    for send in [dist.isend(buffer, dst=peer) for peer in range(1, world)]:
-        send.wait()
-
-
-def _step_worker(rank: int, world: int, port: int, plan: dict, out_path: str) -> None:
-    join(rank, world, port)
-    import contextlib
-    import io
-
+def measure_compute(*, d_in: int, hidden: Sequence[int], d_out: int, batch: int,
+                    steps: int = 21) -> costmodel.Compute:
+    """One rank's step here (forward, sum MSE loss, backward, SGD update), one CPU thread,
+    median of ``steps``, at ``batch`` and at ``max(1, batch // 8)`` rows: the line through
+    the two gives fixed and per-sample time. (``python -m distnn.scale --measure`` and the
+    calibration's overhead both use it, so the overhead is fitted to the compute the
+    prediction will use.)"""
     import torch
-    import torch.distributed as dist
 
-    from distnn.config import TrainConfig
-    from distnn.data.shards import shard_bounds
-    from distnn.distributed.runtime import setup
     from distnn.job.model import build_model
-    from distnn.trainer import Trainer
 
-    d_in, hidden, d_out, batch = plan["d_in"], tuple(plan["hidden"]), plan["d_out"], plan["batch"]
-    steps, warmup = plan["steps"], plan["warmup"]
-    samples = []
-    with setup(device="cpu", timeout_s=600) as rt:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
         torch.manual_seed(0)
-        model = build_model(d_in=d_in, hidden=hidden, d_out=d_out)
-        first, stop = shard_bounds(batch, world, rank)
-        x, y = torch.randn(stop - first, d_in), torch.randn(stop - first, d_out)
+        model = build_model(d_in=d_in, hidden=tuple(hidden), d_out=d_out)
         loss_fn = torch.nn.MSELoss(reduction="sum")
-        params = sum(p.numel() for p in model.parameters())
-        buffer, slots = torch.ones(params + 2), torch.ones(2)
-        via_root = via_root_here(buffer.numel() * 4, world)
-        inbox = [torch.empty_like(buffer) for _ in range(world - 1)] if rank == 0 else []
 
-        def compute() -> None:
-            model.zero_grad()
-            loss_fn(model(x), y).backward()
-            with torch.no_grad():
-                for p in model.parameters():
-                    p -= 1e-12 * p.grad
-
-        def collective() -> None:
-            if via_root:
-                _via_root(buffer, inbox, rank, world)
-            else:
-                dist.all_reduce(buffer)
-
-        def bare() -> None:
-            compute()
-            torch.cat([p.grad.reshape(-1) for p in model.parameters()] + [slots], out=buffer)
-            collective()
-
-        def timed(once) -> float:
-            for _ in range(warmup):
-                once()
+        def median_ms(rows: int) -> float:
+            x, y = torch.randn(rows, d_in), torch.randn(rows, d_out)
             times = []
-            for _ in range(steps):
-                dist.barrier()
+            for step in range(steps + 2):
                 started = time.perf_counter()
-                once()
-                times.append(time.perf_counter() - started)
-            return statistics.median(times) * 1e3
+                model.zero_grad()
+                loss_fn(model(x), y).backward()
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p -= 1e-9 * p.grad
+                if step >= 2:
+                    times.append((time.perf_counter() - started) * 1e3)
+            return statistics.median(times)
 
-        def trainer() -> float:
-            config = TrainConfig(batch_size=batch, d_in=d_in, hidden=hidden, d_out=d_out,
-                                 lr=plan["lr"], log_every=0, quiet=True, verify_every=0)
-            for count in (warmup, steps):
-                run = Trainer(dataclasses.replace(config, steps=count), rt)
-                with contextlib.redirect_stdout(io.StringIO()):
-                    result = run.train()
-            return result.wall_s / steps * 1e3
-
-        kinds = {"trainer": trainer, "compute": lambda: timed(compute),
-                 "collective": lambda: timed(collective), "bare": lambda: timed(bare)}
-        names = list(STEP_KINDS)
-        for repeat in range(plan["rounds"]):
-            shift = repeat % len(names)
-            for name in names[shift:] + names[:shift]:
-                dist.barrier()
-                ms = kinds[name]()
-                samples.append({"model": plan["model"], "world_size": world, "kind": name,
-                                "round": repeat, "ms": ms, "via_root": via_root})
-                if rank == 0:
-                    print(f"  {plan['model']} p={world} {name} round {repeat}: {ms:.3f} ms",
-                          file=sys.stderr, flush=True)
-        dist.barrier()
-    if rank == 0:
-        with open(out_path, "w", encoding="utf-8") as file:
-            json.dump(samples, file)
+        small = max(1, batch // 8)
+        big_ms, small_ms = median_ms(batch), median_ms(small)
+    finally:
+        torch.set_num_threads(threads)
+    if batch == small:
+        return costmodel.Compute(fixed_ms=0.0, per_sample_ms=big_ms / batch)
+    per_sample = max(0.0, (big_ms - small_ms) / (batch - small))
+    return costmodel.Compute(fixed_ms=max(0.0, big_ms - per_sample * batch),
+                             per_sample_ms=per_sample)
 
 
-def measure_steps(*, model: str, world: int, batch: int, d_in: int, hidden: Sequence[int],
-                  d_out: int, lr: float, steps: int, warmup: int = 3, rounds: int = 5,
-                  out_dir: str = ".") -> list[dict]:
-    """Samples ``{"model", "world_size", "kind", "round", "ms"}`` (see STEP_KINDS above)."""
-    path = os.path.join(out_dir, f".steps-{model}-{world}.json")
-    plan = {"model": model, "batch": batch, "d_in": d_in, "hidden": list(hidden),
-            "d_out": d_out, "lr": lr, "steps": steps, "warmup": warmup, "rounds": rounds}
-    spawn(_step_worker, world, plan, path)
-    with open(path, encoding="utf-8") as file:
-        samples = json.load(file)
-    os.remove(path)
-    return samples
+# -- the per-step overhead, on models the calibration does not then check -------------------
+#
+# distnn's step costs more than the model's compute plus its collective: packing the buffer,
+# the update, the loss and vote slots, the replica checks, and above all the wait for the
+# slowest rank and for gloo's threads to be scheduled on cores the other ranks keep busy.
+# None of that has a formula here; it is measured. For each held-out model and world size,
+# distnn's own step (``python -m distnn.train``, steptime) is timed, and the prediction
+# WITHOUT the overhead (this calibration's collective fits, the compute as ``--measure``
+# times it) is subtracted: the rest is the overhead the prediction lacks. Per world size it
+# is fitted as ``a_p + b_p n`` (n: gradient bytes) over the held-out models, and the
+# prediction adds it (costmodel.step_overhead_s).
+
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+    """A model the overhead is measured on: distnn's MLP on one fixed batch."""
+
+    name: str
+    batch: int
+    d_in: int
+    hidden: tuple[int, ...]
+    d_out: int
+
+    @property
+    def layer_params(self) -> list[int]:
+        return costmodel.mlp_layer_params(self.d_in, list(self.hidden), self.d_out)
+
+    @property
+    def gradient_bytes(self) -> int:
+        return sum(self.layer_params) * costmodel.BYTES_PER_PARAM
+
+    def flags(self) -> list[str]:
+        return steptime.mlp_flags(batch=self.batch, d_in=self.d_in, hidden=self.hidden,
+                                  d_out=self.d_out)
 
 
-def overhead_fit(samples: Sequence[dict], bytes_of: dict[str, int]) -> dict[str, list[float]]:
-    """``{world_size: [a_s, b_s_per_byte]}``: per world size, the line through (gradient bytes,
-    trainer step minus compute minus collective, each the median of its rounds in
-    :func:`measure_steps` samples) over the models in ``bytes_of`` (at least two)."""
-    groups: dict[tuple, list[float]] = {}
-    for s in samples:
-        if s["model"] in bytes_of:
-            groups.setdefault((s["world_size"], s["model"], s["kind"]), []).append(s["ms"])
+# The tutorial's batch and widths in and out; hidden widths whose gradients (202 KB and 1.0 MB,
+# summed through rank 0 on up to 8 ranks) bracket the tutorial's 404 KB, and one past the
+# via-rank-0 limit (4.0 MB, a ring all-reduce), so that a larger model is not a pure
+# extrapolation. None of them is the tutorial: the calibration is checked on models it did
+# not fit.
+HELD_OUT = (HeldOut("mlp 1000-50-10", 64, 1000, (50,), 10),
+            HeldOut("mlp 1000-250-10", 64, 1000, (250,), 10),
+            HeldOut("mlp 1000-1000-10", 64, 1000, (1000,), 10))
+
+
+def overhead_fit(points: dict[str, Sequence[Sequence[float]]]) -> dict[str, list[float]]:
+    """``{world_size: [a_s, b_s_per_byte]}`` from ``{world_size: [[bytes, seconds], ...]}``:
+    per world size, the least-squares line through its points (a constant for one point)."""
     fits = {}
-    for p in sorted({p for p, _, _ in groups}):
-        points = []
-        for model, n in sorted(bytes_of.items(), key=lambda item: item[1]):
-            parts = [groups.get((p, model, kind)) for kind in ("trainer", "compute", "collective")]
-            if all(parts):
-                trainer, compute, collective = (statistics.median(v) / 1e3 for v in parts)
-                points.append((n, trainer - compute - collective))
-        if len(points) >= 2:
-            (n0, t0), (n1, t1) = points[0], points[-1]
-            b = (t1 - t0) / (n1 - n0)
-            fits[str(p)] = [t0 - b * n0, b]
+    for p, pairs in points.items():
+        n = np.asarray([pair[0] for pair in pairs], float)
+        t = np.asarray([pair[1] for pair in pairs], float)
+        if len(pairs) == 1 or np.ptp(n) == 0:
+            fits[p] = [float(t.mean()), 0.0]
+        elif len(pairs) >= 2:
+            b, a = np.polyfit(n, t, 1)
+            fits[p] = [float(a), float(b)]
     return fits
+
+
+def measure_overhead(cluster: dict, worlds: Sequence[int], *,
+                     models: Sequence[HeldOut] | None = None, rounds: int = 3,
+                     seconds_per_run: float = 1.5, log: Callable[[str], object] = print) -> dict:
+    """The per-step overhead for ``cluster`` (a description from :func:`cluster_description`,
+    whose collective fits it uses) at ``worlds``, on ``models`` (default :data:`HELD_OUT`):
+    ``{"step_overhead_fit", "models", "compute", "points", "samples", "seconds", ...}``;
+    ``points[p]``: [gradient bytes, overhead seconds] per model. ``log`` gets a line per
+    part of the work, with how long it took."""
+    started = time.perf_counter()
+    models = HELD_OUT if models is None else models
+    base = costmodel.Cluster.from_json({**cluster, "step_overhead_fit": {}})
+    compute = {m.name: measure_compute(d_in=m.d_in, hidden=m.hidden, d_out=m.d_out,
+                                       batch=m.batch) for m in models}
+    log(f"calibrate: one rank's compute (one thread) of {len(models)} held-out models: "
+        + ", ".join(f"{m.name} {compute[m.name].ms(m.batch):.3f} ms" for m in models)
+        + f" ({time.perf_counter() - started:.1f} s)")
+    predicted = {(m.name, p): costmodel.predict(layer_params=m.layer_params, batch=m.batch,
+                                                compute=compute[m.name], cluster=base,
+                                                worlds=[p])[0]["step_ms"]
+                 for m in models for p in worlds}
+    samples = []
+    for p in worlds:
+        began = time.perf_counter()
+        # the step is often twice the prediction without its overhead: runs of ~the seconds asked
+        steps = {m.name: steptime.steps_for(2 * predicted[m.name, p], seconds=seconds_per_run)
+                 for m in models}
+        samples += steptime.measure([(m.name, m.flags()) for m in models], world=p,
+                                    steps=steps, rounds=rounds, progress=False)
+        measured = steptime.medians(samples)
+        log(f"calibrate: distnn's step at {p} rank{'s' if p > 1 else ''}, {rounds} rounds: "
+            + ", ".join(f"{m.name} {measured[m.name, p]['ms_per_step']:.3f} ms "
+                        f"(predicted without overhead {predicted[m.name, p]:.3f})"
+                        for m in models)
+            + f" ({time.perf_counter() - began:.1f} s)")
+    measured = steptime.medians(samples)
+    points = {str(p): [[m.gradient_bytes,
+                        (measured[m.name, p]["ms_per_step"] - predicted[m.name, p]) / 1e3]
+                       for m in models] for p in worlds}
+    return {"step_overhead_fit": overhead_fit(points),
+            "models": [dataclasses.asdict(m) for m in models],
+            "compute": {name: dataclasses.asdict(c) for name, c in compute.items()},
+            "predicted_without_overhead_ms": {f"{name} @ {p}": ms
+                                              for (name, p), ms in predicted.items()},
+            "points": points, "samples": samples,
+            "seconds": time.perf_counter() - started}

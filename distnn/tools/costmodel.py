@@ -43,7 +43,8 @@ left out (the same reason). The ring's two directions run at once, so its idle t
 compute alone. Only the first collective of a step gets the bucket (later buckets follow on
 the link without idle time counted); measured fits and the tree are not changed by it.
 Where the cluster lists a measured per-step overhead for p ranks (``step_overhead_fit``: the
-packing, the update, the wait for the slowest rank and for gloo's threads), it is added.
+packing, the update, the wait for the slowest rank and for gloo's threads), it is added, one
+rank included.
 """
 
 from __future__ import annotations
@@ -117,17 +118,17 @@ class Cluster:
     rank has a device of its own. ``compute_contention`` (with ``cores``): a rank's compute
     with 2 or more ranks on the machine, all computing at once, over the same compute in one
     process alone (gloo's threads and the other ranks share the cores, the caches and the
-    memory bandwidth), measured by :func:`distnn.tools.calibrate.measure_steps`; it multiplies the
-    compute of every p >= 2 (together with p / cores). ``flop_per_s`` and ``step_floor_ms``
-    give a step's compute when it is not measured or given:
-    ``floor + 6 * params * batch / flop_per_s``.
+    memory bandwidth); it multiplies the compute of every p >= 2 (together with p / cores).
+    The calibration leaves it at 1: the overhead below takes in what it would.
+    ``flop_per_s`` and ``step_floor_ms`` give a step's compute when it is not measured or
+    given: ``floor + 6 * params * batch / flop_per_s``.
 
     ``step_overhead_fit``: measured ``{world_size: [a_s, b_s_per_byte]}``, the time distnn's
-    step takes beyond its compute and its collective each measured alone, for a gradient
-    buffer of n bytes: packing the buffer, the loss and vote slots, the update, the wait for
-    the slowest rank and for gloo's threads to be scheduled on cores busy with the others'
-    compute (:func:`distnn.tools.calibrate.overhead_fit`, from models other than those checked).
-    Added to the step of that world size, where listed.
+    step takes beyond what the rest of this model predicts for it, for a gradient buffer of n
+    bytes: packing the buffer, the loss and vote slots, the update, the wait for the slowest
+    rank and for gloo's threads to be scheduled on cores busy with the others' compute
+    (:func:`distnn.tools.calibrate.measure_overhead`, on models other than those checked).
+    Added to the step of that world size, where listed, one rank included.
 
     ``burst_bytes``: the token bucket of each direction of a shaped link (tc tbf's ``burst``,
     as configured; 0: no bucket) on the inter-node links and on the sum through rank 0;
@@ -251,9 +252,8 @@ def gradient_sum_s(n_bytes: float, p: int, cluster: Cluster, *, buckets: int = 1
 
 def step_overhead_s(n_bytes: float, p: int, cluster: Cluster) -> float:
     """The measured per-step overhead for a gradient buffer of ``n_bytes`` on ``p`` ranks
-    (``a + b n`` from ``cluster.step_overhead_fit``, not below 0); 0 where none is listed."""
-    if p <= 1:
-        return 0.0
+    (``a + b n`` from ``cluster.step_overhead_fit``, not below 0); 0 where none is listed
+    (one rank included: a calibration lists it, the step's own work beyond its compute)."""
     fitted = _fitted(cluster.step_overhead_fit, p, n_bytes)
     return max(0.0, fitted) if fitted is not None else 0.0
 
@@ -339,8 +339,9 @@ def predict(*, layer_params: Sequence[int], batch: int, compute: Compute, cluste
                      "comm_ms": exposed * 1e3, "overhead_ms": overhead * 1e3,
                      "step_ms": step * 1e3,
                      "samples_per_s": global_batch / step})
-    one = compute.ms(batch)  # one rank, whole batch (strong) or its batch (weak), no comm
-    base_step = one / 1e3
+    # one rank, whole batch (strong) or its batch (weak), no collective; its overhead if listed
+    base_step = compute.ms(batch) / 1e3 + step_overhead_s(sum(layer_params) * BYTES_PER_PARAM,
+                                                          1, cluster)
     for row in rows:
         p = row["world_size"]
         row["speedup"] = (base_step / row["step_ms"] * 1e3 if scaling == "strong"

@@ -1,9 +1,15 @@
 """How far it scales: predicted step time per world size from a calibrated cost model.
 
-    python -m distnn.scale calibrate --out FILE [--worlds 2,4,8] [--sizes 4096,...]
+    python -m distnn.scale calibrate --out FILE [--worlds 2,4,8] [--overhead-worlds 1,2,4,8]
     python -m distnn.scale [--batch-size B --d-in D --hidden H,... --d-out O | --params N]
         [--compute-ms X | --measure] --cluster PRESET|FILE --worlds 1,2,4,...
         [--scaling strong|weak] [--bucket-mb M] [--json PATH] [--plot PATH]
+    python -m distnn.scale measure [--batch-size B --d-in D --hidden H,... --d-out O]
+        --worlds 1,2,4 [--steps 500,2500] [--against PREDICTION.json] [--json PATH]
+
+``calibrate`` measures on this machine everything a prediction takes from a cluster file (the
+collectives, and distnn's per-step overhead on held-out models); ``measure`` times distnn's
+own step, to check a prediction the way a user would.
 
 The model and its sources: docs/scaling.md; the formulas: distnn/tools/costmodel.py.
 """
@@ -13,12 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
 from distnn.errors import UsageError
-from distnn.tools import costmodel
+from distnn.tools import calibrate, costmodel, steptime
+from distnn.tools.calibrate import measure_compute
 
 PRESET_NAMES = ("nvlink-ib400", "horovod-roce25", "this-machine-gloo")
 
@@ -44,7 +50,7 @@ def _positive(value: float | None, flag: str, *, zero_ok: bool = False) -> None:
 def load_cluster(spec: str) -> costmodel.Cluster:
     """A preset by name, or a cluster description JSON file (as ``calibrate`` writes)."""
     if spec == "this-machine-gloo":
-        spec_path = _this_machine_file()
+        spec_path = this_machine_file()
         if spec_path is None:
             raise UsageError("--cluster this-machine-gloo: docs/results/scale-calibration-cpu.json "
                              "not found; allowed: run from the repository, or give a FILE from "
@@ -64,47 +70,10 @@ def load_cluster(spec: str) -> costmodel.Cluster:
                          f"{', '.join(PRESET_NAMES)}, or a JSON file from `calibrate`") from None
 
 
-def _this_machine_file() -> str | None:
+def this_machine_file() -> str | None:
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     here = os.path.join(repo, "docs", "results", "scale-calibration-cpu.json")
     return here if os.path.exists(here) else None
-
-
-def measure_compute(*, d_in: int, hidden: list[int], d_out: int, batch: int,
-                    steps: int = 7) -> costmodel.Compute:
-    """One rank's step here (forward, sum MSE loss, backward, SGD update), one CPU thread,
-    median of ``steps``, at ``batch`` and at ``max(1, batch // 8)`` rows: the line through
-    the two gives fixed and per-sample time."""
-    import torch
-
-    from distnn.job.model import build_model
-
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = build_model(d_in=d_in, hidden=tuple(hidden), d_out=d_out)
-    loss_fn = torch.nn.MSELoss(reduction="sum")
-
-    def median_ms(rows: int) -> float:
-        x, y = torch.randn(rows, d_in), torch.randn(rows, d_out)
-        times = []
-        for step in range(steps + 2):
-            started = time.perf_counter()
-            model.zero_grad()
-            loss_fn(model(x), y).backward()
-            with torch.no_grad():
-                for p in model.parameters():
-                    p -= 1e-9 * p.grad
-            if step >= 2:
-                times.append((time.perf_counter() - started) * 1e3)
-        return statistics.median(times)
-
-    small = max(1, batch // 8)
-    big_ms, small_ms = median_ms(batch), median_ms(small)
-    if batch == small:
-        return costmodel.Compute(fixed_ms=0.0, per_sample_ms=big_ms / batch)
-    per_sample = max(0.0, (big_ms - small_ms) / (batch - small))
-    return costmodel.Compute(fixed_ms=max(0.0, big_ms - per_sample * batch),
-                             per_sample_ms=per_sample)
 
 
 def table(rows: list[dict], header: str) -> str:
@@ -146,32 +115,183 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     plt.close(figure)
 
 
-def _calibrate(argv: list[str]) -> int:
-    from distnn.tools import calibrate
+def _note(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
-    parser = argparse.ArgumentParser(prog="python -m distnn.scale calibrate")
+
+def _kb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} KB"
+
+
+def _calibrate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m distnn.scale calibrate",
+        description="Measures here everything the prediction takes from a cluster file: gloo's "
+                    "all-reduce and distnn's sum through rank 0 at --worlds, and distnn's own "
+                    "step (python -m distnn.train) on held-out models at --overhead-worlds, "
+                    "whose time beyond the rest of the prediction is the per-step overhead.")
     parser.add_argument("--out", required=True, help="cluster description JSON to write")
-    parser.add_argument("--worlds", default="2,4,8")
+    parser.add_argument("--worlds", default="2,4,8", help="world sizes of the collectives")
     parser.add_argument("--sizes", default=",".join(str(s) for s in calibrate.DEFAULT_SIZES),
                         help="buffer sizes in bytes, comma-separated")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="samples per collective")
+    parser.add_argument("--overhead-worlds", default=None,
+                        help="world sizes of the per-step overhead (default: 1 and --worlds); "
+                             "'none' measures none (the prediction then has no overhead)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of distnn's step per held-out model and world size")
+    parser.add_argument("--run-seconds", type=float, default=1.5,
+                        help="about how long the longer of each pair of timed runs takes")
     parser.add_argument("--name", default="this-machine-gloo")
     args = parser.parse_args(argv)
     worlds = _ints(args.worlds, "--worlds", 2)
     sizes = _ints(args.sizes, "--sizes", 4)
-    if args.repeats < 1:
-        raise UsageError(f"--repeats {args.repeats} is not allowed; allowed: integers >= 1")
+    if args.overhead_worlds is None:
+        overhead_worlds = sorted({1, *worlds})
+    elif args.overhead_worlds.strip().lower() == "none":
+        overhead_worlds = []
+    else:
+        overhead_worlds = _ints(args.overhead_worlds, "--overhead-worlds", 1)
+    if missing := sorted(set(overhead_worlds) - {1, *worlds}):
+        raise UsageError(f"--overhead-worlds {args.overhead_worlds}: no collective is measured "
+                         f"at {', '.join(map(str, missing))}; allowed: 1 and --worlds "
+                         f"({args.worlds})")
+    for flag, value in (("--repeats", args.repeats), ("--rounds", args.rounds)):
+        if value < 1:
+            raise UsageError(f"{flag} {value} is not allowed; allowed: integers >= 1")
+    _positive(args.run_seconds, "--run-seconds")
     started = time.perf_counter()
     samples = calibrate.measure(worlds, sizes, repeats=args.repeats,
                                 out_dir=os.path.dirname(os.path.abspath(args.out)))
+    collectives_s = time.perf_counter() - started
     rows = calibrate.medians(samples)
     cluster = calibrate.cluster_description(rows, name=args.name, cores=os.cpu_count())
+    _note(f"calibrate: collectives measured ({collectives_s:.1f} s)")
+    overhead = None
+    if overhead_worlds:
+        overhead = calibrate.measure_overhead(cluster, overhead_worlds, rounds=args.rounds,
+                                              seconds_per_run=args.run_seconds, log=_note)
+        cluster["step_overhead_fit"] = overhead["step_overhead_fit"]
+        cluster["source"] += ("; step_overhead_fit: distnn's step on the held-out models "
+                              + ", ".join(m["name"] for m in overhead["models"])
+                              + " less the prediction without it")
+    total_s = time.perf_counter() - started
     with open(args.out, "w", encoding="utf-8") as file:
-        json.dump({"cluster": cluster, "medians": rows, "samples": samples,
-                   "seconds": time.perf_counter() - started}, file, indent=1)
-    print(f"alpha {cluster['intra_alpha_s'] * 1e6:.1f} us, beta "
-          f"{cluster['intra_beta_s'] * 1e9:.3f} ns/B ({1e-9 / cluster['intra_beta_s']:.2f} GB/s); "
-          f"wrote {args.out}")
+        json.dump({"cluster": cluster, "argv": argv,
+                   "seconds": {"collectives": collectives_s,
+                               "overhead": overhead["seconds"] if overhead else 0.0,
+                               "total": total_s},
+                   "medians": rows, "samples": samples, "overhead": overhead}, file, indent=1)
+    print(calibration_report(cluster, rows, overhead, repeats=args.repeats,
+                             collectives_s=collectives_s, total_s=total_s, out=args.out), end="")
+    return 0
+
+
+def calibration_report(cluster: dict, rows: list[dict], overhead: dict | None, *, repeats: int,
+                       collectives_s: float, total_s: float, out: str) -> str:
+    """What ``calibrate`` measured, how long each part took, and what it found."""
+    ring = sorted({r["world_size"] for r in rows if r["kind"] == "allreduce"})
+    root = sorted({r["world_size"] for r in rows if r["kind"] == "via_root"})
+    sizes = sorted({r["bytes"] for r in rows})
+    lines = [f"calibrate: measured here in {total_s:.0f} s ({os.cpu_count()} cores):",
+             f"- gloo all-reduce at {', '.join(map(str, ring))} ranks, {len(sizes)} sizes "
+             f"{_kb(sizes[0])} to {_kb(sizes[-1])}"
+             + (f", and distnn's sum through rank 0 at {', '.join(map(str, root))} ranks"
+                if root else "")
+             + f", {repeats} samples each: {collectives_s:.0f} s. Ring fit alpha "
+             f"{cluster['intra_alpha_s'] * 1e6:.1f} us, beta {cluster['intra_beta_s'] * 1e9:.3f} "
+             f"ns/B ({1e-9 / cluster['intra_beta_s']:.2f} GB/s)."]
+    if overhead is None:
+        lines.append("- no per-step overhead (--overhead-worlds none): predictions from this "
+                     "file leave out distnn's own per-step work and waits")
+    else:
+        names = ", ".join(m["name"] for m in overhead["models"])
+        worlds = sorted(int(p) for p in overhead["points"])
+        lines.append(f"- one rank's compute (one thread, as --measure times it) and distnn's "
+                     f"own step (python -m distnn.train, the marginal time per step) on the "
+                     f"held-out models {names}, batch {overhead['models'][0]['batch']}, at "
+                     f"{', '.join(map(str, worlds))} rank(s): {overhead['seconds']:.0f} s.")
+        lines.append("- per-step overhead, distnn's step less the prediction without it, "
+                     "fitted as a + b n (n: gradient bytes):")
+        for p in worlds:
+            a, b = cluster["step_overhead_fit"][str(p)]
+            at = "; ".join(f"{_kb(n)} {t * 1e3:+.3f} ms" for n, t in overhead["points"][str(p)])
+            lines.append(f"  {p} rank{'s' if p > 1 else ''}: a = {a * 1e3:.3f} ms, "
+                         f"b = {b * 1e9:.3f} ns/B (measured: {at})")
+    lines.append(f"wrote {out}")
+    return "\n".join(lines) + "\n"
+
+
+def _measure(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m distnn.scale measure",
+        description="Measures distnn's step here: python -m distnn.train with the MLP flags on "
+                    "each world size of spawned CPU ranks (one thread each, gloo, as torchrun "
+                    "starts them), the marginal time per step between a run of the first and "
+                    "of the second --steps (start-up and warm-up cancel), median of --rounds. "
+                    "With --against, beside a prediction's --json rows.")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--d-in", type=int, default=1000)
+    parser.add_argument("--hidden", default="100", help="hidden widths, comma-separated")
+    parser.add_argument("--d-out", type=int, default=10)
+    parser.add_argument("--worlds", default="1,2,4")
+    parser.add_argument("--steps", default="500,2500", help="SHORT,LONG step counts")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--against", default=None,
+                        help="a prediction's --json file: its step_ms beside the measurement")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    for flag, value in (("--batch-size", args.batch_size), ("--d-in", args.d_in),
+                        ("--d-out", args.d_out)):
+        _positive(value, flag)
+    hidden = _ints(args.hidden, "--hidden", 1)
+    worlds = _ints(args.worlds, "--worlds", 1)
+    steps = _ints(args.steps, "--steps", 1)
+    if len(steps) != 2 or steps[0] >= steps[1]:
+        raise UsageError(f"--steps {args.steps!r} is not SHORT,LONG; allowed: two step counts, "
+                         "the first smaller, e.g. 500,2500")
+    if args.rounds < 1:
+        raise UsageError(f"--rounds {args.rounds} is not allowed; allowed: integers >= 1")
+    predicted = {}
+    if args.against:
+        try:
+            with open(args.against, encoding="utf-8") as file:
+                predicted = {int(r["world_size"]): r for r in json.load(file)}
+        except (OSError, ValueError, TypeError, KeyError) as error:
+            raise UsageError(f"--against {args.against!r} could not be read ({error}); allowed: "
+                             "the --json file of `python -m distnn.scale`") from None
+    flags = steptime.mlp_flags(batch=args.batch_size, d_in=args.d_in, hidden=hidden,
+                               d_out=args.d_out)
+    what = f"MLP {args.d_in}-{'-'.join(map(str, hidden))}-{args.d_out}, batch {args.batch_size}"
+    samples = []
+    started = time.perf_counter()
+    for p in worlds:
+        _note(f"measure: {what} on {p} rank{'s' if p > 1 else ''}...")
+        samples += steptime.measure([(what, flags)], world=p, steps={what: tuple(steps)},
+                                    rounds=args.rounds)
+    medians = steptime.medians(samples)
+    rows = []
+    for p in worlds:
+        row = {"world_size": p, **medians[what, p]}
+        if p in predicted:
+            row["predicted_step_ms"] = predicted[p]["step_ms"]
+            row["error"] = predicted[p]["step_ms"] / row["ms_per_step"] - 1
+        rows.append(row)
+    lines = [f"{what}: python -m distnn.train {' '.join(flags)}, ms per step between "
+             f"{steps[0]} and {steps[1]} steps, median of {args.rounds} rounds "
+             f"({time.perf_counter() - started:.0f} s)", "",
+             "| world | measured ms/step | range | predicted ms/step | error |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        guess = (f"{row['predicted_step_ms']:.3f} | {100 * row['error']:+.0f}%"
+                 if "error" in row else " | ")
+        lines.append(f"| {row['world_size']} | {row['ms_per_step']:.3f} | {row['min_ms']:.3f}-"
+                     f"{row['max_ms']:.3f} | {guess} |")
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as file:
+            json.dump({"argv": argv, "flags": flags, "steps": steps, "rows": rows,
+                       "samples": samples}, file, indent=1)
     return 0
 
 
@@ -321,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["calibrate"]:
             return _calibrate(argv[1:])
+        if argv[:1] == ["measure"]:
+            return _measure(argv[1:])
         return _predict(argv)
     except UsageError as error:
         print(f"distnn: error: {error}", file=sys.stderr)
