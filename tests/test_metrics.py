@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -124,7 +125,7 @@ def test_a_resume_killed_while_it_rewrites_the_metrics_leaves_the_earlier_file_w
     def killed(*args):
         raise KeyboardInterrupt  # as a kill between writing the kept records and using them
 
-    monkeypatch.setattr(metrics.os, "replace", killed)
+    monkeypatch.setattr(os, "replace", killed)
     log = make_log(Run([1.0] * 6, start=2), path, io.StringIO())
     with pytest.raises(KeyboardInterrupt):
         log.begin(2)

@@ -1,4 +1,5 @@
-"""Rank 0's record of the run: loss lines on stdout, JSON Lines metrics, a progress bar.
+"""Rank 0's record of the run: loss lines on stdout, metrics records (to the sinks of
+distnn.run.sinks: the --metrics file, ...), a progress bar.
 
 Losses stay on the device during the step loop and are copied to the host in batches
 (about once a second and at the end), so logging never makes a step wait for the device.
@@ -8,7 +9,6 @@ What is printed is the same as printing every step as it happens.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -18,8 +18,8 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
-from distnn.resilience.outputs import write_file
 from distnn.run.lossrecord import LossRecord
+from distnn.run.sinks import JsonLinesFile, MetricsSink
 
 log = logging.getLogger("distnn")
 FLUSH_SECONDS = 1.0
@@ -61,18 +61,20 @@ class StepLog:
     The losses stay on the device until a flush pulls them (:meth:`maybe_flush` after each
     step: about once a second; and whenever the record is pulled for another reason). Steps
     ``0, K, 2K, ...`` (K = ``log_every``) are printed as ``step loss``, the reference
-    program's format; K = 0 prints none. The metrics file, when given, gets one object per
-    logged step (``step``, ``loss``, and the ``ms_per_step`` and ``samples_per_s`` measured
-    over the flush window holding that step), events such as ``{"event": "val", "step": S,
-    ...}`` (after step S - 1's line: S steps were done), then a final ``{"event":
-    "summary", ...}`` object. On an interactive terminal a progress bar (tqdm) shows the
-    step, the loss and steps/s, with the loss lines printed above it.
+    program's format; K = 0 prints none. Each metrics sink (the --metrics file when
+    ``metrics_path`` is given, and ``sinks``) gets one record per logged step (``step``,
+    ``loss``, and the ``ms_per_step`` and ``samples_per_s`` measured over the flush window
+    holding that step), events such as ``{"event": "val", "step": S, ...}`` (after step
+    S - 1's line: S steps were done), then a final ``{"event": "summary", ...}`` object.
+    On an interactive terminal a progress bar (tqdm) shows the step, the loss and steps/s,
+    with the loss lines printed above it.
     """
 
     def __init__(self, *, record: LossRecord, steps: int, log_every: int,
                  rows_between: Callable[[int, int], int],
                  metrics_path: str | None, out: IO[str] | None = None,
-                 progress: bool | None = None, print_steps: bool = True) -> None:
+                 progress: bool | None = None, print_steps: bool = True,
+                 sinks: list[MetricsSink] = ()) -> None:
         self.loss_record = record
         record.listeners.append(self._take)
         self.log_every = log_every
@@ -84,8 +86,9 @@ class StepLog:
         self.out = out
         self.written = record.pulled  # steps already written
         self.last_flush = time.perf_counter()
-        self.metrics_path = metrics_path
-        self.metrics: IO[str] | None = None
+        self.sinks: list[MetricsSink] = list(sinks)
+        if metrics_path:
+            self.sinks.insert(0, JsonLinesFile(metrics_path, written=lambda: self.written))
         if progress is None:
             progress = self.out.isatty()
         self.bar = None
@@ -94,26 +97,11 @@ class StepLog:
             self.bar = tqdm(total=steps, unit="step", file=self.out, ncols=columns, nrows=lines)
 
     def begin(self, steps: int = 0) -> None:
-        """Call just before the first step; ``steps`` were already done (by a checkpointed run).
-
-        The metrics file goes on where that run's left off: its records of those steps (and
-        of validations after them, up to ``steps``) are kept, later ones (a run cut off
-        after its checkpoint) dropped, so the file matches an uninterrupted run's. Without
-        an earlier file, it starts at ``steps``. The timing of the first flush window
-        starts now.
-        """
-        if self.metrics_path:
-            try:
-                # (a pipe or a device holds no earlier records: reading it could wait for good)
-                if steps and os.path.isfile(self.metrics_path):
-                    # whole or not at all: a run killed meanwhile leaves the earlier file
-                    kept = _records_before(self.metrics_path, steps)
-                    write_file(self.metrics_path, "".join(kept).encode("utf-8"))
-                    self.metrics = open(self.metrics_path, "a", encoding="utf-8")
-                else:
-                    self.metrics = open(self.metrics_path, "w", encoding="utf-8")
-            except OSError as error:
-                self._metrics_failed(error)
+        """Call just before the first step; ``steps`` were already done (by a checkpointed
+        run): each sink goes on where that run left off. The timing of the first flush
+        window starts now."""
+        for sink in self.sinks:
+            sink.begin(steps)
         self.written = steps
         if self.bar:
             self.bar.update(steps)
@@ -129,7 +117,8 @@ class StepLog:
         """Writes every recorded step not yet written (pulls the record: one host sync)."""
         self.loss_record.pull()
         self._to_out(self.out.flush)
-        self._to_metrics(None)
+        for sink in self.sinks:
+            sink.flush()
         self.last_flush = time.perf_counter()
 
     def _take(self, first: int, values: list[float]) -> None:
@@ -177,12 +166,8 @@ class StepLog:
             if self.bar:
                 self.bar.close()
                 self.bar = None
-            if self.metrics:
-                try:
-                    self.metrics.close()
-                except OSError as error:
-                    self._metrics_failed(error)
-                self.metrics = None
+            for sink in self.sinks:
+                sink.close()
 
     def _write(self, record: dict[str, Any], line: str | None) -> None:
         if line is not None:
@@ -190,7 +175,8 @@ class StepLog:
                 self._to_out(lambda: self.bar.write(line, file=self.out))
             else:
                 self._to_out(lambda: print(line, file=self.out))
-        self._to_metrics(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.write(record)
 
     def _to_out(self, write: Callable[[], None]) -> None:
         """Runs ``write`` (of stdout). A failure (a closed pipe, a full disk) warns once and
@@ -212,51 +198,7 @@ class StepLog:
                     os.close(devnull)
             self.out = open(os.devnull, "w")  # noqa: SIM115 - for the run
 
-    def _to_metrics(self, text: str | None) -> None:
-        """Writes ``text`` to the metrics file (None: flushes it). A write that fails (no
-        space, the folder gone, an I/O error) warns once and ends the metrics, not the run:
-        the weights are the run's result, the metrics a record of it."""
-        if not self.metrics:
-            return
-        try:
-            if text is None:
-                self.metrics.flush()
-            else:
-                self.metrics.write(text)
-        except OSError as error:
-            self._metrics_failed(error)
-
-    def _metrics_failed(self, error: OSError) -> None:
-        log.warning(f"could not write --metrics {self.metrics_path} "
-                    f"({error.strerror or error}); training goes on without metrics, which "
-                    f"end before step {self.written}")
-        metrics, self.metrics = self.metrics, None
-        if metrics is not None:
-            with contextlib.suppress(OSError):  # the same failure, once more
-                metrics.close()
-
-
 def _format(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
-
-
-def _records_before(path: str, steps: int) -> list[str]:
-    """The lines of an earlier metrics file at ``path`` for the first ``steps`` steps: step
-    records before ``steps``, events at ``steps`` or before; none if there is no file."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            lines = file.readlines()
-    except FileNotFoundError:
-        return []
-    kept = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a line cut short where the earlier run was stopped
-        event, step = record.get("event"), record.get("step")
-        if step is not None and (step < steps if event is None else step <= steps):
-            kept.append(line if line.endswith("\n") else line + "\n")
-    return kept
