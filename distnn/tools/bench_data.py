@@ -52,7 +52,7 @@ from distnn.run.lossrecord import TAIL
 from distnn.tools.bench_loops import end_worker
 from distnn.tools.spawn import join, spawn
 from distnn.tools.workload import Workload
-from distnn.trainer import Trainer, flag_job
+from distnn.trainer import Trainer, TrainResult, flag_job
 
 SEED = 0
 AGREEMENT_RTOL = 1e-5  # distnn's final losses across world sizes: rounding only
@@ -190,18 +190,16 @@ def in_memory_job(x: torch.Tensor, y: torch.Tensor) -> Callable[[TrainConfig, Ru
     return build
 
 
-def run_distnn(config: TrainConfig, rt: Runtime, build_job=flag_job) -> tuple[Trainer, Any]:
-    """One run of distnn's trainer (its summary line swallowed); returns it and its result."""
-    trainer = Trainer(config, rt, build_job=build_job)
+def run_distnn(config: TrainConfig, rt: Runtime, build_job=flag_job) -> TrainResult:
+    """One run of distnn's trainer (its summary line swallowed); returns its result."""
     with contextlib.redirect_stdout(io.StringIO()):
-        result = trainer.train()
-    return trainer, result
+        return Trainer(config, rt, build_job=build_job).train()
 
 
-def distnn_losses(trainer: Trainer, steps: int) -> list[float]:
-    """The global loss of each step of a finished ``steps``-step run (the trainer keeps the
-    newest lossrecord.TAIL of them on the host)."""
-    losses = list(trainer.losses.tail)
+def distnn_losses(result: TrainResult, steps: int) -> list[float]:
+    """The global loss of each step of a finished ``steps``-step run (the result holds the
+    newest lossrecord.TAIL of them)."""
+    losses = result.losses
     if len(losses) != steps:
         raise ValueError(f"the trainer kept {len(losses)} losses of a {steps}-step run; "
                          f"allowed: --speed-steps and --speed-warmup up to {TAIL}")
@@ -217,7 +215,7 @@ def _world_worker(rank: int, world: int, port: int, plan: dict, out_dir: str) ->
     shape = Workload(**plan["shape"])
     with setup(device="cpu", timeout_s=300) as rt:
         config = shape.config(data=plan["path"], epochs=plan["epochs"], seed=SEED)
-        _, result = run_distnn(config, rt)
+        result = run_distnn(config, rt)
         tensors = load_file(plan["path"])
         ddp = ddp_recipe(tensors["x"], tensors["y"], shape, epochs=plan["epochs"])
         if rank == 0:
@@ -247,12 +245,12 @@ def _speed_worker(rank: int, world: int, port: int, plan: dict, out_path: str) -
                         wall_s, losses = ddp["wall_s"], ddp["losses"]
                     else:
                         build = flag_job if name == DISTNN_FILE else in_memory_job(x, y)
-                        trainer, result = run_distnn(
+                        result = run_distnn(
                             shape.config(data=plan["path"], steps=steps, seed=SEED), rt, build)
                         wall_s = result.wall_s
                         # its losses are sums: per value, as the DDP recipe's mean
                         losses = [loss / (shape.batch_size * shape.d_out)
-                                  for loss in distnn_losses(trainer, steps)]
+                                  for loss in distnn_losses(result, steps)]
                 sample = {"variant": name, "round": round_index,
                           "ms_per_step": wall_s / plan["steps"] * 1e3, "losses": losses}
                 samples.append(sample)
@@ -358,7 +356,7 @@ def _memory_worker(rank: int, world: int, port: int, plan: dict, out_dir: str) -
                 return job
 
             config = shape.config(data=plan["path"], steps=plan["steps"], seed=SEED)
-            _, result = run_distnn(config, rt, watched_job)
+            result = run_distnn(config, rt, watched_job)
         end = proc_kb(_read("/proc/self/status"))
         rollup = proc_kb(_read("/proc/self/smaps_rollup"))
         report = {
