@@ -10,9 +10,9 @@ the same ``cat`` packs them, so they travel in the same collective as the gradie
 Why pack rather than let backward accumulate into views of the buffer (as DDP's
 ``gradient_as_bucket_view`` does): accumulating needs the buffer zeroed first and then one
 add per parameter, five kernels for the reference net where the ``cat`` is one (on a GPU
-each kernel is a launch: on an H200 a graph-captured reference step ran 25 kernels with
-views, 20 without), and it reads and writes the buffer more often. The cost is memory:
-the gradients exist twice for a moment.
+each kernel is a launch, and a small model's step is bound by its launches:
+docs/benchmarks.md#measurements-behind-the-codes-choices), and it reads and writes the
+buffer more often. The cost is memory: the gradients exist twice for a moment.
 
 For a large model the gradient buffer is split into buckets (``bucket_mb``). Backward
 produces gradients from the last layer to the first, so the buffers hold the parameters in
@@ -38,16 +38,18 @@ hundred KB is slow: 2(W-1) rounds of chunks, each a wake-up of gloo's threads. W
 ``via_root_max_mb``, a gradient buffer that small, on at most ``VIA_ROOT_MAX_RANKS`` ranks,
 is summed through rank 0 instead: every other rank sends its buffer to rank 0 (one
 point-to-point message each, received concurrently), rank 0 adds them in rank order and
-sends the sum back. Measured on a 2-core machine, 404 KB: 2.2 ms for the all-reduce against
-0.5 through rank 0 at 2 ranks, 5.8 against 1.35 at 4 (docs/benchmarks.md). Every rank then
-holds rank 0's bits, so the replicas stay identical.
+sends the sum back: several times faster for the reference model's 404 KB at 2 and 4
+ranks on a 2-core machine
+(docs/benchmarks.md#reference-workload-n64-1000---100---10-docsresultsbench-cpu-referencemd).
+Every rank then holds rank 0's bits, so the replicas stay identical.
 
 Each parameter starts at a multiple of ``ALIGN`` elements in the buffers, with zeros in
-the few slots between (they get zero gradients, so they stay zero). Packed end to end, the
-reference net's first layer started 4440 bytes in, not a multiple of 16: GPU kernels then
-take their slow, unvectorised path for every tensor of a call, and on an H100 the step's
-multi-tensor update took 13.7 us against 9.4 for the same update over separately allocated
-parameters; aligned, 9.43 us against the hand-made floor's 9.53 (docs/benchmarks.md).
+the few slots between (they get zero gradients, so they stay zero). A multi-tensor GPU
+kernel vectorises its loads only when every tensor it is given starts on 16 bytes, and
+packed end to end a parameter can start anywhere: then the whole update takes the slow,
+unvectorised path, while aligned it runs as fast as over separately allocated parameters,
+as measured on a GPU:
+docs/benchmarks.md#the-ninth-session-the-aligned-buffers-measured-a-replays-memory-the-bf16-fusions.
 
 Why SUM and no division: the loss is a sum over samples, so the full batch's gradient is
 the sum of the shards' gradients for any partition of the batch, empty shards included.

@@ -30,10 +30,10 @@ class LossRecord:
     def __init__(self, device: torch.device, *, start: int = 0, tail: list[float] = (),
                  wait: Callable[[], None] | None = None, window: int = WINDOW) -> None:
         self._window = torch.zeros(window, device=device)
-        # one view per slot, made once (for 4096 slots about 5 ms and 2.4 MB of host memory
-        # on this project's CPU): copying into a view costs less host time than
-        # ``window[index] = loss``, whose indexing is parsed at every step, and under
-        # --cuda-graph the step's host time is its loop's Python
+        # one view per slot, made once (a few ms and MB of host memory per run:
+        # docs/benchmarks.md#measurements-behind-the-codes-choices): copying into a view
+        # costs less host time than ``window[index] = loss``, whose indexing is parsed at
+        # every step, and under --cuda-graph the step's host time is its loop's Python
         self._slots = self._window.unbind()
         # the slot the next step's loss goes in, for steps that write it themselves
         self._slot = torch.full((), start % window, dtype=torch.long, device=device)
@@ -46,8 +46,8 @@ class LossRecord:
 
     def put(self, step: int, loss: torch.Tensor) -> None:
         """Writes ``step``'s loss (steps come in order); pulls when the window is full."""
-        # a loss of one value in any shape ([1] from a loss of the user's, say), as indexing
-        # took it
+        # a loss of one value in any shape ([1] from a loss of the user's, say) goes in as
+        # that value: the slot is 0-dim
         self._slots[step % len(self._slots)].copy_(loss.reshape(()) if loss.dim() else loss)
         self.recorded = step + 1
         if self.recorded - self.pulled >= len(self._window):
