@@ -1,30 +1,31 @@
 """The bf16 whole step's elementwise work in fewer passes over memory than as written.
 
-In the compiled bf16 step of the compute workload (N=8192, 4096 -> 4096 -> 4096) on an
-H100, the matmuls took 1.77 of 2.13 ms of GPU time and the elementwise work around them
-most of the rest, each piece a pass over a 64 MiB activation (docs/results/profile-gpu-h100.md).
-Two of those pieces can be done in fewer passes, with the same arithmetic; timed alone at
-that size, each way checked to agree with the other first (``bench_rates.fusion_leads``,
-H100, 2026-11-27):
+In the compiled bf16 step of a large MLP the matmuls run near their rate, and most of the
+rest of the GPU time is elementwise work around them, each piece a pass over a whole
+activation (a kernel profile: docs/results/profile-gpu-h100.md). Two of those pieces can be
+done in fewer passes, with the same arithmetic, and each is faster so, timed alone at the
+compute workload's size by ``bench_rates.fusion_leads`` (which checks first that both ways
+agree) in
+docs/benchmarks.md#the-ninth-session-the-aligned-buffers-measured-a-replays-memory-the-bf16-fusions:
 
-- **The sum MSE loss and its gradient** (0.164 ms as ``F.mse_loss`` is written, 0.102 ms
-  with each row summed first). Inductor computes a sum over the whole output as a split
-  reduction of its own, then the gradient in another pass over the output and targets;
-  with the rows summed first, one kernel computes the row sums and the gradient together.
-  Only the sum MSE loss (``--loss mse``, or a plain ``nn.MSELoss(reduction='sum')`` without
-  hooks) is rewritten: any other loss is computed as written.
-- **Linear then ReLU** (0.395 ms as an ``addmm`` and a ReLU, 0.354 ms as one cuBLASLt
-  call with a ReLU epilogue, ``torch._addmm_activation``). Inductor calls cuBLAS for the
-  matmul and adds a pass of its own for the ReLU; the epilogue applies it as the matmul
-  writes its output. The backward (the ReLU's mask, then the layer's three products) is
-  autograd's, written out, as that op has no derivative in torch.
+- **The sum MSE loss and its gradient**, with each row summed first. Inductor computes a
+  sum over the whole output as a split reduction of its own, then the gradient in another
+  pass over the output and targets; with the rows summed first, one kernel computes the
+  row sums and the gradient together. Only the sum MSE loss (``--loss mse``, or a plain
+  ``nn.MSELoss(reduction='sum')`` without hooks) is rewritten: any other loss is computed
+  as written.
+- **Linear then ReLU**, as one cuBLASLt call with a ReLU epilogue
+  (``torch._addmm_activation``). Inductor calls cuBLAS for the matmul and adds a pass of
+  its own for the ReLU; the epilogue applies it as the matmul writes its output. The
+  backward (the ReLU's mask, then the layer's three products) is autograd's, written out,
+  as that op has no derivative in torch.
 
-Both apply to the bf16 whole step (wholestep.py), where they were measured, unless the
-environment sets ``DISTNN_BF16_FUSIONS=0`` (the benchmark runs the step both ways). In fp32
-the reference model's loss and its gradient are one fused kernel already, and with cuBLASLt
-preferred (``TORCH_BLAS_PREFER_CUBLASLT=1``) its compiled step took 43.0 us of GPU time
-against cuBLAS's 35.7 (docs/results/profile-gpu-h100.md). The rounding differs from the step as
-written only in the order the loss's squares are added.
+Both apply to the bf16 whole step (wholestep.py) alone, the step they are measured faster
+in, unless the environment sets ``DISTNN_BF16_FUSIONS=0`` (the benchmark runs the step both
+ways). In fp32 the reference model's loss and its gradient are one fused kernel already,
+and its compiled step takes more GPU time with cuBLASLt preferred
+(``TORCH_BLAS_PREFER_CUBLASLT=1``) than with cuBLAS (docs/results/profile-gpu-h100.md). The
+rounding differs from the step as written only in the order the loss's squares are added.
 """
 
 from __future__ import annotations

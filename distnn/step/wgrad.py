@@ -1,9 +1,9 @@
 """A linear layer's weight gradient, ``dW = g.T @ x``, computed in a chosen memory layout.
 
 A matmul library picks its kernel by the operands' layouts (which of them is transposed),
-and the weight gradient's layout is the one cuBLAS serves worst in TF32: on an H200
-``g.T @ x`` ran at 224 TFLOP/s against 385 for the forward's ``x @ W.T`` and 308 for the
-input gradient's ``g @ W`` (docs/benchmarks.md; bf16 ran all three at the same rate). The
+and the weight gradient's ``g.T @ x`` is the layout cuBLAS serves slowest in TF32, well
+below the forward's ``x @ W.T`` and the input gradient's ``g @ W``, while bf16 serves all
+three at the same rate (measured: docs/benchmarks.md#against-the-gpu-targets-of-issue-3). The
 same product can be asked for in other layouts, at the price of a transposed copy of an
 operand for some of them; :data:`LAYOUTS` names them, and ``python -m distnn.tools.bench``
 times each on the GPU at hand (``bench_rates.weight_grad_layouts``).
@@ -15,8 +15,9 @@ steps (eager or compiled whole) use the layout the environment variable
 ``DISTNN_WEIGHT_GRAD`` names, in fp32 and TF32 (bf16 runs every layout at the full rate),
 or, unset, :func:`default`'s: for the whole step compiled in TF32 on a CUDA GPU the
 forward's layout, both operands copied (inductor writes the copies in the kernels that
-make g and x), which ran the compute workload's step in 4.61 against 5.29 ms/step on an
-H100 (docs/benchmarks.md); for every other run autograd's, which needs no mode at all.
+make g and x, so every matmul runs in cuBLAS's fast layout; measured faster there:
+docs/benchmarks.md#the-compute-workload-n8192-4096---4096---4096-second-call); for every
+other run autograd's, which needs no mode at all.
 """
 
 from __future__ import annotations
