@@ -28,7 +28,9 @@ from distnn.errors import UsageError
 log = logging.getLogger("distnn")
 
 FORMATS = (".safetensors", ".npz", ".pt")
-SCAN_BYTES = 4 * 2**20  # rows read at a time when a file is checked (more is no faster)
+# rows read at a time when a file is checked: a small peak of memory, and larger chunks
+# are no faster (docs/benchmarks.md#data-files-distnn-against-ddp--distributedsampler)
+SCAN_BYTES = 4 * 2**20
 _SAFETENSORS_DTYPES = {
     "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
     "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,

@@ -18,9 +18,10 @@ while Python code catches SIGTERM (training is running); otherwise it is sent af
 or that runs a loop of its own with no handler, ends by SIGTERM's default action.
 
 Why a poll and not prctl(PR_SET_PDEATHSIG): the death signal follows the *thread* that
-forked the child, not the process. torch 2.13's agent forks its workers on its main thread
-(so it would work today), but that is the launcher's internal choice, the call needs ctypes
-and Linux, and it misses a parent that died before the call. getppid() sees any parent go.
+forked the child, not the process. torch's agent (2.13) forks its workers on its main
+thread, where it would work, but that is the launcher's internal choice, the call needs
+ctypes and Linux, and it misses a parent that died before the call. getppid() sees any
+parent go.
 """
 
 from __future__ import annotations

@@ -6,9 +6,11 @@ too), so all ranks see the same total and stop after the same step, with no extr
 collective. The total is looked at every ``VOTE_EVERY`` steps: on the CPU it is read then;
 on a GPU it is copied to the host then and read at the next look, by which time that copy
 has long finished. So the host queues steps ahead of the device instead of waiting for it,
-and pays for one small copy every few steps rather than every step (a captured step takes
-well under 0.1 ms on the GPU). A rank alone (one process, or a group of one) has no votes
-to sum: it stops after the step its signal arrived in, reading nothing from the device.
+and pays for one small copy every few steps rather than every step (a small model's
+captured step takes well under 0.1 ms on a GPU:
+docs/benchmarks.md#the-reference-workload-the-graphs-against-the-floors). A rank alone (one
+process, or a group of one) has no votes to sum: it stops after the step its signal
+arrived in, reading nothing from the device.
 """
 
 from __future__ import annotations

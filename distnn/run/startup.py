@@ -202,7 +202,7 @@ def check_resume(checkpoint: Checkpoint, job: Job) -> None:
                          f"{'needs' if checkpoint.optimizer is None else 'has'} none; "
                          "allowed: resume with the same optimizer")
     saved, now = checkpoint.state.get("objects"), job_objects(job)
-    if saved is not None and saved != now:  # checkpoints before this record skip it
+    if saved is not None and saved != now:  # a checkpoint without the record skips it
         differ = [f"{kind} {saved.get(kind)} (now {name})" for kind, name in now.items()
                   if saved.get(kind) != name]
         raise UsageError(f"--checkpoint-dir: {checkpoint.path} was made with "
