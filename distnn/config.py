@@ -68,6 +68,23 @@ class TrainConfig:
                               inclusive=True)
     weight_decay: float = _option(0.01, "weight decay of --optimizer adamw", minimum=0.0,
                                   inclusive=True)
+    loss_reduction: str = _option("sum", "sum: the loss summed over the global batch (the "
+                                  "reference's); mean: that sum divided by the global "
+                                  "batch's count of targets (elements of y for mse, labels "
+                                  "for cross-entropy), as reduction='mean' over the whole "
+                                  "batch in one process", choices=("sum", "mean"))
+    lr_schedule: str = _option("constant", "the learning rate of each update: constant, or "
+                               "after --warmup-steps a linear or cosine decay from --lr to "
+                               "--min-lr over the run's steps",
+                               choices=("constant", "linear", "cosine"))
+    warmup_steps: int = _option(0, "updates over which the rate rises linearly to --lr, "
+                                "lr * (s + 1) / W for update s < W", minimum=0, metavar="W")
+    min_lr: float = _option(0.0, "the rate a linear or cosine schedule decays to", minimum=0.0,
+                            inclusive=True)
+    clip_grad_norm: float | None = _option(None, "scale the gradients so that their global L2 "
+                                           "norm is at most X, as "
+                                           "torch.nn.utils.clip_grad_norm_ does",
+                                           minimum=0.0, metavar="X")
     seed: int = _option(0, "torch.manual_seed before the data and weights are drawn; the "
                         "epoch order is seeded with seed + epoch", minimum=0,
                         maximum=2**62)  # seed + epoch stays a 64-bit integer
@@ -123,6 +140,9 @@ class TrainConfig:
                                  "allowed: one of them")
         if self.momentum >= 1:
             raise UsageError(f"--momentum: got {self.momentum!r}; allowed: a number in [0, 1)")
+        if self.min_lr > self.lr:
+            raise UsageError(f"--min-lr: got {self.min_lr!r}, above --lr {self.lr!r}; "
+                             "allowed: a rate from 0 to --lr")
         if self.model is not None and ":" not in self.model:
             raise UsageError(f"--model: got {self.model!r}; allowed: MODULE:FUNCTION, e.g. "
                              "mymodels:build")

@@ -41,7 +41,8 @@ from distnn.run.verifier import Verifier
 from distnn.settings import Settings
 from distnn.step.builder import StepBuilder
 from distnn.step.precision import Precision
-from distnn.step.update import Update
+from distnn.step.schedule import Schedule
+from distnn.step.update import ClipGradNorm, Update
 from distnn.step.wholestep import Summed
 
 log = logging.getLogger("distnn")
@@ -109,6 +110,7 @@ class Trainer:
         self.verifier: Verifier | None = None
         self.validator: Validator | None = None
         self.steps_log: StepLog | None = None  # rank 0's lines and metrics records
+        self._per_row: int | None = None  # targets a row counts (--loss-reduction mean)
 
     def train(self) -> TrainResult:
         """start up (agree, resume, replicate) -> steps -> checkpoint, summary, save.
@@ -181,24 +183,36 @@ class Trainer:
         start = agreed.start
         config = self.config = job.config
         self.losses = LossRecord(rt.device, start=start, tail=agreed.tail, wait=self.watch.wait)
+        # under --clip-grad-norm, each update's gradient norm, kept as the losses are
+        grad_norms = (LossRecord(rt.device, start=start, wait=self.watch.wait)
+                      if config.clip_grad_norm else None)
         self.checkpointer = Checkpointer(job, rt, self.losses, resumed=agreed.checkpoint,
                                          start=start, lock=agreed.lock)
         self.verifier = self.checkpointer.verifier = Verifier(
             self.losses, every=config.verify_every, start=start,
-            distributed=rt.communicates, kept=self.checkpointer.kept)
+            distributed=rt.communicates, kept=self.checkpointer.kept, grad_norms=grad_norms)
         val_results = self.checkpointer.restore_weights(job.model)
         self.sync = replicate(job.model, rt, bucket_mb=config.bucket_mb)
         self.checkpointer.restore_optimizer(job.optimizer, start)
+        schedule = (Schedule(config.lr_schedule, lr=config.lr, total=config.steps,
+                             warmup=config.warmup_steps, min_lr=config.min_lr)
+                    if config.lr_schedule != "constant" or config.warmup_steps else None)
+        update = Update(optimizer=job.optimizer, lr=config.lr, schedule=schedule, start=start,
+                        transforms=[ClipGradNorm(config.clip_grad_norm, grad_norms.put)]
+                        if grad_norms else [],
+                        mean_count=self._targets_of_step
+                        if config.loss_reduction == "mean" else None)
         if rt.is_main:
             self.steps_log = StepLog(
                 record=self.losses, steps=config.steps, rows_between=self._rows_between,
                 log_every=config.log_every, metrics_path=config.metrics,
-                progress=False if config.quiet else None, print_steps=not config.quiet)
+                progress=False if config.quiet else None, print_steps=not config.quiet,
+                rate=schedule.rate if schedule else None, grad_norms=grad_norms)
         self.validator = Validator(job, rt, autocast=self.precision.autocast,
                                    results=val_results,
                                    report=self.steps_log.event if self.steps_log else None)
         self.steps = StepBuilder(job, rt, precision=self.precision,
-                                 update=Update(optimizer=job.optimizer, lr=config.lr),
+                                 update=update,
                                  watch=self.watch, weight_grad=self.settings.weight_grad,
                                  bf16_fusions=self.settings.bf16_fusions)
         return start
@@ -207,6 +221,17 @@ class Trainer:
         """The global batch rows that steps ``start`` to ``stop - 1`` train on."""
         plan = self.job.plan  # None: the reference program's one batch, every step
         return plan.rows_between(start, stop) if plan else self.config.batch_size * (stop - start)
+
+    def _targets_of_step(self, step: int) -> int:
+        """--loss-reduction mean: the targets the loss of ``step``'s global batch counts (a
+        label a row for cross-entropy; every element of y otherwise), the same on every
+        rank."""
+        job = self.job
+        if self._per_row is None:
+            y = job.fixed[1] if job.fixed is not None else job.source.read(torch.arange(1))[1]
+            per_row = y[0].numel() if len(y) else job.config.d_out  # (an empty shard)
+            self._per_row = 1 if job.config.loss == "cross-entropy" else per_row
+        return self._rows_between(step, step + 1) * self._per_row
 
     def _checkpoint(self, done: int) -> None:
         self.checkpointer.save(done, self.sync.flat_params, val=self.validator.results,

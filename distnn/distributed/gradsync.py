@@ -217,6 +217,13 @@ class FlatGradSync:
         """The gradient part of the buffer (1-dim, the parameters' layout in ``flat_params``)."""
         return self._grads
 
+    def summed_grads(self) -> list[torch.Tensor]:
+        """The summed gradients after a step's sum, as the tensors that hold them: the
+        flat gradient buffer, or (not distributed: nothing was packed) each ``p.grad``."""
+        if self.distributed:
+            return [self._grads]
+        return [p.grad for p in self.params if p.grad is not None]
+
     @property
     def buckets(self) -> int:
         """How many parts the gradient buffer is summed in (each an all-reduce)."""

@@ -74,9 +74,18 @@ class StepLog:
                  rows_between: Callable[[int, int], int],
                  metrics_path: str | None, out: IO[str] | None = None,
                  progress: bool | None = None, print_steps: bool = True,
-                 sinks: list[MetricsSink] = ()) -> None:
+                 sinks: list[MetricsSink] = (), rate: Callable[[int], float] | None = None,
+                 grad_norms: LossRecord | None = None) -> None:
         self.loss_record = record
         record.listeners.append(self._take)
+        # a logged step's record also holds its learning rate (``rate(step)``, under a
+        # schedule) and its gradient norm (from ``grad_norms``, under clipping)
+        self.rate = rate
+        self.grad_norms = grad_norms
+        self._norms: dict[int, float] = {}  # pulled norms of steps not yet written
+        if grad_norms is not None:
+            grad_norms.listeners.append(
+                lambda first, values: self._norms.update(enumerate(values, start=first)))
         self.log_every = log_every
         self.print_steps = print_steps  # False (--quiet): logged steps go to the metrics only
         self.rows_between = rows_between  # (start, stop) -> rows steps start..stop-1 train on
@@ -115,6 +124,8 @@ class StepLog:
 
     def flush(self) -> None:
         """Writes every recorded step not yet written (pulls the record: one host sync)."""
+        if self.grad_norms is not None:
+            self.grad_norms.pull()
         self.loss_record.pull()
         self._to_out(self.out.flush)
         for sink in self.sinks:
@@ -128,10 +139,17 @@ class StepLog:
         rows = self.rows_between(first, first + len(values))  # an epoch's last batch may be smaller
         timing = {"ms_per_step": round(seconds / len(values) * 1e3, 6),
                   "samples_per_s": round(rows / seconds, 1)}
+        if self.grad_norms is not None and self.grad_norms.recorded > self.grad_norms.pulled:
+            self.grad_norms.pull()  # the losses were pulled on their own (a check, say)
         for step, loss in enumerate(values, start=first):
+            norm = self._norms.pop(step, None)
             if self.log_every and step % self.log_every == 0:
-                self._write({"step": step, "loss": loss, **timing},
-                            f"{step} {loss}" if self.print_steps else None)
+                record = {"step": step, "loss": loss, **timing}
+                if self.rate is not None:
+                    record["lr"] = self.rate(step)
+                if norm is not None:
+                    record["grad_norm"] = norm
+                self._write(record, f"{step} {loss}" if self.print_steps else None)
         if self.bar:
             self.bar.set_postfix(loss=f"{values[-1]:.6g}", refresh=False)
             self.bar.update(len(values))

@@ -96,6 +96,19 @@ def check_job(job: Job, *, ranks: int = 1) -> None:
         check_no_batch_statistics(job)
     check_model_output(job)
     config = job.config
+    if config.warmup_steps > config.steps:
+        raise UsageError(f"--warmup-steps: got {config.warmup_steps}, beyond the run's "
+                         f"{config.steps} steps; allowed: 0 to {config.steps}")
+    recipe = [text for text, given in (
+        (f"--lr-schedule {config.lr_schedule}", config.lr_schedule != "constant"),
+        (f"--warmup-steps {config.warmup_steps}", config.warmup_steps),
+        (f"--clip-grad-norm {flag_text(config.clip_grad_norm)}", config.clip_grad_norm),
+        ("--loss-reduction mean", config.loss_reduction == "mean")) if given]
+    for flag, on in (("--compile", config.compile), ("--cuda-graph", config.cuda_graph)):
+        if on and recipe:
+            raise UsageError(f"{flag}: got {', '.join(recipe)}, which the {flag} step does "
+                             f"not apply yet; allowed: these without {flag}, or {flag} with "
+                             "a constant rate, no clipping and the sum loss")
     if not config.cuda_graph:
         return
     if job.optimizer is not None:
@@ -211,7 +224,9 @@ def check_resume(checkpoint: Checkpoint, job: Job) -> None:
     # the settings this run's update reads (an optimizer object given to fit reads none)
     given_optimizer = job.optimizer is not None and config.optimizer == "sgd"
     used = {"lr": not given_optimizer, "momentum": config.optimizer == "momentum",
-            "weight_decay": config.optimizer == "adamw", "precision": True}
+            "weight_decay": config.optimizer == "adamw", "precision": True,
+            "loss_reduction": True, "lr_schedule": True, "warmup_steps": True,
+            "min_lr": config.lr_schedule != "constant", "clip_grad_norm": True}
     changed = changed_settings(checkpoint, dataclasses.asdict(config),
                                [name for name, counts in used.items() if counts])
     if changed:

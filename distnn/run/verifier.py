@@ -23,8 +23,9 @@ class Verifier:
     """
 
     def __init__(self, losses: LossRecord, *, every: int, start: int, distributed: bool,
-                 kept: Callable[[], str]) -> None:
+                 kept: Callable[[], str], grad_norms: LossRecord | None = None) -> None:
         self.losses = losses
+        self.grad_norms = grad_norms  # under --clip-grad-norm: each update's norm
         self.every = every
         self.verified = start  # steps checked so far
         self.distributed = distributed
@@ -48,5 +49,11 @@ class Verifier:
             raise RunFailed(f"non-finite loss or gradient at step {step} (loss {loss!r}; last "
                             f"finite loss {last}); stopping: {self.kept()}; try a smaller "
                             "--lr", EXIT_GUARD)
+        if self.grad_norms is not None:
+            self.grad_norms.pull()
+            if self.grad_norms.first_bad is not None:
+                step, norm, _ = self.grad_norms.first_bad
+                raise RunFailed(f"non-finite gradient norm at step {step} ({norm!r}); "
+                                f"stopping: {self.kept()}; try a smaller --lr", EXIT_GUARD)
         self.verified = done
         check_replicas(flat_params, step=done, distributed=self.distributed)

@@ -153,11 +153,9 @@ class StepBuilder:
         if local_loss is not None:
             piece_loss = local_loss + piece_loss.detach()
         if not sync.distributed:
-            self.update(sync)
-            return piece_loss.detach(), None
+            return self.update(sync, piece_loss.detach()), None
         summed = sync.all_reduce(piece_loss, vote)
-        self.update(sync)
-        return summed[0], summed[1]
+        return self.update(sync, summed[0]), summed[1]
 
     def _backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Forward and backward of one piece; returns its sum loss."""

@@ -1,10 +1,11 @@
-"""The update after the gradients are summed: gradient transforms, then the optimizer.
+"""The update after the gradients are summed: the loss's reduction, gradient transforms
+(clipping), then the optimizer's step at the schedule's rate.
 
 A step's update is ``p -= lr * grad`` over the flat buffer (the reference program's), or the
-torch.optim optimizer's step. A gradient transform (clipping, say) is a function of the
-summed gradients that runs before it, on every rank alike (the gradients are the same on
-every rank, so the transformed ones are too). This is the eager step's update, also what
---cuda-graph captures; the whole step compiled by --compile has its own (distnn.step.wholestep).
+torch.optim optimizer's step. Everything here runs on the summed gradients, which are the
+same on every rank, so every rank does the same. This is the eager step's update, also
+what --cuda-graph captures; the whole step compiled by --compile has its own
+(distnn.step.wholestep), which takes none of the options below.
 """
 
 from __future__ import annotations
@@ -14,26 +15,65 @@ from collections.abc import Callable, Sequence
 import torch
 
 from distnn.distributed.gradsync import FlatGradSync
+from distnn.step.schedule import Schedule
 
-GradientTransform = Callable[[FlatGradSync], None]
-"""Changes the summed gradients in place (``sync.grads``, a flat view of them all) before
-the update."""
+GradientTransform = Callable[[list[torch.Tensor], int], None]
+"""Changes the summed gradients in place before the update: (the tensors that hold them,
+the update's index)."""
+
+
+class ClipGradNorm:
+    """--clip-grad-norm: the gradients scaled so that their global L2 norm is at most
+    ``max_norm``, as ``torch.nn.utils.clip_grad_norm_`` scales them; each update's norm (a
+    0-dim device tensor, before the scaling) goes to ``record(update, norm)``."""
+
+    def __init__(self, max_norm: float, record: Callable[[int, torch.Tensor], None]) -> None:
+        self.max_norm = max_norm
+        self.record = record
+
+    def __call__(self, grads: list[torch.Tensor], update: int) -> None:
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+        self.record(update, norm)
+        coefficient = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coefficient)
 
 
 class Update:
-    """Applies ``transforms`` in order, then the optimizer's step, or with no optimizer
-    ``p -= lr * grad``."""
+    """One update: with ``mean_count``, the summed loss and gradients divided by the step's
+    count of targets (``mean_count(update)``: --loss-reduction mean); ``transforms`` in
+    order; then the optimizer's step, or with no optimizer ``p -= rate * grad``, at
+    ``schedule``'s rate (else ``lr``). ``start``: the index of the first update (a resumed
+    run's step)."""
 
     def __init__(self, *, optimizer: torch.optim.Optimizer | None, lr: float,
-                 transforms: Sequence[GradientTransform] = ()) -> None:
+                 transforms: Sequence[GradientTransform] = (), schedule: Schedule | None = None,
+                 mean_count: Callable[[int], int] | None = None, start: int = 0) -> None:
         self.optimizer = optimizer
         self.lr = lr
         self.transforms = tuple(transforms)
+        self.schedule = schedule
+        self.mean_count = mean_count
+        self.index = start  # the index of the next update
+        self.scheduler = (schedule.scheduler(optimizer, start)
+                          if schedule is not None and optimizer is not None else None)
 
-    def __call__(self, sync: FlatGradSync) -> None:
-        for transform in self.transforms:
-            transform(sync)
+    def __call__(self, sync: FlatGradSync, loss: torch.Tensor) -> torch.Tensor:
+        """Updates the weights from the summed gradients; returns the step's loss (the
+        summed ``loss``, or under a mean reduction that sum over the count)."""
+        update = self.index
+        if self.mean_count is not None or self.transforms:
+            grads = sync.summed_grads()
+            if self.mean_count is not None:
+                count = self.mean_count(update)
+                torch._foreach_div_(grads, count)
+                loss = loss / count
+            for transform in self.transforms:
+                transform(grads, update)
         if self.optimizer is None:
-            sync.sgd_step(self.lr)
+            sync.sgd_step(self.schedule.rate(update) if self.schedule else self.lr)
         else:
             self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+        self.index = update + 1
+        return loss

@@ -1,0 +1,162 @@
+"""The training recipe: --loss-reduction mean, --lr-schedule with warmup, --clip-grad-norm.
+
+On 1 to 3 real gloo ranks (a last batch smaller than the world, micro-batches) the run
+equals one process training with plain torch: ``reduction='mean'``, ``LambdaLR`` with the
+documented rate, ``clip_grad_norm_``; a run killed mid-warmup resumes to the same bits.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from distnn.train import main
+from tests.conftest import REPO, clean_env, read_metrics, run_cli, run_world
+from tests.reference import assert_close_run
+
+
+def rate_factor(kind, s, *, lr, total, warmup, min_lr):
+    """The rate of update s over lr, written from the docs' definition."""
+    if s < warmup:
+        return (s + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = (s - warmup) / (total - warmup)
+    if kind == "linear":
+        return (lr - (lr - min_lr) * progress) / lr
+    return (min_lr + (lr - min_lr) * (1 + math.cos(math.pi * progress)) / 2) / lr
+
+
+def plain_torch(x, y, *, loss, optimizer, lr, batch_size, epochs, schedule, warmup, min_lr,
+                clip, hidden=(16,), seed=0):
+    """One process, plain torch, the documented batch order (randperm seeded with seed +
+    epoch): returns each step's mean loss, its rate and its gradient norm, and the weights."""
+    torch.manual_seed(seed)
+    classes = not y.is_floating_point()
+    d_out = int(y.max()) + 1 if classes else y.shape[1]
+    layers, width = [], x.shape[1]
+    for size in hidden:
+        layers += [torch.nn.Linear(width, size), torch.nn.ReLU()]
+        width = size
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(width, d_out))
+    loss_fn = (torch.nn.CrossEntropyLoss(reduction="mean") if loss == "cross-entropy"
+               else torch.nn.MSELoss(reduction="mean"))
+    opt = (torch.optim.AdamW(model.parameters(), lr=lr) if optimizer == "adamw"
+           else torch.optim.SGD(model.parameters(), lr=lr))
+    per_epoch = -(-len(x) // batch_size)
+    total = epochs * per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: rate_factor(
+        schedule, s, lr=lr, total=total, warmup=warmup, min_lr=min_lr))
+    losses, rates, norms = [], [], []
+    for epoch in range(epochs):
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + epoch))
+        for k in range(per_epoch):
+            batch = order[k * batch_size:(k + 1) * batch_size]
+            value = loss_fn(model(x[batch]), y[batch])
+            opt.zero_grad()
+            value.backward()
+            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item())
+            rates.append(opt.param_groups[0]["lr"])
+            opt.step()
+            scheduler.step()
+            losses.append(value.item())
+    return losses, rates, norms, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def data(kind, rows=37, d_in=6, seed=4):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, d_in, generator=generator)
+    if kind == "classes":
+        return x, torch.randint(0, 3, (rows,), generator=generator)
+    return x, torch.randn(rows, 2, generator=generator)
+
+
+@pytest.mark.parametrize("world, kind, flags, setting", [
+    # 37 rows in batches of 12: the last batch of 1 row leaves 2 of 3 ranks empty
+    (3, "classes", ["--micro-batches", "2"],
+     {"loss": "cross-entropy", "optimizer": "adamw", "lr": 1e-2, "schedule": "cosine",
+      "warmup": 4, "min_lr": 1e-3, "clip": 1.0}),
+    (2, "regression", [],
+     {"loss": "mse", "optimizer": "sgd", "lr": 5e-2, "schedule": "linear", "warmup": 3,
+      "min_lr": 0.0, "clip": 0.5}),
+    (1, "classes", [],
+     {"loss": "cross-entropy", "optimizer": "adamw", "lr": 1e-2, "schedule": "cosine",
+      "warmup": 4, "min_lr": 1e-3, "clip": 1.0}),
+])
+def test_the_recipe_on_any_world_size_equals_plain_torch(tmp_path, world, kind, flags,
+                                                          setting):
+    x, y = data(kind)
+    save_file({"x": x, "y": y}, tmp_path / "d.safetensors")
+    epochs, batch_size = 4, 12
+    run = run_world(world, [
+        "--data", str(tmp_path / "d.safetensors"), "--batch-size", str(batch_size),
+        "--epochs", str(epochs), "--hidden", "16", "--loss", setting["loss"],
+        "--optimizer", setting["optimizer"], "--lr", str(setting["lr"]),
+        "--loss-reduction", "mean", "--lr-schedule", setting["schedule"],
+        "--warmup-steps", str(setting["warmup"]), "--min-lr", str(setting["min_lr"]),
+        "--clip-grad-norm", str(setting["clip"]), *flags], tmp_path / "run")
+    losses, rates, norms, weights = plain_torch(x, y, batch_size=batch_size, epochs=epochs,
+                                                **setting)
+    assert_close_run(run["losses"], run["weights"][0], losses, weights)
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "event" not in r]
+    assert [r["lr"] for r in records] == pytest.approx(rates, rel=1e-12)
+    assert [r["grad_norm"] for r in records] == pytest.approx(norms, rel=1e-4)
+    assert any(norm > setting["clip"] for norm in norms)  # the clipping did something
+    for other in run["weights"][1:]:  # every replica identical
+        assert all(torch.equal(other[name], tensor) for name, tensor in
+                   run["weights"][0].items())
+
+
+def test_a_run_killed_mid_warmup_resumes_to_the_same_bits(tmp_path):
+    x, y = data("classes")
+    save_file({"x": x, "y": y}, tmp_path / "d.safetensors")
+    flags = ["--data", str(tmp_path / "d.safetensors"), "--batch-size", "8", "--epochs", "3",
+             "--hidden", "16", "--loss", "cross-entropy", "--optimizer", "adamw", "--lr",
+             "1e-2", "--loss-reduction", "mean", "--lr-schedule", "cosine", "--warmup-steps",
+             "6", "--clip-grad-norm", "0.5", "--checkpoint-every", "2", "--log-every", "1",
+             "--quiet"]
+
+    def train(name, **env):
+        return run_cli([sys.executable, "-m", "distnn.train", *flags, "--checkpoint-dir",
+                        str(tmp_path / name), "--metrics", str(tmp_path / f"{name}.jsonl"),
+                        "--save", str(tmp_path / f"{name}.safetensors")],
+                       env=clean_env(**env))
+
+    assert train("whole").returncode == 0
+    killed = train("cut", DISTNN_FAULT_STEP="5")  # after step-4 was written, mid-warmup
+    assert killed.returncode == 1 and (tmp_path / "cut" / "step-4").is_dir()
+    assert train("cut").returncode == 0
+    whole = read_metrics(tmp_path / "whole.jsonl")
+    cut = read_metrics(tmp_path / "cut.jsonl")
+    assert [(r.get("loss"), r.get("lr"), r.get("grad_norm")) for r in cut if "event" not in r] \
+        == [(r.get("loss"), r.get("lr"), r.get("grad_norm")) for r in whole if "event" not in r]
+    want, got = load_file(tmp_path / "whole.safetensors"), load_file(tmp_path / "cut.safetensors")
+    assert all(torch.equal(got[name], tensor) for name, tensor in want.items())
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--warmup-steps", "30", "--steps", "20"],
+     "--warmup-steps: got 30, beyond the run's 20 steps; allowed: 0 to 20"),
+    (["--min-lr", "1", "--lr", "0.1"], "--min-lr: got 1.0, above --lr 0.1; allowed: a rate"),
+    (["--clip-grad-norm", "-1"], "--clip-grad-norm: got -1.0; allowed:"),
+    (["--clip-grad-norm", "nan"], "--clip-grad-norm: got nan; allowed:"),
+    (["--compile", "--loss-reduction", "mean"], "--compile: got --loss-reduction mean, which"),
+])
+def test_a_bad_recipe_is_one_line_and_exit_2(flags, words, no_launcher, capsys):
+    assert main([*flags, "--steps", "20"] if "--steps" not in flags else flags) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_a_non_finite_gradient_norm_stops_the_run_with_exit_3(tmp_path, no_launcher, capsys):
+    assert main(["--steps", "20", "--lr", "1e30", "--clip-grad-norm", "1", "--verify-every",
+                 "5", "--log-every", "0"]) == 3
+    assert "non-finite" in capsys.readouterr().err
+
+
+def test_the_docs_define_the_rate_as_the_tests_do():
+    text = (REPO / "docs" / "data-and-models.md").read_text()
+    assert "lr * (s + 1) / W" in text and "(1 + cos(pi * (s - W) / (S - W))) / 2" in text
