@@ -97,6 +97,10 @@ class TrainConfig:
     log_every: int = _option(1, "print the loss every K steps; 0 prints only the summary",
                              minimum=0, metavar="K")
     metrics: str | None = _option(None, "write JSON Lines metrics here (rank 0)", metavar="PATH")
+    tensorboard: str | None = _option(None, "write the loss, learning rate, gradient norm, "
+                                      "throughput and validation results as TensorBoard "
+                                      "scalars into this folder (rank 0; needs the "
+                                      "tensorboard extra)", metavar="DIR")
     save: str | None = _option(None, "write the final weights here as safetensors (rank 0)",
                                metavar="PATH")
     timeout_s: float = _option(300.0, "seconds a collective may wait for a peer (and, on a GPU, "

@@ -35,6 +35,7 @@ from distnn.run.agreement import JobBuilder, agree_at_start
 from distnn.run.checkpointer import Checkpointer
 from distnn.run.lossrecord import LossRecord
 from distnn.run.metrics import StepLog
+from distnn.run.sinks import TensorBoardSink
 from distnn.run.startup import check_memory
 from distnn.run.validation import Validator
 from distnn.run.verifier import Verifier
@@ -207,7 +208,8 @@ class Trainer:
                 record=self.losses, steps=config.steps, rows_between=self._rows_between,
                 log_every=config.log_every, metrics_path=config.metrics,
                 progress=False if config.quiet else None, print_steps=not config.quiet,
-                rate=schedule.rate if schedule else None, grad_norms=grad_norms)
+                rate=schedule.rate if schedule else None, grad_norms=grad_norms,
+                sinks=[TensorBoardSink(config.tensorboard)] if config.tensorboard else [])
         self.validator = Validator(job, rt, autocast=self.precision.autocast,
                                    results=val_results,
                                    report=self.steps_log.event if self.steps_log else None)

@@ -104,3 +104,45 @@ def _records_before(path: str, steps: int) -> list[str]:
         if step is not None and (step < steps if event is None else step <= steps):
             kept.append(line if line.endswith("\n") else line + "\n")
     return kept
+
+
+class TensorBoardSink:
+    """--tensorboard DIR: the records as TensorBoard scalars (torch.utils.tensorboard, which
+    needs the ``tensorboard`` extra): per logged step ``train/loss``, ``train/lr``,
+    ``train/grad_norm`` and ``train/samples_per_s``; per validation ``val/<name>`` for each
+    number. A resumed run purges what the cut-off run wrote from its checkpoint's step on,
+    so its curves go on without repeated steps."""
+
+    TRAIN = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+             "samples_per_s": "train/samples_per_s"}
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.writer = None
+
+    def begin(self, steps: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # the optional extra
+
+        self.writer = SummaryWriter(self.directory, purge_step=steps or None)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        event, step = record.get("event"), record.get("step")
+        if event is None:
+            for key, tag in self.TRAIN.items():
+                if key in record:
+                    self.writer.add_scalar(tag, record[key], step)
+        elif event == "val":
+            for key, value in record.items():
+                if key not in ("event", "step") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"val/{key}", value, step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

@@ -153,6 +153,8 @@ def prepare_outputs(job: Job) -> Checkpoint | None:
         if path:
             check_writable(path, flag, in_place=in_place)
     check_outputs_distinct(job)
+    if config.tensorboard:
+        check_tensorboard(config.tensorboard)
     for flag, output in (("--save", config.save), ("--metrics", config.metrics)):
         if output:
             for path in remove_stale_temporaries(output):
@@ -165,6 +167,22 @@ def prepare_outputs(job: Job) -> Checkpoint | None:
     if checkpoint:
         check_resume(checkpoint, job)
     return checkpoint
+
+
+def check_tensorboard(directory: str) -> None:
+    """--tensorboard: torch's writer importable (the tensorboard extra) and the folder
+    writable."""
+    try:
+        import torch.utils.tensorboard  # noqa: F401 - it imports the tensorboard package
+    except ImportError:
+        raise UsageError("--tensorboard: the tensorboard package is not installed; allowed: "
+                         "--tensorboard after pip install 'distnn[tensorboard]'") from None
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--tensorboard: cannot create {directory!r} ({error.strerror}); "
+                         "allowed: a writable directory") from None
+    check_writable(os.path.join(directory, ".distnn-probe"), "--tensorboard")
 
 
 def check_outputs_distinct(job: Job) -> None:
