@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,9 @@ class TrainConfig:
                                 "torch.manual_seed(--seed) and, without --data, the random "
                                 "batch",
                                 metavar="MODULE:FUNCTION")
+    model_args: str | None = _option(None, "a JSON object of keyword arguments for --model's "
+                                     "function, after d_in and d_out (e.g. "
+                                     "'{\"d_model\": 128}')", metavar="JSON")
     steps: int | None = _option(None, "training steps (default: 500, unless --epochs is given)",
                                 minimum=1)
     epochs: int | None = _option(None, "passes over the data (instead of --steps)", minimum=1)
@@ -147,6 +151,11 @@ class TrainConfig:
         if self.min_lr > self.lr:
             raise UsageError(f"--min-lr: got {self.min_lr!r}, above --lr {self.lr!r}; "
                              "allowed: a rate from 0 to --lr")
+        if self.model_args is not None:
+            if self.model is None:
+                raise UsageError("--model-args: got arguments without --model; allowed: "
+                                 "--model-args with --model MODULE:FUNCTION")
+            self.model_kwargs  # noqa: B018 - parses and checks it
         if self.model is not None and ":" not in self.model:
             raise UsageError(f"--model: got {self.model!r}; allowed: MODULE:FUNCTION, e.g. "
                              "mymodels:build")
@@ -165,6 +174,22 @@ class TrainConfig:
             if values[name] is None and not left_open:
                 values[name] = default
         return dataclasses.replace(self, **values, epochs=epochs)
+
+    @property
+    def model_kwargs(self) -> dict[str, Any]:
+        """--model-args as keyword arguments ({} without it)."""
+        if self.model_args is None:
+            return {}
+        try:
+            kwargs = json.loads(self.model_args)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"--model-args: got {self.model_args!r}, not JSON ({error.msg}); "
+                             "allowed: a JSON object such as '{\"d_model\": 128}'") from None
+        if not isinstance(kwargs, dict):
+            raise UsageError(f"--model-args: got {self.model_args!r}, a JSON "
+                             f"{type(kwargs).__name__}; allowed: a JSON object of keyword "
+                             "arguments")
+        return kwargs
 
     @property
     def verbosity(self) -> int:

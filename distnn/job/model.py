@@ -4,7 +4,9 @@ own, built by ``--model MODULE:FUNCTION``."""
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,12 +28,16 @@ def build_model(d_in: int, hidden: Sequence[int], d_out: int) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(widths[-1], d_out))
 
 
-def import_model(spec: str, *, d_in: int, d_out: int) -> nn.Module:
-    """``FUNCTION(d_in=..., d_out=...)`` of ``spec`` = "MODULE:FUNCTION" (--model).
+def import_model(spec: str, *, d_in: int, d_out: int,
+                 kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """``FUNCTION(d_in=..., d_out=..., **kwargs)`` of ``spec`` = "MODULE:FUNCTION" (--model,
+    with --model-args' ``kwargs``).
 
     Raises UsageError, naming what failed, when the module does not import, the function is
-    missing, it raises, or it returns something other than an ``nn.Module``.
+    missing, does not take the arguments, raises, or returns something other than an
+    ``nn.Module``.
     """
+    kwargs = kwargs or {}
     module_name, _, function_name = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -44,7 +50,15 @@ def import_model(spec: str, *, d_in: int, d_out: int) -> nn.Module:
         raise UsageError(f"--model: {module_name!r} has no function {function_name!r}; "
                          "allowed: MODULE:FUNCTION naming a function of the module")
     try:
-        model = function(d_in=d_in, d_out=d_out)
+        inspect.signature(function).bind(d_in=d_in, d_out=d_out, **kwargs)
+    except TypeError as error:
+        raise UsageError(f"--model-args: {spec} does not take (d_in, d_out"
+                         f"{''.join(', ' + name for name in kwargs)}): {error}; allowed: "
+                         "the keyword arguments its signature names") from None
+    except ValueError:  # no signature to read (a builtin): the call says
+        pass
+    try:
+        model = function(d_in=d_in, d_out=d_out, **kwargs)
     except Exception as error:
         raise UsageError(f"--model: {spec}(d_in={d_in}, d_out={d_out}) raised "
                          f"{type(error).__name__}: {_first_line(error)}; allowed: a function "
@@ -60,7 +74,8 @@ def config_model(config: TrainConfig) -> nn.Module:
     """The run's model for a resolved config: --model's, else the MLP of --hidden. It draws
     its initial weights from torch's global generator: seed it first."""
     if config.model:
-        return import_model(config.model, d_in=config.d_in, d_out=config.d_out)
+        return import_model(config.model, d_in=config.d_in, d_out=config.d_out,
+                            kwargs=config.model_kwargs)
     return build_model(config.d_in, config.hidden, config.d_out)
 
 

@@ -36,7 +36,7 @@ LOCK = ".distnn-lock"
 TEMPORARY_PREFIX = ".step-"  # a checkpoint being written: ".step-N.tmp-XXXX"
 # A checkpoint is refused when these differ from the run's: they fix the model, the order of
 # the batches and the meaning of the saved state.
-MUST_MATCH = ("batch_size", "d_in", "hidden", "d_out", "model", "seed", "no_shuffle",
+MUST_MATCH = ("batch_size", "d_in", "hidden", "d_out", "model", "model_args", "seed", "no_shuffle",
               "drop_last", "loss", "optimizer")
 
 

@@ -1,0 +1,1 @@
+"""Models a user can train with ``--model`` (``distnn.models.gpt:build``) or pass to fit."""
