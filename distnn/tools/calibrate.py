@@ -183,9 +183,10 @@ def measure_compute(*, d_in: int, hidden: Sequence[int], d_out: int, batch: int,
                     steps: int = 21) -> costmodel.Compute:
     """One rank's step here (forward, sum MSE loss, backward, SGD update), one CPU thread,
     median of ``steps``, at ``batch`` and at ``max(1, batch // 8)`` rows: the line through
-    the two gives fixed and per-sample time. (``python -m distnn.scale --measure`` and the
-    calibration's overhead both use it, so the overhead is fitted to the compute the
-    prediction will use.)"""
+    the two gives fixed and per-sample time. The gradients are made afresh by each backward
+    and the update is one multi-tensor operation, as in distnn's step.
+    (``python -m distnn.scale --measure`` and the calibration's overhead both use it, so the
+    overhead is fitted to the compute the prediction will use.)"""
     import torch
 
     from distnn.job.model import build_model
@@ -195,6 +196,7 @@ def measure_compute(*, d_in: int, hidden: Sequence[int], d_out: int, batch: int,
     try:
         torch.manual_seed(0)
         model = build_model(d_in=d_in, hidden=tuple(hidden), d_out=d_out)
+        params = list(model.parameters())
         loss_fn = torch.nn.MSELoss(reduction="sum")
 
         def median_ms(rows: int) -> float:
@@ -205,8 +207,7 @@ def measure_compute(*, d_in: int, hidden: Sequence[int], d_out: int, batch: int,
                 model.zero_grad()
                 loss_fn(model(x), y).backward()
                 with torch.no_grad():
-                    for p in model.parameters():
-                        p -= 1e-9 * p.grad
+                    torch._foreach_add_(params, [p.grad for p in params], alpha=-1e-9)
                 if step >= 2:
                     times.append((time.perf_counter() - started) * 1e3)
             return statistics.median(times)
@@ -293,36 +294,51 @@ def measure_overhead(cluster: dict, worlds: Sequence[int], *,
     started = time.perf_counter()
     models = HELD_OUT if models is None else models
     base = costmodel.Cluster.from_json({**cluster, "step_overhead_fit": {}})
-    compute = {m.name: measure_compute(d_in=m.d_in, hidden=m.hidden, d_out=m.d_out,
-                                       batch=m.batch) for m in models}
+
+    def timed_compute() -> None:  # once more per model; their medians are used
+        for m in models:
+            computes[m.name].append(measure_compute(d_in=m.d_in, hidden=m.hidden,
+                                                    d_out=m.d_out, batch=m.batch))
+
+    def compute(name: str) -> costmodel.Compute:
+        return costmodel.Compute(
+            fixed_ms=statistics.median(c.fixed_ms for c in computes[name]),
+            per_sample_ms=statistics.median(c.per_sample_ms for c in computes[name]))
+
+    def without_overhead(m: HeldOut, p: int) -> float:
+        return costmodel.predict(layer_params=m.layer_params, batch=m.batch,
+                                 compute=compute(m.name), cluster=base, worlds=[p])[0]["step_ms"]
+
+    computes: dict[str, list[costmodel.Compute]] = {m.name: [] for m in models}
+    timed_compute()
     log(f"calibrate: one rank's compute (one thread) of {len(models)} held-out models: "
-        + ", ".join(f"{m.name} {compute[m.name].ms(m.batch):.3f} ms" for m in models)
+        + ", ".join(f"{m.name} {compute(m.name).ms(m.batch):.3f} ms" for m in models)
         + f" ({time.perf_counter() - started:.1f} s)")
-    predicted = {(m.name, p): costmodel.predict(layer_params=m.layer_params, batch=m.batch,
-                                                compute=compute[m.name], cluster=base,
-                                                worlds=[p])[0]["step_ms"]
-                 for m in models for p in worlds}
     samples = []
     for p in worlds:
         began = time.perf_counter()
         # the step is often twice the prediction without its overhead: runs of ~the seconds asked
-        steps = {m.name: steptime.steps_for(2 * predicted[m.name, p], seconds=seconds_per_run)
+        steps = {m.name: steptime.steps_for(2 * without_overhead(m, p), seconds=seconds_per_run)
                  for m in models}
         samples += steptime.measure([(m.name, m.flags()) for m in models], world=p,
                                     steps=steps, rounds=rounds, progress=False)
+        timed_compute()  # between the worlds' steps: the load it sees is theirs
         measured = steptime.medians(samples)
         log(f"calibrate: distnn's step at {p} rank{'s' if p > 1 else ''}, {rounds} rounds: "
             + ", ".join(f"{m.name} {measured[m.name, p]['ms_per_step']:.3f} ms "
-                        f"(predicted without overhead {predicted[m.name, p]:.3f})"
+                        f"(predicted without overhead {without_overhead(m, p):.3f})"
                         for m in models)
             + f" ({time.perf_counter() - began:.1f} s)")
     measured = steptime.medians(samples)
+    predicted = {(m.name, p): without_overhead(m, p) for m in models for p in worlds}
     points = {str(p): [[m.gradient_bytes,
                         (measured[m.name, p]["ms_per_step"] - predicted[m.name, p]) / 1e3]
                        for m in models] for p in worlds}
     return {"step_overhead_fit": overhead_fit(points),
             "models": [dataclasses.asdict(m) for m in models],
-            "compute": {name: dataclasses.asdict(c) for name, c in compute.items()},
+            "compute": {m.name: dataclasses.asdict(compute(m.name)) for m in models},
+            "compute_samples": {name: [dataclasses.asdict(c) for c in cs]
+                                for name, cs in computes.items()},
             "predicted_without_overhead_ms": {f"{name} @ {p}": ms
                                               for (name, p), ms in predicted.items()},
             "points": points, "samples": samples,

@@ -16,6 +16,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports on 127.0.0.1 that nothing listens on now (all held open until
+    every one is chosen, so none is given twice)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sockets.append(sock)
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def join(rank: int, world: int, port: int, threads: int | None = 1) -> None:
     """This process's place in the group, in the environment variables torchrun sets, and
     ``threads`` CPU threads (torchrun's OMP_NUM_THREADS=1 by default; None: leave as is)."""

@@ -21,10 +21,9 @@ import re
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 
-from distnn.tools.spawn import join, spawn
+from distnn.tools.spawn import free_ports, join, spawn
 
 WALL_S = re.compile(r"\bwall_s=([0-9.eE+-]+)")
 
@@ -37,11 +36,13 @@ def mlp_flags(*, batch: int, d_in: int, hidden: Sequence[int], d_out: int) -> li
             "--log-every", "0", "--quiet"]
 
 
-def _run(argv: list[str], steps: int) -> float | None:
-    """One ``python -m distnn.train ARGV --steps STEPS`` in this rank; its ``wall_s`` (on the
-    rank that prints the summary; None on the others)."""
+def _run(argv: list[str], steps: int, port: int) -> float | None:
+    """One ``python -m distnn.train ARGV --steps STEPS`` in this rank, its group met at
+    ``port``; its ``wall_s`` (on the rank that prints the summary; None on the others)."""
     from distnn.train import main
 
+    # A port of its own: the previous run's store may still be closing on the last one.
+    os.environ["MASTER_PORT"] = str(port)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = main([*argv, "--steps", str(steps)])
@@ -54,9 +55,10 @@ def _run(argv: list[str], steps: int) -> float | None:
 
 def _worker(rank: int, world: int, port: int, plan: dict, out_path: str) -> None:
     join(rank, world, port)
+    ports = iter(plan["ports"])
     runs = [(name, argv) for name, argv in plan["runs"]]
     for _, argv in runs:  # untimed: the first run of each pays for imports and allocations
-        _run(argv, plan["warmup"])
+        _run(argv, plan["warmup"], next(ports))
     samples = []
     for repeat in range(plan["rounds"]):
         shift = repeat % len(runs)
@@ -64,7 +66,7 @@ def _worker(rank: int, world: int, port: int, plan: dict, out_path: str) -> None
             short, long = plan["steps"][name]
             walls = {}
             for steps in ((short, long) if repeat % 2 == 0 else (long, short)):
-                walls[steps] = _run(argv, steps)
+                walls[steps] = _run(argv, steps, next(ports))
             if rank == 0:
                 ms = (walls[long] - walls[short]) / (long - short) * 1e3
                 samples.append({"name": name, "world_size": world, "round": repeat,
@@ -91,7 +93,8 @@ def measure(runs: Sequence[tuple[str, list[str]]], *, world: int,
         if not 0 < short < long:
             raise ValueError(f"steps of {name}: need 0 < short < long, got {short}, {long}")
     plan = {"runs": [list(run) for run in runs], "steps": steps, "rounds": rounds,
-            "warmup": warmup, "progress": progress}
+            "warmup": warmup, "progress": progress,
+            "ports": free_ports(len(runs) * (1 + 2 * rounds))}
     with tempfile.TemporaryDirectory(prefix="distnn-steptime-") as scratch:
         path = os.path.join(scratch, "samples.json")
         spawn(_worker, world, plan, path)
@@ -114,7 +117,3 @@ def steps_for(predicted_ms: float, *, seconds: float = 1.5, least: int = 50,
     ``predicted_ms`` a step: long in [``least``, ``most``], short a fifth of it."""
     long = int(min(most, max(least, seconds * 1e3 / max(predicted_ms, 1e-3))))
     return max(1, long // 5), long
-
-
-def elapsed(started: float) -> float:
-    return time.perf_counter() - started
