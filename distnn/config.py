@@ -148,9 +148,6 @@ class TrainConfig:
                                  "allowed: one of them")
         if self.momentum >= 1:
             raise UsageError(f"--momentum: got {self.momentum!r}; allowed: a number in [0, 1)")
-        if self.min_lr > self.lr:
-            raise UsageError(f"--min-lr: got {self.min_lr!r}, above --lr {self.lr!r}; "
-                             "allowed: a rate from 0 to --lr")
         if self.model_args is not None:
             if self.model is None:
                 raise UsageError("--model-args: got arguments without --model; allowed: "

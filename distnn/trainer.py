@@ -70,6 +70,17 @@ class TrainResult:
     compile_s: float = 0.0
 
 
+def targets_per_row(job: Job) -> int:
+    """The targets a row of the job's data counts under a mean loss: one label for
+    cross-entropy, else every element of its y (global row 0, the same on every rank; the
+    reference batch's D_out)."""
+    if job.config.loss == "cross-entropy":
+        return 1
+    if job.source is not None:
+        return max(1, job.source.read(torch.arange(1))[1][0].numel())
+    return job.config.d_out
+
+
 def flag_job(config: TrainConfig, runtime: Runtime) -> Job:
     """The command line's Job (job_from_flags) for this rank; the flags' own MLP is checked
     against the memory it needs (startup.check_memory) once its sizes are known, before it
@@ -195,7 +206,11 @@ class Trainer:
         val_results = self.checkpointer.restore_weights(job.model)
         self.sync = replicate(job.model, rt, bucket_mb=config.bucket_mb)
         self.checkpointer.restore_optimizer(job.optimizer, start)
-        schedule = (Schedule(config.lr_schedule, lr=config.lr, total=config.steps,
+        if config.loss_reduction == "mean":
+            self._per_row = targets_per_row(job)
+        # an optimizer of the user's (distnn.fit) brings its own rate
+        lr = job.optimizer.param_groups[0]["lr"] if job.optimizer is not None else config.lr
+        schedule = (Schedule(config.lr_schedule, lr=lr, total=config.steps,
                              warmup=config.warmup_steps, min_lr=config.min_lr)
                     if config.lr_schedule != "constant" or config.warmup_steps else None)
         update = Update(optimizer=job.optimizer, lr=config.lr, schedule=schedule, start=start,
@@ -228,11 +243,6 @@ class Trainer:
         """--loss-reduction mean: the targets the loss of ``step``'s global batch counts (a
         label a row for cross-entropy; every element of y otherwise), the same on every
         rank."""
-        job = self.job
-        if self._per_row is None:
-            y = job.fixed[1] if job.fixed is not None else job.source.read(torch.arange(1))[1]
-            per_row = y[0].numel() if len(y) else job.config.d_out  # (an empty shard)
-            self._per_row = 1 if job.config.loss == "cross-entropy" else per_row
         return self._rows_between(step, step + 1) * self._per_row
 
     def _checkpoint(self, done: int) -> None:

@@ -141,7 +141,8 @@ def test_a_run_killed_mid_warmup_resumes_to_the_same_bits(tmp_path):
 @pytest.mark.parametrize("flags, words", [
     (["--warmup-steps", "30", "--steps", "20"],
      "--warmup-steps: got 30, beyond the run's 20 steps; allowed: 0 to 20"),
-    (["--min-lr", "1", "--lr", "0.1"], "--min-lr: got 1.0, above --lr 0.1; allowed: a rate"),
+    (["--min-lr", "1", "--lr", "0.1", "--lr-schedule", "linear"],
+     "--min-lr: got 1.0, above the learning rate 0.1; allowed: a rate from 0 to it"),
     (["--clip-grad-norm", "-1"], "--clip-grad-norm: got -1.0; allowed:"),
     (["--clip-grad-norm", "nan"], "--clip-grad-norm: got nan; allowed:"),
     (["--compile", "--loss-reduction", "mean"], "--compile: got --loss-reduction mean, which"),
@@ -160,3 +161,28 @@ def test_a_non_finite_gradient_norm_stops_the_run_with_exit_3(tmp_path, no_launc
 def test_the_docs_define_the_rate_as_the_tests_do():
     text = (REPO / "docs" / "data-and-models.md").read_text()
     assert "lr * (s + 1) / W" in text and "(1 + cos(pi * (s - W) / (S - W))) / 2" in text
+
+
+def test_a_resume_that_changes_the_schedule_s_length_warns(tmp_path, no_launcher, caplog):
+    flags = ["--steps", "4", "--hidden", "8", "--d-in", "6", "--lr-schedule", "cosine",
+             "--checkpoint-dir", str(tmp_path / "ck"), "--log-every", "0", "--quiet"]
+    assert main(flags) == 0
+    assert main([*flags, "--steps", "8"]) == 0
+    assert "--steps 4 (now 8)" in caplog.text
+
+
+def test_fit_with_an_optimizer_of_its_own_schedules_from_that_optimizer_s_rate(tmp_path,
+                                                                              no_launcher):
+    import distnn
+
+    x, y = data("classes")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    distnn.fit(model, train=(x, y), loss="cross-entropy", optimizer=optimizer, batch_size=10,
+               steps=8, lr_schedule="cosine", min_lr=1e-3, metrics=str(tmp_path / "m.jsonl"),
+               quiet=True)
+    rates = [r["lr"] for r in read_metrics(tmp_path / "m.jsonl") if "event" not in r]
+    want = [rate_factor("cosine", s, lr=1e-2, total=8, warmup=0, min_lr=1e-3) * 1e-2
+            for s in range(8)]
+    assert rates == pytest.approx(want, rel=1e-12) and rates[0] == 1e-2

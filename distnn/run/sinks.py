@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable
 from typing import IO, Any, Protocol
 
@@ -110,8 +111,11 @@ class TensorBoardSink:
     """--tensorboard DIR: the records as TensorBoard scalars (torch.utils.tensorboard, which
     needs the ``tensorboard`` extra): per logged step ``train/loss``, ``train/lr``,
     ``train/grad_norm`` and ``train/samples_per_s``; per validation ``val/<name>`` for each
-    number. A resumed run purges what the cut-off run wrote from its checkpoint's step on,
-    so its curves go on without repeated steps."""
+    number. TensorBoard's step is the count of steps done: step s's record (0-based) is drawn
+    at s + 1, a validation after S steps at S. A run that starts after S steps (resumed, or
+    0 for a fresh one) purges what earlier runs in the folder wrote past S, so the curves go
+    on without repeated steps. A write that fails warns once and ends the scalars, not the
+    run."""
 
     TRAIN = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
              "samples_per_s": "train/samples_per_s"}
@@ -119,30 +123,56 @@ class TensorBoardSink:
     def __init__(self, directory: str) -> None:
         self.directory = directory
         self.writer = None
+        self._excepthook = None
 
     def begin(self, steps: int) -> None:
         from torch.utils.tensorboard import SummaryWriter  # the optional extra
 
-        self.writer = SummaryWriter(self.directory, purge_step=steps or None)
+        # The writer's own thread writes the file: a failed write raises there (its
+        # traceback printed by threading), then again here at the next call, which warns.
+        self._excepthook = threading.excepthook
+        threading.excepthook = self._quiet_writer_errors
+        self._do(lambda: setattr(self, "writer", SummaryWriter(self.directory,
+                                                               purge_step=steps + 1)))
 
     def write(self, record: dict[str, Any]) -> None:
         if self.writer is None:
             return
         event, step = record.get("event"), record.get("step")
         if event is None:
-            for key, tag in self.TRAIN.items():
-                if key in record:
-                    self.writer.add_scalar(tag, record[key], step)
+            scalars = {tag: record[key] for key, tag in self.TRAIN.items() if key in record}
+            step += 1
         elif event == "val":
-            for key, value in record.items():
-                if key not in ("event", "step") and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"val/{key}", value, step)
+            scalars = {f"val/{key}": value for key, value in record.items()
+                       if key not in ("event", "step") and isinstance(value, (int, float))}
+        else:
+            return
+        self._do(lambda: [self.writer.add_scalar(tag, value, step)
+                          for tag, value in scalars.items()])
 
     def flush(self) -> None:
         if self.writer is not None:
-            self.writer.flush()
+            self._do(self.writer.flush)
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            self._do(self.writer.close)
             self.writer = None
+        if self._excepthook is not None:
+            threading.excepthook, self._excepthook = self._excepthook, None
+
+    def _quiet_writer_errors(self, args: threading.ExceptHookArgs) -> None:
+        if not (issubclass(args.exc_type, OSError)
+                and type(args.thread).__module__.startswith("tensorboard")):
+            self._excepthook(args)
+
+    def _do(self, action: Callable[[], object]) -> None:
+        try:
+            action()
+        except OSError as error:  # no space, the folder gone (the writer's thread raises it)
+            log.warning(f"could not write --tensorboard {self.directory} "
+                        f"({error.strerror or error}); training goes on without its scalars")
+            writer, self.writer = self.writer, None
+            if writer is not None:
+                with contextlib.suppress(OSError):
+                    writer.close()

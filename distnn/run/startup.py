@@ -96,6 +96,10 @@ def check_job(job: Job, *, ranks: int = 1) -> None:
         check_no_batch_statistics(job)
     check_model_output(job)
     config = job.config
+    lr = job.optimizer.param_groups[0]["lr"] if job.optimizer is not None else config.lr
+    if config.lr_schedule != "constant" and config.min_lr > lr:
+        raise UsageError(f"--min-lr: got {config.min_lr!r}, above the learning rate {lr!r}; "
+                         "allowed: a rate from 0 to it")
     if config.warmup_steps > config.steps:
         raise UsageError(f"--warmup-steps: got {config.warmup_steps}, beyond the run's "
                          f"{config.steps} steps; allowed: 0 to {config.steps}")
@@ -186,14 +190,16 @@ def check_tensorboard(directory: str) -> None:
 
 
 def check_outputs_distinct(job: Job) -> None:
-    """Refuses --metrics or --save naming a file that an input (a data file of the command
-    line or of distnn.fit) or the other output names (through a link too): the run would
-    overwrite it."""
+    """Refuses --metrics, --save or --tensorboard naming a file that an input (a data file
+    of the command line or of distnn.fit) or another output names (through a link too): the
+    run would overwrite it."""
     config = job.config
     inputs = [(data.flag, data.path) for data in (job.source, job.val)
               if isinstance(data, DataFile)]
     named: dict[object, str] = {}
-    for flag, path in (*inputs, ("--metrics", config.metrics), ("--save", config.save)):
+    outputs = (("--metrics", config.metrics), ("--save", config.save),
+               ("--tensorboard", config.tensorboard))
+    for flag, path in (*inputs, *outputs):
         if not path:
             continue
         try:
@@ -201,7 +207,7 @@ def check_outputs_distinct(job: Job) -> None:
             key: object = (found.st_dev, found.st_ino)
         except OSError:  # not there yet
             key = os.path.realpath(path)
-        if key in named and flag in ("--metrics", "--save"):
+        if key in named and flag in ("--metrics", "--save", "--tensorboard"):
             raise UsageError(f"{flag}: got {path!r}, the file that {named[key]} names, which "
                              "the run would overwrite; allowed: a file of its own")
         named.setdefault(key, flag)
@@ -244,7 +250,9 @@ def check_resume(checkpoint: Checkpoint, job: Job) -> None:
     used = {"lr": not given_optimizer, "momentum": config.optimizer == "momentum",
             "weight_decay": config.optimizer == "adamw", "precision": True,
             "loss_reduction": True, "lr_schedule": True, "warmup_steps": True,
-            "min_lr": config.lr_schedule != "constant", "clip_grad_norm": True}
+            "min_lr": config.lr_schedule != "constant", "clip_grad_norm": True,
+            # the schedule's length is the run's steps
+            "steps": config.lr_schedule != "constant"}
     changed = changed_settings(checkpoint, dataclasses.asdict(config),
                                [name for name, counts in used.items() if counts])
     if changed:

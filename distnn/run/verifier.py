@@ -40,6 +40,14 @@ class Verifier:
             return
         self.losses.pull()  # waits for the device, within --timeout-s
         bad = self.losses.first_bad
+        if self.grad_norms is not None:
+            self.grad_norms.pull()
+            norm_bad = self.grad_norms.first_bad
+            # a non-finite norm at step s makes the loss of step s + 1 non-finite: say it first
+            if norm_bad is not None and (bad is None or norm_bad[0] < bad[0]):
+                step, norm, _ = norm_bad
+                raise RunFailed(f"non-finite gradient norm at step {step} ({norm!r}); "
+                                f"stopping: {self.kept()}; try a smaller --lr", EXIT_GUARD)
         if bad is None and not flat_params.isfinite().all():
             # the last update made the weights non-finite; the loss was still finite
             bad = (done - 1, self.losses.last(), None)
@@ -49,11 +57,5 @@ class Verifier:
             raise RunFailed(f"non-finite loss or gradient at step {step} (loss {loss!r}; last "
                             f"finite loss {last}); stopping: {self.kept()}; try a smaller "
                             "--lr", EXIT_GUARD)
-        if self.grad_norms is not None:
-            self.grad_norms.pull()
-            if self.grad_norms.first_bad is not None:
-                step, norm, _ = self.grad_norms.first_bad
-                raise RunFailed(f"non-finite gradient norm at step {step} ({norm!r}); "
-                                f"stopping: {self.kept()}; try a smaller --lr", EXIT_GUARD)
         self.verified = done
         check_replicas(flat_params, step=done, distributed=self.distributed)

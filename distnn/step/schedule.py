@@ -22,13 +22,14 @@ class Schedule:
                  min_lr: float = 0.0) -> None:
         self.kind, self.lr, self.total, self.warmup, self.min_lr = kind, lr, total, warmup, min_lr
 
-    def factor(self, s: int) -> float:
-        """The rate of update ``s`` as a fraction of --lr."""
+    def factor(self, s: int, lr: float | None = None) -> float:
+        """The rate of update ``s`` as a fraction of ``lr`` (default: the schedule's)."""
+        lr = self.lr if lr is None else lr
         if s < self.warmup:
             return (s + 1) / self.warmup
-        if self.kind == "constant" or self.lr == 0:
+        if self.kind == "constant" or lr == 0:
             return 1.0
-        floor = self.min_lr / self.lr
+        floor = self.min_lr / lr
         progress = min(1.0, (s - self.warmup) / max(1, self.total - self.warmup))
         if self.kind == "linear":
             return 1.0 - (1.0 - floor) * progress
@@ -42,6 +43,9 @@ class Schedule:
         """torch's scheduler for ``optimizer``, at update ``start`` (its groups' rate set to
         that update's: a resumed run recomputes it from the step, as the rate is a function
         of the update's index alone); step it once after each update."""
+        factors = []
         for group in optimizer.param_groups:
-            group.setdefault("initial_lr", group["lr"])
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, self.factor, last_epoch=start - 1)
+            # each group decays from its own rate to min_lr
+            base = group.setdefault("initial_lr", group["lr"])
+            factors.append(lambda s, base=base: self.factor(s, base))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factors, last_epoch=start - 1)

@@ -32,7 +32,8 @@ class ClipGradNorm:
         self.record = record
 
     def __call__(self, grads: list[torch.Tensor], update: int) -> None:
-        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+        # the norm of the per-tensor norms, as clip_grad_norm_ computes it
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         self.record(update, norm)
         coefficient = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
         torch._foreach_mul_(grads, coefficient)
