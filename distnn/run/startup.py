@@ -100,7 +100,7 @@ def check_job(job: Job, *, ranks: int = 1) -> None:
     if config.lr_schedule != "constant" and config.min_lr > lr:
         raise UsageError(f"--min-lr: got {config.min_lr!r}, above the learning rate {lr!r}; "
                          "allowed: a rate from 0 to it")
-    if config.warmup_steps > config.steps:
+    if config.steps is not None and config.warmup_steps > config.steps:
         raise UsageError(f"--warmup-steps: got {config.warmup_steps}, beyond the run's "
                          f"{config.steps} steps; allowed: 0 to {config.steps}")
     recipe = [text for text, given in (
