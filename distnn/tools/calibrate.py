@@ -180,13 +180,15 @@ def cluster_description(rows: Sequence[dict], *, name: str, cores: int | None) -
 # -- one rank's compute, as the prediction measures it --------------------------------------
 
 def measure_compute(*, d_in: int, hidden: Sequence[int], d_out: int, batch: int,
-                    steps: int = 21) -> costmodel.Compute:
-    """One rank's step here (forward, sum MSE loss, backward, SGD update), one CPU thread,
-    median of ``steps``, at ``batch`` and at ``max(1, batch // 8)`` rows: the line through
-    the two gives fixed and per-sample time. The gradients are made afresh by each backward
-    and the update is one multi-tensor operation, as in distnn's step.
-    (``python -m distnn.scale --measure`` and the calibration's overhead both use it, so the
-    overhead is fitted to the compute the prediction will use.)"""
+                    rounds: int = 5, block_s: float = 0.04) -> costmodel.Compute:
+    """One rank's step here (forward, sum MSE loss, backward, SGD update), one CPU thread, at
+    ``batch`` and at ``max(1, batch // 8)`` rows: the line through the two gives fixed and
+    per-sample time. Each size is timed in blocks of back-to-back steps (about ``block_s``
+    seconds, at least 3 steps: the steady state, as in a training loop), the two sizes
+    alternating over ``rounds`` rounds after a warm-up; medians of the blocks' means. The
+    gradients are made afresh by each backward and the update is one multi-tensor operation,
+    as in distnn's step. (``python -m distnn.scale --measure`` and the calibration's overhead
+    both use it, so the overhead is fitted to the compute the prediction will use.)"""
     import torch
 
     from distnn.job.model import build_model
@@ -198,24 +200,28 @@ def measure_compute(*, d_in: int, hidden: Sequence[int], d_out: int, batch: int,
         model = build_model(d_in=d_in, hidden=tuple(hidden), d_out=d_out)
         params = list(model.parameters())
         loss_fn = torch.nn.MSELoss(reduction="sum")
+        small = max(1, batch // 8)
+        data = {rows: (torch.randn(rows, d_in), torch.randn(rows, d_out))
+                for rows in dict.fromkeys((batch, small))}
 
-        def median_ms(rows: int) -> float:
-            x, y = torch.randn(rows, d_in), torch.randn(rows, d_out)
-            times = []
-            for step in range(steps + 2):
-                started = time.perf_counter()
+        def steps_s(rows: int, count: int) -> float:
+            x, y = data[rows]
+            started = time.perf_counter()
+            for _ in range(count):
                 model.zero_grad()
                 loss_fn(model(x), y).backward()
                 with torch.no_grad():
                     torch._foreach_add_(params, [p.grad for p in params], alpha=-1e-9)
-                if step >= 2:
-                    times.append((time.perf_counter() - started) * 1e3)
-            return statistics.median(times)
+            return time.perf_counter() - started
 
-        small = max(1, batch // 8)
-        big_ms, small_ms = median_ms(batch), median_ms(small)
+        count = {rows: max(3, int(block_s / max(steps_s(rows, 3) / 3, 1e-6))) for rows in data}
+        times: dict[int, list[float]] = {rows: [] for rows in data}
+        for repeat in range(rounds):
+            for rows in (list(data) if repeat % 2 == 0 else list(data)[::-1]):
+                times[rows].append(steps_s(rows, count[rows]) / count[rows] * 1e3)
     finally:
         torch.set_num_threads(threads)
+    big_ms, small_ms = statistics.median(times[batch]), statistics.median(times[small])
     if batch == small:
         return costmodel.Compute(fixed_ms=0.0, per_sample_ms=big_ms / batch)
     per_sample = max(0.0, (big_ms - small_ms) / (batch - small))
