@@ -5,6 +5,7 @@ data, from Python."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -34,6 +35,7 @@ Data = tuple[torch.Tensor, torch.Tensor] | str | os.PathLike | Any
 def fit(model: nn.Module, *, train: Data,
         loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "mse",
         optimizer: str | torch.optim.Optimizer = "sgd", val: Data | None = None,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         runtime: Runtime | None = None, **settings: Any) -> TrainResult:
     """Trains ``model`` data-parallel on every rank of the job; returns the TrainResult
     (the model, identical on every rank; the steps done; the validation results).
@@ -45,8 +47,10 @@ def fit(model: nn.Module, *, train: Data,
     ``"mse"``, ``"cross-entropy"`` or a function ``(prediction, target) -> loss`` that sums
     over the rows (not a mean: the ranks' sums add up to the batch's). ``optimizer`` is
     ``"sgd"`` (``p -= lr * grad``), ``"momentum"``, ``"adamw"``, or a ``torch.optim``
-    optimizer built on ``model.parameters()``. ``settings`` are the command line's other
-    flags as keywords (``batch_size=32, epochs=3, lr=1e-3, checkpoint_dir="ck",
+    optimizer built on ``model.parameters()``. ``scheduler``: a torch.optim.lr_scheduler
+    built on that optimizer, stepped once after each update and checkpointed (its state must
+    be JSON numbers and lists, as torch's own schedulers' are). ``settings`` are the command
+    line's other flags as keywords (``batch_size=32, epochs=3, lr=1e-3, checkpoint_dir="ck",
     metrics="run.jsonl", no_shuffle=True, ...``; see docs/flags.md).
 
     Without ``runtime`` it joins the job itself (torchrun's variables, or one process) and
@@ -74,6 +78,7 @@ def fit(model: nn.Module, *, train: Data,
     else:
         raise UsageError(f"distnn.fit: optimizer is a {type(optimizer).__name__}; allowed: "
                          "'sgd', 'momentum', 'adamw' or a torch.optim.Optimizer")
+    _check_scheduler(scheduler, optimizer, settings)
     if isinstance(loss, str):
         names["loss"] = loss
     elif isinstance(loss, type) or not callable(loss):
@@ -105,6 +110,7 @@ def fit(model: nn.Module, *, train: Data,
                                          momentum=flags.momentum,
                                          weight_decay=flags.weight_decay)
                          if isinstance(optimizer, str) else optimizer)
+        job.scheduler = scheduler
         return job
 
     def run(rt: Runtime) -> TrainResult:
@@ -120,6 +126,31 @@ def fit(model: nn.Module, *, train: Data,
     with setup(device=config.device, backend=config.backend,
                timeout_s=config.timeout_s) as rt:
         return run(rt)
+
+
+def _check_scheduler(scheduler: object, optimizer: object, settings: dict[str, Any]) -> None:
+    """Refuses a scheduler that is not torch's, that steps another optimizer than the one
+    given, that comes with a schedule of the flags' too, or whose state a checkpoint cannot
+    hold (JSON)."""
+    if scheduler is None:
+        return
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+        raise UsageError(f"distnn.fit: scheduler is a {type(scheduler).__name__}; allowed: a "
+                         "torch.optim.lr_scheduler.LRScheduler")
+    if scheduler.optimizer is not optimizer:
+        raise UsageError("distnn.fit: the scheduler is built on another optimizer than the one "
+                         "given; allowed: a scheduler built on the optimizer passed in")
+    flags = [f"{name}={settings[name]!r}" for name in ("lr_schedule", "warmup_steps")
+             if settings.get(name) not in (None, "constant", 0)]
+    if flags:
+        raise UsageError(f"distnn.fit: got scheduler= and {', '.join(flags)}; allowed: one of "
+                         "them")
+    try:
+        json.dumps(scheduler.state_dict())
+    except (TypeError, ValueError):
+        raise UsageError(f"distnn.fit: the state of {type(scheduler).__name__} is not JSON "
+                         "data, which a checkpoint holds; allowed: a scheduler whose "
+                         "state_dict() is numbers, strings and lists (torch's own)") from None
 
 
 def _check_optimizes(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:

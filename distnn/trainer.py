@@ -217,13 +217,15 @@ class Trainer:
                         transforms=[ClipGradNorm(config.clip_grad_norm, grad_norms.put)]
                         if grad_norms else [],
                         mean_count=self._targets_of_step
-                        if config.loss_reduction == "mean" else None)
+                        if config.loss_reduction == "mean" else None, scheduler=job.scheduler)
+        self.checkpointer.restore_scheduler(job.scheduler)
         if rt.is_main:
             self.steps_log = StepLog(
                 record=self.losses, steps=config.steps, rows_between=self._rows_between,
                 log_every=config.log_every, metrics_path=config.metrics,
                 progress=False if config.quiet else None, print_steps=not config.quiet,
-                rate=schedule.rate if schedule else None, grad_norms=grad_norms,
+                rate=schedule.rate if schedule else update.rate_used if job.scheduler
+                else None, grad_norms=grad_norms,
                 sinks=[TensorBoardSink(config.tensorboard)] if config.tensorboard else [])
         self.validator = Validator(job, rt, autocast=self.precision.autocast,
                                    results=val_results,

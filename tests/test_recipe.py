@@ -186,3 +186,50 @@ def test_fit_with_an_optimizer_of_its_own_schedules_from_that_optimizer_s_rate(t
     want = [rate_factor("cosine", s, lr=1e-2, total=8, warmup=0, min_lr=1e-3) * 1e-2
             for s in range(8)]
     assert rates == pytest.approx(want, rel=1e-12) and rates[0] == 1e-2
+
+
+def _fit_with_step_lr(tmp_path, steps, name, checkpoint_dir=None):
+    import distnn
+
+    x, y = data("classes")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
+    extra = {"checkpoint_dir": str(checkpoint_dir)} if checkpoint_dir else {}
+    result = distnn.fit(model, train=(x, y), loss="cross-entropy", optimizer=optimizer,
+                        scheduler=scheduler, batch_size=10, steps=steps, quiet=True,
+                        metrics=str(tmp_path / f"{name}.jsonl"), **extra)
+    return result, read_metrics(tmp_path / f"{name}.jsonl")
+
+
+def test_fit_steps_a_scheduler_of_its_own_and_resumes_it(tmp_path, no_launcher):
+    """StepLR (halving every 3 updates) on fit's optimizer: the rates torch's own loop
+    uses, recorded per step; a run resumed from step 4 ends as the uninterrupted one."""
+    whole, records = _fit_with_step_lr(tmp_path, 10, "whole")
+    assert [r["lr"] for r in records if "event" not in r] == pytest.approx(
+        [0.1 * 0.5 ** (s // 3) for s in range(10)], rel=1e-12)
+    _fit_with_step_lr(tmp_path, 4, "first", checkpoint_dir=tmp_path / "ck")
+    resumed, records = _fit_with_step_lr(tmp_path, 10, "resumed", checkpoint_dir=tmp_path / "ck")
+    assert [r["lr"] for r in records if "event" not in r] == pytest.approx(
+        [0.1 * 0.5 ** (s // 3) for s in range(4, 10)], rel=1e-12)
+    assert resumed.losses[-6:] == whole.losses[-6:]
+    for name, tensor in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], tensor), name
+
+
+def test_a_scheduler_of_another_optimizer_or_with_a_schedule_is_refused(no_launcher):
+    import distnn
+    from distnn.errors import UsageError
+
+    x, y = data("classes")
+    model = torch.nn.Linear(6, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    other = torch.optim.lr_scheduler.StepLR(torch.optim.SGD(model.parameters(), lr=0.1), 3)
+    with pytest.raises(UsageError, match="built on another optimizer than the one given"):
+        distnn.fit(model, train=(x, y), loss="cross-entropy", optimizer=optimizer,
+                   scheduler=other, steps=2)
+    mine = torch.optim.lr_scheduler.StepLR(optimizer, 3)
+    with pytest.raises(UsageError, match="got scheduler= and lr_schedule='cosine'"):
+        distnn.fit(model, train=(x, y), loss="cross-entropy", optimizer=optimizer,
+                   scheduler=mine, steps=2, lr_schedule="cosine")

@@ -40,6 +40,8 @@ class Job:
     val: RowSource | None = None
     classification: bool = False
     data_digest: str | None = None  # startup.data_digest's, once computed ("" for none)
+    # distnn.fit's scheduler=: the user's, stepped after each update
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
 
 
 def job_from_flags(config: TrainConfig, *, world_size: int, rank: int,

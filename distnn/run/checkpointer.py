@@ -87,6 +87,23 @@ class Checkpointer:
                 dist.broadcast_object_list(state, src=0)
         load_state_tensors(optimizer, state[0])
 
+    def restore_scheduler(self, scheduler: torch.optim.lr_scheduler.LRScheduler | None
+                          ) -> None:
+        """Every rank: a user's scheduler (distnn.fit) as the resumed checkpoint left it, and
+        its optimizer's rates with it (the optimizer's checkpoint holds tensors only)."""
+        if scheduler is None:
+            return
+        state = [self.resumed.state.get("scheduler") if self.resumed else None]
+        if self.rt.communicates:  # rank 0 alone read the checkpoint
+            with collective("broadcasting the scheduler's state"):
+                dist.broadcast_object_list(state, src=0)
+        if state[0] is None:
+            return
+        scheduler.load_state_dict(state[0])
+        for group, rate in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(),
+                               strict=True):
+            group["lr"] = rate
+
     # -- write ----------------------------------------------------------------------------
 
     def due(self, done: int) -> bool:
@@ -112,6 +129,8 @@ class Checkpointer:
                      "rows": job.plan.rows if job.plan else None,
                      "data": data_digest(job), "val": val,
                      "objects": job_objects(job)}
+            if job.scheduler is not None:
+                state["scheduler"] = job.scheduler.state_dict()
             if job.plan:  # where the run is in its epoch (the step alone says it too)
                 state["epoch"], state["batch_in_epoch"] = job.plan.position(done)
             save_checkpoint(config.checkpoint_dir, step=done, weights=job.model.state_dict(),

@@ -143,10 +143,11 @@ class StepLog:
             self.grad_norms.pull()  # the losses were pulled on their own (a check, say)
         for step, loss in enumerate(values, start=first):
             norm = self._norms.pop(step, None)
+            rate = self.rate(step) if self.rate is not None else None
             if self.log_every and step % self.log_every == 0:
                 record = {"step": step, "loss": loss, **timing}
-                if self.rate is not None:
-                    record["lr"] = self.rate(step)
+                if rate is not None:
+                    record["lr"] = rate
                 if norm is not None:
                     record["grad_norm"] = norm
                 self._write(record, f"{step} {loss}" if self.print_steps else None)

@@ -303,8 +303,11 @@ def job_objects(job: Job) -> dict[str, str | None]:
     """The loss and optimizer a job trains with, by class or function (distnn.fit takes the
     user's own objects, which the flags cannot name): a checkpoint records them, and a
     resume with others is refused."""
-    return {"loss": qualified_name(job.loss_fn),
-            "optimizer": qualified_name(job.optimizer) if job.optimizer else None}
+    objects = {"loss": qualified_name(job.loss_fn),
+               "optimizer": qualified_name(job.optimizer) if job.optimizer else None}
+    if job.scheduler is not None:
+        objects["scheduler"] = qualified_name(job.scheduler)
+    return objects
 
 
 def qualified_name(thing: object) -> str:

@@ -43,12 +43,14 @@ class Update:
     """One update: with ``mean_count``, the summed loss and gradients divided by the step's
     count of targets (``mean_count(update)``: --loss-reduction mean); ``transforms`` in
     order; then the optimizer's step, or with no optimizer ``p -= rate * grad``, at
-    ``schedule``'s rate (else ``lr``). ``start``: the index of the first update (a resumed
-    run's step)."""
+    ``schedule``'s rate (else ``lr``), or the optimizer's own ``scheduler`` (distnn.fit's
+    scheduler=, stepped after each update; :meth:`rate_used` says each update's rate).
+    ``start``: the index of the first update (a resumed run's step)."""
 
     def __init__(self, *, optimizer: torch.optim.Optimizer | None, lr: float,
                  transforms: Sequence[GradientTransform] = (), schedule: Schedule | None = None,
-                 mean_count: Callable[[int], int] | None = None, start: int = 0) -> None:
+                 mean_count: Callable[[int], int] | None = None, start: int = 0,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
         self.optimizer = optimizer
         self.lr = lr
         self.transforms = tuple(transforms)
@@ -56,7 +58,8 @@ class Update:
         self.mean_count = mean_count
         self.index = start  # the index of the next update
         self.scheduler = (schedule.scheduler(optimizer, start)
-                          if schedule is not None and optimizer is not None else None)
+                          if schedule is not None and optimizer is not None else scheduler)
+        self._rates: dict[int, float] = {}  # a user's scheduler: the rate of each update
 
     def __call__(self, sync: FlatGradSync, loss: torch.Tensor) -> torch.Tensor:
         """Updates the weights from the summed gradients; returns the step's loss (the
@@ -73,8 +76,14 @@ class Update:
         if self.optimizer is None:
             sync.sgd_step(self.schedule.rate(update) if self.schedule else self.lr)
         else:
+            if self.scheduler is not None and self.schedule is None:
+                self._rates[update] = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
         self.index = update + 1
         return loss
+
+    def rate_used(self, update: int) -> float | None:
+        """The rate a user's scheduler set for ``update`` (once: it is then forgotten)."""
+        return self._rates.pop(update, None)
