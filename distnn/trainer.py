@@ -206,35 +206,38 @@ class Trainer:
         val_results = self.checkpointer.restore_weights(job.model)
         self.sync = replicate(job.model, rt, bucket_mb=config.bucket_mb)
         self.checkpointer.restore_optimizer(job.optimizer, start)
-        if config.loss_reduction == "mean":
-            self._per_row = targets_per_row(job)
-        # an optimizer of the user's (distnn.fit) brings its own rate
-        lr = job.optimizer.param_groups[0]["lr"] if job.optimizer is not None else config.lr
-        schedule = (Schedule(config.lr_schedule, lr=lr, total=config.steps,
-                             warmup=config.warmup_steps, min_lr=config.min_lr)
-                    if config.lr_schedule != "constant" or config.warmup_steps else None)
-        update = Update(optimizer=job.optimizer, lr=config.lr, schedule=schedule, start=start,
-                        transforms=[ClipGradNorm(config.clip_grad_norm, grad_norms.put)]
-                        if grad_norms else [],
-                        mean_count=self._targets_of_step
-                        if config.loss_reduction == "mean" else None, scheduler=job.scheduler)
+        update = self._update(start, grad_norms)
         self.checkpointer.restore_scheduler(job.scheduler)
         if rt.is_main:
             self.steps_log = StepLog(
                 record=self.losses, steps=config.steps, rows_between=self._rows_between,
                 log_every=config.log_every, metrics_path=config.metrics,
                 progress=False if config.quiet else None, print_steps=not config.quiet,
-                rate=schedule.rate if schedule else update.rate_used if job.scheduler
-                else None, grad_norms=grad_norms,
+                rate=update.rate_of if update.scheduled else None, grad_norms=grad_norms,
                 sinks=[TensorBoardSink(config.tensorboard)] if config.tensorboard else [])
         self.validator = Validator(job, rt, autocast=self.precision.autocast,
                                    results=val_results,
                                    report=self.steps_log.event if self.steps_log else None)
-        self.steps = StepBuilder(job, rt, precision=self.precision,
-                                 update=update,
+        self.steps = StepBuilder(job, rt, precision=self.precision, update=update,
                                  watch=self.watch, weight_grad=self.settings.weight_grad,
                                  bf16_fusions=self.settings.bf16_fusions)
         return start
+
+    def _update(self, start: int, grad_norms: LossRecord | None) -> Update:
+        """The update's parts from the config: the mean's count, clipping (each norm into
+        ``grad_norms``), the schedule (from the optimizer's own rate: a user's optimizer
+        brings its own), or distnn.fit's scheduler."""
+        job, config = self.job, self.config
+        if config.loss_reduction == "mean":
+            self._per_row = targets_per_row(job)
+        lr = job.optimizer.param_groups[0]["lr"] if job.optimizer is not None else config.lr
+        schedule = (Schedule(config.lr_schedule, lr=lr, total=config.steps,
+                             warmup=config.warmup_steps, min_lr=config.min_lr)
+                    if config.lr_schedule != "constant" or config.warmup_steps else None)
+        clip = [ClipGradNorm(config.clip_grad_norm, grad_norms.put)] if grad_norms else []
+        return Update(optimizer=job.optimizer, lr=config.lr, schedule=schedule, start=start,
+                      transforms=clip, scheduler=job.scheduler,
+                      mean_count=self._targets_of_step if self._per_row else None)
 
     def _rows_between(self, start: int, stop: int) -> int:
         """The global batch rows that steps ``start`` to ``stop - 1`` train on."""

@@ -84,6 +84,14 @@ class Update:
         self.index = update + 1
         return loss
 
-    def rate_used(self, update: int) -> float | None:
-        """The rate a user's scheduler set for ``update`` (once: it is then forgotten)."""
+    @property
+    def scheduled(self) -> bool:
+        """Whether the rate changes from update to update (a schedule or a scheduler)."""
+        return self.schedule is not None or self.scheduler is not None
+
+    def rate_of(self, update: int) -> float | None:
+        """The rate of ``update``, once it ran: the schedule's, or the one a user's
+        scheduler set (said once: it is then forgotten)."""
+        if self.schedule is not None:
+            return self.schedule.rate(update)
         return self._rates.pop(update, None)
