@@ -160,6 +160,7 @@ def _calibrate(argv: list[str]) -> int:
         if value < 1:
             raise UsageError(f"{flag} {value} is not allowed; allowed: integers >= 1")
     _positive(args.run_seconds, "--run-seconds")
+    load = os.getloadavg()[0]  # other work on these cores slows all that is measured
     started = time.perf_counter()
     samples = calibrate.measure(worlds, sizes, repeats=args.repeats,
                                 out_dir=os.path.dirname(os.path.abspath(args.out)))
@@ -177,23 +178,26 @@ def _calibrate(argv: list[str]) -> int:
                               + " less the prediction without it")
     total_s = time.perf_counter() - started
     with open(args.out, "w", encoding="utf-8") as file:
-        json.dump({"cluster": cluster, "argv": argv,
+        json.dump({"cluster": cluster, "argv": argv, "load_average_at_start": load,
                    "seconds": {"collectives": collectives_s,
                                "overhead": overhead["seconds"] if overhead else 0.0,
                                "total": total_s},
                    "medians": rows, "samples": samples, "overhead": overhead}, file, indent=1)
-    print(calibration_report(cluster, rows, overhead, repeats=args.repeats,
+    print(calibration_report(cluster, rows, overhead, repeats=args.repeats, load=load,
                              collectives_s=collectives_s, total_s=total_s, out=args.out), end="")
     return 0
 
 
 def calibration_report(cluster: dict, rows: list[dict], overhead: dict | None, *, repeats: int,
-                       collectives_s: float, total_s: float, out: str) -> str:
+                       load: float, collectives_s: float, total_s: float, out: str) -> str:
     """What ``calibrate`` measured, how long each part took, and what it found."""
     ring = sorted({r["world_size"] for r in rows if r["kind"] == "allreduce"})
     root = sorted({r["world_size"] for r in rows if r["kind"] == "via_root"})
     sizes = sorted({r["bytes"] for r in rows})
-    lines = [f"calibrate: measured here in {total_s:.0f} s ({os.cpu_count()} cores):",
+    lines = [f"calibrate: measured here in {total_s:.0f} s ({os.cpu_count()} cores, load average "
+             f"{load:.2f} at the start"
+             + ("; other work was running, and it slows all that is measured" if load >= 0.5
+                else "") + "):",
              f"- gloo all-reduce at {', '.join(map(str, ring))} ranks, {len(sizes)} sizes "
              f"{_kb(sizes[0])} to {_kb(sizes[-1])}"
              + (f", and distnn's sum through rank 0 at {', '.join(map(str, root))} ranks"
@@ -277,9 +281,11 @@ def _measure(argv: list[str]) -> int:
             row["predicted_step_ms"] = predicted[p]["step_ms"]
             row["error"] = predicted[p]["step_ms"] / row["ms_per_step"] - 1
         rows.append(row)
+    loads = [s["load_average"] for s in samples]
     lines = [f"{what}: python -m distnn.train {' '.join(flags)}, ms per step between "
              f"{steps[0]} and {steps[1]} steps, median of {args.rounds} rounds "
-             f"({time.perf_counter() - started:.0f} s)", "",
+             f"({time.perf_counter() - started:.0f} s; load average {min(loads):.2f} to "
+             f"{max(loads):.2f}, these ranks included)", "",
              "| world | measured ms/step | range | predicted ms/step | error |",
              "|---|---|---|---|---|"]
     for row in rows:
