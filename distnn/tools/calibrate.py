@@ -290,8 +290,8 @@ def overhead_fit(points: dict[str, Sequence[Sequence[float]]]) -> dict[str, list
 
 
 def measure_overhead(cluster: dict, worlds: Sequence[int], *,
-                     models: Sequence[HeldOut] | None = None, rounds: int = 3,
-                     seconds_per_run: float = 1.5, log: Callable[[str], object] = print) -> dict:
+                     models: Sequence[HeldOut] | None = None, rounds: int = 5,
+                     seconds_per_run: float = 1.0, log: Callable[[str], object] = print) -> dict:
     """The per-step overhead for ``cluster`` (a description from :func:`cluster_description`,
     whose collective fits it uses) at ``worlds``, on ``models`` (default :data:`HELD_OUT`):
     ``{"step_overhead_fit", "models", "compute", "points", "samples", "seconds", ...}``;

@@ -138,9 +138,9 @@ def _calibrate(argv: list[str]) -> int:
     parser.add_argument("--overhead-worlds", default=None,
                         help="world sizes of the per-step overhead (default: 1 and --worlds); "
                              "'none' measures none (the prediction then has no overhead)")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=int, default=5,
                         help="rounds of distnn's step per held-out model and world size")
-    parser.add_argument("--run-seconds", type=float, default=1.5,
+    parser.add_argument("--run-seconds", type=float, default=1.0,
                         help="about how long the longer of each pair of timed runs takes")
     parser.add_argument("--name", default="this-machine-gloo")
     args = parser.parse_args(argv)
@@ -239,8 +239,8 @@ def _measure(argv: list[str]) -> int:
     parser.add_argument("--hidden", default="100", help="hidden widths, comma-separated")
     parser.add_argument("--d-out", type=int, default=10)
     parser.add_argument("--worlds", default="1,2,4")
-    parser.add_argument("--steps", default="500,2500", help="SHORT,LONG step counts")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", default="300,1500", help="SHORT,LONG step counts")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--against", default=None,
                         help="a prediction's --json file: its step_ms beside the measurement")
     parser.add_argument("--json", default=None)
