@@ -290,6 +290,14 @@ def test_bad_input_to_calibrate_and_measure(tmp_path, capsys, args, says):
     assert "allowed:" in lines[0]
 
 
+def test_this_machines_preset_is_a_calibration_file():
+    data = json.loads(open(scale.this_machine_file(), encoding="utf-8").read())
+    cluster = scale.load_cluster("this-machine-gloo")
+    assert cluster == costmodel.Cluster.from_json(data["cluster"])
+    assert {"1", "2", "4"} <= set(cluster.step_overhead_fit)
+    assert data["overhead"]["models"] and data["seconds"]["total"] > 0
+
+
 def test_tbf_bucket_by_hand():
     # 404,440 B through rank 0 on 2 ranks, 1 Gbit/s (beta 8e-9), alpha 1e-4, bucket 125,000 B
     # sent at 1e-9 s/B: each direction 1e-4 + 279,440*8e-9 + 125,000*1e-9 = 2.460520e-3

@@ -407,7 +407,8 @@ def netns_check(docs: str = "docs/results") -> list[dict]:
         measured = json.load(f)
     with open(os.path.join(docs, "scale-check-cpu.json")) as f:
         check = {(r["model"], r["world_size"]): r for r in json.load(f)}
-    with open(os.path.join(docs, "scale-calibration-cpu.json")) as f:
+    # the calibration behind check 1, whose 2-rank overhead these predictions share
+    with open(os.path.join(docs, "scale-calibration-cpu-check1.json")) as f:
         cal = json.load(f)["cluster"]
     a2, b2 = cal["via_root_fit"]["2"]  # 2 ranks via rank 0: 2 (alpha + n beta)
     alpha, line_beta = a2 / 2, b2 / 2
