@@ -230,8 +230,7 @@ class Trainer:
         job, config = self.job, self.config
         if config.loss_reduction == "mean":
             self._per_row = targets_per_row(job)
-        lr = job.optimizer.param_groups[0]["lr"] if job.optimizer is not None else config.lr
-        schedule = (Schedule(config.lr_schedule, lr=lr, total=config.steps,
+        schedule = (Schedule(config.lr_schedule, lr=job.lr, total=config.steps,
                              warmup=config.warmup_steps, min_lr=config.min_lr)
                     if config.lr_schedule != "constant" or config.warmup_steps else None)
         clip = [ClipGradNorm(config.clip_grad_norm, grad_norms.put)] if grad_norms else []

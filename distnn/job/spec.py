@@ -43,6 +43,13 @@ class Job:
     # distnn.fit's scheduler=: the user's, stepped after each update
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
 
+    @property
+    def lr(self) -> float:
+        """The rate the first update starts from: the optimizer's own (distnn.fit may bring
+        one), else --lr."""
+        return self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else (
+            self.config.lr)
+
 
 def job_from_flags(config: TrainConfig, *, world_size: int, rank: int,
                    check_sizes: Callable[[TrainConfig], None] | None = None) -> Job:

@@ -96,9 +96,8 @@ def check_job(job: Job, *, ranks: int = 1) -> None:
         check_no_batch_statistics(job)
     check_model_output(job)
     config = job.config
-    lr = job.optimizer.param_groups[0]["lr"] if job.optimizer is not None else config.lr
-    if config.lr_schedule != "constant" and config.min_lr > lr:
-        raise UsageError(f"--min-lr: got {config.min_lr!r}, above the learning rate {lr!r}; "
+    if config.lr_schedule != "constant" and config.min_lr > job.lr:
+        raise UsageError(f"--min-lr: got {config.min_lr!r}, above the learning rate {job.lr!r}; "
                          "allowed: a rate from 0 to it")
     if config.steps is not None and config.warmup_steps > config.steps:
         raise UsageError(f"--warmup-steps: got {config.warmup_steps}, beyond the run's "

@@ -44,7 +44,7 @@ class Update:
     count of targets (``mean_count(update)``: --loss-reduction mean); ``transforms`` in
     order; then the optimizer's step, or with no optimizer ``p -= rate * grad``, at
     ``schedule``'s rate (else ``lr``), or the optimizer's own ``scheduler`` (distnn.fit's
-    scheduler=, stepped after each update; :meth:`rate_used` says each update's rate).
+    scheduler=, stepped after each update; :meth:`rate_of` says each update's rate).
     ``start``: the index of the first update (a resumed run's step)."""
 
     def __init__(self, *, optimizer: torch.optim.Optimizer | None, lr: float,
