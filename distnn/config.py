@@ -30,9 +30,10 @@ def _option(default: Any, help: str, *, minimum: float | None = None, inclusive:
 class TrainConfig:
     """Everything that defines a run. Defaults reproduce the reference program."""
 
-    data: str | None = _option(None, "train on tensors x [N, D_in] and y [N, D_out] or [N] from "
-                               "this .safetensors, .npz or .pt file, in mini-batches of "
-                               "--batch-size rows, instead of the random batch",
+    data: str | None = _option(None, "train on tensors x [N, ...] and y [N, ...] from this "
+                               ".safetensors, .npz or .pt file (features [N, D_in] for the "
+                               "MLP; token ids [N, T] and the like for --model), in "
+                               "mini-batches of --batch-size rows, instead of the random batch",
                                metavar="PATH")
     batch_size: int | None = _option(None, "global batch size, split across the ranks (default: "
                                      "64, the reference's; with --data: the file's rows)",
@@ -61,8 +62,14 @@ class TrainConfig:
     drop_last: bool = _option(False, "drop each epoch's last batch when it is smaller than "
                               "--batch-size")
     loss: str = _option("mse", "mse: MSELoss(reduction='sum'); cross-entropy: "
-                        "CrossEntropyLoss(reduction='sum') on integer class labels y [N]",
+                        "CrossEntropyLoss(reduction='sum') on integer class labels y [N, ...], "
+                        "the model's scores [N, ..., classes] (classes last, as a language "
+                        "model's next-token scores [N, T, V] against y [N, T])",
                         choices=("mse", "cross-entropy"))
+    ignore_index: int = _option(-100, "class labels equal to this are not targets: "
+                                "cross-entropy leaves them out, and a mean does not count them "
+                                "(torch's ignore_index)", minimum=-2**63, maximum=2**63 - 1,
+                                metavar="LABEL")  # a label is an int64
     optimizer: str = _option("sgd", "sgd: the reference's p -= lr * grad; momentum: "
                              "torch.optim.SGD with --momentum; adamw: torch.optim.AdamW with "
                              "--weight-decay", choices=("sgd", "momentum", "adamw"))
@@ -75,8 +82,9 @@ class TrainConfig:
     loss_reduction: str = _option("sum", "sum: the loss summed over the global batch (the "
                                   "reference's); mean: that sum divided by the global "
                                   "batch's count of targets (elements of y for mse, labels "
-                                  "for cross-entropy), as reduction='mean' over the whole "
-                                  "batch in one process", choices=("sum", "mean"))
+                                  "not equal to --ignore-index for cross-entropy), as "
+                                  "reduction='mean' over the whole batch in one process",
+                                  choices=("sum", "mean"))
     lr_schedule: str = _option("constant", "the learning rate of each update: constant, or "
                                "after --warmup-steps a linear or cosine decay from --lr to "
                                "--min-lr over the run's steps",

@@ -8,7 +8,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -36,14 +36,20 @@ def fit(model: nn.Module, *, train: Data,
         loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "mse",
         optimizer: str | torch.optim.Optimizer = "sgd", val: Data | None = None,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-        runtime: Runtime | None = None, **settings: Any) -> TrainResult:
+        collate_fn: Callable[[list], Any] | None = None, keys: tuple[str, str] | None = None,
+        num_workers: int = 0, runtime: Runtime | None = None,
+        **settings: Any) -> TrainResult:
     """Trains ``model`` data-parallel on every rank of the job; returns the TrainResult
     (the model, identical on every rank; the steps done; the validation results).
 
     Call it on every rank with the same arguments. ``model`` is the user's module, built
     the same way on every rank (seed first: rank 0's weights are broadcast anyway).
     ``train`` and ``val`` are ``(x, y)`` tensors, a map-style dataset (``len`` and
-    ``dataset[i] -> (x_i, y_i)``), or the path of a data file (as ``--data``). ``loss`` is
+    ``dataset[i]``: an ``(x_i, y_i)`` pair or a dict), or the path of a data file (as
+    ``--data``). A dataset's items are batched by ``collate_fn`` (torch's
+    ``default_collate`` by default) into an (x, y) pair or a dict, whose ``keys`` name the
+    input and the target (default ``("x", "y")``, else ``("input_ids", "labels")``);
+    ``num_workers`` DataLoader processes read each step's rows ahead. ``loss`` is
     ``"mse"``, ``"cross-entropy"`` or a function ``(prediction, target) -> loss`` that sums
     over the rows (not a mean: the ranks' sums add up to the batch's). ``optimizer`` is
     ``"sgd"`` (``p -= lr * grad``), ``"momentum"``, ``"adamw"``, or a ``torch.optim``
@@ -94,18 +100,25 @@ def fit(model: nn.Module, *, train: Data,
     config = TrainConfig(**settings, **names, model=f"{kind.__module__}:{kind.__qualname__}")
 
     def build_job(flags: TrainConfig, rt: Runtime) -> Job:
-        source = _checked(_rows(train, "train"), rt)
+        batching = {"collate_fn": collate_fn, "keys": keys, "num_workers": num_workers}
+        source = _checked(_rows(train, "train", flags.ignore_index, batching), rt,
+                          flags.ignore_index)
         x, y = source.read(torch.arange(min(1, source.rows)))
         if isinstance(loss, str):
             mismatch = loss_mismatch(loss, y, named="loss={!r}")
             if mismatch:
                 raise UsageError(f"distnn.fit: train holds {mismatch[0]}; allowed: {mismatch[1]}")
+        builtin = isinstance(loss, str)
         job = rows_job(flags, source=source, d_in=x.shape[1] if x.dim() > 1 else 1,
                        d_out=y.shape[1] if y.dim() > 1 else 1, model=model,
-                       loss_fn=sum_loss(loss) if isinstance(loss, str) else loss,
+                       loss_fn=sum_loss(loss, ignore_index=flags.ignore_index) if builtin
+                       else loss, builtin_loss=builtin,
                        classification=not y.is_floating_point(), world_size=rt.world_size,
                        rank=rt.rank)
-        job.val = _like_train(_checked(_rows(val, "val"), rt), x, y) if val is not None else None
+        job.val = (_like_train(_checked(_rows(val, "val", flags.ignore_index,
+                                              {**batching, "num_workers": 0}), rt,
+                                        flags.ignore_index), x, y)
+                   if val is not None else None)
         job.optimizer = (build_optimizer(flags.optimizer, model.parameters(), lr=flags.lr,
                                          momentum=flags.momentum,
                                          weight_decay=flags.weight_decay)
@@ -176,18 +189,19 @@ def _like_train(val: RowSource, train_x: torch.Tensor, train_y: torch.Tensor) ->
     return val
 
 
-def _checked(source: RowSource, rt: Runtime) -> RowSource:
+def _checked(source: RowSource, rt: Runtime, ignore_index: int) -> RowSource:
     """A data file's rows checked as the command line checks them: this rank's share of the
-    rows finite, and class labels not negative."""
+    rows finite, and class labels not negative (but for ``ignore_index``)."""
     if isinstance(source, DataFile):
         if source.labels:
-            source.check_labels()
+            source.check_labels(ignore_index)
         source.check_share(rt.world_size, rt.rank)
     return source
 
 
-def _rows(data: Data, name: str) -> RowSource:
-    """``data`` as rows that can be read by index; raises UsageError naming ``name``."""
+def _rows(data: Data, name: str, ignore_index: int, batching: dict[str, Any]) -> RowSource:
+    """``data`` as rows that can be read by index (``batching``: a dataset's collate_fn,
+    keys and num_workers); raises UsageError naming ``name``."""
     if isinstance(data, (str, os.PathLike)):
         return DataFile(os.fspath(data), flag=f"distnn.fit {name}")
     if isinstance(data, tuple) and len(data) == 2 and all(
@@ -199,20 +213,60 @@ def _rows(data: Data, name: str) -> RowSource:
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise UsageError(f"distnn.fit: {name} holds a non-finite value in its {what}; "
                                  "allowed: finite values")
-        if not data[1].is_floating_point() and len(data[1]) and data[1].min() < 0:
-            raise UsageError(f"distnn.fit: {name} holds a negative class label; allowed: "
-                             "class labels 0, 1, 2, ...")
+        labels = data[1][data[1] != ignore_index] if not data[1].is_floating_point() else None
+        if labels is not None and len(labels) and labels.min() < 0:
+            raise UsageError(f"distnn.fit: {name} holds the negative class label "
+                             f"{int(labels.min())}; allowed: class labels 0, 1, 2, ..., or "
+                             f"the ignored label {ignore_index} (ignore_index)")
         return TensorRows(*data)
     if hasattr(data, "__len__") and hasattr(data, "__getitem__"):
-        if len(data) == 0:
-            raise UsageError(f"distnn.fit: {name} holds no rows; allowed: at least one")
-        first = data[0]
-        if not (isinstance(first, (tuple, list)) and len(first) == 2):
-            raise UsageError(f"distnn.fit: {name}[0] is a {type(first).__name__}; allowed: a "
-                             "dataset whose items are (x, y) pairs")
-        return DatasetRows(data)
+        return _dataset_rows(data, name, batching)
     raise UsageError(f"distnn.fit: {name} is a {type(data).__name__}; allowed: (x, y) "
-                     "tensors, a map-style dataset of (x, y) pairs, or a data file's path")
+                     "tensors, a map-style dataset of (x, y) pairs or dicts, or a data "
+                     "file's path")
+
+
+def _dataset_rows(dataset: Any, name: str, batching: dict[str, Any]) -> DatasetRows:
+    """A map-style dataset's rows, its first item batched and checked: an (x, y) pair, or a
+    dict holding the keys (``keys``, else "x" and "y", else "input_ids" and "labels")."""
+    workers, keys = batching["num_workers"], batching["keys"]
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise UsageError(f"distnn.fit: num_workers is {workers!r}; allowed: an integer >= 0")
+    if keys is not None and not (isinstance(keys, (tuple, list)) and len(keys) == 2
+                                 and all(isinstance(key, str) for key in keys)):
+        raise UsageError(f"distnn.fit: keys is {keys!r}; allowed: two names, the input's and "
+                         "the target's (keys=('input_ids', 'labels'))")
+    if len(dataset) == 0:
+        raise UsageError(f"distnn.fit: {name} holds no rows; allowed: at least one")
+    first = dataset[0]
+    if batching["collate_fn"] is None and not (
+            isinstance(first, Mapping) or (isinstance(first, (tuple, list)) and len(first) == 2)):
+        raise UsageError(f"distnn.fit: {name}[0] is a {type(first).__name__}; allowed: a "
+                         "dataset whose items are (x, y) pairs or dicts, or a collate_fn that "
+                         "batches them into one")
+    rows = DatasetRows(dataset, collate_fn=batching["collate_fn"], num_workers=workers)
+    try:
+        batch = rows.collate_fn([first])
+    except Exception as error:  # noqa: BLE001 - the user's items or collate_fn: one line
+        said = (str(error).strip().splitlines() or [""])[0]
+        raise UsageError(f"distnn.fit: {name}[0] cannot be batched ({type(error).__name__}: "
+                         f"{said}); allowed: items that the collate_fn turns into an (x, y) "
+                         "pair or a dict of tensors") from None
+    if isinstance(batch, Mapping):
+        found = [pair for pair in ([tuple(keys)] if keys else [("x", "y"),
+                                                                ("input_ids", "labels")])
+                 if all(key in batch for key in pair)]
+        if not found:
+            wanted = " and ".join(map(repr, keys)) if keys else (
+                "'x' and 'y', or 'input_ids' and 'labels'")
+            raise UsageError(f"distnn.fit: {name}'s batches are dicts with keys "
+                             f"{sorted(map(str, batch))}; allowed: dicts holding {wanted} "
+                             "(keys= names the input and the target)")
+        rows.keys = found[0]
+    elif not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise UsageError(f"distnn.fit: {name}'s batches are {type(batch).__name__}s; allowed: "
+                         "items (or a collate_fn's batches) that are (x, y) pairs or dicts")
+    return rows
 
 
 __all__ = ["fit", "TrainResult"]

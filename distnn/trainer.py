@@ -37,6 +37,7 @@ from distnn.run.lossrecord import LossRecord
 from distnn.run.metrics import StepLog
 from distnn.run.sinks import TensorBoardSink
 from distnn.run.startup import check_memory
+from distnn.run.targetcount import TargetCounts
 from distnn.run.validation import Validator
 from distnn.run.verifier import Verifier
 from distnn.settings import Settings
@@ -68,17 +69,6 @@ class TrainResult:
     losses: list[float] = dataclasses.field(default_factory=list)
     compiled: bool | None = None
     compile_s: float = 0.0
-
-
-def targets_per_row(job: Job) -> int:
-    """The targets a row of the job's data counts under a mean loss: one label for
-    cross-entropy, else every element of its y (global row 0, the same on every rank; the
-    reference batch's D_out)."""
-    if job.config.loss == "cross-entropy":
-        return 1
-    if job.source is not None:
-        return max(1, job.source.read(torch.arange(1))[1][0].numel())
-    return job.config.d_out
 
 
 def flag_job(config: TrainConfig, runtime: Runtime) -> Job:
@@ -122,7 +112,6 @@ class Trainer:
         self.verifier: Verifier | None = None
         self.validator: Validator | None = None
         self.steps_log: StepLog | None = None  # rank 0's lines and metrics records
-        self._per_row: int | None = None  # targets a row counts (--loss-reduction mean)
 
     def train(self) -> TrainResult:
         """start up (agree, resume, replicate) -> steps -> checkpoint, summary, save.
@@ -228,26 +217,19 @@ class Trainer:
         ``grad_norms``), the schedule (from the optimizer's own rate: a user's optimizer
         brings its own), or distnn.fit's scheduler."""
         job, config = self.job, self.config
-        if config.loss_reduction == "mean":
-            self._per_row = targets_per_row(job)
+        counts = TargetCounts(job, start=start) if config.loss_reduction == "mean" else None
         schedule = (Schedule(config.lr_schedule, lr=job.lr, total=config.steps,
                              warmup=config.warmup_steps, min_lr=config.min_lr)
                     if config.lr_schedule != "constant" or config.warmup_steps else None)
         clip = [ClipGradNorm(config.clip_grad_norm, grad_norms.put)] if grad_norms else []
         return Update(optimizer=job.optimizer, lr=config.lr, schedule=schedule, start=start,
                       transforms=clip, scheduler=job.scheduler,
-                      mean_count=self._targets_of_step if self._per_row else None)
+                      mean_count=counts)
 
     def _rows_between(self, start: int, stop: int) -> int:
         """The global batch rows that steps ``start`` to ``stop - 1`` train on."""
         plan = self.job.plan  # None: the reference program's one batch, every step
         return plan.rows_between(start, stop) if plan else self.config.batch_size * (stop - start)
-
-    def _targets_of_step(self, step: int) -> int:
-        """--loss-reduction mean: the targets the loss of ``step``'s global batch counts (a
-        label a row for cross-entropy; every element of y otherwise), the same on every
-        rank."""
-        return self._rows_between(step, step + 1) * self._per_row
 
     def _checkpoint(self, done: int) -> None:
         self.checkpointer.save(done, self.sync.flat_params, val=self.validator.results,

@@ -121,14 +121,15 @@ BAD_FILES = {
     "missing": "does not exist",
     "d.csv": "has an unknown format; allowed: .safetensors, .npz, .pt files",
     "no_y.safetensors": "has no tensor named 'y'",
-    "ints.safetensors": "holds x as a non-floating-point dtype",
+    # rows of any shape and dtype are data (for --model); the MLP takes features
+    "ints.safetensors": "holds x of shape [4, 3] and dtype int64, which the MLP cannot take",
     "rows.safetensors": "holds 4 rows of x and 3 of y",
-    "shape.npz": "holds x of shape [4]",
+    "shape.npz": "holds x of shape [4] and dtype float32, which the MLP cannot take",
     "nan.safetensors": "holds a non-finite value in x",
     "torn.safetensors": "cannot be read",
     "pickle.pt": "cannot be read",
     "no_x_columns.safetensors": "holds x of shape [4, 0] and y of shape [4, 2]; allowed: at "
-                                "least one column in each",
+                                "least one value in each row",
     "no_y_columns.safetensors": "holds x of shape [4, 3] and y of shape [4, 0]",
     "folder.safetensors": "is a directory; allowed: a data file",
 }

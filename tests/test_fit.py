@@ -199,7 +199,7 @@ def test_fit_resumes_bitwise_from_its_checkpoint(tmp_path, no_launcher):
     ({"train": (torch.tensor([[0.0], [float("nan")]]), torch.tensor([0, 1]))},
      "distnn.fit: train holds a non-finite value in its inputs; allowed: finite values"),
     ({"train": (torch.zeros(2, 6), torch.tensor([0, -1])), "loss": "cross-entropy"},
-     "distnn.fit: train holds a negative class label"),
+     "distnn.fit: train holds the negative class label -1; allowed"),
     ({"train": (torch.zeros(2, 6), torch.tensor([0, 1]))},
      "train holds integer targets y (class labels?) under loss='mse'; allowed: "
      "floating-point targets with loss='mse', or loss='cross-entropy' for class labels"),
@@ -217,13 +217,14 @@ def test_fit_resumes_bitwise_from_its_checkpoint(tmp_path, no_launcher):
                                       "reduction='sum'"),
     ({"loss": nn.MSELoss}, "distnn.fit: loss is the class MSELoss; allowed: 'mse'"),
     ({"loss": "cross-entropy", "train": (torch.zeros(4, 6), torch.tensor([0, 1, 7, 2]))},
-     "the model gives 3 scores a row but the data holds the class label 7; allowed: a model "
-     "with a score for each class, 8 or more"),
+     "the model gives 3 scores a position but the data holds the class label 7; allowed: a "
+     "model with a score for each class, 8 or more"),
     ({"loss": "cross-entropy", "train": (torch.zeros(4, 6), torch.zeros(4))},
      "distnn.fit: train holds targets y of shape [] a row and dtype float32 under "
-     "loss='cross-entropy'; allowed: integer class labels, one a row (y of shape [N])"),
+     "loss='cross-entropy'; allowed: integer class labels (y [N], or one a position: [N, T]), "
+     "or class probabilities (y [N, ..., classes])"),
     ({"loss": "cross-entropy", "train": (torch.zeros(4, 6), torch.zeros(4, 1).long())},
-     "distnn.fit: train holds targets y of shape [1] a row and dtype int64"),
+     "the model's scores for 2 rows have shape [2, 3] but their labels have [2, 1]"),
     ({"loss": "cross-entropy", "val": (torch.zeros(4, 7), torch.zeros(4).long())},
      "distnn.fit: val holds inputs of shape [7] a row; allowed: [6], as the training "
      "data's"),

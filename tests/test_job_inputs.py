@@ -35,14 +35,16 @@ def files(tmp_path):
 BAD = [
     (["--data", "{floats}", "--loss", "cross-entropy"],
      "--data: '{floats}' holds targets y of shape [2] a row and dtype float32 under --loss "
-     "cross-entropy; allowed: integer class labels, one a row (y of shape [N])"),
+     "cross-entropy; allowed: integer class labels (y [N], or one a position: [N, T])"),
     (["--data", "{labels}"], "holds integer targets y (class labels?) under --loss mse; "
                              "allowed: floating-point targets with --loss mse"),
-    (["--data", "{negative}", "--loss", "cross-entropy"], "holds a negative class label in y"),
+    (["--data", "{negative}", "--loss", "cross-entropy"], "holds the negative class label -1 in y"),
     (["--data", "{labels}", "--loss", "cross-entropy", "--d-out", "2"],
      "holds the class label 2, but --d-out is 2; allowed: labels 0 to 1"),
-    (["--data", "{labels2d}", "--loss", "cross-entropy"], "holds y of shape [6, 2] and dtype "
-                                                          "int64"),
+    # labels one a position need scores one a position: [N, 2, classes]
+    (["--data", "{labels2d}", "--loss", "cross-entropy"], "the model's scores for 2 rows have "
+                                                          "shape [2, 1] but their labels have "
+                                                          "[2, 2]"),
     (["--loss", "cross-entropy"], "--loss: got 'cross-entropy' without --data"),
     (["--data", "{floats}", "--val-data", "{wide}"],
      "--val-data: '{wide}' holds inputs of shape [5] a row; allowed: [3], as the training "

@@ -16,9 +16,11 @@ def test_mse_takes_floats_and_cross_entropy_labels_or_probabilities():
     what, allowed = loss_mismatch("cross-entropy", torch.rand(4, 3), named="--loss {}",
                                   probabilities=False)
     assert what == "targets y of shape [3] a row and dtype float32 under --loss cross-entropy"
-    assert allowed == "integer class labels, one a row (y of shape [N])"
-    assert loss_mismatch("cross-entropy", torch.zeros(4, 1, dtype=torch.long),
-                         named="{}")[0].startswith("targets y of shape [1] a row and dtype int64")
+    assert allowed == "integer class labels (y [N], or one a position: [N, T])"
+    # labels of any shape: one a position of a sequence, as a language model's targets
+    assert loss_mismatch("cross-entropy", torch.zeros(4, 7, dtype=torch.long),
+                         named="{}") is None
+    assert loss_mismatch("cross-entropy", torch.rand(4, 7, 3), named="{}") is None
 
 
 def test_validation_rows_must_be_shaped_as_the_training_rows():

@@ -14,11 +14,13 @@ one row shorter than another, or empty.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from torch.utils.data import DataLoader, default_collate
 
 from distnn.data.shards import shard_bounds
 from distnn.errors import UsageError
@@ -32,6 +34,9 @@ class RowSource(Protocol):
 
     def read(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The inputs and targets of rows ``indices`` (CPU tensors, in that order)."""
+
+    def read_targets(self, indices: torch.Tensor) -> torch.Tensor:
+        """The targets of rows ``indices`` alone, as :meth:`read` gives them."""
 
 
 @dataclass(frozen=True)
@@ -113,36 +118,108 @@ class TensorRows:
     def read(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x[indices], self.y[indices]
 
+    def read_targets(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.y[indices]
+
 
 class DatasetRows:
-    """Rows of a map-style dataset: ``len(dataset)`` and ``dataset[i] -> (x_i, y_i)``."""
+    """Rows of a map-style dataset (``len(dataset)``, ``dataset[i]``), batched as a torch
+    DataLoader batches them: the items of a batch go through ``collate_fn`` (torch's
+    ``default_collate`` by default). An item, and so a batch, is an ``(x, y)`` pair, or a
+    dict from which ``keys`` (input, target) name the two. With ``num_workers`` a
+    DataLoader's worker processes read a step's rows ahead (:meth:`loader`)."""
 
-    def __init__(self, dataset) -> None:
+    def __init__(self, dataset, *, collate_fn: Callable | None = None,
+                 keys: tuple[str, str] | None = None, num_workers: int = 0) -> None:
         self.dataset, self.rows = dataset, len(dataset)
+        self.collate_fn = collate_fn or default_collate
+        self.keys, self.num_workers = keys, num_workers
+        self._empty: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def read(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = [self.dataset[i] for i in indices.tolist()]
-        if not pairs:
-            x, y = self.dataset[0]
-            x, y = torch.as_tensor(x), torch.as_tensor(y)
-            return x.new_empty((0, *x.shape)), y.new_empty((0, *y.shape))
-        return (torch.stack([torch.as_tensor(x) for x, _ in pairs]),
-                torch.stack([torch.as_tensor(y) for _, y in pairs]))
+        if not len(indices):
+            return self.empty()
+        return self.pair(self.collate_fn([self.dataset[i] for i in indices.tolist()]))
+
+    def read_targets(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.read(indices)[1]
+
+    def pair(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of a collated batch: a pair, or a dict's ``keys``."""
+        if isinstance(batch, Mapping):
+            x, y = (batch[key] for key in self.keys)
+        else:
+            x, y = batch
+        return torch.as_tensor(x), torch.as_tensor(y)
+
+    def empty(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """No rows, shaped as a row of the first item (an empty shard: more ranks than
+        rows)."""
+        if self._empty is None:
+            x, y = self.read(torch.arange(1))
+            self._empty = (x[:0], y[:0])
+        return self._empty
+
+    def loader(self, shards: Iterable[list[int]], *, pin_memory: bool) -> Iterator:
+        """The (x, y) of each shard in ``shards`` (lists of indices, an empty one allowed),
+        read ahead by a DataLoader's ``num_workers`` processes."""
+        loader = DataLoader(self.dataset, batch_sampler=shards, num_workers=self.num_workers,
+                            collate_fn=_Collate(self.collate_fn, self.pair, self.empty()),
+                            pin_memory=pin_memory)
+        return iter(loader)
+
+
+class _Collate:
+    """A DataLoader's collate_fn (picklable, for worker processes): the user's collate, then
+    the (x, y) pair; an empty shard as ``empty``."""
+
+    def __init__(self, collate_fn: Callable, pair: Callable,
+                 empty: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.collate_fn, self.pair, self.empty = collate_fn, pair, empty
+
+    def __call__(self, items: list) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pair(self.collate_fn(items)) if items else self.empty
+
+
+class _Shards:
+    """This rank's indices of each step from ``start`` to ``steps``, a DataLoader's batch
+    sampler."""
+
+    def __init__(self, plan: BatchPlan, *, world_size: int, rank: int, start: int,
+                 steps: int) -> None:
+        self.plan, self.world_size, self.rank = plan, world_size, rank
+        self.start, self.steps = start, steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.steps):
+            yield self.plan.shard(step, self.world_size, self.rank).tolist()
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start)
 
 
 class ShardStream:
     """This rank's rows for each step in turn, on its device, read one step ahead.
 
     While step s computes, a background thread reads step s+1's rows (file reads release
-    the GIL), so reading does not stall the step.
+    the GIL), so reading does not stall the step. A dataset with ``num_workers`` is read
+    ahead by a DataLoader's worker processes instead, over the same shards (``steps``: the
+    run's last step, where they end).
     """
 
     def __init__(self, source: RowSource, plan: BatchPlan, *, world_size: int, rank: int,
-                 device: torch.device, start_step: int) -> None:
+                 device: torch.device, start_step: int, steps: int) -> None:
         self.source, self.plan = source, plan
         self.world_size, self.rank, self.device = world_size, rank, device
         self.step = start_step
         self.pin = device.type == "cuda"
+        self._loaded: Iterator | None = None
+        self._reader: ThreadPoolExecutor | None = None
+        if getattr(source, "num_workers", 0):
+            self._loaded = source.loader(_Shards(plan, world_size=world_size, rank=rank,
+                                                 start=start_step, steps=steps),
+                                         pin_memory=self.pin)
+            return
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distnn-rows")
         self._next: Future = self._reader.submit(self._read, self.step)
 
@@ -154,11 +231,16 @@ class ShardStream:
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows of the next step on this rank's device; starts reading the one after."""
-        x, y = self._next.result()
+        if self._loaded is not None:
+            x, y = next(self._loaded)
+        else:
+            x, y = self._next.result()
+            self._next = self._reader.submit(self._read, self.step + 1)
         self.step += 1
-        self._next = self._reader.submit(self._read, self.step)
         return (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
 
     def close(self) -> None:
-        self._next.cancel()
-        self._reader.shutdown(wait=True)
+        if self._reader is not None:
+            self._next.cancel()
+            self._reader.shutdown(wait=True)
+        self._loaded = None  # the DataLoader's workers stop with its iterator

@@ -1,7 +1,9 @@
 """Data files (``--data``, ``--val-data``): their headers, and any rows read on demand.
 
-A file holds ``x`` [N, D_in] (floating point) and ``y``: [N, D_out] or [N] floats for a
-regression, or [N] integer class labels. Formats: ``.safetensors``, ``.npz`` and ``.pt``.
+A file holds ``x`` [N, ...] and ``y`` [N, ...], rows of any shape: floating-point inputs
+(features [N, D_in], images [N, C, H, W]) or integer ones (token ids [N, T]); floating-point
+targets (a regression), or integer class labels (one a row [N], or one a position [N, T]).
+Formats: ``.safetensors``, ``.npz`` and ``.pt``.
 A rank reads only the rows it asks for, never the whole file: in a ``.safetensors`` file and
 an uncompressed ``.npz`` every row lies at a known offset, and runs of consecutive rows are
 read with one ``pread`` each; a ``.pt`` file is memory-mapped and indexed. A compressed or
@@ -92,26 +94,21 @@ class DataFile:
                 raise self.fail(f"has no tensor named {name!r}",
                                 "a file holding tensors named 'x' and 'y'")
         self.x, self.y = columns["x"], columns["y"]
-        if not self.x.dtype.is_floating_point:
-            raise self.fail("holds x as a non-floating-point dtype",
-                            "float16, bfloat16, float32 or float64 inputs")
+        for name, column in (("x", self.x), ("y", self.y)):
+            if column.dtype == torch.bool or not column.shape:
+                raise self.fail(f"holds {name} of shape {list(column.shape)} and dtype "
+                                f"{str(column.dtype).removeprefix('torch.')}",
+                                "rows [N, ...] of numbers (floating point, or integers)")
         self.labels = not self.y.dtype.is_floating_point
-        if self.labels and (len(self.y.shape) != 1 or self.y.dtype == torch.bool):
-            raise self.fail(f"holds y of shape {list(self.y.shape)} and dtype "
-                            f"{str(self.y.dtype).removeprefix('torch.')}",
-                            "floating-point targets [N, D_out] or [N], or integer class labels [N]")
-        if len(self.x.shape) != 2 or len(self.y.shape) not in (1, 2):
-            raise self.fail(f"holds x of shape {list(self.x.shape)} and y of shape "
-                            f"{list(self.y.shape)}",
-                            "x of shape [N, D_in] and y of shape [N, D_out] or [N]")
         if self.x.shape[0] != self.y.shape[0] or self.x.shape[0] < 1:
             raise self.fail(f"holds {self.x.shape[0]} rows of x and {self.y.shape[0]} of y",
                             "the same number of rows, at least one, in x and y")
-        if self.x.shape[1] < 1 or (len(self.y.shape) == 2 and self.y.shape[1] < 1):
+        if 0 in self.x.shape[1:] or 0 in self.y.shape[1:]:
             raise self.fail(f"holds x of shape {list(self.x.shape)} and y of shape "
-                            f"{list(self.y.shape)}", "at least one column in each")
+                            f"{list(self.y.shape)}", "at least one value in each row")
         self._whole: dict[str, torch.Tensor] = {}  # arrays that had to be read whole
         self.largest_label: int | None = None  # check_labels', once it has read y
+        self.ignored_labels = 0  # labels equal to check_labels' ignore_index
         # Rows are read from the file opened now: one deleted or replaced (renamed over)
         # during the run is still read as it was.
         self._fd = os.open(path, os.O_RDONLY)
@@ -124,27 +121,41 @@ class DataFile:
 
     @property
     def d_in(self) -> int:
-        return self.x.shape[1]
+        """The width of a row of x: its first dimension after the rows' (the features
+        D_in, the context T of token ids [N, T]); 1 for x [N]."""
+        return self.x.shape[1] if len(self.x.shape) > 1 else 1
 
     @property
     def d_out(self) -> int:
         """Output features of a regression target (1 for y [N]); 0 for class labels."""
         if self.labels:
             return 0
-        return self.y.shape[1] if len(self.y.shape) == 2 else 1
+        return self.y.shape[1] if len(self.y.shape) > 1 else 1
+
+    @property
+    def features(self) -> bool:
+        """Whether x is floating-point features, one vector a row ([N, D_in]): what the
+        flags' own MLP takes."""
+        return self.x.dtype.is_floating_point and len(self.x.shape) == 2
 
     def fail(self, problem: str, allowed: str) -> UsageError:
         return _fail(self.flag, self.path, problem, allowed)
 
     def read(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``indices`` (any order) as CPU tensors: x float32 [n, D_in]; y float32
-        [n, D_out] (a 1-D regression target becomes one column), or int64 labels [n]."""
-        x = self._column_rows(self.x, indices).float()
+        """Rows ``indices`` (any order) as CPU tensors: x float32, or int64 for integer x
+        (token ids), of the file's row shape; y as :meth:`read_targets`."""
+        x = self._column_rows(self.x, indices)
+        x = x.float() if x.is_floating_point() else x.long()
+        return x, self.read_targets(indices)
+
+    def read_targets(self, indices: torch.Tensor) -> torch.Tensor:
+        """The targets of rows ``indices`` alone: int64 class labels of the file's row shape,
+        or float32 (a 1-D regression target [N] becomes one column, [n, 1])."""
         y = self._column_rows(self.y, indices)
         if self.labels:
-            return x, y.long()
+            return y.long()
         y = y.float()
-        return x, y.unsqueeze(1) if y.dim() == 1 else y
+        return y.unsqueeze(1) if y.dim() == 1 else y
 
     def read_range(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows [start, stop), as :meth:`read`."""
@@ -170,23 +181,29 @@ class DataFile:
         checks its own, so together they check the whole file once)."""
         self.check_rows(*shard_bounds(self.rows, world_size, rank))
 
-    def check_labels(self) -> int:
-        """Reads all of y (class labels), in bounded memory; returns the largest label.
+    def check_labels(self, ignore_index: int = -100) -> int:
+        """Reads all of y (class labels), in bounded memory; returns the largest label,
+        leaving out those equal to ``ignore_index`` (counted in :attr:`ignored_labels`).
 
-        Raises UsageError for a negative label. The result is kept (:attr:`largest_label`).
-        """
+        Raises UsageError for another negative label. The result is kept
+        (:attr:`largest_label`): later calls return it."""
         if self.largest_label is not None:
             return self.largest_label
-        largest = 0
+        largest, ignored = -1, 0
         chunk = max(1, SCAN_BYTES // self.y.row_bytes)
         for first in range(0, self.rows, chunk):
             last = min(self.rows, first + chunk)
-            labels = self._column_rows(self.y, torch.arange(first, last))
-            if (labels < 0).any():
-                raise self.fail(f"holds a negative class label in y, rows [{first}, {last})",
-                                "class labels 0, 1, 2, ...")
-            largest = max(largest, int(labels.max()))
-        self.largest_label = largest
+            labels = self._column_rows(self.y, torch.arange(first, last)).long()
+            left_out = labels == ignore_index
+            ignored += int(left_out.sum())
+            counted = labels[~left_out]
+            if (counted < 0).any():
+                raise self.fail(f"holds the negative class label {int(counted.min())} in y, "
+                                f"rows [{first}, {last})", "class labels 0, 1, 2, ..., or "
+                                f"the ignored label {ignore_index} (--ignore-index)")
+            if counted.numel():
+                largest = max(largest, int(counted.max()))
+        self.largest_label, self.ignored_labels = largest, ignored
         return largest
 
     def _column_rows(self, column: Column, indices: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from torch.nn.parameter import is_lazy
 from distnn.data.batches import TensorRows
 from distnn.data.datafile import DataFile
 from distnn.errors import UsageError
+from distnn.job.losses import scores_of
 from distnn.job.spec import Job
 
 log = logging.getLogger("distnn")
@@ -87,52 +88,70 @@ def warn_random_layers(job: Job) -> None:
 
 
 def check_model_output(job: Job) -> None:
-    """Refuses a model whose output does not suit the loss and the data. Under an mse loss
-    its shape must be the targets': torch's ``MSELoss`` broadcasts the two ([N] against
-    [N, 1] gives [N, N]) and trains on a wrong sum, with a warning at most. Under
-    cross-entropy it must give a score for every class the labels name (else torch fails
-    in the first step, with a traceback)."""
-    mse = isinstance(job.loss_fn, nn.MSELoss)
-    classes = isinstance(job.loss_fn, nn.CrossEntropyLoss) and job.classification
-    if not (mse or classes):
-        return
+    """Refuses a model whose output does not suit distnn's loss and the data, and says
+    whether labels can be scored for an accuracy (``job.scored``). Under mse its scores'
+    shape must be the targets': torch's ``MSELoss`` broadcasts the two ([N] against [N, 1]
+    gives [N, N]) and trains on a wrong sum, with a warning at most. Under cross-entropy the
+    scores must be the labels' shape and a score for each class, last ([N, V] for y [N];
+    [N, T, V] for y [N, T]), and every class the labels name must have its score: otherwise
+    torch fails in the first step, with a traceback (or, on a GPU, an assertion in a kernel)."""
+    mse = job.builtin_loss and isinstance(job.loss_fn, nn.MSELoss)
+    classes = job.builtin_loss and isinstance(job.loss_fn, nn.CrossEntropyLoss)
     if job.fixed is not None:
         x, y = (rows[:2] for rows in job.fixed)
     else:
         x, y = job.source.read(torch.arange(min(2, job.source.rows)))
-    shape = output_shape(job.model, x) if len(x) else None
+    shape = output_shape(job.model, x, scored=job.builtin_loss) if len(x) else None
     if shape is None:
+        # unknown without computing: distnn's cross-entropy scores its labels or fails
+        job.scored = classes and job.classification
         return
+    job.scored = job.classification and shape[:-1] == y.shape
     if mse and shape != y.shape:
         raise UsageError(f"the model's output for {len(x)} rows has shape {list(shape)} but "
                          f"their targets have {list(y.shape)}, and the mse loss would "
                          "broadcast the two into a wrong sum; allowed: a model whose output "
                          "has the targets' shape")
-    ignored = getattr(job.loss_fn, "ignore_index", -100)  # a label torch leaves out
-    largest = _largest_label(job) if classes and len(shape) == 2 and ignored < 0 else None
-    if largest is not None and largest >= shape[1]:
-        raise UsageError(f"the model gives {shape[1]} scores a row but the data holds the "
-                         f"class label {largest}; allowed: a model with a score for each "
-                         f"class, {largest + 1} or more")
+    if not classes:
+        return
+    if job.classification and not job.scored:
+        raise UsageError(f"the model's scores for {len(x)} rows have shape {list(shape)} but "
+                         f"their labels have {list(y.shape)}; allowed for cross-entropy: "
+                         f"scores of shape {[*y.shape, 'classes']}, the classes last")
+    if not job.classification and shape != y.shape:
+        raise UsageError(f"the model's scores for {len(x)} rows have shape {list(shape)} but "
+                         f"their class probabilities have {list(y.shape)}; allowed: the "
+                         "same shape")
+    largest = _largest_label(job) if job.classification else None
+    if largest is not None and largest >= shape[-1]:
+        raise UsageError(f"the model gives {shape[-1]} scores a position but the data holds "
+                         f"the class label {largest}; allowed: a model with a score for each "
+                         f"class, {largest + 1} or more (the vocabulary of a language model), "
+                         "or labels below that")
 
 
 def _largest_label(job: Job) -> int | None:
-    """The training data's largest class label; None where it is not known without reading
-    every row (a dataset object)."""
-    source = job.source
+    """The training data's largest class label, leaving out --ignore-index; None where it is
+    not known without reading every row (a dataset object)."""
+    source, ignored = job.source, job.config.ignore_index
     if isinstance(source, DataFile):
-        return source.check_labels()  # read once, when the file was checked
+        return source.check_labels(ignored)  # read once, when the file was checked
     if isinstance(source, TensorRows):
-        return int(source.y.max())
+        counted = source.y[source.y != ignored]
+        return int(counted.max()) if counted.numel() else None
     return None
 
 
-def output_shape(model: nn.Module, x: torch.Tensor) -> torch.Size | None:
+def output_shape(model: nn.Module, x: torch.Tensor, *,
+                 scored: bool = False) -> torch.Size | None:
     """The shape of ``model(x)``, found with fake tensors: they carry shapes, dtypes and
     devices but no values, so nothing is computed and no tensor of the model (weights,
     buffers, random generators) changes. None when the shape cannot be known so: a forward
     that depends on values (a branch on a tensor's contents), one that reads tensors the
-    module does not register, or an output that is not a tensor. (Python state the forward
+    module does not register, or an output without scores: of any output the shape is its
+    scores' (distnn.job.losses.scores_of: the tensor, .logits, a dict's "logits", a tuple's
+    first), and with ``scored`` an output without them raises UsageError (distnn's loss
+    needs them). (Python state the forward
     keeps, a count of its calls say, sees one call.)"""
     device = next(model.parameters()).device
     named = [*model.named_parameters(remove_duplicate=False),
@@ -151,7 +170,12 @@ def output_shape(model: nn.Module, x: torch.Tensor) -> torch.Size | None:
         return None
     finally:
         fake_log.setLevel(level)
-    return output.shape if isinstance(output, torch.Tensor) else None
+    try:
+        return scores_of(output).shape
+    except UsageError:
+        if scored:
+            raise
+        return None
 
 
 def _fake_like(tensor: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:

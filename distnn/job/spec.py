@@ -16,7 +16,7 @@ from distnn.data.batches import BatchPlan, RowSource
 from distnn.data.datafile import DataFile
 from distnn.data.shards import reference_setup, shard_bounds
 from distnn.errors import UsageError
-from distnn.job.losses import LossFn, sum_loss
+from distnn.job.losses import LossFn, apply_loss, counted_targets, sum_loss
 from distnn.job.model import seeded_model
 from distnn.job.optimizers import build_optimizer
 from distnn.job.targets import loss_mismatch, val_mismatch
@@ -34,14 +34,30 @@ class Job:
     model: nn.Module  # the initial weights, identical on every rank
     loss_fn: LossFn  # a sum over the rows it is given
     optimizer: torch.optim.Optimizer | None  # None: the reference program's p -= lr * grad
+    # distnn's own loss (--loss), given the scores in any output (distnn.job.losses); False:
+    # the user's, given the output as the model returns it
+    builtin_loss: bool = True
     plan: BatchPlan | None = None
     source: RowSource | None = None
     fixed: tuple[torch.Tensor, torch.Tensor] | None = None
     val: RowSource | None = None
-    classification: bool = False
+    classification: bool = False  # integer class labels
+    # whether each label has the scores of its classes on the output's last dimension, so an
+    # accuracy can be reported (set by distnn.job.checks.check_model_output)
+    scored: bool = False
     data_digest: str | None = None  # startup.data_digest's, once computed ("" for none)
     # distnn.fit's scheduler=: the user's, stepped after each update
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+
+    def loss(self, output: object, targets: torch.Tensor) -> torch.Tensor:
+        """The summed loss of a model's ``output`` against ``targets``."""
+        return apply_loss(self.loss_fn, self.builtin_loss, output, targets)
+
+    def count(self, targets: torch.Tensor) -> torch.Tensor:
+        """The targets among ``targets`` that a mean divides by (distnn.job.losses)."""
+        return counted_targets(targets, ignore_index=self.config.ignore_index,
+                               probabilities=self.builtin_loss
+                               and self.config.loss == "cross-entropy")
 
     @property
     def lr(self) -> float:
@@ -72,6 +88,12 @@ def job_from_flags(config: TrainConfig, *, world_size: int, rank: int,
                   optimizer=None, fixed=(x[start:stop], y[start:stop]))
     else:
         train = DataFile(config.data, flag="--data")
+        if not config.model and not train.features:
+            raise train.fail(f"holds x of shape {list(train.x.shape)} and dtype "
+                             f"{str(train.x.dtype).removeprefix('torch.')}, which the MLP "
+                             "cannot take", "floating-point features x [N, D_in] for the "
+                             "MLP, or rows of any shape with --model (token ids [N, T] with "
+                             "--model distnn.models.gpt:build, say)")
         classes = _check_targets(train, config)
         d_out = classes if train.labels else train.d_out
         for name, value in (("d_in", train.d_in), ("d_out", d_out)):
@@ -88,7 +110,8 @@ def job_from_flags(config: TrainConfig, *, world_size: int, rank: int,
             return seeded_model(sizes)
 
         job = rows_job(config, source=train, d_in=train.d_in, d_out=d_out,
-                       model=sized_model, loss_fn=sum_loss(config.loss),
+                       model=sized_model,
+                       loss_fn=sum_loss(config.loss, ignore_index=config.ignore_index),
                        classification=train.labels, world_size=world_size, rank=rank)
         config = job.config
     if config.val_data:
@@ -103,7 +126,7 @@ def job_from_flags(config: TrainConfig, *, world_size: int, rank: int,
 def rows_job(config: TrainConfig, *, source: RowSource, d_in: int, d_out: int,
              model: nn.Module | Callable[[TrainConfig], nn.Module], loss_fn: LossFn,
              classification: bool, world_size: int, rank: int,
-             optimizer: torch.optim.Optimizer | None = None) -> Job:
+             optimizer: torch.optim.Optimizer | None = None, builtin_loss: bool = True) -> Job:
     """A Job training on ``source`` in mini-batches (BatchPlan from the config's batch
     size, by default all of the source's rows, and its seed, shuffle and drop_last); the
     config resolved with the rows' widths ``d_in`` and ``d_out``, the batch and the steps of
@@ -115,8 +138,8 @@ def rows_job(config: TrainConfig, *, source: RowSource, d_in: int, d_out: int,
     config = config.resolved(d_in=d_in, d_out=d_out, batch_size=plan.batch_size,
                              steps=config.epochs and config.epochs * plan.per_epoch)
     job = Job(config=config, model=model if isinstance(model, nn.Module) else model(config),
-              loss_fn=loss_fn, optimizer=optimizer, plan=plan, source=source,
-              classification=classification)
+              loss_fn=loss_fn, builtin_loss=builtin_loss, optimizer=optimizer, plan=plan,
+              source=source, classification=classification)
     if plan.per_epoch == 1 and not plan.shuffle:
         job.fixed = source.read(plan.shard(0, world_size, rank))
     return job
@@ -132,7 +155,10 @@ def _check_targets(file: DataFile, config: TrainConfig) -> int:
         raise file.fail(f"holds {mismatch[0]}", mismatch[1])
     if not file.labels:
         return 0
-    largest = file.check_labels()
+    largest = file.check_labels(config.ignore_index)
+    if largest < 0:
+        raise file.fail(f"holds no class label other than the ignored {config.ignore_index}",
+                        "labels 0, 1, 2, ..., some of them not --ignore-index")
     if config.d_out is not None and largest >= config.d_out:
         raise file.fail(f"holds the class label {largest}, but --d-out is {config.d_out}",
                         f"labels 0 to {config.d_out - 1}, or a larger --d-out")
@@ -148,7 +174,7 @@ def _val_file(config: TrainConfig, *, train_rows: tuple[torch.Tensor, torch.Tens
     if mismatch:
         raise val.fail(f"holds {mismatch[0]}", mismatch[1])
     if val.labels:
-        largest = val.check_labels()
+        largest = val.check_labels(config.ignore_index)
         if largest >= config.d_out:
             raise val.fail(f"holds the class label {largest}",
                            f"labels 0 to {config.d_out - 1}, the training data's classes")

@@ -21,19 +21,20 @@ def _dtype(tensor: torch.Tensor) -> str:
 def loss_mismatch(loss: str, y: torch.Tensor, *, named: str,
                   probabilities: bool = True) -> Mismatch:
     """Whether targets ``y`` (one row or more) suit the built-in ``loss``: ``mse`` takes
-    floating-point targets; ``cross-entropy`` integer class labels, one a row, or (when
-    ``probabilities``) class probabilities, floats [N, classes]. ``named(loss)``: the
-    loss as the caller's user names it (``--loss mse``, ``loss='mse'``)."""
+    floating-point targets; ``cross-entropy`` integer class labels of any shape ([N], one
+    a row; [N, T], one a position), or (when ``probabilities``) class probabilities, floats
+    [N, ..., classes]. ``named(loss)``: the loss as the caller's user names it
+    (``--loss mse``, ``loss='mse'``)."""
     labels = not y.is_floating_point()
     if loss == "mse" and labels:
         return (f"integer targets y (class labels?) under {named.format('mse')}",
                 f"floating-point targets with {named.format('mse')}, or "
                 f"{named.format('cross-entropy')} for class labels")
-    soft = probabilities and not labels and y.dim() == 2 and y.shape[1] > 1
-    if loss == "cross-entropy" and not soft and (not labels or y.dim() != 1):
-        allowed = "integer class labels, one a row (y of shape [N])"
+    soft = probabilities and not labels and y.dim() >= 2 and y.shape[-1] > 1
+    if loss == "cross-entropy" and not soft and not labels:
+        allowed = "integer class labels (y [N], or one a position: [N, T])"
         if probabilities:
-            allowed += ", or class probabilities (y [N, classes])"
+            allowed += ", or class probabilities (y [N, ..., classes])"
         return (f"targets y of shape {_row_shape(y)} a row and dtype {_dtype(y)} under "
                 f"{named.format('cross-entropy')}", allowed)
     return None

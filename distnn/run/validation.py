@@ -1,8 +1,10 @@
-"""Validation: the model's sum loss (and accuracy, for classification) over a set of rows,
-split across the ranks and summed, so every rank gets the one-process numbers."""
+"""Validation: the model's sum loss over a set of rows, the targets it counts and (for
+class labels) its accuracy, split across the ranks and summed, so every rank gets the
+one-process numbers."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
@@ -14,28 +16,31 @@ from distnn.data.batches import RowSource
 from distnn.data.shards import shard_bounds
 from distnn.distributed.process_group import collective
 from distnn.distributed.runtime import Runtime
-from distnn.job.losses import LossFn, correct_predictions
+from distnn.job.losses import correct_predictions, scores_of
 from distnn.job.spec import Job
 
 VAL_CHUNK_ROWS = 4096  # validation rows a rank evaluates at a time, at most
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, rows: RowSource, loss_fn: LossFn, *, chunk_rows: int,
+def evaluate(model: nn.Module, rows: RowSource, job: Job, *, chunk_rows: int,
              world_size: int, rank: int, device: torch.device, communicates: bool,
-             classification: bool,
              autocast: Callable[[], AbstractContextManager] = nullcontext
-             ) -> dict[str, float | int]:
-    """The set's summed loss, its size and (classification) accuracy; the same on every rank.
+             ) -> dict[str, float | int | None]:
+    """The set's summed loss, its rows and counted targets, and (labels the output scores)
+    the accuracy over those targets; the same on every rank.
 
     Each rank evaluates its contiguous share of the rows (``shard_bounds``), ``chunk_rows``
     at a time, in eval mode (the model is put back in training mode after), inside
     ``autocast()`` (the training step's precision: bf16 autocast under --precision bf16), and
-    the ranks' sums are all-reduced in float64. Returns ``{"loss", "samples", "loss_per_sample"}``,
-    plus ``"accuracy"`` for classification.
+    the ranks' sums are all-reduced in float64. Returns ``{"loss", "samples", "targets",
+    "loss_per_sample", "loss_per_target"}`` (``job.loss`` and ``job.count``), plus
+    ``"accuracy"`` where ``job.scored``, and ``"perplexity"`` (``exp(loss_per_target)``) under
+    cross-entropy.
     """
     start, stop = shard_bounds(rows.rows, world_size, rank)
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss, correct predictions
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss, targets, correct
+    ignored = job.config.ignore_index
     was_training = model.training
     model.eval()
     try:
@@ -43,21 +48,29 @@ def evaluate(model: nn.Module, rows: RowSource, loss_fn: LossFn, *, chunk_rows: 
             x, y = rows.read(torch.arange(first, min(stop, first + chunk_rows)))
             x, y = x.to(device), y.to(device)
             with autocast():
-                prediction = model(x)
-                loss = loss_fn(prediction, y)
+                output = model(x)
+                loss = job.loss(output, y)
             totals[0] += loss.double()
-            if classification:
-                totals[1] += correct_predictions(prediction, y)
+            totals[1] += job.count(y).to(device)
+            if job.scored:
+                totals[2] += correct_predictions(scores_of(output), y, ignored)
     finally:
         model.train(was_training)
     if communicates:
         with collective("the validation sum"):
             dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-    loss, correct = totals.tolist()
-    result: dict[str, float | int] = {"loss": loss, "samples": rows.rows,
-                                      "loss_per_sample": loss / rows.rows}
-    if classification:
-        result["accuracy"] = correct / rows.rows
+    loss, targets, correct = totals.tolist()
+    per_target = loss / targets if targets else None  # a set of ignored labels only
+    result: dict[str, float | int | None] = {"loss": loss, "samples": rows.rows,
+                                      "targets": int(targets),
+                                      "loss_per_sample": loss / rows.rows,
+                                      "loss_per_target": per_target}
+    if job.scored:
+        result["accuracy"] = correct / targets if targets else None
+    if job.builtin_loss and job.config.loss == "cross-entropy":
+        # beyond exp(709), a float's largest, there is no perplexity to write in JSON
+        result["perplexity"] = (math.exp(per_target) if per_target is not None
+                                and per_target < 709 else None)
     return result
 
 
@@ -88,10 +101,9 @@ class Validator:
         """Evaluates on the validation rows (every rank its share; the sums all-reduced)."""
         job, rt = self.job, self.rt
         result = {"step": done, **evaluate(
-            job.model, job.val, job.loss_fn, chunk_rows=VAL_CHUNK_ROWS,
+            job.model, job.val, job, chunk_rows=VAL_CHUNK_ROWS,
             world_size=rt.world_size, rank=rt.rank, device=rt.device,
-            communicates=rt.communicates, classification=job.classification,
-            autocast=self.autocast)}
+            communicates=rt.communicates, autocast=self.autocast)}
         self.results.append(result)
         if self.report:
             self.report({"event": "val", **result})

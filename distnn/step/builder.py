@@ -78,7 +78,8 @@ class StepBuilder:
             x_shard, y_shard = (t.to(rt.device) for t in job.fixed)
         else:
             self.stream = ShardStream(job.source, job.plan, world_size=rt.world_size,
-                                      rank=rt.rank, device=rt.device, start_step=start)
+                                      rank=rt.rank, device=rt.device, start_step=start,
+                                      steps=config.steps)
             x_shard, y_shard = self.stream.next()
         pieces = self._pieces(x_shard, y_shard)
         whole = None
@@ -158,9 +159,14 @@ class StepBuilder:
         return self.update(sync, summed[0]), summed[1]
 
     def _backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Forward and backward of one piece; returns its sum loss."""
+        """Forward and backward of one piece; returns its sum loss. An empty piece (a rank
+        whose shard of a last, small batch is empty) adds nothing and runs nothing: many
+        models cannot take 0 rows (an attention's reshape, say), and its gradients are the
+        zeros the gradient sum packs for gradients that were not made."""
+        if not len(x):
+            return torch.zeros((), device=x.device)
         with self.precision.autocast(), wgrad.layout(self.weight_grad):
-            loss = self.job.loss_fn(self.job.model(x), y)
+            loss = self.job.loss(self.job.model(x), y)
         loss.backward()
         return loss
 
