@@ -111,7 +111,7 @@ def test_the_recipe_on_any_world_size_equals_plain_torch(tmp_path, world, kind, 
                    run["weights"][0].items())
 
 
-def test_a_run_killed_mid_warmup_resumes_to_the_same_bits(tmp_path):
+def test_a_run_killed_mid_warmup_and_again_mid_decay_resumes_to_the_same_bits(tmp_path):
     x, y = data("classes")
     save_file({"x": x, "y": y}, tmp_path / "d.safetensors")
     flags = ["--data", str(tmp_path / "d.safetensors"), "--batch-size", "8", "--epochs", "3",
@@ -129,6 +129,8 @@ def test_a_run_killed_mid_warmup_resumes_to_the_same_bits(tmp_path):
     assert train("whole").returncode == 0
     killed = train("cut", DISTNN_FAULT_STEP="5")  # after step-4 was written, mid-warmup
     assert killed.returncode == 1 and (tmp_path / "cut" / "step-4").is_dir()
+    killed = train("cut", DISTNN_FAULT_STEP="9")  # resumed at 4; killed mid-decay, after 8
+    assert killed.returncode == 1 and (tmp_path / "cut" / "step-8").is_dir()
     assert train("cut").returncode == 0
     whole = read_metrics(tmp_path / "whole.jsonl")
     cut = read_metrics(tmp_path / "cut.jsonl")
