@@ -298,3 +298,37 @@ def test_a_transformers_model_trains_on_the_built_in_loss_as_plain_torch(tmp_pat
         mean = F.cross_entropy(model(x[:4]).logits.reshape(-1, VOCAB), y[:4].reshape(-1))
     assert run["val"][-1]["step"] == 8  # at the end of each epoch, and of the run
     assert run["val"][-1]["loss_per_target"] == pytest.approx(mean.item(), rel=1e-5)
+
+
+def sum_of_cross_entropies(scores, labels):
+    return F.cross_entropy(scores.reshape(-1, VOCAB), labels.reshape(-1), reduction="sum")
+
+
+def classes_second(scores, labels):
+    """torch's own convention, scores [N, V, T] against labels [N, T]."""
+    return F.cross_entropy(scores, labels, reduction="sum")
+
+
+class ClassesSecond(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gpt = build(d_in=CONTEXT, d_out=VOCAB, d_model=16)
+
+    def forward(self, ids):
+        return self.gpt(ids).transpose(1, 2)
+
+
+@pytest.mark.parametrize("model, loss, scored", [
+    (lambda: build(d_in=CONTEXT, d_out=VOCAB, d_model=16), sum_of_cross_entropies, True),
+    (ClassesSecond, classes_second, False),  # no accuracy can be read: none is reported
+])
+def test_validation_with_a_loss_of_your_own_on_tokens_reports_what_it_can(
+        no_launcher, model, loss, scored):
+    import distnn
+
+    x, y = byte_rows(rows=8)
+    result = distnn.fit(model(), train=(x, y), val=(x[:3], y[:3]), loss=loss,
+                        optimizer="adamw", batch_size=4, epochs=2, quiet=True, device="cpu")
+    assert [r["step"] for r in result.val] == [2, 4]
+    assert result.val[-1]["targets"] == int((y[:3] != -100).sum())
+    assert ("accuracy" in result.val[-1]) == scored and "perplexity" not in result.val[-1]
