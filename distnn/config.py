@@ -133,6 +133,15 @@ class TrainConfig:
     micro_batches: int = _option(1, "split each rank's shard into M pieces and accumulate their "
                                  "gradients before the one all-reduce (bounds activation "
                                  "memory; the result is unchanged)", minimum=1, metavar="M")
+    shard: str = _option("none", "what each rank keeps 1/N of: none (every rank holds the whole "
+                         "model, gradient and optimizer state), optimizer (its state: "
+                         "ZeroRedundancyOptimizer), gradients (also the gradients: FSDP2), "
+                         "parameters (also the parameters between uses: FSDP2 resharding "
+                         "after forward)",
+                         choices=("none", "optimizer", "gradients", "parameters"))
+    shard_blocks: str | None = _option(None, "the class names of the modules FSDP2 shards as "
+                                       "units, comma-separated (default: each module in an "
+                                       "nn.ModuleList of the model)", metavar="NAME[,NAME]")
     precision: str = _option("fp32", "fp32 (the reference's numbers), tf32 (CUDA matmuls in "
                              "TF32) or bf16 (autocast; fp32 weights and all-reduce)",
                              choices=("fp32", "tf32", "bf16"))
@@ -156,6 +165,16 @@ class TrainConfig:
                                  "allowed: one of them")
         if self.momentum >= 1:
             raise UsageError(f"--momentum: got {self.momentum!r}; allowed: a number in [0, 1)")
+        if self.shard_blocks is not None and self.shard not in ("gradients", "parameters"):
+            raise UsageError(f"--shard-blocks: got {self.shard_blocks!r} with --shard "
+                             f"{self.shard}; allowed: --shard-blocks with --shard gradients or "
+                             "parameters (FSDP2's units)")
+        sharded = self.shard != "none"
+        for flag, on in (("--compile", self.compile), ("--cuda-graph", self.cuda_graph)):
+            if sharded and on:
+                raise UsageError(f"{flag}: got it with --shard {self.shard}, which the {flag} "
+                                 f"step does not take yet; allowed: {flag} with --shard none, "
+                                 "or --shard without it")
         if self.model_args is not None:
             if self.model is None:
                 raise UsageError("--model-args: got arguments without --model; allowed: "

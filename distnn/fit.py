@@ -153,6 +153,10 @@ def _check_scheduler(scheduler: object, optimizer: object, settings: dict[str, A
     if scheduler.optimizer is not optimizer:
         raise UsageError("distnn.fit: the scheduler is built on another optimizer than the one "
                          "given; allowed: a scheduler built on the optimizer passed in")
+    if settings.get("shard", "none") != "none":
+        raise UsageError(f"distnn.fit: got scheduler= and shard={settings['shard']!r}, which "
+                         "rebuilds the optimizer the scheduler steps; allowed: one of them, or "
+                         "lr_schedule= (the settings' schedule) with shard=")
     flags = [f"{name}={settings[name]!r}" for name in ("lr_schedule", "warmup_steps")
              if settings.get(name) not in (None, "constant", 0)]
     if flags:

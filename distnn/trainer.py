@@ -23,10 +23,15 @@ import torch
 from torch import nn
 
 from distnn.config import TrainConfig
-from distnn.distributed.gradsync import FlatGradSync
 from distnn.distributed.process_group import DeviceWatch
-from distnn.distributed.replicas import replicate
+from distnn.distributed.replicas import place_whole, replicate
 from distnn.distributed.runtime import Runtime
+from distnn.distributed.sharding import (
+    ShardedSync,
+    check_shardable,
+    find_blocks,
+    sharded_optimizer,
+)
 from distnn.errors import RunFailed
 from distnn.job.spec import Job, job_from_flags
 from distnn.resilience.memory import out_of_memory
@@ -39,7 +44,7 @@ from distnn.run.sinks import TensorBoardSink
 from distnn.run.startup import check_memory
 from distnn.run.targetcount import TargetCounts
 from distnn.run.validation import Validator
-from distnn.run.verifier import Verifier
+from distnn.run.verifier import GradSync, Verifier
 from distnn.settings import Settings
 from distnn.step.builder import StepBuilder
 from distnn.step.precision import Precision
@@ -106,7 +111,7 @@ class Trainer:
         self.stop = StopRequests(runtime.device, self.watch)
         self.job: Job | None = None
         self.losses: LossRecord | None = None  # the global loss of every step
-        self.sync: FlatGradSync | None = None  # the gradients' sum and the flat weights
+        self.sync: GradSync | None = None  # the gradients' sum; the weights, whole or sharded
         self.steps: StepBuilder | None = None
         self.checkpointer: Checkpointer | None = None
         self.verifier: Verifier | None = None
@@ -154,7 +159,7 @@ class Trainer:
         done = start
         for step in range(start, self.config.steps):
             if self.fault:
-                self.fault.maybe_fire(step=step, rank=rank, flat_params=sync.flat_params)
+                self.fault.maybe_fire(step=step, rank=rank, flat_params=sync.fault_target)
             loss, votes = run_step()
             if loss is None:  # the compiled step wrote it into the record itself
                 losses.wrote(step)
@@ -168,7 +173,7 @@ class Trainer:
             if self.stop.agreed(votes):
                 break
             if self.verifier.due(done):
-                self.verifier.verify(done, sync.flat_params)
+                self.verifier.verify(done, sync)
             if self.checkpointer.due(done):
                 self._checkpoint(done)
         return done
@@ -193,7 +198,7 @@ class Trainer:
             self.losses, every=config.verify_every, start=start,
             distributed=rt.communicates, kept=self.checkpointer.kept, grad_norms=grad_norms)
         val_results = self.checkpointer.restore_weights(job.model)
-        self.sync = replicate(job.model, rt, bucket_mb=config.bucket_mb)
+        self.sync = self.checkpointer.sync = self._place()
         self.checkpointer.restore_optimizer(job.optimizer, start)
         update = self._update(start, grad_norms)
         self.checkpointer.restore_scheduler(job.scheduler)
@@ -207,10 +212,36 @@ class Trainer:
         self.validator = Validator(job, rt, autocast=self.precision.autocast,
                                    results=val_results,
                                    report=self.steps_log.event if self.steps_log else None)
+        self.validator.lockstep = self.sync.sharded
         self.steps = StepBuilder(job, rt, precision=self.precision, update=update,
                                  watch=self.watch, weight_grad=self.settings.weight_grad,
                                  bf16_fusions=self.settings.bf16_fusions)
         return start
+
+    def _place(self) -> GradSync:
+        """The model on every rank with rank 0's values: replicated, with its gradients
+        summed in a flat buffer, or (--shard gradients, parameters) sharded by FSDP2; the
+        optimizer rebuilt for --shard (distnn.distributed.sharding)."""
+        job, rt, config = self.job, self.rt, self.config
+        before = [p for p in job.model.parameters() if p.requires_grad]
+        check_shardable(job.optimizer, before, config.shard)  # refused alike on one rank
+        names = [name.strip() for name in (config.shard_blocks or "").split(",") if name]
+        blocks = find_blocks(job.model, names)
+        mode = config.shard if rt.communicates else "none"
+        if config.shard != "none" and mode == "none":
+            log.info(f"--shard {config.shard}: one process, so nothing to shard")
+        if mode in ("gradients", "parameters"):
+            if not blocks:
+                log.info(f"--shard {mode}: the model has no nn.ModuleList, so FSDP2 shards it "
+                         "as one unit (its parameters are gathered whole for the forward); "
+                         "--shard-blocks names the modules to shard one at a time")
+            place_whole(job.model, rt)
+            sync = ShardedSync(job.model, device=rt.device, mode=mode, blocks=blocks)
+        else:
+            sync = replicate(job.model, rt, bucket_mb=config.bucket_mb)
+        after = [p for p in job.model.parameters() if p.requires_grad]
+        job.optimizer = sharded_optimizer(job.optimizer, before, after, mode)
+        return sync
 
     def _update(self, start: int, grad_norms: LossRecord | None) -> Update:
         """The update's parts from the config: the mean's count, clipping (each norm into
@@ -221,7 +252,8 @@ class Trainer:
         schedule = (Schedule(config.lr_schedule, lr=job.lr, total=config.steps,
                              warmup=config.warmup_steps, min_lr=config.min_lr)
                     if config.lr_schedule != "constant" or config.warmup_steps else None)
-        clip = [ClipGradNorm(config.clip_grad_norm, grad_norms.put)] if grad_norms else []
+        clip = ([ClipGradNorm(config.clip_grad_norm, grad_norms.put, norm=self.sync.grad_norm)]
+                if grad_norms else [])
         return Update(optimizer=job.optimizer, lr=config.lr, schedule=schedule, start=start,
                       transforms=clip, scheduler=job.scheduler,
                       mean_count=counts)
@@ -232,7 +264,7 @@ class Trainer:
         return plan.rows_between(start, stop) if plan else self.config.batch_size * (stop - start)
 
     def _checkpoint(self, done: int) -> None:
-        self.checkpointer.save(done, self.sync.flat_params, val=self.validator.results,
+        self.checkpointer.save(done, self.sync, val=self.validator.results,
                                before_write=self.steps_log.flush if self.steps_log else None)
 
     def _finish(self, start: int, done: int, wall_s: float) -> None:
@@ -241,7 +273,7 @@ class Trainer:
         if config.checkpoint_dir and done > start:
             self._checkpoint(done)
         else:
-            self.verifier.verify(done, self.sync.flat_params)
+            self.verifier.verify(done, self.sync)
         if done < config.steps:
             name = signal.Signals(self.stop.signum or signal.SIGTERM).name
             if config.checkpoint_dir and done > start:

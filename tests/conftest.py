@@ -73,9 +73,13 @@ def _rank_worker(rank: int, world_size: int, port: int, argv: list[str], out_dir
     from distnn.trainer import Trainer
 
     config = parse_config(argv)
+    from torch.distributed.tensor import DTensor
+
     with setup(device=config.device, backend=config.backend, timeout_s=config.timeout_s) as rt:
         result = Trainer(config, rt, settings=Settings.from_environ(os.environ)).train()
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in result.model.state_dict().items()}
+        # a sharded model's weights gathered whole (every rank takes part)
+        state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
+                 .contiguous().clone() for k, v in result.model.state_dict().items()}
     save_file(state, os.path.join(out_dir, f"rank{rank}.safetensors"))
 
 

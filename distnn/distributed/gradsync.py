@@ -217,6 +217,28 @@ class FlatGradSync:
         """The gradient part of the buffer (1-dim, the parameters' layout in ``flat_params``)."""
         return self._grads
 
+    sharded = False
+
+    def weights_finite(self) -> bool:
+        """Whether this rank's weights are all finite (the same answer on every rank when
+        the replicas are identical)."""
+        return bool(self.flat_params.isfinite().all())
+
+    def replicated(self) -> torch.Tensor:
+        """What every rank holds alike, for the replica guard: the flat weights."""
+        return self.flat_params
+
+    @property
+    def fault_target(self) -> torch.Tensor:
+        """The flat weights (what the fault drills change or allocate beside)."""
+        return self.flat_params
+
+    def grad_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """The L2 norm of ``grads`` (whole on every rank), as clip_grad_norm_ computes it:
+        the norm of the per-tensor norms."""
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g)
+                                                     for g in grads]))
+
     def summed_grads(self) -> list[torch.Tensor]:
         """The summed gradients after a step's sum, as the tensors that hold them: the
         flat gradient buffer, or (not distributed: nothing was packed) each ``p.grad``."""

@@ -34,6 +34,19 @@ def replicate(model: nn.Module, runtime: Runtime, *, bucket_mb: float) -> FlatGr
     return sync
 
 
+def place_whole(model: nn.Module, runtime: Runtime) -> None:
+    """Moves ``model`` to this rank's device with rank 0's values of all its tensors, before
+    it is sharded (every rank holds it whole until then)."""
+    model.to(runtime.device)
+    if not runtime.communicates:
+        return
+    with collective("broadcasting the parameters"), torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                dist.broadcast(p.data, src=0)
+    broadcast_the_rest(model, communicates=True)
+
+
 def broadcast_the_rest(model: nn.Module, *, communicates: bool) -> None:
     """Rank 0's values of the model's tensors outside the flat buffer (frozen parameters and
     buffers: a frozen layer drawn unseeded, or a resumed BatchNorm's statistics, which rank

@@ -44,13 +44,18 @@ def state_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_state_tensors(optimizer: torch.optim.Optimizer,
-                       tensors: dict[str, torch.Tensor]) -> None:
-    """Puts back what :func:`state_tensors` saved, keeping the optimizer's hyperparameters."""
+def state_by_index(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+    """:func:`state_tensors`' format back as an optimizer state dict's ``"state"``."""
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         index, _, name = key.partition(".")
         state.setdefault(int(index), {})[name] = value
+    return state
+
+
+def load_state_tensors(optimizer: torch.optim.Optimizer,
+                       tensors: dict[str, torch.Tensor]) -> None:
+    """Puts back what :func:`state_tensors` saved, keeping the optimizer's hyperparameters."""
     saved = optimizer.state_dict()
-    saved["state"] = state
+    saved["state"] = state_by_index(tensors)
     optimizer.load_state_dict(saved)

@@ -133,12 +133,14 @@ def tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
                  for name, tensor in tensors.items()})
 
 
-def save_weights(module: nn.Module, path: str) -> None:
-    """Writes ``module.state_dict()`` to ``path`` as safetensors, whole or not at all.
+def save_weights(weights: nn.Module | dict[str, torch.Tensor], path: str) -> None:
+    """Writes ``weights`` (a module's state dict, or the module) to ``path`` as
+    safetensors, whole or not at all.
 
     Raises OSError (the file and the reason) when it cannot be written.
     """
-    write_file(path, tensor_bytes(module.state_dict()))
+    state = weights.state_dict() if isinstance(weights, nn.Module) else weights
+    write_file(path, tensor_bytes(state))
 
 
 def describe_os_error(error: OSError) -> str:

@@ -18,14 +18,20 @@ from torch import nn
 
 from distnn.distributed.process_group import collective
 from distnn.distributed.runtime import Runtime
+from distnn.distributed.sharding import (
+    consolidated_state,
+    is_zero,
+    load_zero_state,
+    shard_optimizer_state,
+)
 from distnn.errors import EXIT_OUTPUT, RunFailed, UsageError
-from distnn.job.optimizers import load_state_tensors, state_tensors
+from distnn.job.optimizers import load_state_tensors, state_by_index, state_tensors
 from distnn.job.spec import Job
 from distnn.resilience.checkpoint import Checkpoint, FolderLock, save_checkpoint
 from distnn.resilience.outputs import describe_os_error, save_weights
 from distnn.run.lossrecord import LossRecord
 from distnn.run.startup import data_digest, job_objects
-from distnn.run.verifier import Verifier
+from distnn.run.verifier import GradSync, Verifier
 
 log = logging.getLogger("distnn")
 
@@ -43,6 +49,7 @@ class Checkpointer:
         self.resumed = resumed
         self.lock = lock
         self.verifier: Verifier | None = None  # set by the Trainer: run before each write
+        self.sync: GradSync | None = None  # set by the Trainer: whole or sharded weights
         # the newest written or resumed from
         self.last = (os.path.join(self.config.checkpoint_dir, f"step-{start}") if start
                      else None)
@@ -85,7 +92,12 @@ class Checkpointer:
         if self.rt.communicates:  # rank 0 alone read the checkpoint
             with collective("broadcasting the optimizer state"):
                 dist.broadcast_object_list(state, src=0)
-        load_state_tensors(optimizer, state[0])
+        if is_zero(optimizer):  # every rank keeps its part
+            load_zero_state(optimizer, state_by_index(state[0]))
+        elif self.sync is not None and self.sync.sharded:  # each tensor's shard
+            load_state_tensors(optimizer, shard_optimizer_state(optimizer, state[0]))
+        else:
+            load_state_tensors(optimizer, state[0])
 
     def restore_scheduler(self, scheduler: torch.optim.lr_scheduler.LRScheduler | None
                           ) -> None:
@@ -112,13 +124,15 @@ class Checkpointer:
         return bool(config.checkpoint_dir and config.checkpoint_every
                     and done % config.checkpoint_every == 0 and done < config.steps)
 
-    def save(self, done: int, flat_params: torch.Tensor, *, val: list[dict],
+    def save(self, done: int, sync: GradSync, *, val: list[dict],
              before_write: Callable[[], None] | None = None) -> None:
         """Verifies, then rank 0 writes ``step-{done}`` (``before_write`` first: the metrics
         file then holds every step up to the checkpoint). Every rank learns whether the
-        write worked; if not, all stop (exit 4)."""
+        write worked; if not, all stop (exit 4). Sharded weights and optimizer state are
+        gathered whole for rank 0 first (every rank takes part)."""
         if self.verifier:
-            self.verifier.verify(done, flat_params)
+            self.verifier.verify(done, sync)
+        weights, optimizer = self._whole_weights(), self._whole_optimizer_state()
         if before_write:
             before_write()
         job, config = self.job, self.config
@@ -133,10 +147,9 @@ class Checkpointer:
                 state["scheduler"] = job.scheduler.state_dict()
             if job.plan:  # where the run is in its epoch (the step alone says it too)
                 state["epoch"], state["batch_in_epoch"] = job.plan.position(done)
-            save_checkpoint(config.checkpoint_dir, step=done, weights=job.model.state_dict(),
+            save_checkpoint(config.checkpoint_dir, step=done, weights=weights,
                             losses=torch.tensor(list(self.losses.tail)),
-                            keep=config.keep_checkpoints, state=state,
-                            optimizer=state_tensors(job.optimizer) if job.optimizer else None)
+                            keep=config.keep_checkpoints, state=state, optimizer=optimizer)
             log.debug(f"wrote checkpoint step-{done}")
 
         last = self.last
@@ -154,8 +167,32 @@ class Checkpointer:
         config = self.config
         kept = (f"the trained weights are in the final checkpoint {self.last}" if self.last
                 else "the trained weights are lost (no --checkpoint-dir)")
-        write_on_rank_0(self.rt, lambda: save_weights(self.job.model, config.save),
+        weights = self._whole_weights()
+        write_on_rank_0(self.rt, lambda: save_weights(weights, config.save),
                         f"could not write --save {config.save}", kept)
+
+    def _whole_weights(self) -> dict[str, torch.Tensor] | None:
+        """The model's state dict, whole, on rank 0 (None elsewhere when sharded)."""
+        state = self.job.model.state_dict()
+        if self.sync is None or not self.sync.sharded:
+            return state
+        return self.sync.full_state(state, main=self.rt.is_main)
+
+    def _whole_optimizer_state(self) -> dict[str, torch.Tensor] | None:
+        """The optimizer's state as tensors (state_tensors), whole, on rank 0: a
+        ZeroRedundancyOptimizer's gathered there, a sharded one's tensors each gathered."""
+        optimizer = self.job.optimizer
+        if optimizer is None:
+            return None
+        if is_zero(optimizer):
+            consolidated_state(optimizer)
+            return state_tensors(optimizer) if self.rt.is_main else None
+        if self.sync is not None and self.sync.sharded:
+            local = {f"{index}.{name}": value
+                     for index, values in optimizer.state_dict()["state"].items()
+                     for name, value in values.items()}
+            return self.sync.full_state(local, main=self.rt.is_main)
+        return state_tensors(optimizer) if self.rt.is_main else None
 
     def close(self) -> None:
         if self.lock:

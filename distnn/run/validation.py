@@ -25,6 +25,7 @@ VAL_CHUNK_ROWS = 4096  # validation rows a rank evaluates at a time, at most
 @torch.no_grad()
 def evaluate(model: nn.Module, rows: RowSource, job: Job, *, chunk_rows: int,
              world_size: int, rank: int, device: torch.device, communicates: bool,
+             lockstep: bool = False,
              autocast: Callable[[], AbstractContextManager] = nullcontext
              ) -> dict[str, float | int | None]:
     """The set's summed loss, its rows and counted targets, and (labels the output scores)
@@ -33,7 +34,9 @@ def evaluate(model: nn.Module, rows: RowSource, job: Job, *, chunk_rows: int,
     Each rank evaluates its contiguous share of the rows (``shard_bounds``), ``chunk_rows``
     at a time, in eval mode (the model is put back in training mode after), inside
     ``autocast()`` (the training step's precision: bf16 autocast under --precision bf16), and
-    the ranks' sums are all-reduced in float64. Returns ``{"loss", "samples", "targets",
+    the ranks' sums are all-reduced in float64. ``lockstep`` (a sharded model, whose every
+    forward is collective): every rank runs as many forwards, a rank past its share on a row
+    whose result it does not count. Returns ``{"loss", "samples", "targets",
     "loss_per_sample", "loss_per_target"}`` (``job.loss`` and ``job.count``), plus
     ``"accuracy"`` where ``job.scored``, and ``"perplexity"`` (``exp(loss_per_target)``) under
     cross-entropy.
@@ -41,15 +44,23 @@ def evaluate(model: nn.Module, rows: RowSource, job: Job, *, chunk_rows: int,
     start, stop = shard_bounds(rows.rows, world_size, rank)
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss, targets, correct
     ignored = job.config.ignore_index
+    chunks = range(start, stop, chunk_rows)
+    if lockstep:  # every rank as many forwards as the largest share needs
+        largest = shard_bounds(rows.rows, world_size, 0)
+        chunks = range(start, start + (largest[1] - largest[0]), chunk_rows)
     was_training = model.training
     model.eval()
     try:
-        for first in range(start, stop, chunk_rows):
-            x, y = rows.read(torch.arange(first, min(stop, first + chunk_rows)))
+        for first in chunks:
+            counted = first < stop
+            x, y = rows.read(torch.arange(first, min(stop, first + chunk_rows)) if counted
+                             else torch.arange(1))  # a row whose result is not counted
             x, y = x.to(device), y.to(device)
             with autocast():
                 output = model(x)
                 loss = job.loss(output, y)
+            if not counted:
+                continue
             totals[0] += loss.double()
             totals[1] += job.count(y).to(device)
             if job.scored:
@@ -88,6 +99,7 @@ class Validator:
         self.results = results
         self.report = report
         self.enabled = job.val is not None  # asked once: the loop is the step's host time
+        self.lockstep = False  # a sharded model: every rank's forwards collective (Trainer)
 
     def due(self, done: int) -> bool:
         if not self.enabled:
@@ -103,7 +115,7 @@ class Validator:
         result = {"step": done, **evaluate(
             job.model, job.val, job, chunk_rows=VAL_CHUNK_ROWS,
             world_size=rt.world_size, rank=rt.rank, device=rt.device,
-            communicates=rt.communicates, autocast=self.autocast)}
+            communicates=rt.communicates, lockstep=self.lockstep, autocast=self.autocast)}
         self.results.append(result)
         if self.report:
             self.report({"event": "val", **result})

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
-
+from distnn.distributed.gradsync import FlatGradSync
+from distnn.distributed.sharding import ShardedSync
 from distnn.errors import EXIT_GUARD, RunFailed
 from distnn.resilience.guards import check_replicas
 from distnn.run.lossrecord import LossRecord
+
+GradSync = FlatGradSync | ShardedSync
 
 
 class Verifier:
@@ -34,8 +36,9 @@ class Verifier:
     def due(self, done: int) -> bool:
         return bool(self.every) and done % self.every == 0
 
-    def verify(self, done: int, flat_params: torch.Tensor) -> None:
-        """Raises RunFailed (exit 3) if a step up to ``done`` went bad or replicas differ."""
+    def verify(self, done: int, sync: GradSync) -> None:
+        """Raises RunFailed (exit 3) if a step up to ``done`` went bad or replicas differ
+        (``sync``: the weights' holder; a sharded run compares what it holds alike)."""
         if done <= self.verified:
             return
         self.losses.pull()  # waits for the device, within --timeout-s
@@ -48,7 +51,7 @@ class Verifier:
                 step, norm, _ = norm_bad
                 raise RunFailed(f"non-finite gradient norm at step {step} ({norm!r}); "
                                 f"stopping: {self.kept()}; try a smaller --lr", EXIT_GUARD)
-        if bad is None and not flat_params.isfinite().all():
+        if bad is None and not sync.weights_finite():
             # the last update made the weights non-finite; the loss was still finite
             bad = (done - 1, self.losses.last(), None)
         if bad is not None:
@@ -58,4 +61,6 @@ class Verifier:
                             f"finite loss {last}); stopping: {self.kept()}; try a smaller "
                             "--lr", EXIT_GUARD)
         self.verified = done
-        check_replicas(flat_params, step=done, distributed=self.distributed)
+        replicated = sync.replicated()
+        if replicated is not None:
+            check_replicas(replicated, step=done, distributed=self.distributed)

@@ -58,6 +58,7 @@ class StepBuilder:
         # if --compile falls back to eager
         self._eager_weight_grad = wgrad.resolve(weight_grad, compiled=False, **layout)
         self.stream: ShardStream | None = None  # the training rows, when read per step
+        self.sharded = False  # the model sharded by FSDP2 (set by build)
         self.compile_s = 0.0
         self.compiled: bool | None = None  # --compile: whether the whole step compiled
 
@@ -74,6 +75,7 @@ class StepBuilder:
         returns the tensors the captured step returned, which it overwrites.
         """
         job, config, rt = self.job, self.config, self.rt
+        self.sharded = sync.sharded
         if job.fixed is not None:
             x_shard, y_shard = (t.to(rt.device) for t in job.fixed)
         else:
@@ -90,7 +92,8 @@ class StepBuilder:
             restore = whole.restore
             step = lambda step_pieces: whole(step_pieces, ballot())  # noqa: E731
         else:
-            restore = [sync.flat_params, *job.model.buffers()]  # what a step changes
+            # what a step changes (a sharded model is never captured: --shard refuses it)
+            restore = [] if sync.sharded else [sync.flat_params, *job.model.buffers()]
             step = lambda step_pieces: self._eager(sync, step_pieces, ballot())  # noqa: E731
         if config.cuda_graph:
             # rows read per step are copied into the shard the step was captured on; a fixed
@@ -125,8 +128,11 @@ class StepBuilder:
     def _pieces(self, x_shard: torch.Tensor, y_shard: torch.Tensor) -> list[Batch]:
         """This rank's micro-batches of a shard: --micro-batches of them, or one a row when
         the shard has fewer rows (a piece of none would add nothing), or one empty piece for
-        an empty shard (more ranks than rows)."""
+        an empty shard (more ranks than rows). A sharded model's ranks all run
+        --micro-batches pieces, some of them empty (see _backward)."""
         pieces, count = [], min(self.config.micro_batches, max(1, len(x_shard)))
+        if self.sharded:  # every piece's forward is collective: as many on every rank
+            count = self.config.micro_batches
         for index in range(count):
             first, stop = shard_bounds(len(x_shard), count, index)
             pieces.append((x_shard[first:stop], y_shard[first:stop]))
@@ -162,11 +168,20 @@ class StepBuilder:
         """Forward and backward of one piece; returns its sum loss. An empty piece (a rank
         whose shard of a last, small batch is empty) adds nothing and runs nothing: many
         models cannot take 0 rows (an attention's reshape, say), and its gradients are the
-        zeros the gradient sum packs for gradients that were not made."""
-        if not len(x):
+        zeros the gradient sum packs for gradients that were not made. (Sharded, it must
+        take part in the block's collectives: see below.)"""
+        if not len(x) and not self.sharded:
             return torch.zeros((), device=x.device)
+        scale = None
+        if not len(x):
+            # A sharded model gathers each block's weights in its forward and backward, in
+            # which every rank must take part: a row of zeros goes through, weighted 0.
+            x, y = x.new_zeros((1, *x.shape[1:])), y.new_zeros((1, *y.shape[1:]))
+            scale = 0.0
         with self.precision.autocast(), wgrad.layout(self.weight_grad):
             loss = self.job.loss(self.job.model(x), y)
+        if scale is not None:
+            loss = loss * scale
         loss.backward()
         return loss
 

@@ -25,15 +25,17 @@ the update's index)."""
 class ClipGradNorm:
     """--clip-grad-norm: the gradients scaled so that their global L2 norm is at most
     ``max_norm``, as ``torch.nn.utils.clip_grad_norm_`` scales them; each update's norm (a
-    0-dim device tensor, before the scaling) goes to ``record(update, norm)``."""
+    0-dim device tensor, before the scaling) goes to ``record(update, norm)``. ``norm``: the
+    global norm of the gradients given (the sync's: over the shards, when sharded)."""
 
-    def __init__(self, max_norm: float, record: Callable[[int, torch.Tensor], None]) -> None:
+    def __init__(self, max_norm: float, record: Callable[[int, torch.Tensor], None], *,
+                 norm: Callable[[list[torch.Tensor]], torch.Tensor]) -> None:
         self.max_norm = max_norm
         self.record = record
+        self.norm = norm
 
     def __call__(self, grads: list[torch.Tensor], update: int) -> None:
-        # the norm of the per-tensor norms, as clip_grad_norm_ computes it
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        norm = self.norm(grads)
         self.record(update, norm)
         coefficient = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
         torch._foreach_mul_(grads, coefficient)

@@ -1,0 +1,208 @@
+"""--shard optimizer, gradients, parameters: the sharded run equals one process training
+with plain torch (no FSDP, no ZeroRedundancyOptimizer): a small GPT (two blocks) and an MLP,
+SGD, momentum and AdamW, sum and mean losses, clipping, a schedule, micro-batches and shards
+left empty by a small last batch, on 2 to 4 real gloo ranks. A sharded checkpoint resumes
+bitwise on the same world size and mode, and onto another world size and mode within the
+tolerance.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from distnn.errors import UsageError
+from distnn.models.gpt import build
+from distnn.train import main
+from tests.conftest import read_metrics, run_world
+from tests.reference import assert_close_run
+from tests.test_language_model import CONTEXT, VOCAB, byte_rows
+from tests.test_recipe import rate_factor
+
+
+def plain_torch(model, x, y, *, loss, optimizer, lr, steps, batch_size, mean=False, clip=None,
+                warmup=0, min_lr=0.0):
+    """One process, plain torch, the documented batch order: each step's loss and the
+    weights. ``optimizer`` "sgd" is the reference program's ``p -= lr * p.grad``; with a
+    ``warmup``, the rate follows the cosine schedule."""
+    params = list(model.parameters())
+    opt = {"momentum": lambda: torch.optim.SGD(params, lr=lr, momentum=0.9),
+           "adamw": lambda: torch.optim.AdamW(params, lr=lr, weight_decay=0.01),
+           "sgd": lambda: None}[optimizer]()
+    scheduler = opt and warmup and torch.optim.lr_scheduler.LambdaLR(opt, lambda s: rate_factor(
+        "cosine", s, lr=lr, total=steps, warmup=warmup, min_lr=min_lr))
+    reduction = "mean" if mean else "sum"
+    per_epoch = -(-len(x) // batch_size)
+    losses = []
+    for step in range(steps):
+        epoch, k = divmod(step, per_epoch)
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
+        batch = order[k * batch_size:(k + 1) * batch_size]
+        out = model(x[batch])
+        if loss == "cross-entropy":
+            value = F.cross_entropy(out.reshape(-1, out.shape[-1]), y[batch].reshape(-1),
+                                    reduction=reduction, ignore_index=-100)
+        else:
+            value = F.mse_loss(out, y[batch], reduction=reduction)
+        model.zero_grad()
+        value.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        if opt is None:
+            with torch.no_grad():
+                for p in params:
+                    p -= lr * p.grad
+        else:
+            opt.step()
+            if scheduler:
+                scheduler.step()
+        losses.append(value.item())
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def gpt():
+    torch.manual_seed(0)
+    return build(d_in=CONTEXT, d_out=VOCAB, d_model=32)
+
+
+def mlp(d_in=6, d_out=2):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(d_in, 16), torch.nn.ReLU(),
+                               torch.nn.Linear(16, d_out))
+
+
+def regression(rows=37, seed=4):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, 6, generator=generator), torch.randn(rows, 2, generator=generator)
+
+
+GPT_FLAGS = ["--model", "distnn.models.gpt:build", "--model-args", '{"d_model": 32}',
+             "--d-out", str(VOCAB), "--loss", "cross-entropy"]
+
+CASES = {
+    # 21 rows in batches of 5: the last batch of 1 row leaves 2 of 3 ranks empty
+    "parameters-gpt-adamw-mean-clip-micro": dict(
+        world=3, mode="parameters", model="gpt", optimizer="adamw", lr=3e-3, batch_size=5,
+        steps=25, mean=True, clip=1.0, warmup=4, min_lr=3e-4, flags=["--micro-batches", "2"]),
+    "gradients-mlp-momentum-sum": dict(
+        world=2, mode="gradients", model="mlp", optimizer="momentum", lr=1e-2, batch_size=8,
+        steps=20, flags=[]),
+    "optimizer-gpt-adamw-mean-clip": dict(
+        world=4, mode="optimizer", model="gpt", optimizer="adamw", lr=3e-3, batch_size=6,
+        steps=20, mean=True, clip=1.0, warmup=4, min_lr=3e-4, flags=[]),
+    "parameters-mlp-sgd-clip": dict(
+        world=2, mode="parameters", model="mlp", optimizer="sgd", lr=1e-2, batch_size=8,
+        steps=20, clip=0.5, flags=[]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_sharded_run_equals_plain_torch(tmp_path, name):
+    case = CASES[name]
+    if case["model"] == "gpt":
+        x, y = byte_rows()
+        model_flags, reference_model, loss = GPT_FLAGS, gpt(), "cross-entropy"
+    else:
+        x, y = regression()
+        model_flags, reference_model, loss = ["--hidden", "16"], mlp(), "mse"
+    save_file({"x": x, "y": y}, tmp_path / "d.safetensors")
+    flags = ["--data", str(tmp_path / "d.safetensors"), *model_flags, "--shard", case["mode"],
+             "--optimizer", case["optimizer"], "--lr", str(case["lr"]), "--batch-size",
+             str(case["batch_size"]), "--steps", str(case["steps"]), *case["flags"]]
+    if case.get("mean"):
+        flags += ["--loss-reduction", "mean"]
+    if case.get("clip"):
+        flags += ["--clip-grad-norm", str(case["clip"])]
+    if case.get("warmup"):
+        flags += ["--lr-schedule", "cosine", "--warmup-steps", str(case["warmup"]),
+                  "--min-lr", str(case["min_lr"])]
+    run = run_world(case["world"], flags, tmp_path / "run")
+    losses, weights = plain_torch(reference_model, x, y, loss=loss,
+                                  optimizer=case["optimizer"], lr=case["lr"],
+                                  steps=case["steps"], batch_size=case["batch_size"],
+                                  mean=case.get("mean", False), clip=case.get("clip"),
+                                  warmup=case.get("warmup", 0), min_lr=case.get("min_lr", 0.0))
+    # every rank ends with the whole weights of the one-process run (gathered for --save-like
+    # output by the test worker: sharded ranks save their gathered state)
+    assert_close_run(run["losses"], run["weights"][0], losses, weights)
+
+
+def test_a_sharded_checkpoint_resumes_bitwise_and_onto_another_world_and_mode(tmp_path):
+    x, y = byte_rows()
+    save_file({"x": x, "y": y}, tmp_path / "d.safetensors")
+    flags = ["--data", str(tmp_path / "d.safetensors"), *GPT_FLAGS, "--optimizer", "adamw",
+             "--lr", "3e-3", "--batch-size", "6", "--steps", "8", "--loss-reduction", "mean",
+             "--clip-grad-norm", "1.0", "--checkpoint-every", "4"]
+    whole = run_world(2, [*flags, "--shard", "parameters", "--checkpoint-dir",
+                          str(tmp_path / "ck")], tmp_path / "whole")
+    # the same world and mode from step 4: bitwise
+    shutil.copytree(tmp_path / "ck", tmp_path / "ck-same")
+    shutil.rmtree(tmp_path / "ck-same" / "step-8")
+    same = run_world(2, [*flags, "--shard", "parameters", "--checkpoint-dir",
+                         str(tmp_path / "ck-same")], tmp_path / "same")
+    assert same["losses"] == whole["losses"][4:]
+    assert all(torch.equal(same["weights"][0][k], v) for k, v in whole["weights"][0].items())
+    # onto one process, unsharded, and onto 3 ranks sharding the optimizer: within tolerance
+    for world, mode in ((1, "none"), (3, "optimizer")):
+        folder = tmp_path / f"ck-{world}"
+        shutil.copytree(tmp_path / "ck", folder)
+        shutil.rmtree(folder / "step-8")
+        other = run_world(world, [*flags, "--shard", mode, "--checkpoint-dir", str(folder)],
+                          tmp_path / f"other-{world}")
+        assert_close_run(other["losses"], other["weights"][0], whole["losses"][4:],
+                         whole["weights"][0])
+    records = [r for r in read_metrics(tmp_path / "same" / "metrics.jsonl") if "step" in r]
+    assert records[0]["step"] == 4
+
+
+def test_save_writes_the_whole_weights_of_a_sharded_run(tmp_path):
+    x, y = regression()
+    save_file({"x": x, "y": y}, tmp_path / "d.safetensors")
+    run = run_world(2, ["--data", str(tmp_path / "d.safetensors"), "--hidden", "16",
+                        "--batch-size", "8", "--steps", "4", "--shard", "parameters",
+                        "--lr", "1e-2", "--save", str(tmp_path / "w.safetensors")],
+                    tmp_path / "run")
+    saved = load_file(tmp_path / "w.safetensors")
+    assert {k: tuple(v.shape) for k, v in saved.items()} == {
+        "0.weight": (16, 6), "0.bias": (16,), "2.weight": (2, 16), "2.bias": (2,)}
+    assert all(torch.equal(saved[k], v) for k, v in run["weights"][0].items())
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--shard", "parameters", "--shard-blocks", "Nothing", "--model",
+      "distnn.models.gpt:build"], "--shard-blocks: got Nothing, which names no module of the "
+                                  "model; allowed: class names of its modules (Block"),
+    (["--shard", "optimizer", "--shard-blocks", "Block"], "--shard-blocks: got 'Block' with "
+                                                          "--shard optimizer"),
+    (["--shard", "parameters", "--compile"], "--compile: got it with --shard parameters"),
+    (["--shard", "zero"], "--shard: got 'zero'; allowed: none, optimizer, gradients, "
+                          "parameters"),
+])
+def test_bad_shard_flags_are_one_line_and_exit_2(tmp_path, no_launcher, capsys, flags, words):
+    x, y = byte_rows(rows=4)
+    save_file({"x": x, "y": y}, tmp_path / "t.safetensors")
+    assert main(["--data", str(tmp_path / "t.safetensors"), "--d-out", "256", "--loss",
+                 "cross-entropy", "--steps", "1", *flags]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and words in lines[0], lines
+
+
+def test_an_optimizer_that_cannot_be_sharded_is_refused(no_launcher):
+    import distnn
+
+    model = mlp()
+    two_groups = torch.optim.AdamW([{"params": model[0].parameters()},
+                                    {"params": model[2].parameters(), "lr": 1e-4}], lr=1e-3)
+    x, y = regression(rows=8)
+    with pytest.raises(UsageError, match="--shard optimizer: the AdamW given has 2 parameter "
+                                         "groups, which torch's ZeroRedundancyOptimizer"):
+        distnn.fit(model, train=(x, y), optimizer=two_groups, shard="optimizer", steps=1,
+                   quiet=True, device="cpu")
+    scheduler = torch.optim.lr_scheduler.StepLR(two_groups, 2)
+    with pytest.raises(UsageError, match="got scheduler= and shard='parameters'"):
+        distnn.fit(model, train=(x, y), optimizer=two_groups, scheduler=scheduler,
+                   shard="parameters", steps=1, quiet=True, device="cpu")
