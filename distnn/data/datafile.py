@@ -193,16 +193,24 @@ class DataFile:
         chunk = max(1, SCAN_BYTES // self.y.row_bytes)
         for first in range(0, self.rows, chunk):
             last = min(self.rows, first + chunk)
-            labels = self._column_rows(self.y, torch.arange(first, last)).long()
-            left_out = labels == ignore_index
-            ignored += int(left_out.sum())
-            counted = labels[~left_out]
-            if (counted < 0).any():
-                raise self.fail(f"holds the negative class label {int(counted.min())} in y, "
-                                f"rows [{first}, {last})", "class labels 0, 1, 2, ..., or "
-                                f"the ignored label {ignore_index} (--ignore-index)")
-            if counted.numel():
-                largest = max(largest, int(counted.max()))
+            labels = self._column_rows(self.y, torch.arange(first, last))
+            # the range first, in the file's dtype: it settles a chunk with no label to leave
+            # out, with no int64 copy or mask (over 1 GiB of uint8 labels those took 87 s
+            # on this project's CPU, docs/benchmarks.md#a-1-gib-token-file-memory-per-rank)
+            low, high = (int(value) for value in torch.aminmax(labels))
+            if low <= ignore_index <= high:
+                wide = labels.long()
+                left_out = wide == ignore_index
+                ignored += int(left_out.sum())
+                counted = wide[~left_out]
+                if not counted.numel():
+                    continue
+                low, high = (int(value) for value in torch.aminmax(counted))
+            if low < 0:
+                raise self.fail(f"holds the negative class label {low} in y, rows "
+                                f"[{first}, {last})", "class labels 0, 1, 2, ..., or the "
+                                f"ignored label {ignore_index} (--ignore-index)")
+            largest = max(largest, high)
         self.largest_label, self.ignored_labels = largest, ignored
         return largest
 
