@@ -199,7 +199,8 @@ class StepBuilder:
         started = time.perf_counter()
         whole = WholeStep(job.model, job.loss_fn, sync, lr=config.lr, bf16=self.precision.bf16,
                           optimizer=job.optimizer, losses=loss_target,
-                          weight_grad=self.weight_grad, fusions=self.bf16_fusions)
+                          weight_grad=self.weight_grad, fusions=self.bf16_fusions,
+                          update=self.update, builtin_loss=job.builtin_loss)
         ready = whole.inputs(pieces) if fixed else pieces
         try:
             whole.warm_up(self._shapes(ready), ballot())

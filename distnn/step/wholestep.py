@@ -35,9 +35,16 @@ layout of the same product.
 
 A torch.optim optimizer, several micro-batches (their gradients added in fp32) and empty
 shards (more ranks than rows) use the same compiled gradient; the optimizer's own step
-stays eager. Every shape the run will meet is compiled by :meth:`WholeStep.warm_up`, before
-the timed steps; a model that torch.func or inductor cannot take fails there (the trainer
-then runs the eager step, with a warning).
+stays eager. So does an update that does more than ``p -= lr * grad`` or the optimizer's
+step (``--loss-reduction mean``, ``--clip-grad-norm``, ``--lr-schedule`` and
+``--warmup-steps``, a scheduler given to distnn.fit): the step splits after the compiled
+gradient, alone too, and the eager step's own update (distnn.step.update) runs on the
+summed gradients, so the mean's count, the clipping, its norm records and each update's
+rate are the eager step's.
+
+Every shape the run will meet is compiled by :meth:`WholeStep.warm_up`, before the timed
+steps; a model that torch.func or inductor cannot take fails there (the trainer then runs
+the eager step, with a warning).
 
 What it costs: the buckets' all-reduces cannot start during backward, which runs inside one
 compiled function, so a model large enough for several buckets loses that overlap; and
@@ -54,7 +61,9 @@ from torch import nn
 from torch.func import functional_call, grad_and_value
 
 from distnn.distributed.gradsync import FlatGradSync
+from distnn.job.losses import apply_loss
 from distnn.step.fusions import loss_in_one_pass, relu_epilogues, sequential_forward
+from distnn.step.update import Update
 from distnn.step.wgrad import AUTOGRAD, layout
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # a piece of the rank's shard: inputs, targets
@@ -72,17 +81,29 @@ class WholeStep:
     1-element tensor); it returns the global loss and the summed votes (None alone), as
     tensors the next step may overwrite. Given ``losses`` (a LossRecord's ``target``), a
     step done in one compiled function writes its loss there and returns None for it.
+
+    The update is ``p -= lr * grad``, or ``optimizer``'s step; given ``update`` (the eager
+    step's) that does more (a mean, gradient transforms, a changing rate), each step runs
+    it on the summed gradients instead, and returns the loss it returns. ``builtin_loss``:
+    ``loss_fn`` is distnn's, applied as the eager step applies it (Job.loss: the scores
+    found in the output, the classes last for cross-entropy); else to the output as it is.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, sync: FlatGradSync, *, lr: float,
                  bf16: bool, optimizer: torch.optim.Optimizer | None,
                  losses: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 weight_grad: str = AUTOGRAD, fusions: bool = True) -> None:
+                 weight_grad: str = AUTOGRAD, fusions: bool = True,
+                 update: Update | None = None, builtin_loss: bool = False) -> None:
         if sync.flat_grads.numel() != sync.numel + 2:
             raise ValueError("WholeStep: the gradient buffer needs 2 extra slots (the loss and "
                              f"the stop vote), got {sync.flat_grads.numel() - sync.numel}")
         self.model, self.loss_fn, self.sync = model, loss_fn, sync
+        self.builtin_loss = builtin_loss
         self.lr, self.optimizer = lr, optimizer
+        # the update's index, the schedule's rate, the clipping's norm records and a
+        # scheduler's state are the host's, per update: the eager update keeps them, and
+        # its few operations on the summed gradients run as the eager step runs them
+        self.update = update if update is not None and _does_more(update) else None
         # the compiled updates read the learning rate from a tensor: as a Python number it
         # would be a constant of the compiled code, and each run with another --lr in one
         # process (a sweep) would compile again, until torch's limit of 8 made it fail
@@ -143,6 +164,11 @@ class WholeStep:
         self._write_gradients(pieces, vote, sync.flat_params, self.copy, self.buffers,
                               sync.flat_grads)
         extras = sync.sum_packed()
+        if self.update is not None:
+            loss = self.update(sync, extras[0])  # every p.grad is a view into the sum
+            if self.copy is not None:
+                self.copy.copy_(sync.flat_params)
+            return loss, (extras[1] if sync.distributed else None)
         if self.optimizer is not None:
             self.optimizer.step()  # p.grad are views into the summed buffer
             if self.copy is not None:
@@ -166,14 +192,14 @@ class WholeStep:
                 self._compiled_step_alone(master, copy, buffers, *pieces[0], self._lr, losses)
                 continue
             self._write_gradients(pieces, vote, master, copy, buffers, out)
-            if copy is not None and self.optimizer is None:
+            if copy is not None and self.optimizer is None and self.update is None:
                 self._compiled_sgd_and_refresh(master, copy, out[:self.sync.numel], self._lr)
 
     def _fused(self, pieces: Sequence[Batch]) -> bool:
-        """Whether the step is one compiled function: alone, the reference program's update,
-        one piece."""
-        return (not self.sync.distributed and self.optimizer is None and len(pieces) == 1
-                and len(pieces[0][0]) > 0)
+        """Whether the step is one compiled function: alone, the reference program's update
+        (nothing more), one piece."""
+        return (not self.sync.distributed and self.optimizer is None and self.update is None
+                and len(pieces) == 1 and len(pieces[0][0]) > 0)
 
     def _write_gradients(self, pieces: Sequence[Batch], vote: torch.Tensor,
                          master: torch.Tensor, copy: torch.Tensor | None, buffers: Buffers,
@@ -203,7 +229,7 @@ class WholeStep:
                 output = sequential_forward(self.model, {**params, **buffers}, x)
             else:
                 output = functional_call(self.model, (params, buffers), (x,))
-            return self._loss_of(output, y)
+            return apply_loss(self._loss_of, self.builtin_loss, output, y)
 
     def _gradient(self, master: torch.Tensor, copy: torch.Tensor | None, buffers: Buffers,
                   x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,6 +263,12 @@ class WholeStep:
                          grads: torch.Tensor, lr: torch.Tensor) -> None:
         master.sub_(lr * grads)
         copy.copy_(master)
+
+
+def _does_more(update: Update) -> bool:
+    """Whether ``update`` does more than ``p -= lr * grad`` or its optimizer's step: divides
+    by the mean's count, transforms the gradients, or changes the rate."""
+    return update.mean_count is not None or bool(update.transforms) or update.scheduled
 
 
 def _read_by_linear_only(model: nn.Module) -> bool:
