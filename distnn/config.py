@@ -142,6 +142,11 @@ class TrainConfig:
     shard_blocks: str | None = _option(None, "the class names of the modules FSDP2 shards as "
                                        "units, comma-separated (default: each module in an "
                                        "nn.ModuleList of the model)", metavar="NAME[,NAME]")
+    activation_checkpointing: bool = _option(False, "recompute each block's activations in "
+                                             "the backward instead of keeping them "
+                                             "(torch.utils.checkpoint; the blocks of "
+                                             "--shard-blocks, or each module in an "
+                                             "nn.ModuleList)")
     precision: str = _option("fp32", "fp32 (the reference's numbers), tf32 (CUDA matmuls in "
                              "TF32) or bf16 (autocast; fp32 weights and all-reduce)",
                              choices=("fp32", "tf32", "bf16"))
@@ -165,10 +170,11 @@ class TrainConfig:
                                  "allowed: one of them")
         if self.momentum >= 1:
             raise UsageError(f"--momentum: got {self.momentum!r}; allowed: a number in [0, 1)")
-        if self.shard_blocks is not None and self.shard not in ("gradients", "parameters"):
+        if self.shard_blocks is not None and self.shard not in ("gradients", "parameters") \
+                and not self.activation_checkpointing:
             raise UsageError(f"--shard-blocks: got {self.shard_blocks!r} with --shard "
                              f"{self.shard}; allowed: --shard-blocks with --shard gradients or "
-                             "parameters (FSDP2's units)")
+                             "parameters (FSDP2's units), or --activation-checkpointing")
         sharded = self.shard != "none"
         for flag, on in (("--compile", self.compile), ("--cuda-graph", self.cuda_graph)):
             if sharded and on:

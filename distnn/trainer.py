@@ -32,7 +32,7 @@ from distnn.distributed.sharding import (
     find_blocks,
     sharded_optimizer,
 )
-from distnn.errors import RunFailed
+from distnn.errors import RunFailed, UsageError
 from distnn.job.spec import Job, job_from_flags
 from distnn.resilience.memory import out_of_memory
 from distnn.resilience.preemption import StopRequests
@@ -48,6 +48,7 @@ from distnn.run.verifier import GradSync, Verifier
 from distnn.settings import Settings
 from distnn.step.builder import StepBuilder
 from distnn.step.precision import Precision
+from distnn.step.recompute import recompute_in_backward
 from distnn.step.schedule import Schedule
 from distnn.step.update import ClipGradNorm, Update
 from distnn.step.wholestep import Summed
@@ -227,6 +228,12 @@ class Trainer:
         check_shardable(job.optimizer, before, config.shard)  # refused alike on one rank
         names = [name.strip() for name in (config.shard_blocks or "").split(",") if name]
         blocks = find_blocks(job.model, names)
+        if config.activation_checkpointing:
+            if not blocks:
+                raise UsageError("--activation-checkpointing: the model has no nn.ModuleList "
+                                 "of blocks to recompute; allowed: --shard-blocks naming its "
+                                 "blocks' classes, or a model with an nn.ModuleList")
+            recompute_in_backward(blocks)
         mode = config.shard if rt.communicates else "none"
         if config.shard != "none" and mode == "none":
             log.info(f"--shard {config.shard}: one process, so nothing to shard")

@@ -147,7 +147,6 @@ def test_a_run_killed_mid_warmup_and_again_mid_decay_resumes_to_the_same_bits(tm
      "--min-lr: got 1.0, above the learning rate 0.1; allowed: a rate from 0 to it"),
     (["--clip-grad-norm", "-1"], "--clip-grad-norm: got -1.0; allowed:"),
     (["--clip-grad-norm", "nan"], "--clip-grad-norm: got nan; allowed:"),
-    (["--compile", "--loss-reduction", "mean"], "--compile: got --loss-reduction mean, which"),
 ])
 def test_a_bad_recipe_is_one_line_and_exit_2(flags, words, no_launcher, capsys):
     assert main([*flags, "--steps", "20"] if "--steps" not in flags else flags) == 2

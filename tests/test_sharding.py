@@ -1,7 +1,8 @@
 """--shard optimizer, gradients, parameters: the sharded run equals one process training
 with plain torch (no FSDP, no ZeroRedundancyOptimizer): a small GPT (two blocks) and an MLP,
-SGD, momentum and AdamW, sum and mean losses, clipping, a schedule, micro-batches and shards
-left empty by a small last batch, on 2 to 4 real gloo ranks. A sharded checkpoint resumes
+SGD, momentum and AdamW, sum and mean losses, clipping, a schedule, micro-batches,
+--activation-checkpointing and shards left empty by a small last batch, on 2 to 4 real gloo
+ranks. A sharded checkpoint resumes
 bitwise on the same world size and mode, and onto another world size and mode within the
 tolerance.
 """
@@ -87,13 +88,15 @@ CASES = {
     # 21 rows in batches of 5: the last batch of 1 row leaves 2 of 3 ranks empty
     "parameters-gpt-adamw-mean-clip-micro": dict(
         world=3, mode="parameters", model="gpt", optimizer="adamw", lr=3e-3, batch_size=5,
-        steps=25, mean=True, clip=1.0, warmup=4, min_lr=3e-4, flags=["--micro-batches", "2"]),
+        steps=25, mean=True, clip=1.0, warmup=4, min_lr=3e-4,
+        flags=["--micro-batches", "2", "--activation-checkpointing"]),
     "gradients-mlp-momentum-sum": dict(
         world=2, mode="gradients", model="mlp", optimizer="momentum", lr=1e-2, batch_size=8,
         steps=20, flags=[]),
     "optimizer-gpt-adamw-mean-clip": dict(
         world=4, mode="optimizer", model="gpt", optimizer="adamw", lr=3e-3, batch_size=6,
-        steps=20, mean=True, clip=1.0, warmup=4, min_lr=3e-4, flags=[]),
+        steps=20, mean=True, clip=1.0, warmup=4, min_lr=3e-4,
+        flags=["--activation-checkpointing"]),
     "parameters-mlp-sgd-clip": dict(
         world=2, mode="parameters", model="mlp", optimizer="sgd", lr=1e-2, batch_size=8,
         steps=20, clip=0.5, flags=[]),
@@ -172,6 +175,11 @@ def test_save_writes_the_whole_weights_of_a_sharded_run(tmp_path):
     assert all(torch.equal(saved[k], v) for k, v in run["weights"][0].items())
 
 
+def embedding_only(*, d_in, d_out):
+    """A model of token ids without blocks."""
+    return torch.nn.Sequential(torch.nn.Embedding(d_out, 8), torch.nn.Linear(8, d_out))
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--shard", "parameters", "--shard-blocks", "Nothing", "--model",
       "distnn.models.gpt:build"], "--shard-blocks: got Nothing, which names no module of the "
@@ -181,6 +189,8 @@ def test_save_writes_the_whole_weights_of_a_sharded_run(tmp_path):
     (["--shard", "parameters", "--compile"], "--compile: got it with --shard parameters"),
     (["--shard", "zero"], "--shard: got 'zero'; allowed: none, optimizer, gradients, "
                           "parameters"),
+    (["--activation-checkpointing", "--model", "tests.test_sharding:embedding_only"],
+     "--activation-checkpointing: the model has no nn.ModuleList of blocks"),
 ])
 def test_bad_shard_flags_are_one_line_and_exit_2(tmp_path, no_launcher, capsys, flags, words):
     x, y = byte_rows(rows=4)

@@ -19,7 +19,9 @@ from distnn.distributed.runtime import Runtime
 from distnn.job.losses import correct_predictions, scores_of
 from distnn.job.spec import Job
 
-VAL_CHUNK_ROWS = 4096  # validation rows a rank evaluates at a time, at most
+# validation rows a rank evaluates at a time, at most: also at most a training shard (a
+# language model's scores for 4096 rows of 64 positions and 256 classes are 268 MB)
+VAL_CHUNK_ROWS = 4096
 
 
 @torch.no_grad()
@@ -100,6 +102,9 @@ class Validator:
         self.report = report
         self.enabled = job.val is not None  # asked once: the loop is the step's host time
         self.lockstep = False  # a sharded model: every rank's forwards collective (Trainer)
+        # at most a training shard's rows at a time: the memory of the training's forward
+        shard = -(-(self.config.batch_size or VAL_CHUNK_ROWS) // runtime.world_size)
+        self.chunk_rows = max(1, min(VAL_CHUNK_ROWS, shard))
 
     def due(self, done: int) -> bool:
         if not self.enabled:
@@ -113,7 +118,7 @@ class Validator:
         """Evaluates on the validation rows (every rank its share; the sums all-reduced)."""
         job, rt = self.job, self.rt
         result = {"step": done, **evaluate(
-            job.model, job.val, job, chunk_rows=VAL_CHUNK_ROWS,
+            job.model, job.val, job, chunk_rows=self.chunk_rows,
             world_size=rt.world_size, rank=rt.rank, device=rt.device,
             communicates=rt.communicates, lockstep=self.lockstep, autocast=self.autocast)}
         self.results.append(result)

@@ -4,8 +4,9 @@
 A step's update is ``p -= lr * grad`` over the flat buffer (the reference program's), or the
 torch.optim optimizer's step. Everything here runs on the summed gradients, which are the
 same on every rank, so every rank does the same. This is the eager step's update, also
-what --cuda-graph captures; the whole step compiled by --compile has its own
-(distnn.step.wholestep), which takes none of the options below.
+what --cuda-graph captures (with none of the options below: --cuda-graph refuses them),
+and what the whole step compiled by --compile runs after its compiled gradient when any of
+them is on (distnn.step.wholestep).
 """
 
 from __future__ import annotations
