@@ -207,9 +207,12 @@ class ShardStream:
     """This rank's rows for each step in turn, on its device, read one step ahead.
 
     While step s computes, a background thread reads step s+1's rows (file reads release
-    the GIL), so reading does not stall the step. A dataset with ``num_workers`` is read
-    ahead by a DataLoader's worker processes instead, over the same shards (``steps``: the
-    run's last step, where they end).
+    the GIL), so reading does not stall the step. Tensors in memory are indexed when their
+    step comes instead: that takes microseconds, where a handover to a thread waits for
+    the thread to get a core (0.3-3.5 ms a step on a loaded 2-core machine,
+    docs/benchmarks.md). A dataset with ``num_workers`` is read ahead by a DataLoader's
+    worker processes, over the same shards (``steps``: the run's last step, where they
+    end).
     """
 
     def __init__(self, source: RowSource, plan: BatchPlan, *, world_size: int, rank: int,
@@ -225,6 +228,8 @@ class ShardStream:
                                                  start=start_step, steps=steps),
                                          pin_memory=self.pin)
             return
+        if isinstance(source, TensorRows):
+            return  # read inline (next)
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distnn-rows")
         self._next: Future = self._reader.submit(self._read, self.step)
 
@@ -238,6 +243,8 @@ class ShardStream:
         """The rows of the next step on this rank's device; starts reading the one after."""
         if self._loaded is not None:
             x, y = next(self._loaded)
+        elif self._reader is None:
+            x, y = self._read(self.step)
         else:
             x, y = self._next.result()
             self._next = self._reader.submit(self._read, self.step + 1)
