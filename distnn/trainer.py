@@ -237,6 +237,9 @@ class Trainer:
         mode = config.shard if rt.communicates else "none"
         if config.shard != "none" and mode == "none":
             log.info(f"--shard {config.shard}: one process, so nothing to shard")
+        elif mode == "optimizer" and job.optimizer is None:
+            log.info("--shard optimizer: the reference update (--optimizer sgd) keeps no "
+                     "state, so there is nothing to shard")
         if mode in ("gradients", "parameters"):
             if not blocks:
                 log.info(f"--shard {mode}: the model has no nn.ModuleList, so FSDP2 shards it "
