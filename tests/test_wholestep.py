@@ -376,3 +376,25 @@ def test_a_run_with_another_learning_rate_in_the_same_process_compiles_nothing_n
                               "--lr", "3e-4")
     assert counters["stats"]["unique_graphs"] == graphs > 0
     assert_matches_reference(losses, weights, steps=20, d_in=20, lr=3e-4)
+
+
+def test_steps_of_one_model_share_compiled_code_and_other_models_have_their_own():
+    """Dynamo counts compiled versions per code object, and past eight fails a fullgraph
+    call: a process that compiled eight kinds of model (a notebook, this suite) could compile
+    no ninth. Each kind of model gets its own copy of the step's code; a second step of the
+    same kind shares it, so what was compiled for the first is reused."""
+    from distnn.distributed.gradsync import FlatGradSync
+
+    def code_of(width):
+        model = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.ReLU(),
+                                    torch.nn.Linear(width, 2))
+        sync = FlatGradSync(model, distributed=False, extra_slots=2)
+        step = wholestep.WholeStep(model, torch.nn.MSELoss(reduction="sum"), sync, lr=0.1,
+                                   bf16=False,
+                                   optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+        return step._compiled_write_gradient.__wrapped__.__func__.__code__
+
+    first, again, other = code_of(3), code_of(3), code_of(5)
+    assert first is again and first is not other
+    shared = wholestep.WholeStep._write_gradient.__code__
+    assert first is not shared and other is not shared

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from types import CodeType, FunctionType, MethodType
 
 import torch
 from torch import nn
@@ -130,14 +131,11 @@ class WholeStep:
         self._loss_of = (fused and loss_in_one_pass(loss_fn)) or loss_fn
         self._relu_epilogues = fused and relu_epilogues(model)
         self._grads = grad_and_value(self._loss, argnums=(0, 1) if bf16 else 0)
-        # fullgraph: a graph break inside torch.func's transform would run all of it eagerly
-        # (slower than the eager step); as an error it makes the trainer run the eager step
-        compiled = lambda function: torch.compile(function, dynamic=False,  # noqa: E731
-                                                  fullgraph=True)
-        self._compiled_step_alone = compiled(self._step_alone)
-        self._compiled_write_gradient = compiled(self._write_gradient)
-        self._compiled_gradient = compiled(self._gradient)
-        self._compiled_sgd_and_refresh = compiled(self._sgd_and_refresh)
+        kind = (repr(model), bf16, device.type)  # which steps may share compiled graphs
+        self._compiled_step_alone = _compiled(self._step_alone, kind)
+        self._compiled_write_gradient = _compiled(self._write_gradient, kind)
+        self._compiled_gradient = _compiled(self._gradient, kind)
+        self._compiled_sgd_and_refresh = _compiled(self._sgd_and_refresh, kind)
 
     def inputs(self, pieces: Sequence[Batch]) -> list[Batch]:
         """The pieces of a fixed batch as every step will read them: under bf16, inputs
@@ -263,6 +261,29 @@ class WholeStep:
                          grads: torch.Tensor, lr: torch.Tensor) -> None:
         master.sub_(lr * grads)
         copy.copy_(master)
+
+
+def _compiled(method: MethodType, kind: tuple) -> Callable:
+    """torch.compile of a WholeStep's method, on a copy of its code kept for steps of one
+    ``kind`` (the model as ``repr`` prints it, bf16 or not, the device type).
+
+    Dynamo keeps what it compiled on the code object and reuses it for any step whose guards
+    pass, so a second run of the same model in the process (a sweep over --lr with
+    distnn.fit in a notebook) compiles nothing. But one code object for every model meets
+    torch's limit of eight compiled versions after eight kinds of model in one process (a
+    notebook, a test suite), and under ``fullgraph=True`` that is an error. A copy of the code
+    per kind keeps the reuse and gives each kind its own count.
+    ``fullgraph``: a graph break inside torch.func's transform would run all of it eagerly
+    (slower than the eager step); as an error it makes the trainer run the eager step."""
+    function = method.__func__
+    code = _CODES.setdefault((function.__name__, *kind), function.__code__.replace())
+    own = FunctionType(code, function.__globals__, function.__name__, function.__defaults__,
+                       function.__closure__)
+    own.__kwdefaults__ = function.__kwdefaults__
+    return torch.compile(MethodType(own, method.__self__), dynamic=False, fullgraph=True)
+
+
+_CODES: dict[tuple, CodeType] = {}  # (method name, *kind) -> the code its steps share
 
 
 def _does_more(update: Update) -> bool:
