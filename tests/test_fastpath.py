@@ -4,6 +4,7 @@ step's operator count, which on a GPU is its kernel launches."""
 from __future__ import annotations
 
 import re
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -121,8 +122,10 @@ def test_compiled_forward_matches_the_reference_and_reports_its_compile_time(tmp
                                                                             no_launcher):
     metrics, weights = tmp_path / "m.jsonl", tmp_path / "w.safetensors"
     # Two uneven pieces: two shapes to compile.
+    started = time.perf_counter()
     assert main(["--compile", "--micro-batches", "2", "--batch-size", "9", "--steps", "100",
                  "--metrics", str(metrics), "--save", str(weights)]) == 0
+    elapsed = time.perf_counter() - started
     from safetensors.torch import load_file
 
     from tests.conftest import read_metrics
@@ -130,7 +133,10 @@ def test_compiled_forward_matches_the_reference_and_reports_its_compile_time(tmp
     assert_matches_reference(read_losses(metrics), load_file(weights), batch_size=9,
                              steps=100)
     summary = read_metrics(metrics)[-1]
-    assert summary["compile_s"] > 0 and summary["wall_s"] < summary["compile_s"]
+    # the compile is timed apart from the step loop (wall_s): the two spans, one after the
+    # other, fit in the call (the steps alone can outlast a compile reused from earlier
+    # runs in this process, on a loaded machine)
+    assert 0 < summary["compile_s"] and summary["compile_s"] + summary["wall_s"] < elapsed
 
 
 @pytest.mark.parametrize("changes, want", [
