@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import re
@@ -65,6 +66,8 @@ def _rank_worker(rank: int, world_size: int, port: int, argv: list[str], out_dir
         "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
     })
     torch.set_num_threads(1)
+    # a rank that dies of a signal (SIGABRT, SIGSEGV) prints where each thread was
+    faulthandler.enable(all_threads=True)
     from safetensors.torch import save_file
 
     from distnn.config import parse_config
