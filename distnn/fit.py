@@ -40,7 +40,8 @@ def fit(model: nn.Module, *, train: Data,
         num_workers: int = 0, runtime: Runtime | None = None,
         **settings: Any) -> TrainResult:
     """Trains ``model`` data-parallel on every rank of the job; returns the TrainResult
-    (the model, identical on every rank; the steps done; the validation results).
+    (the model, identical on every rank, or each rank's shards of it under ``shard=``
+    gradients or parameters: docs/sharding.md; the steps done; the validation results).
 
     Call it on every rank with the same arguments. ``model`` is the user's module, built
     the same way on every rank (seed first: rank 0's weights are broadcast anyway).

@@ -60,12 +60,13 @@ STEPS_RANGE = "distnn: steps"  # the profiler range around the step loop and its
 
 @dataclasses.dataclass
 class TrainResult:
-    """What a rank holds at the end: its model (identical on every rank), the steps it
-    finished, the validation results (one dict per validation, in order), and whether this
-    is rank 0 (the rank that prints). ``losses``: the global losses of the newest steps (up
-    to 1000: all of a short run); ``compiled``: under --compile, whether the whole step
-    compiled (False: it ran eagerly); ``compile_s``: seconds spent compiling and capturing,
-    outside ``wall_s``."""
+    """What a rank holds at the end: its model (identical on every rank; under --shard
+    gradients or parameters its own shards, DTensors usable while the group exists), the
+    steps it finished, the validation results (one dict per validation, in order), and
+    whether this is rank 0 (the rank that prints). ``losses``: the global losses of the
+    newest steps (up to 1000: all of a short run); ``compiled``: under --compile, whether
+    the whole step compiled (False: it ran eagerly); ``compile_s``: seconds spent compiling
+    and capturing, outside ``wall_s``."""
 
     model: nn.Module
     wall_s: float
