@@ -71,8 +71,8 @@ class TrainConfig:
                                 "(torch's ignore_index)", minimum=-2**63, maximum=2**63 - 1,
                                 metavar="LABEL")  # a label is an int64
     optimizer: str = _option("sgd", "sgd: the reference's p -= lr * grad; momentum: "
-                             "torch.optim.SGD with --momentum; adamw: torch.optim.AdamW with "
-                             "--weight-decay", choices=("sgd", "momentum", "adamw"))
+                             "torch.optim.SGD with --momentum; adamw: torch.optim.AdamW "
+                             "(fused) with --weight-decay", choices=("sgd", "momentum", "adamw"))
     lr: float = _option(1e-4, "learning rate", minimum=0.0,
                         maximum=3.4028234663852886e38)  # float32's largest: the update's dtype
     momentum: float = _option(0.9, "momentum of --optimizer momentum, in [0, 1)", minimum=0.0,
