@@ -348,3 +348,36 @@ def test_waits_for_the_gpu_end_after_the_timeout_and_a_stuck_gpu_is_not_waited_f
     with pytest.raises(DeviceStalled):
         watch.wait(EventDoneAfter(0))  # the GPU is known to be stuck: fails at once
     assert time.monotonic() - started < 0.1
+
+
+def test_the_replica_checksum_is_the_whole_sum_taken_a_chunk_at_a_time():
+    """The replica guard's two int64 sums (bit patterns, and their squares, wrapping modulo
+    2**64) over weights longer than a chunk equal the sums over all of them at once, and a
+    change of one bit anywhere changes them."""
+    from distnn.resilience.guards import CHECKSUM_CHUNK, replica_checksum
+
+    weights = torch.randn(2 * CHECKSUM_CHUNK + 12345, generator=torch.Generator().manual_seed(0))
+    weights[7] = float("inf")  # large bit patterns: the squares wrap
+    bits = weights.view(torch.int32).to(torch.int64)
+    assert torch.equal(replica_checksum(weights), torch.stack([bits.sum(), (bits * bits).sum()]))
+    changed = weights.clone()
+    changed.view(torch.int32)[-1] ^= 1
+    assert not torch.equal(replica_checksum(changed), replica_checksum(weights))
+
+
+def test_the_replica_checksum_of_100_mb_of_weights_holds_tens_of_mb_more_not_400():
+    program = """
+import torch
+from distnn.resilience.guards import replica_checksum
+def hwm():  # peak resident kB so far
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])
+weights = torch.ones(25_000_000)  # 100 MB
+before = hwm()
+replica_checksum(weights)
+print((hwm() - before) // 1000)
+"""
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                            env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)},
+                            timeout=60, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout) < 50, result.stdout  # MB; widened whole it was 400

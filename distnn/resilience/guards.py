@@ -49,14 +49,24 @@ def disagreements(fingerprints: list[dict[str, Any]]) -> list[str]:
     return differ
 
 
+CHECKSUM_CHUNK = 1 << 20  # elements widened to int64 at a time: 8 MB, and 8 MB squared
+
+
 def replica_checksum(flat_params: torch.Tensor) -> torch.Tensor:
     """Two int64 sums over the parameters' bit patterns: equal iff the replicas (almost surely) are.
 
-    Exact integer arithmetic, so the result does not depend on summation order.
+    Exact integer arithmetic (wrapping modulo 2**64), so the result does not depend on
+    summation order. Taken CHECKSUM_CHUNK elements at a time: widened whole, the bit patterns
+    and their squares were two int64 copies of the weights, 16 bytes a parameter on top of a
+    run's 16 (AdamW) at every check.
     """
     int_type = {2: torch.int16, 4: torch.int32, 8: torch.int64}[flat_params.element_size()]
-    bits = flat_params.view(int_type).to(torch.int64)
-    return torch.stack([bits.sum(), (bits * bits).sum()])
+    total = torch.zeros(2, dtype=torch.int64, device=flat_params.device)
+    for chunk in flat_params.view(int_type).split(CHECKSUM_CHUNK):
+        bits = chunk.to(torch.int64)
+        total[0] += bits.sum()
+        total[1] += (bits * bits).sum()
+    return total
 
 
 def check_replicas(flat_params: torch.Tensor, *, step: int, distributed: bool) -> None:

@@ -116,8 +116,9 @@ def trial(mode: str, shape: GPTShape, data: str, args: argparse.Namespace) -> di
         code, tail = result.returncode, (result.stdout + result.stderr)[-1500:]
     except subprocess.TimeoutExpired:
         code, tail = None, "timed out"
-    usage = read_cgroups(prefix, args.world)
-    remove_cgroups(prefix, args.world)
+    finally:  # (interrupted too: the ranks were ended with the job)
+        usage = read_cgroups(prefix, args.world)
+        remove_cgroups(prefix, args.world)
     return {"mode": mode, "layers": shape.n_layers, "parameters": shape.parameters,
             "passed": code == 0, "exit_code": code, "seconds": round(time.monotonic() -
                                                                       started, 1),
