@@ -14,7 +14,7 @@ ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-cpu test-gpu gpu-check lint bench clean
+.PHONY: install run test test-cpu test-gpu gpu-check gpu-lm lint bench clean
 
 install: $(STAMP)
 
@@ -104,6 +104,16 @@ gpu-check:
 	  --compute-steps 5 --threads $(OVERLAP_THREADS) --budget-s $(OVERLAP_BUDGET) 2>&1 \
 	  | tee -a $$log || failed=1; fi; \
 	exit $$failed
+
+# On a lent GPU machine, as gpu-check (PYTHON=python3 OUT=DIR, no venv): the GPT-2-small
+# language-model recipe, distnn.fit against a nanoGPT-style plain loop (bf16 autocast,
+# torch.compile, fused AdamW, cosine, clipping), tokens/s and MFU; OUT/bench-gpt.md, .json.
+# Not yet run on a GPU: GPT_LIMIT is a guess, within one command's 600 s.
+GPT_LIMIT ?= 420
+gpu-lm:
+	mkdir -p $(OUT)
+	PYTHONPATH=. PYTHONUNBUFFERED=1 timeout $(GPT_LIMIT) $(PYTHON) -m distnn.tools.bench_gpt \
+	  --out $(OUT)/bench-gpt $(GPT_ARGS)
 
 # distnn against the reference loop, DDP and Accelerate; then training from a data file
 # against DDP + DistributedSampler (world sizes, file vs memory, memory); in bench-results/.
