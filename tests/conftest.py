@@ -83,7 +83,15 @@ def _rank_worker(rank: int, world_size: int, port: int, argv: list[str], out_dir
         # a sharded model's weights gathered whole (every rank takes part)
         state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
                  .contiguous().clone() for k, v in result.model.state_dict().items()}
-    save_file(state, os.path.join(out_dir, f"rank{rank}.safetensors"))
+        save_file(state, os.path.join(out_dir, f"rank{rank}.safetensors"))
+        if torch.distributed.is_initialized():  # (a launcher's group, one rank or more)
+            # The result's FSDP2 or ZeroRedundancyOptimizer holds the gloo group past its
+            # destruction, as DDP does, and the process's teardown can then abort it
+            # ("terminate called without an active exception": seen twice in full-suite runs
+            # of test_sharding); end as the benchmarks' DDP workers end, results written.
+            from distnn.tools.bench_loops import end_worker
+
+            end_worker()
 
 
 def run_world(world_size: int, argv: list[str], out_dir: Path) -> dict:
