@@ -536,6 +536,26 @@ def load_average() -> float | None:
     return None
 
 
+def write_report(out: str, report: dict[str, Any], table: str) -> None:
+    """A benchmark's outputs: ``OUT.md`` (the tables, also printed) and ``OUT.json`` (every
+    sample)."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(f"{out}.md", "w", encoding="utf-8") as file:
+        file.write(table)
+    with open(f"{out}.json", "w", encoding="utf-8") as file:
+        json.dump(report, file, indent=1)
+    print(table)
+
+
+def below_one(args: argparse.Namespace, names: tuple[str, ...]) -> str | None:
+    """The one-line error for the first of ``names`` (counts) under 1, or None."""
+    for name in names:
+        if getattr(args, name) < 1:
+            return (f"distnn: error: --{name.replace('_', '-')}: got {getattr(args, name)}; "
+                    "allowed: 1 or more")
+    return None
+
+
 def _mb(kb: int) -> str:
     return f"{kb * 1024 / MB:.0f}"
 

@@ -24,15 +24,13 @@ dense bf16 peak (PEAK_TFLOPS by the device's name, or ``--peak-tflops``; none on
 The first loss of every run is checked against the plain loop's (exit 1 when they part).
 
 Defaults are GPT-2 small (12 layers, width 768, 12 heads, context 1024, vocabulary 50,304)
-with 8 rows a step, for a GPU; ``make gpu-check`` runs it. Writes ``OUT.json`` and
+with 8 rows a step, for a GPU; ``make gpu-lm`` runs it. Writes ``OUT.json`` and
 ``OUT.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import statistics
 import sys
 import time
@@ -44,7 +42,8 @@ from torch import nn
 
 import distnn
 from distnn.models.gpt import build
-from distnn.tools.bench_data import load_average, machine
+from distnn.tools.bench_data import below_one, load_average, machine, write_report
+from distnn.tools.bench_lm import cosine_with_warmup
 
 SEED = 0
 # dense bf16 peak, TFLOP/s, by a word of torch.cuda.get_device_name(): NVIDIA's datasheets
@@ -84,20 +83,13 @@ def seeded_model(args: argparse.Namespace) -> nn.Module:
                  n_layers=args.n_layers, n_heads=args.n_heads)
 
 
-def schedule(step: int, *, warmup: int, total: int) -> float:
-    """The factor of the rate at update ``step`` (docs/data-and-models.md's cosine, min 0)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))) / 2
-
-
 def run_plain(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, *, steps: int,
               device: torch.device) -> dict[str, Any]:
     model = seeded_model(args).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01,
                                   fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: schedule(s, warmup=args.warmup_steps, total=steps))
+        optimizer, lambda s: cosine_with_warmup(s, warmup=args.warmup_steps, total=steps))
     forward = torch.compile(model) if args.compile else model
     bf16 = args.precision == "bf16"
     losses = []
@@ -240,12 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    for flag in ("n_layers", "d_model", "n_heads", "context", "vocab", "batch_size", "rows",
-                 "rounds"):
-        if getattr(args, flag) < 1:
-            print(f"distnn: error: --{flag.replace('_', '-')}: got {getattr(args, flag)}; "
-                  "allowed: 1 or more", file=sys.stderr)
-            return 2
+    error = below_one(args, ("n_layers", "d_model", "n_heads", "context", "vocab",
+                             "batch_size", "rows", "rounds"))
+    if error:
+        print(error, file=sys.stderr)
+        return 2
     if args.steps < 2 or args.warmup_steps >= args.steps or args.rows % args.batch_size:
         print(f"distnn: error: got --steps {args.steps}, --warmup-steps {args.warmup_steps}, "
               f"--rows {args.rows}, --batch-size {args.batch_size}; allowed: 2 or more steps, "
@@ -254,12 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report = measure(args)
     report["load_after"] = load_average()
-    table = markdown(report)
-    with open(f"{args.out}.md", "w", encoding="utf-8") as file:
-        file.write(table)
-    with open(f"{args.out}.json", "w", encoding="utf-8") as file:
-        json.dump(report, file, indent=1)
-    print(table)
+    write_report(args.out, report, markdown(report))
     tolerance = args.tolerance or (2e-2 if args.precision == "bf16" else 1e-5)
     apart = max(row["first_loss_rel_diff"] for row in report["rows"])
     if apart > tolerance:

@@ -43,6 +43,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -54,7 +55,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 import distnn
 from distnn.distributed.runtime import Runtime, setup
 from distnn.models.gpt import build
-from distnn.tools.bench_data import load_average, machine
+from distnn.tools.bench_data import load_average, machine, write_report
 from distnn.tools.bench_loops import end_worker
 from distnn.tools.spawn import join, spawn
 
@@ -206,6 +207,38 @@ def cpu_ms_per_step(ranks_cpu_s: list[list[float]], warmup: int, steps: int) -> 
                             for warm, timed in ranks_cpu_s)
 
 
+def timed_rounds(run: Callable[[str, int], tuple[float, list[float], float]],
+                 variants: Sequence[str], *, plan: dict, world: int, rank: int,
+                 line: Callable[[dict], str]) -> list[dict]:
+    """The rounds of a spawned benchmark, on every rank of the group: each variant once
+    untimed (the process's first-use costs), then in each of ``plan["rounds"]`` rounds every
+    variant once, a ``plan["warmup"]``-step run and then a timed ``plan["steps"]``-step run,
+    each round starting one variant later. ``run(name, steps)`` returns the wall seconds,
+    the losses and the CPU seconds of one run. Returns the samples; rank 0 prints
+    ``line(sample)`` (which may add to the sample) for each."""
+    for name in variants:
+        run(name, plan["warmup"])
+    samples = []
+    for round_index in range(plan["rounds"]):
+        shift = round_index % len(variants)
+        for name in [*variants[shift:], *variants[:shift]]:
+            warm_cpu_s = run(name, plan["warmup"])[2]
+            wall_s, losses, cpu_s = run(name, plan["steps"])
+            ranks_cpu_s = [None] * world
+            dist.all_gather_object(ranks_cpu_s, (warm_cpu_s, cpu_s))
+            sample = {"variant": name, "round": round_index, "wall_s": wall_s,
+                      "ms_per_step": wall_s / plan["steps"] * 1e3,
+                      "cpu_ms_per_step": cpu_ms_per_step(ranks_cpu_s, plan["warmup"],
+                                                         plan["steps"]),
+                      "losses": losses}
+            text = line(sample)
+            if rank == 0:
+                print(f"round {round_index + 1}, {name}: {text}", file=sys.stderr, flush=True)
+            samples.append(sample)
+            dist.barrier()
+    return samples
+
+
 def _worker(rank: int, world: int, port: int, plan: dict, out_path: str) -> None:
     """One rank: each variant once untimed (the process's first-use costs), then every
     variant once per round (a warm-up run, then the timed run), each round starting one
@@ -214,6 +247,11 @@ def _worker(rank: int, world: int, port: int, plan: dict, out_path: str) -> None
     recipe = Recipe(**plan["recipe"])
     x, y = token_data(recipe)
     samples = []
+    def line(sample: dict) -> str:
+        sample["tokens_per_s"] = recipe.tokens_per_step * plan["steps"] / sample["wall_s"]
+        return (f"{sample['tokens_per_s']:.0f} tokens/s ({sample['ms_per_step']:.2f} ms/step, "
+                f"CPU {_number(sample['cpu_ms_per_step'])} ms/step a rank)")
+
     with setup(device="cpu", timeout_s=300) as rt:
         def run(name: str, steps: int) -> tuple[float, list[float], float]:
             before = cpu_seconds()
@@ -223,28 +261,7 @@ def _worker(rank: int, world: int, port: int, plan: dict, out_path: str) -> None
                 wall_s, losses = run_ddp(recipe, x, y, steps=steps)
             return wall_s, losses, cpu_seconds() - before
 
-        for name in VARIANTS:
-            run(name, plan["warmup"])
-        for round_index in range(plan["rounds"]):
-            shift = round_index % len(VARIANTS)
-            for name in VARIANTS[shift:] + VARIANTS[:shift]:
-                warm_cpu_s = run(name, plan["warmup"])[2]
-                wall_s, losses, cpu_s = run(name, plan["steps"])
-                ranks_cpu_s = [None] * world
-                dist.all_gather_object(ranks_cpu_s, (warm_cpu_s, cpu_s))
-                sample = {"variant": name, "round": round_index, "wall_s": wall_s,
-                          "ms_per_step": wall_s / plan["steps"] * 1e3,
-                          "tokens_per_s": recipe.tokens_per_step * plan["steps"] / wall_s,
-                          "cpu_ms_per_step": cpu_ms_per_step(ranks_cpu_s, plan["warmup"],
-                                                             plan["steps"]),
-                          "losses": losses}
-                samples.append(sample)
-                if rank == 0:
-                    print(f"round {round_index + 1}, {name}: {sample['tokens_per_s']:.0f} "
-                          f"tokens/s ({sample['ms_per_step']:.2f} ms/step, CPU "
-                          f"{_number(sample['cpu_ms_per_step'])} ms/step a rank)",
-                          file=sys.stderr, flush=True)
-                dist.barrier()
+        samples = timed_rounds(run, VARIANTS, plan=plan, world=world, rank=rank, line=line)
         if rank == 0:
             with open(out_path, "w", encoding="utf-8") as file:
                 json.dump(samples, file)
@@ -410,12 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     report["load_after"] = load_average()
     report.update(summarize(samples, recipe=recipe, world=args.world, steps=args.steps,
                             warmup=args.warmup, rounds=args.rounds))
-    table = markdown(report)
-    with open(f"{args.out}.md", "w", encoding="utf-8") as file:
-        file.write(table)
-    with open(f"{args.out}.json", "w", encoding="utf-8") as file:
-        json.dump(report, file, indent=1)
-    print(table)
+    write_report(args.out, report, markdown(report))
     if not report["losses_agree"]:
         print("distnn: error: distnn's and DDP's losses differ beyond the tolerance",
               file=sys.stderr)

@@ -58,8 +58,9 @@ from distnn.data.shards import shard_bounds
 from distnn.distributed.runtime import Runtime, setup
 from distnn.distributed.sharding import MODES
 from distnn.models.gpt import build
-from distnn.tools.bench_data import load_average, machine, proc_kb
-from distnn.tools.bench_lm import Recipe, cpu_ms_per_step, cpu_seconds, token_data
+from distnn.tools.bench_data import below_one, load_average, machine, proc_kb, write_report
+from distnn.tools.bench_lm import Recipe, cpu_seconds, timed_rounds, token_data
+from distnn.tools.bench_loops import end_worker
 from distnn.tools.spawn import join, spawn
 
 SEED = 0
@@ -463,6 +464,12 @@ def speed_variants(modes: list[str]) -> tuple[str, ...]:
     return (*(f"distnn --shard {mode}" for mode in modes), TORCH_FSDP)
 
 
+def _speed_line(sample: dict) -> str:
+    cpu = sample["cpu_ms_per_step"]
+    return (f"{sample['ms_per_step']:.1f} ms/step (CPU {'' if cpu is None else f'{cpu:.1f}'} "
+            "ms/step a rank)")
+
+
 def _speed_worker(rank: int, world: int, port: int, plan: dict, out_path: str) -> None:
     """One rank: each variant once untimed, then every variant once per round (a warm-up
     run, then the timed run), each round starting one variant later; rank 0 writes the
@@ -471,7 +478,6 @@ def _speed_worker(rank: int, world: int, port: int, plan: dict, out_path: str) -
     shape = GPTShape(**plan["shape"])
     x, y = token_data(Recipe(rows=plan["rows"], context=shape.context, vocab=shape.vocab))
     variants = speed_variants(plan["modes"])
-    samples = []
     with setup(device="cpu", timeout_s=plan["timeout_s"]) as rt:
         def run(name: str, steps: int) -> tuple[float, list[float], float]:
             before = cpu_seconds()
@@ -484,31 +490,14 @@ def _speed_worker(rank: int, world: int, port: int, plan: dict, out_path: str) -
                                             timeout_s=plan["timeout_s"], rt=rt)
             return wall_s, losses, cpu_seconds() - before
 
-        for name in variants:
-            run(name, plan["warmup"])
-        for round_index in range(plan["rounds"]):
-            shift = round_index % len(variants)
-            for name in variants[shift:] + variants[:shift]:
-                warm_cpu_s = run(name, plan["warmup"])[2]
-                wall_s, losses, cpu_s = run(name, plan["steps"])
-                ranks_cpu_s = [None] * world
-                dist.all_gather_object(ranks_cpu_s, (warm_cpu_s, cpu_s))
-                sample = {"variant": name, "round": round_index, "wall_s": wall_s,
-                          "ms_per_step": wall_s / plan["steps"] * 1e3,
-                          "cpu_ms_per_step": cpu_ms_per_step(ranks_cpu_s, plan["warmup"],
-                                                             plan["steps"]),
-                          "losses": losses}
-                samples.append(sample)
-                if rank == 0:
-                    cpu = sample["cpu_ms_per_step"]
-                    print(f"speed, round {round_index + 1}, {name}: "
-                          f"{sample['ms_per_step']:.1f} ms/step (CPU "
-                          f"{'' if cpu is None else f'{cpu:.1f}'} ms/step a rank)",
-                          file=sys.stderr, flush=True)
-                dist.barrier()
+        samples = timed_rounds(run, variants, plan=plan, world=world, rank=rank,
+                               line=_speed_line)
         if rank == 0:
             with open(out_path, "w", encoding="utf-8") as file:
                 json.dump(samples, file)
+        # FSDP2 holds the gloo group past its destruction, as DDP does, and the teardown
+        # can abort the process ("terminate called without an active exception", seen here)
+        end_worker()
 
 
 def speed_part(args: argparse.Namespace, out: str) -> dict[str, Any]:
@@ -739,11 +728,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_steps < 2:
         parser.error(f"--memory-steps: got {args.memory_steps}; allowed: 2 or more (the first "
                      "step is counted with the start-up)")
-    for flag in ("memory_world", "memory_batch", "speed_world",
-                 "speed_batch", "speed_steps", "speed_warmup", "rounds"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')}: got {getattr(args, flag)}; allowed: "
-                         "1 or more")
+    error = below_one(args, ("memory_world", "memory_batch", "speed_world", "speed_batch",
+                             "speed_steps", "speed_warmup", "rounds"))
+    if error:
+        print(error, file=sys.stderr)
+        return 2
     report: dict[str, Any] = {"machine": machine(), "torch": torch.__version__, "argv": argv,
                               "load_before": load_average()}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -753,12 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     if "speed" in parts:
         report["speed"] = speed_part(args, args.out)
     report["load_after"] = load_average()
-    table = markdown(report)
-    with open(f"{args.out}.md", "w", encoding="utf-8") as file:
-        file.write(table)
-    with open(f"{args.out}.json", "w", encoding="utf-8") as file:
-        json.dump(report, file, indent=1)
-    print(table)
+    write_report(args.out, report, markdown(report))
     failed = [f"{r['label']} {r['mode']}" for r in report.get("memory", {}).get("runs", [])
               if r["exit_code"] != 0]
     if failed:

@@ -20,7 +20,6 @@ says so in one line and exits 2 otherwise. Writes ``OUT.json`` (every trial) and
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 
 from distnn.distributed.sharding import MODES
-from distnn.tools.bench_data import load_average, machine
+from distnn.tools.bench_data import below_one, load_average, machine, write_report
 from distnn.tools.bench_shard import ALLOCATORS, GPTShape, train_command, write_tokens
 
 CGROUP_ROOT = "/sys/fs/cgroup/memory"
@@ -200,11 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distnn: error: --modes: got {args.modes!r}; allowed: some of "
               f"{', '.join(MODES)}", file=sys.stderr)
         return 2
-    for flag in ("limit_mb", "world", "max_layers", "steps", "batch"):
-        if getattr(args, flag) < 1:
-            print(f"distnn: error: --{flag.replace('_', '-')}: got {getattr(args, flag)}; "
-                  "allowed: 1 or more", file=sys.stderr)
-            return 2
+    error = below_one(args, ("limit_mb", "world", "max_layers", "steps", "batch"))
+    if error:
+        print(error, file=sys.stderr)
+        return 2
     why = check_cgroups()
     if why:
         print(f"distnn: error: {why}", file=sys.stderr)
@@ -224,13 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                 "largest": max(passed, key=lambda t: t["layers"]) if passed else None,
                 "first_failing_layers": min(failed) if failed else None}
     report["load_after"] = load_average()
-    table = markdown(report)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(f"{args.out}.md", "w", encoding="utf-8") as file:
-        file.write(table)
-    with open(f"{args.out}.json", "w", encoding="utf-8") as file:
-        json.dump(report, file, indent=1)
-    print(table)
+    write_report(args.out, report, markdown(report))
     return 0
 
 
