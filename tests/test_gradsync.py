@@ -168,6 +168,28 @@ def test_dropping_the_sync_frees_it_and_its_buffers_even_while_the_model_lives(g
     assert model[0].weight.grad is not None
 
 
+def test_backward_tensors_are_let_go_as_each_bucket_starts(group_of_one):
+    # A large model's gradients must not exist twice through backward: once a bucket's
+    # all-reduce starts, its parameters' p.grad are views into the buffer (backward's own
+    # tensors, held by nothing else, are freed); the last bucket's follow in all_reduce.
+    model = small_model()
+    x = torch.randn(5, 4)
+    sync = FlatGradSync(model, distributed=True, bucket_mb=1e-5)  # one bucket per parameter
+    sync.zero_grad()
+    model(x).pow(2).sum().backward()
+
+    def in_buffer(p: torch.nn.Parameter, first: int) -> bool:
+        return p.grad.data_ptr() == sync.flat_grads[first:].data_ptr()
+
+    *started, last = zip(sync.params, sync.offsets, strict=True)
+    assert all(in_buffer(p, first) for p, first in started)
+    assert not in_buffer(*last)  # not packed yet: the extras join it in all_reduce
+    sync.all_reduce()
+    assert in_buffer(*last)
+    for p, want in zip(sync.params, plain_gradients(x), strict=True):
+        assert torch.equal(p.grad, want)
+
+
 # Two ranks, four equal layers, one bucket per layer: the ranks' control flow differs.
 WIDTH, LAYERS = 32, 4
 LAYER_MB = (WIDTH * WIDTH + WIDTH) * 4 / 2**20  # one layer's weight and bias, float32

@@ -2,8 +2,8 @@
 
 Each parameter's ``.data`` becomes a view into one contiguous buffer, so the update is one
 fused operation over it. Backward produces each gradient as a tensor of its own, which one
-``torch.cat`` packs into a flat gradient buffer just before the all-reduce; after it,
-every ``p.grad`` is a view into the summed buffer. The gradient buffer has extra slots at
+``torch.cat`` packs into a flat gradient buffer just before the all-reduce; from then on
+``p.grad`` is a view into the buffer, summed in place. The gradient buffer has extra slots at
 the end for small per-step values that must be summed too (the rank's loss, a stop vote):
 the same ``cat`` packs them, so they travel in the same collective as the gradients.
 
@@ -12,7 +12,9 @@ Why pack rather than let backward accumulate into views of the buffer (as DDP's
 add per parameter, five kernels for the reference net where the ``cat`` is one (on a GPU
 each kernel is a launch, and a small model's step is bound by its launches:
 docs/benchmarks.md#measurements-behind-the-codes-choices), and it reads and writes the
-buffer more often. The cost is memory: the gradients exist twice for a moment.
+buffer more often. The cost is memory: a bucket's gradients exist twice between its last
+gradient and its ``cat``, after which backward's tensors are freed (for a large model, one
+bucket at a time, so about one bucket more than the gradients).
 
 For a large model the gradient buffer is split into buckets (``bucket_mb``). Backward
 produces gradients from the last layer to the first, so the buffers hold the parameters in
@@ -169,6 +171,7 @@ class FlatGradSync:
         self.bucket_ranges = [(starts[first], starts[stop]) for first, stop in groups]
         self.bucket_ranges[-1] = (self.bucket_ranges[-1][0], self.numel + extra_slots)
         self._bucket_params = [self.params[first:stop] for first, stop in groups]
+        self._bucket_views = [self._grad_views[first:stop] for first, stop in groups]
         # The zeros each bucket's parameters are followed by in its buffer, in their order
         # (None: no gap), as views made once
         gap_zeros = torch.zeros(ALIGN, dtype=dtype, device=device)
@@ -306,6 +309,14 @@ class FlatGradSync:
 
     def _start(self, bucket: int) -> None:
         self._pack(bucket)
+        if bucket < len(self._bucket_params) - 1:
+            # Backward's own tensors of this bucket are copied: let them go now, each p.grad a
+            # view into the buffer (summed in place by the all-reduce), so a large model holds
+            # its gradients about once during backward, not twice (the last bucket's go in
+            # _summed).
+            for p, view in zip(self._bucket_params[bucket], self._bucket_views[bucket],
+                               strict=True):
+                p.grad = view
         with collective("the gradient all-reduce"):
             self._handles[bucket] = dist.all_reduce(self._bucket_buffers[bucket],
                                                     op=dist.ReduceOp.SUM, async_op=True)
