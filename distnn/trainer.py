@@ -200,8 +200,9 @@ class Trainer:
             self.losses, every=config.verify_every, start=start,
             distributed=rt.communicates, kept=self.checkpointer.kept, grad_norms=grad_norms)
         val_results = self.checkpointer.restore_weights(job.model)
-        self.sync = self.checkpointer.sync = self._place()
-        self.checkpointer.restore_optimizer(job.optimizer, start)
+        self.sync = self._place()
+        self.checkpointer.use(self.sync)
+        self.checkpointer.restore_state(job.model, job.optimizer, start)
         update = self._update(start, grad_norms)
         self.checkpointer.restore_scheduler(job.scheduler)
         if rt.is_main:

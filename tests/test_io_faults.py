@@ -58,6 +58,30 @@ def test_a_checkpoint_that_cannot_be_written_stops_every_rank_with_the_reason(tm
     assert rerun.returncode == 0 and f"resuming from {ck / 'step-40'}" in rerun.stderr
 
 
+def test_a_sharded_checkpoint_that_one_rank_cannot_write_stops_every_rank(tmp_path):
+    # --shard parameters: every rank writes its own shards; rank 1's write fails
+    ck = tmp_path / "ck"
+    args = [bin_path("torchrun"), "--nproc_per_node=2", "-m", "distnn.train", *TINY,
+            "--steps", "60", "--checkpoint-dir", str(ck), "--checkpoint-every", "20",
+            "--shard", "parameters", "--optimizer", "adamw", "--lr", "1e-3"]
+    result = run_cli(args, env=write_fail(30, rank=1), timeout=120)
+    lines = [line for line in distnn_lines(result.stderr) if ": error: " in line]
+    assert result.returncode != 0 and len(lines) == 2, result.stderr[-3000:]
+    assert re.search(r"exitcode\s*:\s*4", result.stderr), result.stderr[-3000:]
+    for rank, line in enumerate(sorted(lines)):
+        assert line.startswith(f"distnn: rank {rank}: error: could not write the checkpoint "
+                               f"{ck / 'step-40'} (rank 1: File too large); the last good "
+                               f"checkpoint is {ck / 'step-20'}"), line
+    assert not package_frames(result.stderr)
+    assert sorted(os.listdir(ck)) == [".distnn-lock", "step-20"]  # no temporary
+    assert sorted(os.listdir(ck / "step-20" / "shards")) == [".metadata", "__0_0.distcp",
+                                                              "__1_0.distcp"]
+    rerun = run_cli(args, timeout=120)
+    assert rerun.returncode == 0 and f"resuming from {ck / 'step-20'}" in rerun.stderr, (
+        rerun.stderr[-3000:])
+    assert list_checkpoints(str(ck)) == [20, 40, 60]
+
+
 def test_the_rank_exit_code_of_a_failed_write_is_4(tmp_path, capsys, no_launcher, monkeypatch):
     for name, value in write_fail(5).items():
         if name.startswith("DISTNN_"):

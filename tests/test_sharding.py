@@ -2,24 +2,26 @@
 with plain torch (no FSDP, no ZeroRedundancyOptimizer): a small GPT (two blocks) and an MLP,
 SGD, momentum and AdamW, sum and mean losses, clipping, a schedule, micro-batches,
 --activation-checkpointing and shards left empty by a small last batch, on 2 to 4 real gloo
-ranks. A sharded checkpoint resumes
-bitwise on the same world size and mode, and onto another world size and mode within the
-tolerance.
+ranks. A sharded checkpoint (each rank's shards, written with DCP) resumes bitwise on the
+same world size and mode, and onto another world size and mode within the tolerance.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from distnn.errors import UsageError
 from distnn.models.gpt import build
+from distnn.resilience.checkpoint import read_checkpoint
 from distnn.train import main
-from tests.conftest import read_metrics, run_world
+from tests.conftest import _rank_worker, free_port, read_metrics, run_world
 from tests.reference import assert_close_run
 from tests.test_language_model import CONTEXT, VOCAB, byte_rows
 from tests.test_recipe import rate_factor
@@ -142,6 +144,22 @@ def test_a_sharded_checkpoint_resumes_bitwise_and_onto_another_world_and_mode(tm
              "--clip-grad-norm", "1.0", "--checkpoint-every", "4"]
     whole = run_world(2, [*flags, "--shard", "parameters", "--checkpoint-dir",
                           str(tmp_path / "ck")], tmp_path / "whole")
+    # each rank wrote its own shards (DCP), every file under the checksums of state.json
+    step_4 = tmp_path / "ck" / "step-4"
+    state = json.loads((step_4 / "state.json").read_text())
+    assert state["format"] == "sharded" and not (step_4 / "weights.safetensors").exists()
+    assert {"shards/.metadata", "shards/__0_0.distcp", "shards/__1_0.distcp"} <= set(
+        state["sha256"])
+    assert read_checkpoint(str(step_4)).sharded
+    broken = tmp_path / "broken"
+    shutil.copytree(step_4, broken)
+    with open(broken / "shards" / "__1_0.distcp", "r+b") as part:
+        part.seek(100)
+        byte = part.read(1)
+        part.seek(100)
+        part.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(ValueError, match="__1_0.distcp does not match its checksum"):
+        read_checkpoint(str(broken))
     # the same world and mode from step 4: bitwise
     shutil.copytree(tmp_path / "ck", tmp_path / "ck-same")
     shutil.rmtree(tmp_path / "ck-same" / "step-8")
@@ -149,17 +167,56 @@ def test_a_sharded_checkpoint_resumes_bitwise_and_onto_another_world_and_mode(tm
                          str(tmp_path / "ck-same")], tmp_path / "same")
     assert same["losses"] == whole["losses"][4:]
     assert all(torch.equal(same["weights"][0][k], v) for k, v in whole["weights"][0].items())
-    # onto one process, unsharded, and onto 3 ranks sharding the optimizer: within tolerance
-    for world, mode in ((1, "none"), (3, "optimizer")):
-        folder = tmp_path / f"ck-{world}"
+    # onto one process, unsharded, onto 3 ranks sharding the optimizer, and onto 3 ranks
+    # shards of the parameters' gradients (DCP reshards at load time): within tolerance
+    for world, mode in ((1, "none"), (3, "optimizer"), (3, "gradients")):
+        folder = tmp_path / f"ck-{world}-{mode}"
         shutil.copytree(tmp_path / "ck", folder)
         shutil.rmtree(folder / "step-8")
         other = run_world(world, [*flags, "--shard", mode, "--checkpoint-dir", str(folder)],
-                          tmp_path / f"other-{world}")
+                          tmp_path / f"other-{world}-{mode}")
         assert_close_run(other["losses"], other["weights"][0], whole["losses"][4:],
                          whole["weights"][0])
     records = [r for r in read_metrics(tmp_path / "same" / "metrics.jsonl") if "step" in r]
     assert records[0]["step"] == 4
+
+
+def _node_worker(rank: int, world_size: int, port: int, argv: list[str], out_dir: str) -> None:
+    """A rank whose working directory is its own "node"'s: a relative --checkpoint-dir then
+    names a folder that only this rank sees, as a node's local disk would."""
+    import os
+
+    os.makedirs(os.path.join(out_dir, f"node{rank}"), exist_ok=True)
+    os.chdir(os.path.join(out_dir, f"node{rank}"))
+    _rank_worker(rank, world_size, port, argv, out_dir)
+
+
+def test_a_checkpoint_folder_the_ranks_do_not_share_gets_whole_checkpoints(tmp_path):
+    x, y = byte_rows()
+    save_file({"x": x, "y": y}, tmp_path / "d.safetensors")
+    flags = ["--data", str(tmp_path / "d.safetensors"), *GPT_FLAGS, "--optimizer", "adamw",
+             "--batch-size", "6", "--shard", "parameters", "--device", "cpu",
+             "--log-every", "0"]
+
+    def on_nodes(steps: int) -> None:
+        mp.start_processes(_node_worker, nprocs=2, start_method="spawn", args=(
+            2, free_port(), [*flags, "--steps", str(steps), "--checkpoint-dir", "ck"],
+            str(tmp_path)))
+
+    on_nodes(2)
+    # rank 1 could not see rank 0's folder: the shards were gathered onto rank 0
+    step_2 = tmp_path / "node0" / "ck" / "step-2"
+    assert sorted(p.name for p in step_2.iterdir()) == [
+        "losses.safetensors", "optimizer.safetensors", "state.json", "weights.safetensors"]
+    assert not (tmp_path / "node1" / "ck").exists()
+    # a sharded checkpoint cannot be read there: one line, on every rank
+    run_world(2, [*flags, "--steps", "2", "--checkpoint-dir", str(tmp_path / "sharded")],
+              tmp_path / "first")
+    shutil.rmtree(tmp_path / "node0" / "ck")
+    shutil.copytree(tmp_path / "sharded", tmp_path / "node0" / "ck")
+    with pytest.raises(mp.ProcessRaisedException, match="is sharded .each rank wrote its own "
+                       "part. and not every rank sees the folder rank 0 does"):
+        on_nodes(4)
 
 
 def test_save_writes_the_whole_weights_of_a_sharded_run(tmp_path):

@@ -7,6 +7,10 @@ lies in its epoch, the config, the world size, the validation results so far and
 SHA-256 of every tensor file). It is written under a
 temporary name, every file flushed to disk, then renamed: a folder named ``step-N`` is
 complete, or a crash happened before it got that name. Nothing is read with pickle.
+
+A sharded run's checkpoint (--shard gradients, parameters) holds each rank's shards in
+``shards/`` in place of the two tensor files, written by every rank into the temporary
+folder before rank 0 completes it (shards.py, which says what DCP reads with pickle).
 """
 
 from __future__ import annotations
@@ -51,8 +55,19 @@ class Checkpoint:
     state: dict[str, Any]
     optimizer: dict[str, torch.Tensor] | None = None  # torch.optim state (optimizers.py)
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the weights and optimizer state are each rank's shards (shards.py),
+        read by every rank at the resume, rather than ``weights`` and ``optimizer``."""
+        return self.state.get("format") == "sharded"
 
-def _sha256(path: str) -> str:
+    @property
+    def has_optimizer_state(self) -> bool:
+        return self.optimizer is not None or bool(self.state.get("optimizer_state"))
+
+
+def sha256_of(path: str) -> str:
+    """The SHA-256 of the file at ``path``, read a MiB at a time."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
@@ -68,28 +83,43 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
-def save_checkpoint(directory: str, *, step: int, weights: dict[str, torch.Tensor],
+def temporary_folder(directory: str, step: int) -> str:
+    """A new folder in ``directory`` to write ``step-{step}`` under before it is complete
+    (:func:`remove_temporaries` recognises its name)."""
+    return tempfile.mkdtemp(dir=directory, prefix=f"{TEMPORARY_PREFIX}{step}.tmp-")
+
+
+def save_checkpoint(directory: str, *, step: int, weights: dict[str, torch.Tensor] | None,
                     losses: torch.Tensor, state: dict[str, Any], keep: int,
-                    optimizer: dict[str, torch.Tensor] | None = None) -> str:
+                    optimizer: dict[str, torch.Tensor] | None = None,
+                    written: tuple[str, dict[str, str]] | None = None) -> str:
     """Writes ``directory/step-{step}`` atomically, then keeps only the newest ``keep`` of
     the checkpoints up to it (a folder of a later step is left alone).
 
     ``state`` is stored in state.json with the step and the files' checksums added;
-    ``optimizer`` (optimizers.state_tensors) in optimizer.safetensors when given. Returns
-    the checkpoint's path. Rank 0 alone calls this. Raises OSError (the file, the reason)
-    when it cannot be written, before writing when the free space is visibly short; the
-    checkpoints already there stay, and no temporary folder is left.
+    ``optimizer`` (optimizers.state_tensors) in optimizer.safetensors when given.
+    ``written``: a sharded checkpoint's temporary folder (:func:`temporary_folder`), which
+    already holds the ranks' shards, and their checksums by path; ``weights`` is then None.
+    Returns the checkpoint's path. Rank 0 alone calls this. Raises OSError (the file, the
+    reason) when it cannot be written, before writing when the free space is visibly short;
+    the checkpoints already there stay, and no temporary folder is left.
     """
     final = os.path.join(directory, f"step-{step}")
-    files = {WEIGHTS: tensor_bytes(weights),
-             LOSSES: tensor_bytes({"loss": losses.detach().to(torch.float32)})}
+    files = {LOSSES: tensor_bytes({"loss": losses.detach().to(torch.float32)})}
+    if weights is not None:
+        files[WEIGHTS] = tensor_bytes(weights)
     if optimizer is not None:
         files[OPTIMIZER] = tensor_bytes(optimizer)
-    record = {**state, "step": step,
-              "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}}
+    digests = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    record = {**state, "step": step, "sha256": {**digests, **(written[1] if written else {})}}
     files[STATE] = json.dumps(record, indent=1, sort_keys=True).encode()
-    check_space(directory, sum(len(data) for data in files.values()))
-    tmp = tempfile.mkdtemp(dir=directory, prefix=f"{TEMPORARY_PREFIX}{step}.tmp-")
+    try:
+        check_space(directory, sum(len(data) for data in files.values()))
+        tmp = written[0] if written else temporary_folder(directory, step)
+    except BaseException:
+        if written:
+            shutil.rmtree(written[0], ignore_errors=True)
+        raise
     try:
         for name, data in files.items():
             with open(os.path.join(tmp, name), "wb") as file:
@@ -167,10 +197,13 @@ def read_checkpoint(path: str) -> Checkpoint:
     try:
         with open(os.path.join(path, STATE), encoding="utf-8") as file:
             state = json.load(file)
-        for name in sorted({WEIGHTS, LOSSES, *state["sha256"]}):
-            if _sha256(os.path.join(path, name)) != state["sha256"][name]:
+        sharded = state.get("format") == "sharded"
+        if sharded and "shards/.metadata" not in state["sha256"]:
+            raise ValueError("its shards' index is not listed in state.json")
+        for name in sorted({LOSSES, *state["sha256"], *([] if sharded else [WEIGHTS])}):
+            if sha256_of(os.path.join(path, name)) != state["sha256"][name]:
                 raise ValueError(f"{name} does not match its checksum")
-        weights = load_file(os.path.join(path, WEIGHTS))
+        weights = {} if sharded else load_file(os.path.join(path, WEIGHTS))
         losses = load_file(os.path.join(path, LOSSES))["loss"]
         optimizer = (load_file(os.path.join(path, OPTIMIZER))
                      if OPTIMIZER in state["sha256"] else None)

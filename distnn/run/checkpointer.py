@@ -1,8 +1,12 @@
 """The run's checkpoints and outputs: resume from one, write one when due, --save at the end.
 
-Rank 0 alone reads and writes; every rank learns the outcome of a write (one small
-collective), so a full disk on rank 0 stops every rank with the same line (exit 4) rather
-than looking like a lost peer.
+Rank 0 alone reads and writes a whole checkpoint; every rank learns the outcome of a write
+(one small collective), so a full disk on rank 0 stops every rank with the same line (exit
+4) rather than looking like a lost peer. A sharded run (--shard gradients, parameters)
+writes sharded checkpoints: every rank writes its own shards into the folder rank 0 made,
+and rank 0 completes it (distnn/resilience/shards.py); a resume from one is read by every
+rank. That needs a --checkpoint-dir every rank sees; where one does not, the shards are
+gathered onto rank 0 into a whole checkpoint, with a warning.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
+import uuid
 from collections.abc import Callable
 
 import torch
@@ -27,8 +33,14 @@ from distnn.distributed.sharding import (
 from distnn.errors import EXIT_OUTPUT, RunFailed, UsageError
 from distnn.job.optimizers import load_state_tensors, state_by_index, state_tensors
 from distnn.job.spec import Job
-from distnn.resilience.checkpoint import Checkpoint, FolderLock, save_checkpoint
-from distnn.resilience.outputs import describe_os_error, save_weights
+from distnn.resilience.checkpoint import (
+    Checkpoint,
+    FolderLock,
+    save_checkpoint,
+    temporary_folder,
+)
+from distnn.resilience.outputs import check_space, describe_os_error, save_weights
+from distnn.resilience.shards import load_shards, shard_state, state_bytes, write_shards
 from distnn.run.lossrecord import LossRecord
 from distnn.run.startup import data_digest, job_objects
 from distnn.run.verifier import GradSync, Verifier
@@ -49,10 +61,29 @@ class Checkpointer:
         self.resumed = resumed
         self.lock = lock
         self.verifier: Verifier | None = None  # set by the Trainer: run before each write
-        self.sync: GradSync | None = None  # set by the Trainer: whole or sharded weights
+        self.sync: GradSync | None = None  # whole or sharded weights (use())
+        self.sharded_files = False  # write sharded checkpoints (use())
+        self.shared = True  # every rank sees the --checkpoint-dir rank 0 does (use())
         # the newest written or resumed from
         self.last = (os.path.join(self.config.checkpoint_dir, f"step-{start}") if start
                      else None)
+
+    def use(self, sync: GradSync) -> None:
+        """Every rank, once the model is placed: checkpoints of its weights as ``sync``
+        holds them; sharded files when they are sharded and every rank sees the folder
+        (a file rank 0 makes there, looked for by every rank)."""
+        self.sync = sync
+        config, rt = self.config, self.rt
+        if not (config.checkpoint_dir and rt.communicates):
+            return
+        missing = unshared_rank(config.checkpoint_dir, rt)
+        self.shared = missing is None
+        self.sharded_files = sync.sharded and self.shared
+        if sync.sharded and not self.shared and rt.is_main:
+            log.warning(f"--checkpoint-dir: rank {missing} does not see {config.checkpoint_dir} "
+                        "as rank 0 does, so each checkpoint gathers the shards onto rank 0 "
+                        "(one tensor at a time) rather than every rank writing its own; a "
+                        "folder every node shares avoids that")
 
     def kept(self) -> str:
         """Where the last good weights are, for a report of a failure."""
@@ -68,12 +99,13 @@ class Checkpointer:
         checkpoint, config = self.resumed, self.config
         if checkpoint is None:
             return []
-        try:
-            model.load_state_dict(checkpoint.weights)
-        except RuntimeError as error:
-            raise UsageError(f"--checkpoint-dir: {checkpoint.path} holds weights that do "
-                             f"not fit the model ({str(error).splitlines()[0]}); allowed: "
-                             "resume with the same model") from None
+        if not checkpoint.sharded:  # (a sharded one is read once the model is placed)
+            try:
+                model.load_state_dict(checkpoint.weights)
+            except RuntimeError as error:
+                raise UsageError(f"--checkpoint-dir: {checkpoint.path} holds weights that do "
+                                 f"not fit the model ({str(error).splitlines()[0]}); "
+                                 "allowed: resume with the same model") from None
         log.info(f"resuming from {checkpoint.path}: {checkpoint.step} of {config.steps} "
                  "steps done")
         saved_world = checkpoint.state.get("world_size")
@@ -83,10 +115,35 @@ class Checkpointer:
                         "uninterrupted run only by rounding")
         return list(checkpoint.state.get("val", []))
 
-    def restore_optimizer(self, optimizer: torch.optim.Optimizer | None, start: int) -> None:
-        """Every rank: the resumed optimizer state (rank 0 read it), once the model is
-        placed."""
-        if optimizer is None or not start:
+    def restore_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                      start: int) -> None:
+        """Every rank, once the model is placed: a sharded checkpoint's weights (each rank
+        reads what it holds), and the resumed optimizer state."""
+        if not start:
+            return
+        resumed = self.resumed
+        sharded = [resumed.path if resumed and resumed.sharded else None]
+        if self.rt.communicates:
+            with collective("sharing the checkpoint's format"):
+                dist.broadcast_object_list(sharded, src=0)
+        if sharded[0] is None:
+            self._restore_optimizer(optimizer)
+            return
+        if not self.shared:
+            raise UsageError(f"--checkpoint-dir: {sharded[0]} is sharded (each rank wrote its "
+                             "own part) and not every rank sees the folder rank 0 does; "
+                             "allowed: resume with a --checkpoint-dir every node shares")
+        with collective("reading the sharded checkpoint"):
+            tensors = load_shards(sharded[0], model, optimizer,
+                                  distributed=self.rt.communicates)
+        if is_zero(optimizer):  # every rank keeps its part
+            load_zero_state(optimizer, state_by_index(tensors))
+        elif optimizer is not None:
+            load_state_tensors(optimizer, tensors)
+
+    def _restore_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Every rank: a whole checkpoint's optimizer state (rank 0 read it)."""
+        if optimizer is None:
             return
         state = [self.resumed.optimizer if self.resumed else None]
         if self.rt.communicates:  # rank 0 alone read the checkpoint
@@ -132,35 +189,93 @@ class Checkpointer:
         gathered whole for rank 0 first (every rank takes part)."""
         if self.verifier:
             self.verifier.verify(done, sync)
-        weights, optimizer = self._whole_weights(), self._whole_optimizer_state()
-        if before_write:
-            before_write()
-        job, config = self.job, self.config
+        config = self.config
         path = os.path.join(config.checkpoint_dir, f"step-{done}")
-
-        def write() -> None:
-            state = {"config": dataclasses.asdict(config), "world_size": self.rt.world_size,
-                     "rows": job.plan.rows if job.plan else None,
-                     "data": data_digest(job), "val": val,
-                     "objects": job_objects(job)}
-            if job.scheduler is not None:
-                state["scheduler"] = job.scheduler.state_dict()
-            if job.plan:  # where the run is in its epoch (the step alone says it too)
-                state["epoch"], state["batch_in_epoch"] = job.plan.position(done)
-            save_checkpoint(config.checkpoint_dir, step=done, weights=weights,
-                            losses=torch.tensor(list(self.losses.tail)),
-                            keep=config.keep_checkpoints, state=state, optimizer=optimizer)
-            log.debug(f"wrote checkpoint step-{done}")
-
+        failed = f"could not write the checkpoint {path}"
         last = self.last
         if last and not os.path.isdir(last):  # (rank 0's view is the one reported)
             kept = f"the last checkpoint, {last}, is gone too"
         else:
             kept = self.kept()
-        write_on_rank_0(self.rt, write, f"could not write the checkpoint {path}",
-                        f"{kept}; make room (or the folder again) and run the same command "
-                        "to continue")
+        after = f"{kept}; make room (or the folder again) and run the same command to continue"
+        if self.sharded_files:
+            weights = optimizer = None
+            written = self._write_shards(done, failed, after)
+        else:
+            weights, optimizer = self._whole_weights(), self._whole_optimizer_state()
+            written = None
+        if before_write:
+            before_write()
+
+        def write() -> None:
+            save_checkpoint(config.checkpoint_dir, step=done, weights=weights,
+                            losses=torch.tensor(list(self.losses.tail)),
+                            keep=config.keep_checkpoints, state=self._record(done, val),
+                            optimizer=optimizer, written=written)
+            log.debug(f"wrote checkpoint step-{done}")
+
+        write_on_rank_0(self.rt, write, failed, after)
         self.last = path
+
+    def _record(self, done: int, val: list[dict]) -> dict:
+        """What state.json says of the run besides the checksums."""
+        job = self.job
+        state = {"config": dataclasses.asdict(self.config), "world_size": self.rt.world_size,
+                 "rows": job.plan.rows if job.plan else None,
+                 "data": data_digest(job), "val": val,
+                 "objects": job_objects(job)}
+        if self.sharded_files:
+            state["format"] = "sharded"
+            state["optimizer_state"] = job.optimizer is not None
+        if job.scheduler is not None:
+            state["scheduler"] = job.scheduler.state_dict()
+        if job.plan:  # where the run is in its epoch (the step alone says it too)
+            state["epoch"], state["batch_in_epoch"] = job.plan.position(done)
+        return state
+
+    def _write_shards(self, done: int, failed: str, after: str
+                      ) -> tuple[str, dict[str, str]] | None:
+        """Every rank writes its shards into a temporary folder rank 0 makes (after checking
+        the space all of them need); returns, on rank 0, the folder and every file's
+        checksum (None elsewhere). Any rank's failure stops every rank with one line
+        (exit 4), and rank 0 removes the folder."""
+        rt, directory = self.rt, self.config.checkpoint_dir
+        state = shard_state(self.job.model, self.job.optimizer)
+        needed = torch.tensor([state_bytes(state)], dtype=torch.float64)
+        with collective("summing the checkpoint's size"):
+            dist.all_reduce(needed, op=dist.ReduceOp.SUM)
+        made: list = [None, None]  # the folder, or rank 0's error
+        if rt.is_main:
+            try:
+                check_space(directory, int(needed.item()))
+                made[0] = temporary_folder(directory, done)
+            except OSError as error:
+                made[1] = describe_os_error(error)
+        with collective("sharing the checkpoint's folder"):
+            dist.broadcast_object_list(made, src=0)
+        if made[1]:
+            raise RunFailed(f"{failed} ({made[1]}); {after}", EXIT_OUTPUT)
+        from torch.distributed.checkpoint import CheckpointException
+
+        error, digests = None, {}
+        try:
+            with collective("writing the sharded checkpoint"):
+                digests = write_shards(made[0], state, rank=rt.rank, distributed=True)
+        except OSError as os_error:
+            error = f"rank {rt.rank}: {describe_os_error(os_error)}"
+        except CheckpointException as dcp_error:  # raised on every rank alike
+            error = dcp_failure(dcp_error)
+        views: list = [None] * rt.world_size
+        with collective("gathering the checkpoint's checksums"):
+            dist.all_gather_object(views, (error, digests))
+        errors = [view[0] for view in views if view[0]]
+        if errors:
+            if rt.is_main:
+                shutil.rmtree(made[0], ignore_errors=True)
+            raise RunFailed(f"{failed} ({errors[0]}); {after}", EXIT_OUTPUT)
+        if not rt.is_main:
+            return None
+        return made[0], {name: digest for _, part in views for name, digest in part.items()}
 
     def save_weights(self) -> None:
         """--save: rank 0 writes the trained weights as one safetensors file."""
@@ -198,6 +313,39 @@ class Checkpointer:
         if self.lock:
             self.lock.release()
             self.lock = None
+
+
+def dcp_failure(error: BaseException) -> str:
+    """The first failing rank's error of a DCP write (its CheckpointException), in one
+    line."""
+    failures = getattr(error, "failures", None) or {}
+    for rank in sorted(failures):
+        failure = failures[rank]  # (the exception, its stack)
+        cause = failure[0] if isinstance(failure, tuple) else failure
+        text = (describe_os_error(cause) if isinstance(cause, OSError)
+                else f"{type(cause).__name__}: {cause}")
+        return f"rank {rank}: {text.splitlines()[0] if text else type(cause).__name__}"
+    return str(error).splitlines()[0] if str(error) else "the sharded write failed"
+
+
+def unshared_rank(directory: str, runtime: Runtime) -> int | None:
+    """All ranks: the first rank that does not see ``directory`` as rank 0 does (not a
+    folder every node shares), else None. Rank 0 leaves a file of a fresh name there for
+    the others to look for, then removes it."""
+    name = [f".distnn-shared-{uuid.uuid4().hex}"]
+    probe = os.path.join(directory, name[0]) if runtime.is_main else None
+    if probe:
+        with open(probe, "w", encoding="utf-8"):
+            pass
+    try:
+        with collective("checking that the ranks share --checkpoint-dir"):
+            dist.broadcast_object_list(name, src=0)
+            views: list = [None] * runtime.world_size
+            dist.all_gather_object(views, os.path.exists(os.path.join(directory, name[0])))
+    finally:
+        if probe:
+            os.remove(probe)
+    return next((rank for rank, seen in enumerate(views) if not seen), None)
 
 
 def write_on_rank_0(runtime: Runtime, write: Callable[[], None], failed: str,

@@ -231,11 +231,12 @@ def check_resume(checkpoint: Checkpoint, job: Job) -> None:
     if checkpoint.step > config.steps:
         raise UsageError(f"--steps: got {config.steps} but {checkpoint.path} has already "
                          f"done {checkpoint.step}; allowed: --steps >= {checkpoint.step}")
-    if (checkpoint.optimizer is None) != (job.optimizer is None):
+    if checkpoint.has_optimizer_state != (job.optimizer is not None):
+        held = checkpoint.has_optimizer_state
         raise UsageError(f"--checkpoint-dir: {checkpoint.path} holds "
-                         f"{'no ' if checkpoint.optimizer is None else ''}optimizer "
+                         f"{'' if held else 'no '}optimizer "
                          "state and this run's optimizer "
-                         f"{'needs' if checkpoint.optimizer is None else 'has'} none; "
+                         f"{'has' if held else 'needs'} none; "
                          "allowed: resume with the same optimizer")
     saved, now = checkpoint.state.get("objects"), job_objects(job)
     if saved is not None and saved != now:  # a checkpoint without the record skips it
