@@ -69,6 +69,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distnn.distributed.process_group import collective
+from distnn.resilience.guards import all_finite
 
 DEFAULT_BUCKET_MB = 25.0
 # Each parameter's first element in the flat buffers: a multiple of this many elements, so
@@ -225,7 +226,7 @@ class FlatGradSync:
     def weights_finite(self) -> bool:
         """Whether this rank's weights are all finite (the same answer on every rank when
         the replicas are identical)."""
-        return bool(self.flat_params.isfinite().all())
+        return all_finite(self.flat_params)
 
     def replicated(self) -> torch.Tensor:
         """What every rank holds alike, for the replica guard: the flat weights."""
