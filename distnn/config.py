@@ -175,12 +175,12 @@ class TrainConfig:
             raise UsageError(f"--shard-blocks: got {self.shard_blocks!r} with --shard "
                              f"{self.shard}; allowed: --shard-blocks with --shard gradients or "
                              "parameters (FSDP2's units), or --activation-checkpointing")
-        sharded = self.shard != "none"
-        for flag, on in (("--compile", self.compile), ("--cuda-graph", self.cuda_graph)):
-            if sharded and on:
+        for flag, on, takes in (("--compile", self.compile, ("none", "optimizer")),
+                                ("--cuda-graph", self.cuda_graph, ("none",))):
+            if on and self.shard not in takes:
                 raise UsageError(f"{flag}: got it with --shard {self.shard}, which the {flag} "
-                                 f"step does not take yet; allowed: {flag} with --shard none, "
-                                 "or --shard without it")
+                                 f"step does not take yet; allowed: {flag} with --shard "
+                                 f"{' or '.join(takes)}, or --shard without it")
         if self.model_args is not None:
             if self.model is None:
                 raise UsageError("--model-args: got arguments without --model; allowed: "

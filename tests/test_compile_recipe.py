@@ -130,12 +130,14 @@ def test_one_rank_compiled_equals_eager_and_plain_torch(tmp_path, no_launcher, c
 
 def test_two_ranks_compiled_equal_one_eager_rank_and_plain_torch(tmp_path, no_launcher,
                                                                  capfd):
-    """Two gloo ranks, AdamW: each shard's gradient compiled, the gradients summed, then
-    the eager update; the replicas stay identical."""
+    """Two gloo ranks, AdamW sharded across them (--shard optimizer: torch's
+    ZeroRedundancyOptimizer): each shard's gradient compiled, the gradients summed, then the
+    eager update of each rank's parameters, sent to the others; the replicas stay identical.
+    (Two compiled ranks without sharding: tests/test_wholestep.py.)"""
     x, y = data("cross-entropy")
     save_file({"x": x, "y": y}, tmp_path / "d.safetensors")
     argv = flags(tmp_path / "d.safetensors", "adamw")
-    run = run_world(2, [*argv, "--compile"], tmp_path / "run")
+    run = run_world(2, [*argv, "--compile", "--shard", "optimizer"], tmp_path / "run")
     compiled = steps_of(tmp_path / "run" / "metrics.jsonl")
     assert FELL_BACK not in capfd.readouterr().err  # the ranks' stderr
     eager, eager_weights = train(tmp_path, "eager", argv)
