@@ -175,12 +175,10 @@ class TrainConfig:
             raise UsageError(f"--shard-blocks: got {self.shard_blocks!r} with --shard "
                              f"{self.shard}; allowed: --shard-blocks with --shard gradients or "
                              "parameters (FSDP2's units), or --activation-checkpointing")
-        for flag, on, takes in (("--compile", self.compile, ("none", "optimizer")),
-                                ("--cuda-graph", self.cuda_graph, ("none",))):
-            if on and self.shard not in takes:
-                raise UsageError(f"{flag}: got it with --shard {self.shard}, which the {flag} "
-                                 f"step does not take yet; allowed: {flag} with --shard "
-                                 f"{' or '.join(takes)}, or --shard without it")
+        if self.cuda_graph and self.shard != "none":
+            raise UsageError(f"--cuda-graph: got it with --shard {self.shard}, which the "
+                             "captured step does not take yet; allowed: --cuda-graph with "
+                             "--shard none, or --shard without it")
         if self.model_args is not None:
             if self.model is None:
                 raise UsageError("--model-args: got arguments without --model; allowed: "

@@ -248,6 +248,9 @@ class Trainer:
                          "as one unit (its parameters are gathered whole for the forward); "
                          "--shard-blocks names the modules to shard one at a time")
             place_whole(job.model, rt)
+            if config.compile:  # each unit's forward, compiled before FSDP2 wraps it
+                for unit in blocks or [job.model]:
+                    unit.compile()
             sync = ShardedSync(job.model, device=rt.device, mode=mode, blocks=blocks)
         else:
             sync = replicate(job.model, rt, bucket_mb=config.bucket_mb)

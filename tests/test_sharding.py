@@ -99,6 +99,9 @@ CASES = {
         world=4, mode="optimizer", model="gpt", optimizer="adamw", lr=3e-3, batch_size=6,
         steps=20, mean=True, clip=1.0, warmup=4, min_lr=3e-4,
         flags=["--activation-checkpointing"]),
+    "parameters-gpt-adamw-compile": dict(
+        world=2, mode="parameters", model="gpt", optimizer="adamw", lr=3e-3, batch_size=6,
+        steps=20, flags=["--compile"]),
     "parameters-mlp-sgd-clip": dict(
         world=2, mode="parameters", model="mlp", optimizer="sgd", lr=1e-2, batch_size=8,
         steps=20, clip=0.5, flags=[]),
@@ -243,7 +246,7 @@ def embedding_only(*, d_in, d_out):
                                   "model; allowed: class names of its modules (Block"),
     (["--shard", "optimizer", "--shard-blocks", "Block"], "--shard-blocks: got 'Block' with "
                                                           "--shard optimizer"),
-    (["--shard", "parameters", "--compile"], "--compile: got it with --shard parameters"),
+    (["--shard", "parameters", "--cuda-graph"], "--cuda-graph: got it with --shard parameters"),
     (["--shard", "zero"], "--shard: got 'zero'; allowed: none, optimizer, gradients, "
                           "parameters"),
     (["--activation-checkpointing", "--model", "tests.test_sharding:embedding_only"],

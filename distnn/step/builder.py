@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,6 +30,9 @@ from distnn.step.cudagraph import capture_step
 from distnn.step.precision import Precision
 from distnn.step.update import Update
 from distnn.step.wholestep import Batch, Summed, WholeStep
+
+if TYPE_CHECKING:
+    from distnn.distributed.sharding import ShardedSync
 
 log = logging.getLogger("distnn")
 
@@ -85,7 +89,9 @@ class StepBuilder:
             x_shard, y_shard = self.stream.next()
         pieces = self._pieces(x_shard, y_shard)
         whole = None
-        if config.compile:
+        if config.compile and sync.sharded:
+            self._warm_up_units(sync, pieces)
+        elif config.compile:
             whole, pieces = self._compile(sync, ballot, pieces, loss_target,
                                           fixed=job.fixed is not None)
         if whole is not None:
@@ -220,6 +226,29 @@ class StepBuilder:
         self.compile_s = time.perf_counter() - started
         log.info(f"compiled the step in {self.compile_s:.1f} s")
         return whole, ready
+
+    def _warm_up_units(self, sync: ShardedSync, pieces: list[Batch]) -> None:
+        """--compile with FSDP2 (--shard gradients, parameters): the units' forwards were
+        compiled where they were sharded (trainer); their compiling happens here, in a
+        forward and backward of the first step's pieces whose gradients are dropped (every
+        rank runs as many pieces: their collectives match), so that it stays out of the
+        step timings. A piece of another shape (a last, smaller batch) then runs eagerly
+        (after_warm_up) rather than compile again. The backward stays eager, FSDP2's
+        gathers and reduce-scatters between the compiled forwards."""
+        started = time.perf_counter()
+        buffers = list(self.job.model.buffers())  # a forward may change them (BatchNorm's)
+        kept = [buffer.detach().clone() for buffer in buffers]
+        sync.zero_grad()
+        for piece in pieces:
+            self._backward(*piece)
+        sync.zero_grad()
+        with torch.no_grad():
+            for buffer, value in zip(buffers, kept, strict=True):
+                buffer.copy_(value)
+        self.watch.wait()
+        self.compiled = True
+        self.compile_s = time.perf_counter() - started
+        log.info(f"compiled the sharded units' forwards in {self.compile_s:.1f} s")
 
     def _shapes(self, pieces: list[Batch]) -> list[list[Batch]]:
         """One step's pieces of every shape this rank will meet: the first step's and, for
