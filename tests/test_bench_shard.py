@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from distnn.tools.bench_shard import (
+    COMPILED,
     END,
     STARTUP,
     STEP_LINE,
@@ -19,6 +20,8 @@ from distnn.tools.bench_shard import (
     main,
     memory_rows,
     model_state_bytes,
+    speed_variants,
+    summarize_speed,
 )
 
 
@@ -98,3 +101,17 @@ def test_rows_take_the_worst_rank_and_the_ratios_to_none():
     assert rows["parameters"]["startup_private_mb"] == pytest.approx(700_000 * kb)
     assert rows["parameters"]["end_private_mb"] == 0  # not sampled in that phase
     assert rows["parameters"]["loss_rel_diff_vs_none"] == pytest.approx(0.001)
+
+
+def test_compiled_variants_are_set_against_the_compiled_loop():
+    variants = speed_variants(["parameters"], compiled=True)
+    assert variants == ("distnn --shard parameters", TORCH_FSDP,
+                        f"distnn --shard parameters --compile{COMPILED}",
+                        f"{TORCH_FSDP}{COMPILED}")
+    times = dict(zip(variants, (30.0, 40.0, 10.0, 20.0), strict=True))
+    samples = [{"variant": name, "round": 0, "ms_per_step": ms, "cpu_ms_per_step": ms,
+                "losses": [1.0, 0.5]} for name, ms in times.items()]
+    rows = {r["variant"]: r for r in summarize_speed(samples, variants)["rows"]}
+    assert rows["distnn --shard parameters"]["over_torch"] == 0.75  # 30 / 40
+    assert rows[variants[2]]["over_torch"] == 0.5  # 10 / 20, the compiled loop's
+    assert rows[variants[3]]["over_torch"] == 1.0

@@ -66,6 +66,7 @@ from distnn.tools.spawn import join, spawn
 SEED = 0
 MB = 10**6
 TORCH_FSDP = "torch fully_shard loop"
+COMPILED = ", compiled blocks"  # --speed-compile: the variants with each block compiled
 STARTUP = "start-up and the first step"
 STEPS = "the steps after the first"
 END = "after the last step"  # the final checks (the replica check of whole weights), the exit
@@ -408,25 +409,31 @@ def _losses_apart(losses: list[float], reference: list[float] | None) -> float |
 # -- 2. speed: distnn's modes and FSDP2 used directly, in one process group --------------------
 
 def run_distnn(mode: str, shape: GPTShape, x: torch.Tensor, y: torch.Tensor, *, steps: int,
-               batch_size: int, lr: float, timeout_s: float,
-               rt: Runtime) -> tuple[float, list[float]]:
+               batch_size: int, lr: float, timeout_s: float, rt: Runtime,
+               compile: bool = False) -> tuple[float, list[float]]:
     """``steps`` steps with distnn.fit under ``shard=mode`` (rows in file order, quiet, the
-    replica check only at the end); returns its ``wall_s`` and each step's global loss."""
+    replica check only at the end; ``compile``: --compile, whose compiling is outside
+    ``wall_s``); returns its ``wall_s`` and each step's global loss."""
     with contextlib.redirect_stdout(io.StringIO()):  # the summary line
         result = distnn.fit(shape.build(), train=(x, y), loss="cross-entropy",
                             optimizer="adamw", batch_size=batch_size, steps=steps, lr=lr,
                             no_shuffle=True, shard=mode, seed=SEED, log_every=0, quiet=True,
-                            verify_every=0, timeout_s=timeout_s, runtime=rt)
+                            verify_every=0, timeout_s=timeout_s, runtime=rt,
+                            compile=compile)
     return result.wall_s, list(result.losses)
 
 
 def run_torch_fsdp(shape: GPTShape, x: torch.Tensor, y: torch.Tensor, *, steps: int,
-                   batch_size: int, lr: float) -> tuple[float, list[float]]:
+                   batch_size: int, lr: float, compile: bool = False
+                   ) -> tuple[float, list[float]]:
     """``steps`` steps of FSDP2 as a torch user writes it, on this rank of the current
     process group: batch k is rows [kB, (k+1)B) (wrapping around), this rank's
     ``shard_bounds`` of it; the sum cross-entropy; AdamW (distnn's settings: torch's defaults
-    and weight decay 0.01). Returns the seconds from the first batch in hand to the last
-    update, and each step's global loss (summed over the ranks after the timed steps)."""
+    and weight decay 0.01); ``compile``: each block's forward compiled (``block.compile()``)
+    before it is sharded, as torchtitan does (torch compiles at the first step: the untimed
+    first run of every variant compiles it for the later ones). Returns the seconds from the
+    first batch in hand to the last update, and each step's global loss (summed over the
+    ranks after the timed steps)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -434,6 +441,8 @@ def run_torch_fsdp(shape: GPTShape, x: torch.Tensor, y: torch.Tensor, *, steps: 
     model = shape.build()
     mesh = init_device_mesh("cpu", (world,))
     for block in model.blocks:
+        if compile:
+            block.compile()
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
     fully_shard(model, mesh=mesh, reshard_after_forward=True)
     for module in model.modules():
@@ -459,9 +468,14 @@ def run_torch_fsdp(shape: GPTShape, x: torch.Tensor, y: torch.Tensor, *, steps: 
     return wall_s, losses.tolist()
 
 
-def speed_variants(modes: list[str]) -> tuple[str, ...]:
-    """The names of the timed variants: distnn in each mode, then the torch loop."""
-    return (*(f"distnn --shard {mode}" for mode in modes), TORCH_FSDP)
+def speed_variants(modes: list[str], compiled: bool = False) -> tuple[str, ...]:
+    """The names of the timed variants: distnn in each mode, then the torch loop; with
+    ``compiled``, also distnn's --shard parameters --compile and the torch loop with its
+    blocks compiled."""
+    names = [*(f"distnn --shard {mode}" for mode in modes), TORCH_FSDP]
+    if compiled:
+        names += [f"distnn --shard parameters --compile{COMPILED}", f"{TORCH_FSDP}{COMPILED}"]
+    return tuple(names)
 
 
 def _speed_line(sample: dict) -> str:
@@ -477,17 +491,21 @@ def _speed_worker(rank: int, world: int, port: int, plan: dict, out_path: str) -
     join(rank, world, port)
     shape = GPTShape(**plan["shape"])
     x, y = token_data(Recipe(rows=plan["rows"], context=shape.context, vocab=shape.vocab))
-    variants = speed_variants(plan["modes"])
+    variants = speed_variants(plan["modes"], plan["compiled"])
     with setup(device="cpu", timeout_s=plan["timeout_s"]) as rt:
         def run(name: str, steps: int) -> tuple[float, list[float], float]:
             before = cpu_seconds()
-            if name == TORCH_FSDP:
+            compiled = name.endswith(COMPILED)
+            if name.startswith(TORCH_FSDP):
                 wall_s, losses = run_torch_fsdp(shape, x, y, steps=steps,
-                                                batch_size=plan["batch_size"], lr=plan["lr"])
+                                                batch_size=plan["batch_size"], lr=plan["lr"],
+                                                compile=compiled)
             else:
-                wall_s, losses = run_distnn(name.rpartition(" ")[2], shape, x, y, steps=steps,
+                mode = name.removesuffix(COMPILED).split()[2]  # "distnn --shard MODE ..."
+                wall_s, losses = run_distnn(mode, shape, x, y, steps=steps,
                                             batch_size=plan["batch_size"], lr=plan["lr"],
-                                            timeout_s=plan["timeout_s"], rt=rt)
+                                            timeout_s=plan["timeout_s"], rt=rt,
+                                            compile=compiled)
             return wall_s, losses, cpu_seconds() - before
 
         samples = timed_rounds(run, variants, plan=plan, world=world, rank=rank,
@@ -508,7 +526,7 @@ def speed_part(args: argparse.Namespace, out: str) -> dict[str, Any]:
     plan = {"shape": dataclasses.asdict(shape), "modes": args.modes, "rows": rows,
             "batch_size": args.speed_batch, "steps": args.speed_steps,
             "warmup": args.speed_warmup, "rounds": args.rounds, "lr": 3e-4,
-            "timeout_s": args.timeout_s}
+            "timeout_s": args.timeout_s, "compiled": args.speed_compile}
     print(f"speed: {shape.parameters:,} parameters, {args.speed_world} ranks, {args.rounds} "
           f"rounds of {args.speed_steps} steps...", file=sys.stderr, flush=True)
     samples_path = f"{out}.samples.json"
@@ -522,22 +540,23 @@ def speed_part(args: argparse.Namespace, out: str) -> dict[str, Any]:
     return {"shape": dataclasses.asdict(shape), "parameters": shape.parameters,
             "world_size": args.speed_world, "batch_size": args.speed_batch,
             "steps": args.speed_steps, "warmup": args.speed_warmup, "rounds": args.rounds,
-            **summarize_speed(samples, speed_variants(args.modes))}
+            **summarize_speed(samples, speed_variants(args.modes, args.speed_compile))}
 
 
 def summarize_speed(samples: list[dict], variants: tuple[str, ...]) -> dict[str, Any]:
     """Each variant's median ms/step and range, its CPU a step, its ratio to the torch loop
-    (by the medians, and the median of each round's own ratio), and its losses against the
-    torch loop's first timed run."""
+    (the compiled loop for a compiled variant; by the medians, and the median of each
+    round's own ratio), and its losses against the torch loop's first timed run."""
     by_variant = {name: [s for s in samples if s["variant"] == name] for name in variants}
     reference = by_variant[TORCH_FSDP][0]["losses"]
-    torch_ms = statistics.median(s["ms_per_step"] for s in by_variant[TORCH_FSDP])
     rows = []
     for name, mine in by_variant.items():
+        loop = by_variant[f"{TORCH_FSDP}{COMPILED}" if name.endswith(COMPILED) else TORCH_FSDP]
+        torch_ms = statistics.median(s["ms_per_step"] for s in loop)
         times = [s["ms_per_step"] for s in mine]
         cpu = [s["cpu_ms_per_step"] for s in mine]
         per_round = [m["ms_per_step"] / t["ms_per_step"]
-                     for m, t in zip(mine, by_variant[TORCH_FSDP], strict=True)]
+                     for m, t in zip(mine, loop, strict=True)]
         rows.append({
             "variant": name, "ms_per_step": statistics.median(times),
             "min_ms_per_step": min(times), "max_ms_per_step": max(times),
@@ -644,7 +663,10 @@ def _speed_lines(speed: dict) -> list[str]:
         f"{speed['rounds']} rounds, each running every variant for a {speed['warmup']}-step "
         f"run and then a timed {speed['steps']}-step run, each round starting one variant "
         "later; the medians and the range. CPU ms/step a rank: the process's CPU time in the "
-        "timed run less the warm-up run's, over the steps between, the mean of the ranks.",
+        "timed run less the warm-up run's, over the steps between, the mean of the ranks. "
+        f"Variants named '{COMPILED.removeprefix(', ')}' compile each block's forward "
+        "(distnn's --compile under --shard; the loop's blocks' .compile() before fully_shard) "
+        "and are set against the compiled loop.",
         "",
         "| variant | ms/step (median) | min-max | CPU ms/step a rank | / torch loop (medians) "
         "| / torch loop (per round) | first loss | losses apart |",
@@ -711,6 +733,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--speed-batch", type=int, default=8, help="rows in the global batch")
     add("--speed-steps", type=int, default=15, help="timed steps a run")
     add("--speed-warmup", type=int, default=3, help="steps of the run before each timed one")
+    add("--speed-compile", action="store_true",
+        help="also distnn's --shard parameters --compile and the torch loop with each block "
+             "compiled")
     add("--rounds", type=int, default=5)
     return parser
 
