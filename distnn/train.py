@@ -122,6 +122,13 @@ def main(argv: list[str] | None = None) -> int:
                     os._exit(code)
                 return code
             except Exception as error:  # a bug, or the user's model: the traceback follows
+                cause = peer_failure(launch) if runtime.communicates else None
+                if cause is not None:
+                    # a peer's failure reached this rank as an error of torch's own code (a
+                    # collective inside it, say): the peer's line is the one to say
+                    code = _report(CollectiveFailed(_one_line(error)), config, cause)
+                    time.sleep(PEER_GRACE_S)
+                    return code
                 if runtime.communicates:
                     tell_peers(f"{type(error).__name__}: {_one_line(error)} (its own output "
                                "has the traceback)", 1, launch=launch)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from distnn.config import TrainConfig
-from distnn.distributed.process_group import DeviceWatch
+from distnn.distributed.process_group import DeviceWatch, communication
 from distnn.distributed.replicas import place_whole, replicate
 from distnn.distributed.runtime import Runtime
 from distnn.distributed.sharding import (
@@ -125,23 +125,10 @@ class Trainer:
         Raises RunFailed to stop."""
         with self.precision.matmuls():
             try:
-                start = self._start_up()
-                run_step = self.steps.build(self.sync, self.stop.ballot, start=start,
-                                            loss_target=self.losses.target)
-                with self.stop.installed():
-                    if self.steps_log:
-                        self.steps_log.begin(start)
-                    # The device finishes the work queued before the steps (placing the
-                    # weights, a capture's warm-up) before the clock starts, outside the range.
-                    self.watch.wait()
-                    with torch.profiler.record_function(STEPS_RANGE), self.steps.after_warm_up():
-                        started = time.perf_counter()
-                        done = self._run_steps(run_step, start)
-                        if self.steps_log:
-                            self.steps_log.flush()  # waits for the device: the time is honest
-                        wall_s = time.perf_counter() - started
-                    # still caught: a signal now must not end the final checkpoint or --save
-                    self._finish(start, done, wall_s)
+                # a peer lost inside torch's own collectives (FSDP2's gathers in a forward,
+                # ZeroRedundancyOptimizer's broadcasts) is said in one line, as in distnn's
+                with communication("a collective inside torch (FSDP2, ZeroRedundancyOptimizer)"):
+                    done, wall_s = self._run()
             except RuntimeError as error:  # torch.OutOfMemoryError is one
                 failed = out_of_memory(error, self.rt.device)
                 if failed is None:
@@ -154,6 +141,28 @@ class Trainer:
                            val=self.validator.results, is_main=self.rt.is_main,
                            losses=list(self.losses.tail), compiled=self.steps.compiled,
                            compile_s=self.steps.compile_s)
+
+    def _run(self) -> tuple[int, float]:
+        """The run's start-up, steps and end; returns the steps done and the steps' wall
+        seconds."""
+        start = self._start_up()
+        run_step = self.steps.build(self.sync, self.stop.ballot, start=start,
+                                    loss_target=self.losses.target)
+        with self.stop.installed():
+            if self.steps_log:
+                self.steps_log.begin(start)
+            # The device finishes the work queued before the steps (placing the
+            # weights, a capture's warm-up) before the clock starts, outside the range.
+            self.watch.wait()
+            with torch.profiler.record_function(STEPS_RANGE), self.steps.after_warm_up():
+                started = time.perf_counter()
+                done = self._run_steps(run_step, start)
+                if self.steps_log:
+                    self.steps_log.flush()  # waits for the device: the time is honest
+                wall_s = time.perf_counter() - started
+            # still caught: a signal now must not end the final checkpoint or --save
+            self._finish(start, done, wall_s)
+        return done, wall_s
 
     def _run_steps(self, run_step: Callable[[], Summed], start: int) -> int:
         """Steps from ``start`` until --steps or an agreed stop; returns the steps done."""

@@ -285,6 +285,22 @@ def test_an_allocation_that_fails_is_one_line_and_exit_5_on_every_rank(tmp_path)
                              "bound the activations"), line
 
 
+@pytest.mark.parametrize("kind, words", [
+    ("oom", "rank 1 stopped the run: out of memory on cpu: torch could not allocate"),
+    ("exit", "a collective inside torch (FSDP2, ZeroRedundancyOptimizer) failed: ")])
+def test_a_peer_lost_inside_fsdp2_s_collectives_is_one_line(kind, words):
+    # --shard parameters: rank 0 meets rank 1's end in FSDP2's gathers, torch's own code
+    env = clean_env(DISTNN_FAULT_STEP="5", DISTNN_FAULT_RANK="1", DISTNN_FAULT_KIND=kind)
+    result = run_cli([bin_path("torchrun"), "--nproc_per_node=2", "-m", "distnn.train", *TINY,
+                      "--steps", "20", "--shard", "parameters", "--optimizer", "adamw",
+                      "--lr", "1e-3"], env=env, timeout=120)
+    lines = [line for line in distnn_lines(result.stderr) if ": error: " in line]
+    assert result.returncode != 0 and not package_frames(result.stderr), result.stderr[-3000:]
+    said = [line for line in lines if line.startswith("distnn: rank 0: error: ")]
+    assert len(said) == 1 and words in said[0], result.stderr[-3000:]
+    assert "[rank0]" not in result.stderr  # no traceback from rank 0
+
+
 def test_a_run_of_any_length_keeps_a_bounded_record_on_the_device(tmp_path):
     job = subprocess.Popen([sys.executable, "-m", "distnn.train", *TINY, "--steps",
                             str(10**11), "--checkpoint-dir", str(tmp_path / "ck"),

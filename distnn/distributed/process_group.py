@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -93,6 +94,29 @@ def collective(what: str) -> Iterator[None]:
         yield
     except RuntimeError as error:
         text = str(error).strip()
+        first_line = text.splitlines()[0] if text else type(error).__name__
+        raise CollectiveFailed(f"{what} failed: {first_line}") from error
+
+
+# What torch's backends say when a peer is gone or silent (gloo raises plain RuntimeErrors)
+_COMMUNICATION = re.compile(r"gloo|nccl|connection (closed|reset|refused)|broken pipe|"
+                            r"timed out|timeout", re.IGNORECASE)
+
+
+@contextmanager
+def communication(what: str) -> Iterator[None]:
+    """For work in which torch's own code runs collectives among other things (FSDP2's
+    gathers in a forward, ZeroRedundancyOptimizer's broadcasts in its step): an error of
+    communication becomes CollectiveFailed, as in :func:`collective`, so that a lost peer
+    is reported in one line; any other error (the user's model, out of memory) passes as it
+    is, with its traceback."""
+    try:
+        yield
+    except RuntimeError as error:
+        text = str(error).strip()
+        if isinstance(error, CollectiveFailed) or not (
+                isinstance(error, dist.DistError) or _COMMUNICATION.search(text)):
+            raise
         first_line = text.splitlines()[0] if text else type(error).__name__
         raise CollectiveFailed(f"{what} failed: {first_line}") from error
 
