@@ -69,7 +69,6 @@ import torch.distributed as dist
 from torch import nn
 
 from distnn.distributed.process_group import collective
-from distnn.resilience.guards import all_finite
 
 DEFAULT_BUCKET_MB = 25.0
 # Each parameter's first element in the flat buffers: a multiple of this many elements, so
@@ -78,6 +77,16 @@ ALIGN = 16
 VIA_ROOT_MAX_RANKS = 8  # rank 0 receives one buffer from each peer: keep that small
 # gloo's gradient buffers up to this size are summed through rank 0 (the Trainer's setting)
 VIA_ROOT_MAX_MB = 1.0
+FINITE_CHUNK = 1 << 20  # elements the finite check takes at a time: 7 MB of temporaries
+
+
+def all_finite(values: torch.Tensor) -> bool:
+    """Whether every element of ``values`` is finite, taken FINITE_CHUNK elements at a
+    time: torch's ``isfinite`` on a CPU makes an absolute-value copy and three boolean
+    tensors, 7 bytes an fp32 element, which on the whole weights set the peak of a run's
+    end (one host synchronisation on a GPU)."""
+    return bool(torch.stack([chunk.isfinite().all()
+                             for chunk in values.reshape(-1).split(FINITE_CHUNK)]).all())
 
 
 def plan_buckets(sizes: Sequence[int], capacity: int) -> list[tuple[int, int]]:

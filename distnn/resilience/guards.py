@@ -69,15 +69,6 @@ def replica_checksum(flat_params: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def all_finite(values: torch.Tensor) -> bool:
-    """Whether every element of ``values`` is finite, taken CHECKSUM_CHUNK elements at a
-    time: torch's ``isfinite`` on a CPU makes an absolute-value copy and three boolean
-    tensors, 7 bytes an fp32 element, which on the whole weights set the peak of a run's
-    end (one host synchronisation on a GPU)."""
-    return bool(torch.stack([chunk.isfinite().all()
-                             for chunk in values.reshape(-1).split(CHECKSUM_CHUNK)]).all())
-
-
 def check_replicas(flat_params: torch.Tensor, *, step: int, distributed: bool) -> None:
     """Compares every rank's weights (one small all-gather); raises RunFailed if they differ."""
     if not distributed:
