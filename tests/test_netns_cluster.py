@@ -99,7 +99,10 @@ def test_ctrl_c_tears_the_cluster_down(cluster):
     agent = subprocess.Popen(["bash", str(SCRIPT), "--hosts", "2", "--", "--steps", "1000000",
                               "--log-every", "0"], cwd=REPO,
                              env=clean_env(PYTHON=sys.executable),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             # a shell cannot trap a SIGINT it was started ignoring, as a
+                             # suite run in the background (`make test &`) would pass it on
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 30
         while len(own_namespaces(agent.pid)) < 3 and time.monotonic() < deadline:
