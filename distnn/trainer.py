@@ -30,6 +30,8 @@ from distnn.distributed.sharding import (
     ShardedSync,
     check_shardable,
     find_blocks,
+    optimizer_recipe,
+    rebuild_optimizer,
     sharded_optimizer,
 )
 from distnn.errors import RunFailed, UsageError
@@ -256,13 +258,20 @@ class Trainer:
                 log.info(f"--shard {mode}: the model has no nn.ModuleList, so FSDP2 shards it "
                          "as one unit (its parameters are gathered whole for the forward); "
                          "--shard-blocks names the modules to shard one at a time")
+            # The optimizer is rebuilt on the shards from a recipe that holds no parameter:
+            # as FSDP2 shards each unit, nothing else holds its whole parameters, so they go
+            # (a start-up peak of the whole model and its shards otherwise)
+            recipe = optimizer_recipe(job.optimizer, before)
+            job.optimizer = before = None
             place_whole(job.model, rt)
             if config.compile:  # each unit's forward, compiled before FSDP2 wraps it
                 for unit in blocks or [job.model]:
                     unit.compile()
             sync = ShardedSync(job.model, device=rt.device, mode=mode, blocks=blocks)
-        else:
-            sync = replicate(job.model, rt, bucket_mb=config.bucket_mb)
+            job.optimizer = rebuild_optimizer(
+                recipe, [p for p in job.model.parameters() if p.requires_grad], mode)
+            return sync
+        sync = replicate(job.model, rt, bucket_mb=config.bucket_mb)
         after = [p for p in job.model.parameters() if p.requires_grad]
         job.optimizer = sharded_optimizer(job.optimizer, before, after, mode)
         return sync

@@ -238,12 +238,35 @@ def sharded_optimizer(optimizer: torch.optim.Optimizer | None, before: list[nn.P
             raise UsageError(f"--shard optimizer: the {kind.__name__} given cannot be rebuilt "
                              f"from its settings ({error}); allowed: a torch.optim "
                              "optimizer") from None
+    return rebuild_optimizer(optimizer_recipe(optimizer, before), after, mode)
+
+
+OptimizerRecipe = tuple[type, list[dict]]  # the class, its groups with parameter positions
+
+
+def optimizer_recipe(optimizer: torch.optim.Optimizer | None, before: list[nn.Parameter]
+                     ) -> OptimizerRecipe | None:
+    """What rebuilds ``optimizer`` on other parameters: its class and its groups' settings,
+    each group's parameters by their position in ``before``. Holds no parameter, so the
+    whole ones can go while FSDP2 shards the model (``optimizer`` dropped)."""
+    if optimizer is None:
+        return None
     position = {id(p): index for index, p in enumerate(before)}
-    groups = [{**{k: v for k, v in group.items() if k != "params"},
-               "params": [after[position[id(p)]] for p in group["params"]]}
-              for group in optimizer.param_groups]
+    return type(optimizer), [{**{k: v for k, v in group.items() if k != "params"},
+                              "params": [position[id(p)] for p in group["params"]]}
+                             for group in optimizer.param_groups]
+
+
+def rebuild_optimizer(recipe: OptimizerRecipe | None, after: list[nn.Parameter],
+                      mode: str) -> torch.optim.Optimizer | None:
+    """The optimizer of ``recipe`` (:func:`optimizer_recipe`) on ``after``, the sharded
+    parameters in the order of the ones it was made on."""
+    if recipe is None:
+        return None
+    kind, groups = recipe
     try:
-        return kind(groups)
+        return kind([{**group, "params": [after[index] for index in group["params"]]}
+                     for group in groups])
     except TypeError as error:
         raise UsageError(f"--shard {mode}: the {kind.__name__} given cannot be rebuilt on the "
                          f"sharded parameters ({error}); allowed: a torch.optim optimizer "

@@ -11,6 +11,7 @@ gathered onto rank 0 into a whole checkpoint, with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -241,7 +242,7 @@ class Checkpointer:
         (exit 4), and rank 0 removes the folder."""
         rt, directory = self.rt, self.config.checkpoint_dir
         state = shard_state(self.job.model, self.job.optimizer)
-        needed = torch.tensor([state_bytes(state)], dtype=torch.float64)
+        needed = torch.tensor([state_bytes(state)], dtype=torch.float64, device=rt.device)
         with collective("summing the checkpoint's size"):
             dist.all_reduce(needed, op=dist.ReduceOp.SUM)
         made: list = [None, None]  # the folder, or rank 0's error
@@ -331,20 +332,26 @@ def dcp_failure(error: BaseException) -> str:
 def unshared_rank(directory: str, runtime: Runtime) -> int | None:
     """All ranks: the first rank that does not see ``directory`` as rank 0 does (not a
     folder every node shares), else None. Rank 0 leaves a file of a fresh name there for
-    the others to look for, then removes it."""
-    name = [f".distnn-shared-{uuid.uuid4().hex}"]
+    the others to look for, then removes it. (Where rank 0 cannot make it, a full disk say,
+    None: the first checkpoint's write then says what is wrong, on every rank.)"""
+    name: list[str | None] = [f".distnn-shared-{uuid.uuid4().hex}"]
     probe = os.path.join(directory, name[0]) if runtime.is_main else None
     if probe:
-        with open(probe, "w", encoding="utf-8"):
-            pass
+        try:
+            with open(probe, "w", encoding="utf-8"):
+                pass
+        except OSError:
+            name[0] = probe = None
     try:
         with collective("checking that the ranks share --checkpoint-dir"):
             dist.broadcast_object_list(name, src=0)
+            seen = name[0] is None or os.path.exists(os.path.join(directory, name[0]))
             views: list = [None] * runtime.world_size
-            dist.all_gather_object(views, os.path.exists(os.path.join(directory, name[0])))
+            dist.all_gather_object(views, seen)
     finally:
         if probe:
-            os.remove(probe)
+            with contextlib.suppress(OSError):
+                os.remove(probe)
     return next((rank for rank, seen in enumerate(views) if not seen), None)
 
 
