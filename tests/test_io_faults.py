@@ -296,9 +296,14 @@ def test_a_peer_lost_inside_fsdp2_s_collectives_is_one_line(kind, words):
                       "--lr", "1e-3"], env=env, timeout=120)
     lines = [line for line in distnn_lines(result.stderr) if ": error: " in line]
     assert result.returncode != 0 and not package_frames(result.stderr), result.stderr[-3000:]
-    said = [line for line in lines if line.startswith("distnn: rank 0: error: ")]
-    assert len(said) == 1 and words in said[0], result.stderr[-3000:]
     assert "[rank0]" not in result.stderr  # no traceback from rank 0
+    said = [line for line in lines if line.startswith("distnn: rank 0: error: ")]
+    if kind == "exit":
+        # a rank that exits unannounced: torchrun stops rank 0 at once, sometimes before it
+        # meets the loss in a gather; when it does, it says so in one line
+        assert len(said) <= 1 and all(words in line for line in said), result.stderr[-3000:]
+    else:  # a rank that failed tells its peers, then waits for them to say it
+        assert len(said) == 1 and words in said[0], result.stderr[-3000:]
 
 
 def test_a_run_of_any_length_keeps_a_bounded_record_on_the_device(tmp_path):
