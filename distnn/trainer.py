@@ -272,8 +272,7 @@ class Trainer:
                 recipe, [p for p in job.model.parameters() if p.requires_grad], mode)
             return sync
         sync = replicate(job.model, rt, bucket_mb=config.bucket_mb)
-        after = [p for p in job.model.parameters() if p.requires_grad]
-        job.optimizer = sharded_optimizer(job.optimizer, before, after, mode)
+        job.optimizer = sharded_optimizer(job.optimizer, mode)
         return sync
 
     def _update(self, start: int, grad_norms: LossRecord | None) -> Update:

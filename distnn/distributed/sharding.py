@@ -215,30 +215,28 @@ def check_shardable(optimizer: torch.optim.Optimizer | None, params: list[nn.Par
                          "--shard gradients or parameters")
 
 
-def sharded_optimizer(optimizer: torch.optim.Optimizer | None, before: list[nn.Parameter],
-                      after: list[nn.Parameter], mode: str) -> torch.optim.Optimizer | None:
-    """The run's optimizer for ``mode`` (checked by :func:`check_shardable`): under
-    ``optimizer`` a ZeroRedundancyOptimizer of the same class and settings; under
-    ``gradients``/``parameters`` the same class rebuilt on the sharded parameters
-    (``after``, in the order of ``before``: fully_shard replaces every parameter)."""
-    if optimizer is None or mode == "none":
+def sharded_optimizer(optimizer: torch.optim.Optimizer | None,
+                      mode: str) -> torch.optim.Optimizer | None:
+    """The run's optimizer of a replicated model (checked by :func:`check_shardable`): under
+    ``optimizer`` a ZeroRedundancyOptimizer of the same class and settings, else
+    ``optimizer`` itself. (Under ``gradients``/``parameters`` it is rebuilt on the shards:
+    :func:`optimizer_recipe`, :func:`rebuild_optimizer`.)"""
+    if optimizer is None or mode != "optimizer":
         return optimizer
     kind = type(optimizer)
-    if mode == "optimizer":
-        # imported here: torch.distributed.optim imports TorchScript, which warns
-        from torch.distributed.optim import ZeroRedundancyOptimizer
+    # imported here: torch.distributed.optim imports TorchScript, which warns
+    from torch.distributed.optim import ZeroRedundancyOptimizer
 
-        accepted = inspect.signature(kind).parameters
-        settings = {k: v for k, v in optimizer.param_groups[0].items()
-                    if k != "params" and k in accepted}
-        try:
-            return ZeroRedundancyOptimizer(optimizer.param_groups[0]["params"],
-                                           optimizer_class=kind, **settings)
-        except TypeError as error:
-            raise UsageError(f"--shard optimizer: the {kind.__name__} given cannot be rebuilt "
-                             f"from its settings ({error}); allowed: a torch.optim "
-                             "optimizer") from None
-    return rebuild_optimizer(optimizer_recipe(optimizer, before), after, mode)
+    accepted = inspect.signature(kind).parameters
+    settings = {k: v for k, v in optimizer.param_groups[0].items()
+                if k != "params" and k in accepted}
+    try:
+        return ZeroRedundancyOptimizer(optimizer.param_groups[0]["params"],
+                                       optimizer_class=kind, **settings)
+    except TypeError as error:
+        raise UsageError(f"--shard optimizer: the {kind.__name__} given cannot be rebuilt "
+                         f"from its settings ({error}); allowed: a torch.optim "
+                         "optimizer") from None
 
 
 OptimizerRecipe = tuple[type, list[dict]]  # the class, its groups with parameter positions
