@@ -76,12 +76,12 @@ def _rank_worker(rank: int, world_size: int, port: int, argv: list[str], out_dir
     from distnn.trainer import Trainer
 
     config = parse_config(argv)
-    from torch.distributed.tensor import DTensor
+    from distnn.distributed.sharding import is_dtensor
 
     with setup(device=config.device, backend=config.backend, timeout_s=config.timeout_s) as rt:
         result = Trainer(config, rt, settings=Settings.from_environ(os.environ)).train()
         # a sharded model's weights gathered whole (every rank takes part)
-        state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
+        state = {k: (v.full_tensor() if is_dtensor(v) else v).detach().cpu()
                  .contiguous().clone() for k, v in result.model.state_dict().items()}
         save_file(state, os.path.join(out_dir, f"rank{rank}.safetensors"))
         if torch.distributed.is_initialized():  # (a launcher's group, one rank or more)

@@ -32,9 +32,6 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from distnn.distributed.process_group import collective
 from distnn.errors import UsageError
@@ -42,6 +39,14 @@ from distnn.errors import UsageError
 log = logging.getLogger("distnn")
 
 MODES = ("none", "optimizer", "gradients", "parameters")
+
+
+def is_dtensor(value: object) -> bool:
+    """Whether ``value`` is a DTensor. FSDP2 and DTensor are imported only by the runs that
+    shard (importing them costs every process 0.7 s on a CPU); before that import no DTensor
+    can exist, so this looks for their module without importing it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(value, module.DTensor)
 
 
 def find_blocks(model: nn.Module, names: Sequence[str] = ()) -> list[nn.Module]:
@@ -75,6 +80,9 @@ class ShardedSync:
 
     def __init__(self, model: nn.Module, *, device: torch.device, mode: str,
                  blocks: Sequence[nn.Module]) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
         self.model = model
         self.device = device
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -141,7 +149,7 @@ class ShardedSync:
         the same answer)."""
         bad = torch.zeros((), device=self.device)
         for p in self.model.parameters():
-            local = p.to_local() if isinstance(p, DTensor) else p
+            local = p.to_local() if is_dtensor(p) else p
             if not local.isfinite().all():
                 bad += 1
         with collective("the weights' check"):
@@ -168,7 +176,7 @@ class ShardedSync:
         so at most one whole tensor more than its shards is on a rank at a time."""
         whole = {}
         for name, value in state.items():
-            full = value.full_tensor() if isinstance(value, DTensor) else value
+            full = value.full_tensor() if is_dtensor(value) else value
             if main:
                 whole[name] = full.detach().to("cpu", copy=True).contiguous()
             del full
@@ -185,7 +193,9 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer,
     for key, value in tensors.items():
         index, _, _ = key.partition(".")
         param = params[int(index)]
-        if isinstance(param, DTensor) and tuple(value.shape) == tuple(param.shape):
+        if is_dtensor(param) and tuple(value.shape) == tuple(param.shape):
+            from torch.distributed.tensor import distribute_tensor
+
             value = distribute_tensor(value.to(param.device), param.device_mesh,
                                       param.placements)
         sharded[key] = value

@@ -31,9 +31,8 @@ import os
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor import empty as dtensor_empty
 
+from distnn.distributed.sharding import is_dtensor
 from distnn.errors import UsageError
 from distnn.resilience.checkpoint import sha256_of
 
@@ -61,7 +60,7 @@ def state_bytes(state: dict[str, torch.Tensor]) -> int:
     """The bytes of this rank's part of ``state`` (a DTensor's local shard)."""
     total = 0
     for value in state.values():
-        local = value.to_local() if isinstance(value, DTensor) else value
+        local = value.to_local() if is_dtensor(value) else value
         total += local.numel() * local.element_size()
     return total
 
@@ -117,7 +116,9 @@ def load_shards(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | 
                              "resume with the same model and optimizer")
         param, size = params[index], tuple(meta.size)
         dtype = meta.properties.dtype
-        if isinstance(param, DTensor) and size == tuple(param.shape):
+        if is_dtensor(param) and size == tuple(param.shape):
+            from torch.distributed.tensor import empty as dtensor_empty
+
             optimizer_state[name] = dtensor_empty(*size, dtype=dtype,
                                                   device_mesh=param.device_mesh,
                                                   placements=param.placements)
