@@ -1,5 +1,6 @@
 """The start-up agreement: every rank's checks, shared in one gather, so that any rank's
-error stops all of them with its line, and ranks started differently are refused."""
+error stops all of them with its line, and ranks started differently are refused. (The
+model's output is looked at by rank 0 alone: the ranks' models are compared here.)"""
 
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def agree_at_start(config: TrainConfig, runtime: Runtime, build_job: JobBuilder)
         check_placement(config, runtime)
         job = build_job(config, runtime)
         config = job.config
-        check_job(job, ranks=runtime.world_size if runtime.communicates else 1)
+        check_job(job, ranks=runtime.world_size if runtime.communicates else 1,
+                  main=runtime.is_main)
         if runtime.is_main:
             warn_random_layers(job)
         model = model_signature(job.model)  # compared across the ranks below
@@ -74,6 +76,7 @@ def agree_at_start(config: TrainConfig, runtime: Runtime, build_job: JobBuilder)
             "code": code,
             "fingerprint": {**fingerprint(config), **facts},
             "model": model,
+            "scored": job.scored if job is not None else False,
             "start": checkpoint.step if checkpoint else 0,
             "tail": checkpoint.losses.tolist() if checkpoint else [],
         }, distributed=runtime.distributed)
@@ -81,6 +84,7 @@ def agree_at_start(config: TrainConfig, runtime: Runtime, build_job: JobBuilder)
     except BaseException:
         _release(lock)
         raise
+    job.scored = views[0]["scored"]  # rank 0 alone looked at the model's output
     return Agreed(job=job, start=views[0]["start"], tail=views[0]["tail"],
                   checkpoint=checkpoint, lock=lock)
 

@@ -85,16 +85,19 @@ def check_memory(sizes: TrainConfig, rt: Runtime, *, given_d_out: bool = True) -
         sharing=rt.launch.local_world_size if rt.device.type == "cpu" else 1)
 
 
-def check_job(job: Job, *, ranks: int = 1) -> None:
+def check_job(job: Job, *, ranks: int = 1, main: bool = True) -> None:
     """Refuses combinations of the job and the flags that cannot run, or that ``ranks``
     ranks cannot run as one process would: a model without weights to train, a loss that
-    is not a sum, batch statistics, an output the mse loss would broadcast, and what
-    --cuda-graph cannot capture."""
+    is not a sum, batch statistics, an output the mse loss would broadcast (looked at by
+    the ``main`` rank alone: the others take its verdict and ``job.scored`` in the start-up
+    exchange, which also compares the ranks' models; the look costs a process 1-2 s on a
+    CPU), and what --cuda-graph cannot capture."""
     check_model_weights(job)
     check_sum_loss(job)
     if ranks > 1 or job.config.micro_batches > 1:
         check_no_batch_statistics(job)
-    check_model_output(job)
+    if main:
+        check_model_output(job)
     config = job.config
     if config.lr_schedule != "constant" and config.min_lr > job.lr:
         raise UsageError(f"--min-lr: got {config.min_lr!r}, above the learning rate {job.lr!r}; "
