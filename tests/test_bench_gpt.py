@@ -39,3 +39,20 @@ def test_flops_per_token_is_six_n_plus_the_attention_term():
 def test_rows_that_are_not_whole_batches_are_refused(capsys, tmp_path):
     assert main(["--out", str(tmp_path / "x"), *TINY, "--rows", "18"]) == 2
     assert capsys.readouterr().err.startswith("distnn: error: got --steps 4")
+
+
+def test_under_torchrun_distnn_runs_in_a_world_of_one_and_the_budget_ends_the_rounds(tmp_path):
+    """torchrun --nproc_per_node=1 (gloo on the CPU; NCCL on a GPU, as make gpu-check runs
+    it): distnn.fit joins that world of one; --budget-s 0 leaves one round of three."""
+    from tests.conftest import bin_path, clean_env, run_cli
+
+    out = tmp_path / "bench-gpt"
+    result = run_cli([bin_path("torchrun"), "--nproc_per_node=1", "-m",
+                      "distnn.tools.bench_gpt", "--out", str(out), *TINY, "--rounds", "3",
+                      "--budget-s", "0"], env=clean_env(), timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--budget-s 0 reached: 1 of 3 rounds" in result.stderr
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["backend"] == "gloo" and report["rounds_done"] == 1
+    assert len(report["samples"]) == 2
+    assert "1 round of 4 steps" in out.with_suffix(".md").read_text()

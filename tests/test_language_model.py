@@ -45,12 +45,14 @@ def byte_rows(rows=ROWS, seed=3):
     return x, y
 
 
-def plain_torch(x, y, *, steps=STEPS, batch_size=BATCH, lr, warmup, min_lr, clip, seed=0):
+def plain_torch(x, y, *, steps=STEPS, batch_size=BATCH, lr, warmup, min_lr, clip, seed=0,
+                device="cpu", bf16=False):
     """One process, plain torch, the documented batch order (randperm seeded with seed +
     epoch, the last batch kept): each step's mean loss, rate and gradient norm, and the
-    weights."""
+    weights (on the CPU). ``bf16``: the forward and loss under bf16 autocast."""
     torch.manual_seed(seed)
-    model = build(d_in=CONTEXT, d_out=VOCAB, d_model=D_MODEL)
+    model = build(d_in=CONTEXT, d_out=VOCAB, d_model=D_MODEL).to(device)
+    x, y = x.to(device), y.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: rate_factor(
         "cosine", s, lr=lr, total=steps, warmup=warmup, min_lr=min_lr))
@@ -60,9 +62,11 @@ def plain_torch(x, y, *, steps=STEPS, batch_size=BATCH, lr, warmup, min_lr, clip
         epoch, k = divmod(step, per_epoch)
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + epoch))
         batch = order[k * batch_size:(k + 1) * batch_size]
-        scores = model(x[batch])
-        loss = F.cross_entropy(scores.reshape(-1, VOCAB), y[batch].reshape(-1),
-                               reduction="mean", ignore_index=-100)
+        batch = batch.to(device)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            scores = model(x[batch])
+            loss = F.cross_entropy(scores.reshape(-1, VOCAB), y[batch].reshape(-1),
+                                   reduction="mean", ignore_index=-100)
         opt.zero_grad()
         loss.backward()
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item())
@@ -70,7 +74,8 @@ def plain_torch(x, y, *, steps=STEPS, batch_size=BATCH, lr, warmup, min_lr, clip
         opt.step()
         scheduler.step()
         losses.append(loss.item())
-    return losses, rates, norms, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return losses, rates, norms, {k: v.detach().to("cpu", copy=True)
+                                  for k, v in model.state_dict().items()}
 
 
 @pytest.fixture(scope="module")

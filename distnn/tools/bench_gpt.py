@@ -11,11 +11,13 @@ every target token, ``--precision bf16`` by autocast (weights and gradients fp32
   and loss under ``torch.autocast(dtype=bfloat16)``, ``loss.backward()``,
   ``clip_grad_norm_``, ``optimizer.step()``, a ``LambdaLR`` step, ``zero_grad(set_to_none)``.
 - **distnn**: ``distnn.fit`` with the same settings (``precision=``, ``compile=``), one
-  process (``python -m distnn.tools.bench_gpt`` alone, no launcher), timed by its
-  ``TrainResult.wall_s`` (its step loop, after compiling).
+  process: alone (no process group), or under ``torchrun --nproc_per_node=1`` (a world of
+  one, NCCL on a GPU, as ``make gpu-check`` runs it); timed by its ``TrainResult.wall_s``
+  (its step loop, after compiling).
 
 Each variant runs once untimed first (compiling), then ``--rounds`` rounds of a
-``--steps``-step timed run each, every round starting with the other variant; medians.
+``--steps``-step timed run each, every round starting with the other variant (``--budget-s``
+may end them early); medians.
 Tokens per second count every target token of a step's batch. MFU (model FLOPs
 utilisation) is nanoGPT's estimate: a token costs ``6 N + 12 L d T`` FLOPs (N the parameters
 less the position embeddings, L layers, d the model width, T the context: the forward and
@@ -84,7 +86,7 @@ def seeded_model(args: argparse.Namespace) -> nn.Module:
 
 
 def run_plain(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, *, steps: int,
-              device: torch.device) -> dict[str, Any]:
+              device: torch.device, runtime: distnn.Runtime) -> dict[str, Any]:
     model = seeded_model(args).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01,
                                   fused=True)
@@ -120,14 +122,14 @@ def run_plain(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, *, ste
 
 
 def run_distnn(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, *, steps: int,
-               device: torch.device) -> dict[str, Any]:
+               device: torch.device, runtime: distnn.Runtime) -> dict[str, Any]:
     model = seeded_model(args)
     result = distnn.fit(model, train=(x, y), loss="cross-entropy", optimizer="adamw",
                         loss_reduction="mean", lr_schedule="cosine",
                         warmup_steps=args.warmup_steps, clip_grad_norm=1.0,
                         batch_size=args.batch_size, steps=steps, lr=args.lr, no_shuffle=True,
                         precision=args.precision, compile=args.compile, device=device.type,
-                        log_every=0, quiet=True, verify_every=0)
+                        log_every=0, quiet=True, verify_every=0, runtime=runtime)
     return {"wall_s": result.wall_s, "timed_steps": steps, "first_loss": result.losses[0],
             "compile_s": result.compile_s, "compiled": result.compiled}
 
@@ -137,25 +139,33 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
+def measure(args: argparse.Namespace, rt: distnn.Runtime) -> dict[str, Any]:
+    device = rt.device
     x, y = data(args)
     variants = {PLAIN: run_plain, DISTNN: run_distnn}
     for name, run in variants.items():  # untimed: compiling, the allocator's first blocks
         print(f"{name}: a first run (compiles)...", file=sys.stderr, flush=True)
-        run(args, x, y, steps=min(args.steps, 3), device=device)
+        run(args, x, y, steps=min(args.steps, 3), device=device, runtime=rt)
     samples: list[dict[str, Any]] = []
     names = list(variants)
+    started = time.perf_counter()
     for round_ in range(args.rounds):
+        round_started = time.perf_counter()
         for name in names[round_ % 2:] + names[:round_ % 2]:
-            sample = variants[name](args, x, y, steps=args.steps, device=device)
+            sample = variants[name](args, x, y, steps=args.steps, device=device,
+                                    runtime=rt)
             sample.update(variant=name, round=round_,
                           tokens_per_s=sample["timed_steps"] * args.batch_size *
                           args.context / sample["wall_s"])
             samples.append(sample)
             print(f"round {round_ + 1}, {name}: {sample['tokens_per_s']:.0f} tokens/s",
                   file=sys.stderr, flush=True)
+        now = time.perf_counter()
+        if (args.budget_s is not None and round_ + 1 < args.rounds
+                and now - started + (now - round_started) > args.budget_s):
+            print(f"--budget-s {args.budget_s:g} reached: {round_ + 1} of {args.rounds} rounds",
+                  file=sys.stderr, flush=True)
+            break
     model = seeded_model(args)
     per_token = flops_per_token(model, n_layers=args.n_layers, d_model=args.d_model,
                                 context=args.context)
@@ -174,8 +184,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                      abs(reference)})
     return {"device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                        else machine()),
+            "backend": torch.distributed.get_backend() if rt.distributed else "none",
             "torch": torch.__version__, "args": vars(args), "samples": samples,
-            "rows": rows, "flops_per_token": per_token, "peak_tflops": peak,
+            "rows": rows, "rounds_done": len(samples) // len(names),
+            "flops_per_token": per_token, "peak_tflops": peak,
             "parameters": sum(p.numel() for p in model.parameters()),
             "ratio": rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]}
 
@@ -183,13 +195,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def markdown(report: dict[str, Any]) -> str:
     args = report["args"]
     lines = ["# The language-model recipe on one device: distnn against a plain loop", "",
-             f"Device: {report['device']}; torch {report['torch']}. The GPT: {args['n_layers']} "
+             f"Device: {report['device']}; torch {report['torch']}; distnn's process group: "
+             f"{report['backend']}. The GPT: {args['n_layers']} "
              f"layers, width {args['d_model']}, {args['n_heads']} heads, context "
              f"{args['context']}, vocabulary {args['vocab']} ({report['parameters']:,} "
              f"parameters); {args['batch_size']} rows a step; AdamW (fused), cosine after "
              f"{args['warmup_steps']} warm-up steps, clipping at 1, the mean cross-entropy; "
              f"precision {args['precision']}, compile {'on' if args['compile'] else 'off'}. "
-             f"{args['rounds']} rounds of {args['steps']} steps, medians. MFU: "
+             f"{report['rounds_done']} round{'s' if report['rounds_done'] != 1 else ''} of "
+             f"{args['steps']} steps, medians. MFU: "
              f"{report['flops_per_token']:,} FLOPs a token (6 N + 12 L d T) over "
              + (f"{report['peak_tflops']} TFLOP/s" if report["peak_tflops"] else "no known peak")
              + f". Load average (1 min) at the end: {report.get('load_after')}.", "",
@@ -221,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--rows", type=int, default=256, help="rows of generated tokens")
     add("--steps", type=int, default=30, help="steps a timed run")
     add("--rounds", type=int, default=3)
+    add("--budget-s", type=float, default=None,
+        help="no round starts that would end past this many seconds of timed rounds (as "
+             "long as the last round): the report holds the rounds done, at least one")
     add("--lr", type=float, default=6e-4)
     add("--warmup-steps", type=int, default=2)
     add("--peak-tflops", type=float, default=None,
@@ -243,7 +260,12 @@ def main(argv: list[str] | None = None) -> int:
               "fewer warm-up steps, rows a multiple of the batch size (both variants then "
               "read the same batches)", file=sys.stderr)
         return 2
-    report = measure(args)
+    with distnn.setup(device=args.device) as rt:  # torchrun --nproc_per_node=1: NCCL
+        if rt.world_size > 1:
+            print(f"distnn: error: got a world of {rt.world_size} ranks; allowed: one "
+                  "process (alone, or torchrun --nproc_per_node=1)", file=sys.stderr)
+            return 2
+        report = measure(args, rt)
     report["load_after"] = load_average()
     write_report(args.out, report, markdown(report))
     tolerance = args.tolerance or (2e-2 if args.precision == "bf16" else 1e-5)
