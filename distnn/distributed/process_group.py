@@ -166,16 +166,19 @@ def _restart_hint(launch: LaunchEnv, placement: Placement) -> str:
     return ""
 
 
-def gather_objects(local: Any, *, distributed: bool) -> list[Any]:
-    """Every rank's ``local`` (picklable), in rank order; all ranks must call it.
+def gather_objects(local: Any, *, distributed: bool,
+                   what: str = "the start-up exchange") -> list[Any]:
+    """Every rank's ``local`` (picklable), in rank order; all ranks must call it. ``what``
+    names the exchange in the error of a failed collective.
 
-    Used once at start-up, so that one rank's failed check (rank 0's output paths, say)
-    stops every rank with the same message instead of leaving the others in a collective.
+    Used at start-up, so that one rank's failed check (rank 0's output paths, say) stops
+    every rank with the same message instead of leaving the others in a collective, and
+    where every rank's outcome of a shared write decides what all of them do.
     """
     if not distributed:
         return [local]
     gathered: list[Any] = [None] * dist.get_world_size()
-    with collective("the start-up exchange"):
+    with collective(what):
         dist.all_gather_object(gathered, local)
     return gathered
 

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distnn.distributed.process_group import collective
+from distnn.distributed.process_group import collective, gather_objects
 from distnn.distributed.runtime import Runtime
 from distnn.distributed.sharding import (
     consolidated_state,
@@ -266,9 +266,8 @@ class Checkpointer:
             error = f"rank {rt.rank}: {describe_os_error(os_error)}"
         except CheckpointException as dcp_error:  # raised on every rank alike
             error = dcp_failure(dcp_error)
-        views: list = [None] * rt.world_size
-        with collective("gathering the checkpoint's checksums"):
-            dist.all_gather_object(views, (error, digests))
+        views = gather_objects((error, digests), distributed=True,
+                               what="gathering the checkpoint's checksums")
         errors = [view[0] for view in views if view[0]]
         if errors:
             if rt.is_main:
@@ -342,12 +341,12 @@ def unshared_rank(directory: str, runtime: Runtime) -> int | None:
                 pass
         except OSError:
             name[0] = probe = None
+    what = "checking that the ranks share --checkpoint-dir"
     try:
-        with collective("checking that the ranks share --checkpoint-dir"):
+        with collective(what):
             dist.broadcast_object_list(name, src=0)
-            seen = name[0] is None or os.path.exists(os.path.join(directory, name[0]))
-            views: list = [None] * runtime.world_size
-            dist.all_gather_object(views, seen)
+        seen = name[0] is None or os.path.exists(os.path.join(directory, name[0]))
+        views = gather_objects(seen, distributed=True, what=what)
     finally:
         if probe:
             with contextlib.suppress(OSError):
