@@ -136,6 +136,30 @@ def test_the_output_check_leaves_a_shape_it_cannot_know_to_the_first_step(capfd)
     assert capfd.readouterr().err == ""  # torch's fake tensors log each failed op; not here
 
 
+def test_the_mlp_s_output_is_known_without_running_it_and_a_model_of_flags_is_looked_at():
+    from distnn.config import parse_config
+    from distnn.job.checks import check_model_output
+    from distnn.job.spec import job_from_flags
+
+    job = job_from_flags(parse_config(["--d-in", "6", "--hidden", "4", "--d-out", "3"]),
+                         world_size=1, rank=0)
+    assert job.output_width == 3
+
+    def never(x):
+        raise AssertionError("the MLP was run")
+
+    job.model.forward = never
+    check_model_output(job)  # [rows, 3] against the targets' [rows, 3]
+    job.output_width = 5  # as if the MLP gave 5 scores a row: the mse check refuses it
+    with pytest.raises(UsageError, match=re.escape("has shape [2, 5] but their targets "
+                                                   "have [2, 3]")):
+        check_model_output(job)
+    model_job = job_from_flags(parse_config(["--model", "tests.user_models:small_mlp",
+                                             "--d-in", "6", "--d-out", "3"]),
+                               world_size=1, rank=0)
+    assert model_job.output_width is None
+
+
 def test_batch_norm_in_training_mode_is_refused_on_several_ranks_only():
     from distnn.config import parse_config
     from distnn.job.spec import Job

@@ -101,7 +101,12 @@ def check_model_output(job: Job) -> None:
         x, y = (rows[:2] for rows in job.fixed)
     else:
         x, y = job.source.read(torch.arange(min(2, job.source.rows)))
-    shape = output_shape(job.model, x, scored=job.builtin_loss) if len(x) else None
+    if not len(x):
+        shape = None
+    elif job.output_width is not None:  # distnn's MLP: known without running it
+        shape = torch.Size([*x.shape[:-1], job.output_width])
+    else:
+        shape = output_shape(job.model, x, scored=job.builtin_loss)
     if shape is None:
         # unknown without computing: distnn's cross-entropy scores its labels or fails
         job.scored = classes and job.classification

@@ -45,6 +45,9 @@ class Job:
     # whether each label has the scores of its classes on the output's last dimension, so an
     # accuracy can be reported (set by distnn.job.checks.check_model_output)
     scored: bool = False
+    # the output's last dimension where the model's construction fixes it (distnn's MLP:
+    # [rows, d_out]), so that the output check need not run the model; None: it looks
+    output_width: int | None = None
     data_digest: str | None = None  # startup.data_digest's, once computed ("" for none)
     # distnn.fit's scheduler=: the user's, stepped after each update
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
@@ -114,6 +117,8 @@ def job_from_flags(config: TrainConfig, *, world_size: int, rank: int,
                        loss_fn=sum_loss(config.loss, ignore_index=config.ignore_index),
                        classification=train.labels, world_size=world_size, rank=rank)
         config = job.config
+    if not config.model:
+        job.output_width = config.d_out
     if config.val_data:
         train_rows = job.source.read(torch.arange(1)) if job.source else job.fixed
         job.val = _val_file(config, train_rows=train_rows, world_size=world_size, rank=rank)
