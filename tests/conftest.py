@@ -58,6 +58,27 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+# run_world's ranks are forked from a server process that imported torch and distnn once for
+# the session: a spawned rank would import them afresh (1-2 s of CPU a rank, most of a small
+# run's time on this project's 2-core machine). Each rank is still a process of its own, in
+# a gloo group of its own, with the environment of the test that started it.
+mp.set_forkserver_preload(["torch", "safetensors.torch", "distnn.trainer", "distnn.config",
+                           "distnn.distributed.runtime", "distnn.settings", "tests.conftest"])
+
+
+def start_ranks(worker, args: tuple, *, nprocs: int) -> None:
+    """``worker(rank, *args)`` in ``nprocs`` processes forked from the server (an exception
+    in one is raised here), each with this process's environment as it is now."""
+    mp.start_processes(_in_environ, args=(worker, dict(os.environ), *args), nprocs=nprocs,
+                       start_method="forkserver")
+
+
+def _in_environ(rank: int, worker, environ: dict[str, str], *args) -> None:
+    os.environ.clear()
+    os.environ.update(environ)  # the test's, not the fork server's (made at its first use)
+    worker(rank, *args)
+
+
 def _rank_worker(rank: int, world_size: int, port: int, argv: list[str], out_dir: str) -> None:
     # The launcher's part: describe this rank's place in the job, as torchrun would.
     os.environ.update({
@@ -95,7 +116,8 @@ def _rank_worker(rank: int, world_size: int, port: int, argv: list[str], out_dir
 
 
 def run_world(world_size: int, argv: list[str], out_dir: Path) -> dict:
-    """Trains with ``world_size`` real gloo ranks in spawned processes.
+    """Trains with ``world_size`` real gloo ranks, each a process of its own (forked from a
+    server that imported torch once).
 
     Returns {"losses": rank 0's per-step global losses, "weights": [each rank's state_dict],
     "val": rank 0's validation records}.
@@ -105,8 +127,7 @@ def run_world(world_size: int, argv: list[str], out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = out_dir / "metrics.jsonl"
     argv = [*argv, "--log-every", "1", "--metrics", str(metrics), "--device", "cpu"]
-    mp.start_processes(_rank_worker, args=(world_size, free_port(), argv, str(out_dir)),
-                       nprocs=world_size, start_method="spawn")
+    start_ranks(_rank_worker, (world_size, free_port(), argv, str(out_dir)), nprocs=world_size)
     return {
         "losses": read_losses(metrics),
         "val": read_events(metrics),

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import distnn
-from tests.conftest import free_port, read_events, read_losses, run_cli
+from tests.conftest import free_port, read_events, read_losses, run_cli, start_ranks
 from tests.reference import assert_close_run, minibatch_reference
 
 
@@ -74,8 +73,7 @@ def reference():
 
 
 def test_fit_on_three_ranks_matches_one_process_with_torch_optim(tmp_path):
-    mp.start_processes(_rank, args=(3, free_port(), str(tmp_path)), nprocs=3,
-                       start_method="spawn")
+    start_ranks(_rank, (3, free_port(), str(tmp_path)), nprocs=3)
     losses, weights, val = reference()
     assert_close_run(read_losses(tmp_path / "m.jsonl"), load_file(tmp_path / "rank0.safetensors"),
                      losses, weights)
@@ -89,8 +87,7 @@ def test_fit_on_three_ranks_matches_one_process_with_torch_optim(tmp_path):
 def test_ranks_given_different_data_are_refused_on_every_rank_before_training(tmp_path):
     # val on rank 0 only: rank 0 alone would call the validation's collective, and wait
     started = time.monotonic()
-    mp.start_processes(_rank_with_val_on_rank_0, args=(2, free_port(), str(tmp_path)),
-                       nprocs=2, start_method="spawn")
+    start_ranks(_rank_with_val_on_rank_0, (2, free_port(), str(tmp_path)), nprocs=2)
     assert time.monotonic() - started < 50  # not the collective's timeout
     for rank in range(2):
         said = (tmp_path / f"rank{rank}.txt").read_text()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from distnn.config import TrainConfig
@@ -14,7 +13,7 @@ from distnn.errors import UsageError
 from distnn.job.model import config_model
 from distnn.models.gpt import build
 from distnn.train import main
-from tests.conftest import free_port
+from tests.conftest import free_port, start_ranks
 from tests.reference import assert_close_run
 
 VOCAB, CONTEXT = 11, 8
@@ -108,7 +107,7 @@ def _rank(rank, world, port, out):
 
 def test_the_gpt_trains_through_fit_on_two_ranks_as_one_process_does(tmp_path):
     out = tmp_path / "run.pt"
-    mp.start_processes(_rank, args=(2, free_port(), str(out)), nprocs=2, start_method="spawn")
+    start_ranks(_rank, (2, free_port(), str(out)), nprocs=2)
     run = torch.load(out)
     x, y = tokens()
     losses, weights = plain_torch(x, y, steps=9, batch_size=8, lr=3e-3)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from distnn.distributed.gradsync import ALIGN, FlatGradSync
-from tests.conftest import free_port
+from tests.conftest import free_port, start_ranks
 
 
 @pytest.fixture
@@ -250,10 +250,7 @@ def _skip_worker(rank: int, port: int, steps: list[dict[int, set[int]]], out_dir
 def run_skipping(tmp_path, steps: list[dict[int, set[int]]]) -> list[dict]:
     """Checks each step's gradients after all_reduce on both ranks against the sum of the
     ranks' plain ones; returns rank 0's results."""
-    import torch.multiprocessing as mp
-
-    mp.start_processes(_skip_worker, args=(free_port(), steps, str(tmp_path)), nprocs=2,
-                       start_method="spawn")
+    start_ranks(_skip_worker, (free_port(), steps, str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     checked = []
     for step, (r0, r1) in enumerate(zip(*ranks, strict=True)):

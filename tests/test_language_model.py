@@ -14,14 +14,13 @@ import math
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from distnn.errors import UsageError
 from distnn.models.gpt import build
 from distnn.train import main
-from tests.conftest import free_port, read_metrics, run_world
+from tests.conftest import free_port, read_metrics, run_world, start_ranks
 from tests.reference import assert_close_run
 from tests.test_recipe import rate_factor
 
@@ -155,8 +154,7 @@ def _fit_rank(rank, world, port, out):
 def test_fit_trains_a_dict_dataset_through_a_collate_fn_and_a_worker_as_plain_torch(
         tmp_path, reference):
     out = tmp_path / "run.pt"
-    mp.start_processes(_fit_rank, args=(2, free_port(), str(out)), nprocs=2,
-                       start_method="spawn")
+    start_ranks(_fit_rank, (2, free_port(), str(out)), nprocs=2)
     run = torch.load(out)
     losses, _, _, weights = reference
     assert_close_run(run["losses"], run["weights"], losses, weights)
@@ -294,8 +292,7 @@ def test_a_transformers_model_trains_on_the_built_in_loss_as_plain_torch(tmp_pat
         opt.step()
         losses.append(loss.item())
     out = tmp_path / "run.pt"
-    mp.start_processes(_hf_rank, args=(2, free_port(), str(out)), nprocs=2,
-                       start_method="spawn")
+    start_ranks(_hf_rank, (2, free_port(), str(out)), nprocs=2)
     run = torch.load(out)
     assert_close_run(run["losses"], run["weights"], losses,
                      {k: v.detach() for k, v in model.state_dict().items()})

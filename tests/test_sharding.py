@@ -21,7 +21,7 @@ from distnn.errors import UsageError
 from distnn.models.gpt import build
 from distnn.resilience.checkpoint import read_checkpoint
 from distnn.train import main
-from tests.conftest import _rank_worker, free_port, read_metrics, run_world
+from tests.conftest import _rank_worker, free_port, read_metrics, run_world, start_ranks
 from tests.reference import assert_close_run
 from tests.test_language_model import CONTEXT, VOCAB, byte_rows
 from tests.test_recipe import rate_factor
@@ -202,9 +202,9 @@ def test_a_checkpoint_folder_the_ranks_do_not_share_gets_whole_checkpoints(tmp_p
              "--log-every", "0"]
 
     def on_nodes(steps: int) -> None:
-        mp.start_processes(_node_worker, nprocs=2, start_method="spawn", args=(
-            2, free_port(), [*flags, "--steps", str(steps), "--checkpoint-dir", "ck"],
-            str(tmp_path)))
+        start_ranks(_node_worker, (2, free_port(), [*flags, "--steps", str(steps),
+                                                    "--checkpoint-dir", "ck"], str(tmp_path)),
+                    nprocs=2)
 
     on_nodes(2)
     # rank 1 could not see rank 0's folder: the shards were gathered onto rank 0
