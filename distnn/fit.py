@@ -137,8 +137,8 @@ def fit(model: nn.Module, *, train: Data,
 
     if runtime is not None:
         return run(runtime)
-    with setup(device=config.device, backend=config.backend,
-               timeout_s=config.timeout_s) as rt:
+    with setup(device=config.device, backend=config.backend, timeout_s=config.timeout_s,
+               sharding=config.shard != "none") as rt:
         return run(rt)
 
 

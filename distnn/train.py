@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(rank=launch.rank, world_size=launch.world_size,
                           verbosity=config.verbosity)
         with setup(device=config.device, backend=config.backend, timeout_s=config.timeout_s,
-                   launch=launch) as runtime:
+                   launch=launch, sharding=config.shard != "none") as runtime:
             try:
                 Trainer(config, runtime, settings=Settings.from_environ(os.environ)).train()
             except _REPORTED as error:

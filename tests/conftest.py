@@ -16,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 import distnn
+from distnn.distributed.process_group import SHARDING_MODULES
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = Path(distnn.__file__).resolve().parent  # the distnn whose code the ranks run
@@ -63,7 +64,8 @@ def clean_env(**extra: str) -> dict[str, str]:
 # run's time on this project's 2-core machine). Each rank is still a process of its own, in
 # a gloo group of its own, with the environment of the test that started it.
 mp.set_forkserver_preload(["torch", "safetensors.torch", "distnn.trainer", "distnn.config",
-                           "distnn.distributed.runtime", "distnn.settings", "tests.conftest"])
+                           "distnn.distributed.runtime", "distnn.settings", "tests.conftest",
+                           *SHARDING_MODULES])
 
 
 def start_ranks(worker, args: tuple, *, nprocs: int) -> None:
@@ -99,7 +101,8 @@ def _rank_worker(rank: int, world_size: int, port: int, argv: list[str], out_dir
     config = parse_config(argv)
     from distnn.distributed.sharding import is_dtensor
 
-    with setup(device=config.device, backend=config.backend, timeout_s=config.timeout_s) as rt:
+    with setup(device=config.device, backend=config.backend, timeout_s=config.timeout_s,
+               sharding=config.shard != "none") as rt:
         result = Trainer(config, rt, settings=Settings.from_environ(os.environ)).train()
         # a sharded model's weights gathered whole (every rank takes part)
         state = {k: (v.full_tensor() if is_dtensor(v) else v).detach().cpu()

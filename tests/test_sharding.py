@@ -276,3 +276,52 @@ def test_an_optimizer_that_cannot_be_sharded_is_refused(no_launcher):
     with pytest.raises(UsageError, match="got scheduler= and shard='parameters'"):
         distnn.fit(model, train=(x, y), optimizer=two_groups, scheduler=scheduler,
                    shard="parameters", steps=1, quiet=True, device="cpu")
+
+
+def _group_worker(rank: int, world_size: int, port: int, out_dir: str, sharding: bool,
+                  shard: str) -> None:
+    """distnn.fit(shard=...) inside distnn.setup(sharding=...): writes the refusal's line, or
+    whether anything still holds the process group once the run and the group are over."""
+    import gc
+    import os
+    import weakref
+
+    import torch.distributed as dist
+
+    import distnn
+
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank),
+                       "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    x, y = byte_rows()
+    said = os.path.join(out_dir, f"rank{rank}.txt")
+    with distnn.setup(device="cpu", sharding=sharding) as rt:
+        group = weakref.ref(dist.group.WORLD)
+        torch.manual_seed(0)
+        try:
+            distnn.fit(build(d_in=CONTEXT, d_out=VOCAB, d_model=16), train=(x, y),
+                       loss="cross-entropy", optimizer="adamw", shard=shard, steps=2,
+                       batch_size=6, runtime=rt, log_every=0, quiet=True)
+        except UsageError as error:
+            with open(said, "w") as file:
+                file.write(str(error))
+            return
+    gc.collect()
+    with open(said, "w") as file:
+        file.write(f"held: {group() is not None}")
+
+
+def test_a_group_made_before_torch_s_sharding_modules_is_refused_and_one_after_is_let_go(
+        tmp_path):
+    # a group made first would be bound by their default arguments as they are imported,
+    # held past its end, and the process could abort as it exits (SIGABRT, after a good run)
+    start_ranks(_group_worker, (2, free_port(), str(tmp_path), False, "parameters"), nprocs=2)
+    for rank in range(2):
+        assert (tmp_path / f"rank{rank}.txt").read_text().startswith(
+            "--shard parameters: the process group was made by distnn.setup(sharding=False)")
+    # spawned afresh (the fork server has imported them already): setup() imports them
+    # before it makes the group, so ZeroRedundancyOptimizer lets go of it
+    mp.start_processes(_group_worker, args=(2, free_port(), str(tmp_path), True, "optimizer"),
+                       nprocs=2, start_method="spawn")
+    for rank in range(2):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "held: False"

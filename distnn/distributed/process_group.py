@@ -3,6 +3,7 @@ failures of its collectives: CollectiveFailed, and DeviceWatch's bounded waits o
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -27,6 +28,12 @@ import torch.distributed.nn  # noqa: F401
 
 from distnn.distributed.environment import LaunchEnv, Placement
 from distnn.errors import UsageError
+
+# torch's sharding modules bind ``group.WORLD`` the same way when first imported (FSDP's
+# ShardedGradScaler, ZeroRedundancyOptimizer's helpers): a run that shards imports them before
+# its group is made (process_group's ``sharding``). The others need not pay their 0.7 s.
+SHARDING_MODULES = ("torch.distributed.fsdp", "torch.distributed.tensor",
+                    "torch.distributed.optim.zero_redundancy_optimizer")
 
 
 class CollectiveFailed(RuntimeError):
@@ -122,12 +129,14 @@ def communication(what: str) -> Iterator[None]:
 
 
 @contextmanager
-def process_group(launch: LaunchEnv, placement: Placement, *, timeout_s: float) -> Iterator[bool]:
+def process_group(launch: LaunchEnv, placement: Placement, *, timeout_s: float,
+                  sharding: bool = True) -> Iterator[bool]:
     """Sets this rank's device, then joins the job's process group; yields whether one exists.
 
     Under a launcher the group is created from the launcher's environment (``env://``) with
     ``timeout_s`` as the bound on every collective, so a missing or dead peer ends the run
-    with an error instead of a hang. It is destroyed on every way out.
+    with an error instead of a hang. It is destroyed on every way out. ``sharding``: the
+    group may be used by torch's sharding (--shard), whose modules are imported first.
     """
     if placement.device.startswith("cuda"):
         # Before init_process_group, so NCCL binds this rank to its own GPU.
@@ -142,6 +151,9 @@ def process_group(launch: LaunchEnv, placement: Placement, *, timeout_s: float) 
                          "and it cannot join again; allowed: one `with distnn.setup() as "
                          "rt:` around the whole program, with distnn.fit(..., runtime=rt) "
                          "inside it as often as needed")
+    if sharding:
+        for module in SHARDING_MODULES:
+            importlib.import_module(module)
     with collective(f"joining the process group{_restart_hint(launch, placement)}"):
         dist.init_process_group(backend=placement.backend,
                                 timeout=timedelta(seconds=timeout_s))

@@ -31,6 +31,7 @@ class Runtime:
     launch: LaunchEnv
     placement: Placement
     distributed: bool  # True when a process group exists (any launcher, even world size 1)
+    sharding: bool = True  # whether torch's sharding modules came before the group (setup)
 
     @property
     def rank(self) -> int:
@@ -57,7 +58,7 @@ class Runtime:
 
 @contextmanager
 def setup(*, device: str = "auto", backend: str = "auto", timeout_s: float = 300.0,
-          launch: LaunchEnv | None = None) -> Iterator[Runtime]:
+          launch: LaunchEnv | None = None, sharding: bool = True) -> Iterator[Runtime]:
     """Joins the job described by the launcher's environment; leaves it on every way out.
 
     Reads torchrun's/accelerate's variables (``launch``, when given, instead of reading
@@ -68,6 +69,10 @@ def setup(*, device: str = "auto", backend: str = "auto", timeout_s: float = 300
     Under torchrun's agent (``launch.agent``) a rank whose agent dies sends itself SIGTERM
     within about a second, so it stops as if preempted instead of training on as an orphan
     (distnn.distributed.launcher_watch); the watch ends when this context does.
+    ``sharding=False`` promises that no run inside shards (``shard="none"``), which saves
+    each rank importing torch's sharding modules (0.7 s on a CPU): they must be imported
+    before the group is made, or they hold it past its end and the process may abort as it
+    exits.
     Raises UsageError for an impossible device/backend or launch environment.
     """
     _check_arguments(device=device, backend=backend, timeout_s=timeout_s)
@@ -79,8 +84,10 @@ def setup(*, device: str = "auto", backend: str = "auto", timeout_s: float = 300
             if notice:
                 log.warning(notice)
     with (launcher_watch(launch.agent),
-          process_group(launch, placement, timeout_s=timeout_s) as distributed):
-        yield Runtime(launch=launch, placement=placement, distributed=distributed)
+          process_group(launch, placement, timeout_s=timeout_s,
+                        sharding=sharding) as distributed):
+        yield Runtime(launch=launch, placement=placement, distributed=distributed,
+                      sharding=sharding)
 
 
 def _check_arguments(*, device: str, backend: str, timeout_s: float) -> None:

@@ -56,6 +56,11 @@ def check_placement(config: TrainConfig, rt: Runtime) -> None:
         raise UsageError(f"--cuda-graph: the backend is {rt.placement.backend}, whose "
                          "collectives run on the CPU and cannot be captured in a CUDA "
                          "graph; allowed: --backend nccl (one GPU per rank), or one process")
+    if config.shard != "none" and rt.communicates and not rt.sharding:
+        raise UsageError(f"--shard {config.shard}: the process group was made by "
+                         "distnn.setup(sharding=False), before torch's sharding modules, "
+                         "which then hold it past its end; allowed: distnn.setup() (sharding "
+                         "on, the default) around a run that shards")
 
 
 def check_memory(sizes: TrainConfig, rt: Runtime, *, given_d_out: bool = True) -> None:
