@@ -81,13 +81,19 @@ def _in_environ(rank: int, worker, environ: dict[str, str], *args) -> None:
     worker(rank, *args)
 
 
-def _rank_worker(rank: int, world_size: int, port: int, argv: list[str], out_dir: str) -> None:
-    # The launcher's part: describe this rank's place in the job, as torchrun would.
+def as_rank(rank: int, world_size: int, port: int) -> None:
+    """The launcher's part: describes this process's place in a one-machine job, as torchrun
+    would (its variables; the group's store on ``port``)."""
     os.environ.update({
         "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
         "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+        "MASTER_PORT": str(port),
     })
+
+
+def _rank_worker(rank: int, world_size: int, port: int, argv: list[str], out_dir: str) -> None:
+    as_rank(rank, world_size, port)
+    os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     # a rank that dies of a signal (SIGABRT, SIGSEGV) prints where each thread was
     faulthandler.enable(all_threads=True)

@@ -15,7 +15,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import distnn
-from tests.conftest import free_port, read_events, read_losses, run_cli, start_ranks
+from tests.conftest import (
+    as_rank,
+    free_port,
+    read_events,
+    read_losses,
+    run_cli,
+    start_ranks,
+)
 from tests.reference import assert_close_run, minibatch_reference
 
 
@@ -43,9 +50,7 @@ def fit_adamw(out_dir: str, **settings):
 
 
 def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)})
+    as_rank(rank, world, port)
     torch.set_num_threads(1)
     result = fit_adamw(out_dir, device="cpu")
     save_file({k: v.contiguous() for k, v in result.model.state_dict().items()},
@@ -53,9 +58,7 @@ def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def _rank_with_val_on_rank_0(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)})
+    as_rank(rank, world, port)
     try:
         distnn.fit(build(), train=data(), loss="cross-entropy", device="cpu", log_every=0,
                    val=data(rows=15, seed=4) if rank == 0 else None, timeout_s=60)

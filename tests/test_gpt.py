@@ -13,7 +13,7 @@ from distnn.errors import UsageError
 from distnn.job.model import config_model
 from distnn.models.gpt import build
 from distnn.train import main
-from tests.conftest import free_port, start_ranks
+from tests.conftest import as_rank, free_port, start_ranks
 from tests.reference import assert_close_run
 
 VOCAB, CONTEXT = 11, 8
@@ -87,11 +87,7 @@ def plain_torch(x, y, *, steps, batch_size, lr):
 
 
 def _rank(rank, world, port, out):
-    import os
-
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)})
+    as_rank(rank, world, port)
     torch.set_num_threads(1)
     import distnn
 

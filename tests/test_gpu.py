@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from distnn.train import main
-from tests.conftest import bin_path, read_losses, read_metrics, run_cli
+from tests.conftest import as_rank, bin_path, read_losses, read_metrics, run_cli
 from tests.reference import assert_matches_reference, reference_run
 
 if not torch.cuda.is_available():
@@ -179,9 +179,7 @@ def test_the_floor_replays_train_after_the_caller_lets_go_of_its_model():
 def _nccl_capture_worker(rank: int, port: int, out_path: str) -> None:
     # The trainer makes no collective in a group of one rank; this drives the library
     # directly so that NCCL all-reduces are inside the captured graph, as with several GPUs.
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                       "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)})
+    as_rank(0, 1, port)
     from distnn import setup
 
     with setup(device="cuda", backend="nccl") as rt:

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from distnn.errors import UsageError
 from distnn.models.gpt import build
 from distnn.train import main
-from tests.conftest import free_port, read_metrics, run_world, start_ranks
+from tests.conftest import as_rank, free_port, read_metrics, run_world, start_ranks
 from tests.reference import assert_close_run
 from tests.test_recipe import rate_factor
 
@@ -128,11 +128,7 @@ def collate_ids(items):
 
 
 def _fit_rank(rank, world, port, out):
-    import os
-
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)})
+    as_rank(rank, world, port)
     torch.set_num_threads(1)
     import distnn
 
@@ -259,11 +255,7 @@ def tiny_gpt2():
 
 
 def _hf_rank(rank, world, port, out):
-    import os
-
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)})
+    as_rank(rank, world, port)
     torch.set_num_threads(1)
     import distnn
 

@@ -21,7 +21,14 @@ from distnn.errors import UsageError
 from distnn.models.gpt import build
 from distnn.resilience.checkpoint import read_checkpoint
 from distnn.train import main
-from tests.conftest import _rank_worker, free_port, read_metrics, run_world, start_ranks
+from tests.conftest import (
+    _rank_worker,
+    as_rank,
+    free_port,
+    read_metrics,
+    run_world,
+    start_ranks,
+)
 from tests.reference import assert_close_run
 from tests.test_language_model import CONTEXT, VOCAB, byte_rows
 from tests.test_recipe import rate_factor
@@ -290,9 +297,7 @@ def _group_worker(rank: int, world_size: int, port: int, out_dir: str, sharding:
 
     import distnn
 
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank),
-                       "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    as_rank(rank, world_size, port)
     x, y = byte_rows()
     said = os.path.join(out_dir, f"rank{rank}.txt")
     with distnn.setup(device="cpu", sharding=sharding) as rt:

@@ -234,7 +234,7 @@ def sharded_optimizer(optimizer: torch.optim.Optimizer | None,
     if optimizer is None or mode != "optimizer":
         return optimizer
     kind = type(optimizer)
-    # imported here: torch.distributed.optim imports TorchScript, which warns
+    # (its module is imported before the group by process_group's sharding=: this binds it)
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     accepted = inspect.signature(kind).parameters

@@ -87,6 +87,7 @@ def seeded_model(args: argparse.Namespace) -> nn.Module:
 
 def run_plain(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, *, steps: int,
               device: torch.device, runtime: distnn.Runtime) -> dict[str, Any]:
+    del runtime  # a plain loop of one process: it joins no group (run_distnn's signature)
     model = seeded_model(args).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01,
                                   fused=True)
