@@ -286,9 +286,10 @@ def test_an_optimizer_that_cannot_be_sharded_is_refused(no_launcher):
 
 
 def _group_worker(rank: int, world_size: int, port: int, out_dir: str, sharding: bool,
-                  shard: str) -> None:
-    """distnn.fit(shard=...) inside distnn.setup(sharding=...): writes the refusal's line, or
-    whether anything still holds the process group once the run and the group are over."""
+                  shards: tuple[str, ...]) -> None:
+    """distnn.fit(shard=...) for each of ``shards`` in turn, inside one
+    distnn.setup(sharding=...): writes the refusal's line, or whether anything still holds the
+    process group once the runs and the group are over."""
     import gc
     import os
     import weakref
@@ -304,9 +305,10 @@ def _group_worker(rank: int, world_size: int, port: int, out_dir: str, sharding:
         group = weakref.ref(dist.group.WORLD)
         torch.manual_seed(0)
         try:
-            distnn.fit(build(d_in=CONTEXT, d_out=VOCAB, d_model=16), train=(x, y),
-                       loss="cross-entropy", optimizer="adamw", shard=shard, steps=2,
-                       batch_size=6, runtime=rt, log_every=0, quiet=True)
+            for shard in shards:
+                distnn.fit(build(d_in=CONTEXT, d_out=VOCAB, d_model=16), train=(x, y),
+                           loss="cross-entropy", optimizer="adamw", shard=shard, steps=2,
+                           batch_size=6, runtime=rt, log_every=0, quiet=True)
         except UsageError as error:
             with open(said, "w") as file:
                 file.write(str(error))
@@ -320,13 +322,15 @@ def test_a_group_made_before_torch_s_sharding_modules_is_refused_and_one_after_i
         tmp_path):
     # a group made first would be bound by their default arguments as they are imported,
     # held past its end, and the process could abort as it exits (SIGABRT, after a good run)
-    start_ranks(_group_worker, (2, free_port(), str(tmp_path), False, "parameters"), nprocs=2)
+    start_ranks(_group_worker, (2, free_port(), str(tmp_path), False, ("parameters",)),
+                nprocs=2)
     for rank in range(2):
         assert (tmp_path / f"rank{rank}.txt").read_text().startswith(
             "--shard parameters: the process group was made by distnn.setup(sharding=False)")
     # spawned afresh (the fork server has imported them already): setup() imports them
-    # before it makes the group, so ZeroRedundancyOptimizer lets go of it
-    mp.start_processes(_group_worker, args=(2, free_port(), str(tmp_path), True, "optimizer"),
-                       nprocs=2, start_method="spawn")
+    # before it makes the group, so ZeroRedundancyOptimizer lets go of it; and it empties
+    # DTensor's caches of FSDP2's ops, whose entries hold the group through the device mesh
+    mp.start_processes(_group_worker, nprocs=2, start_method="spawn",
+                       args=(2, free_port(), str(tmp_path), True, ("optimizer", "parameters")))
     for rank in range(2):
         assert (tmp_path / f"rank{rank}.txt").read_text() == "held: False"

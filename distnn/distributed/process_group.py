@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -160,8 +161,23 @@ def process_group(launch: LaunchEnv, placement: Placement, *, timeout_s: float,
     try:
         yield True
     finally:
+        _clear_sharding_caches()
         dist.destroy_process_group()
         _left.append(True)
+
+
+def _clear_sharding_caches() -> None:
+    """Empties DTensor's caches of how each op shards its inputs (one in Python, one in C++).
+    Every entry holds a device mesh, and a mesh holds the process group: left full, they would
+    keep the group alive past destroy_process_group, as the imports above would. (FSDP2's
+    parameters are DTensors; a group made with ``sharding=False`` never imports the module.)"""
+    if "torch.distributed.tensor" not in sys.modules:
+        return
+    from torch.distributed.tensor import debug
+
+    clear = getattr(debug, "_clear_sharding_prop_cache", None)  # private: absent, nothing to do
+    if clear is not None:
+        clear()
 
 
 _left: list[bool] = []  # whether this process has left a process group (see process_group)
