@@ -37,19 +37,27 @@ def write_fail(step: int, rank: int = 0) -> dict[str, str]:
                      DISTNN_FAULT_KIND="write-fail")
 
 
+def stopped_ranks(result: subprocess.CompletedProcess) -> list[str]:
+    """The error line of each of a 2-rank run's ranks, in rank order, once it is shown that
+    the run stopped with the exit code of a failed write (4) and no traceback of the ranks'
+    (torchrun has its own)."""
+    lines = sorted(line for line in distnn_lines(result.stderr) if ": error: " in line)
+    assert result.returncode != 0 and len(lines) == 2, result.stderr[-3000:]
+    assert re.search(r"exitcode\s*:\s*4", result.stderr), result.stderr[-3000:]
+    assert not package_frames(result.stderr)
+    return lines
+
+
 def test_a_checkpoint_that_cannot_be_written_stops_every_rank_with_the_reason(tmp_path):
     ck = tmp_path / "ck"
     result = run_cli([bin_path("torchrun"), "--nproc_per_node=2", "-m", "distnn.train", *TINY,
                       "--steps", "100", "--checkpoint-dir", str(ck), "--checkpoint-every",
                       "20"], env=write_fail(50), timeout=90)
-    lines = distnn_lines(result.stderr)
-    assert result.returncode != 0 and len(lines) == 2, result.stderr[-3000:]
-    assert re.search(r"exitcode\s*:\s*4", result.stderr), result.stderr[-3000:]
-    for rank, line in enumerate(sorted(lines)):
+    assert len(distnn_lines(result.stderr)) == 2, result.stderr[-3000:]  # nothing else said
+    for rank, line in enumerate(stopped_ranks(result)):
         assert line.startswith(f"distnn: rank {rank}: error: could not write the checkpoint "
                                f"{ck / 'step-60'} (File too large); the last good checkpoint "
                                f"is {ck / 'step-40'}"), line
-    assert not package_frames(result.stderr)  # no traceback from the ranks (torchrun has its own)
     assert sorted(os.listdir(ck)) == [".distnn-lock", "step-20", "step-40"]  # no temporary
     assert load_file(ck / "step-40" / "weights.safetensors")  # intact
     rerun = run_cli([bin_path("torchrun"), "--nproc_per_node=2", "-m", "distnn.train", *TINY,
@@ -65,14 +73,10 @@ def test_a_sharded_checkpoint_that_one_rank_cannot_write_stops_every_rank(tmp_pa
             "--steps", "60", "--checkpoint-dir", str(ck), "--checkpoint-every", "20",
             "--shard", "parameters", "--optimizer", "adamw", "--lr", "1e-3"]
     result = run_cli(args, env=write_fail(30, rank=1), timeout=120)
-    lines = [line for line in distnn_lines(result.stderr) if ": error: " in line]
-    assert result.returncode != 0 and len(lines) == 2, result.stderr[-3000:]
-    assert re.search(r"exitcode\s*:\s*4", result.stderr), result.stderr[-3000:]
-    for rank, line in enumerate(sorted(lines)):
+    for rank, line in enumerate(stopped_ranks(result)):
         assert line.startswith(f"distnn: rank {rank}: error: could not write the checkpoint "
                                f"{ck / 'step-40'} (rank 1: File too large); the last good "
                                f"checkpoint is {ck / 'step-20'}"), line
-    assert not package_frames(result.stderr)
     assert sorted(os.listdir(ck)) == [".distnn-lock", "step-20"]  # no temporary
     assert sorted(os.listdir(ck / "step-20" / "shards")) == [".metadata", "__0_0.distcp",
                                                               "__1_0.distcp"]
