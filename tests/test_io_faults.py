@@ -381,5 +381,5 @@ def test_a_checkpoint_folder_removed_mid_run_is_said_as_it_is(tmp_path):
     assert job.returncode == 4 and len(lines) == 1, stderr[-2000:]
     assert re.fullmatch(rf"distnn: error: could not write the checkpoint {re.escape(str(ck))}/"
                         r"step-\d+ \(No such file or directory\); the last checkpoint, "
-                        rf"{re.escape(str(ck))}/step-\d+, is gone too; make room \(or the "
-                        r"folder again\) and run the same command to continue", lines[0]), lines
+                        rf"{re.escape(str(ck))}/step-\d+, is gone too; make room \(or make "
+                        r"the folder again\) and run the same command to continue", lines[0]), lines

@@ -198,7 +198,7 @@ class Checkpointer:
             kept = f"the last checkpoint, {last}, is gone too"
         else:
             kept = self.kept()
-        after = f"{kept}; make room (or the folder again) and run the same command to continue"
+        after = f"{kept}; make room (or make the folder again) and run the same command to continue"
         if self.sharded_files:
             weights = optimizer = None
             written = self._write_shards(done, failed, after)

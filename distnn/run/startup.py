@@ -104,7 +104,7 @@ def check_job(job: Job, *, ranks: int = 1, main: bool = True) -> None:
     if main:
         check_model_output(job)
     config = job.config
-    if config.lr_schedule != "constant" and config.min_lr > job.lr:
+    if config.min_lr > job.lr:  # (a constant schedule never reads it: a slip all the same)
         raise UsageError(f"--min-lr: got {config.min_lr!r}, above the learning rate {job.lr!r}; "
                          "allowed: a rate from 0 to it")
     if config.steps is not None and config.warmup_steps > config.steps:
