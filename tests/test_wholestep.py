@@ -398,3 +398,19 @@ def test_steps_of_one_model_share_compiled_code_and_other_models_have_their_own(
     assert first is again and first is not other
     shared = wholestep.WholeStep._write_gradient.__code__
     assert first is not shared and other is not shared
+
+
+def test_micro_batches_with_a_batch_of_one_row_record_every_loss(tmp_path, no_launcher):
+    """9 rows in batches of 4, 4 and 1 with --micro-batches 2: the 1-row batch is one piece,
+    which alone would be one compiled function writing its own loss, between steps whose
+    losses the trainer records; every step's loss must land in its own place."""
+    generator = torch.Generator().manual_seed(7)
+    x, y = torch.randn(9, 5, generator=generator), torch.randn(9, 2, generator=generator)
+    data = tmp_path / "d.safetensors"
+    save_file({"x": x, "y": y}, data)
+    losses, weights, _ = _run(tmp_path, "run", "--compile", "--micro-batches", "2", "--data",
+                              str(data), "--hidden", "4", "--batch-size", "4", "--lr", "1e-2",
+                              "--epochs", "2")
+    want_losses, want_weights, _ = minibatch_reference(x=x, y=y, hidden=(4,), batch_size=4,
+                                                       epochs=2, lr=1e-2)
+    assert_close_run(losses, weights, want_losses, want_weights)

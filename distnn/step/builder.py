@@ -203,8 +203,12 @@ class StepBuilder:
         pieces as they were."""
         job, config = self.job, self.config
         started = time.perf_counter()
+        # a step that is one compiled function writes its loss into the record itself, and
+        # the others leave it to the trainer: one way for the whole run, or the two would
+        # write to different slots. With micro-batches only a 1-row batch is one function.
+        own_loss = loss_target if config.micro_batches == 1 else None
         whole = WholeStep(job.model, job.loss_fn, sync, lr=config.lr, bf16=self.precision.bf16,
-                          optimizer=job.optimizer, losses=loss_target,
+                          optimizer=job.optimizer, losses=own_loss,
                           weight_grad=self.weight_grad, fusions=self.bf16_fusions,
                           update=self.update, builtin_loss=job.builtin_loss)
         ready = whole.inputs(pieces) if fixed else pieces
