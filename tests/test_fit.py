@@ -149,6 +149,22 @@ def test_a_label_the_loss_ignores_is_not_counted_as_a_class(no_launcher):
     assert result.steps == 2
 
 
+def test_a_loss_of_shape_1_trains_and_validates_as_its_value(no_launcher):
+    x, y = data()
+
+    def loss(output, target):  # one value, in shape [1]
+        return nn.functional.cross_entropy(output, target, reduction="sum").reshape(1)
+
+    torch.manual_seed(0)
+    shaped = distnn.fit(build(), train=(x[:30], y[:30]), val=(x[30:], y[30:]), loss=loss,
+                        log_every=0, steps=2, quiet=True)
+    torch.manual_seed(0)
+    plain = distnn.fit(build(), train=(x[:30], y[:30]), val=(x[30:], y[30:]),
+                       loss="cross-entropy", log_every=0, steps=2, quiet=True)
+    assert shaped.losses == plain.losses
+    assert shaped.val[-1]["loss"] == plain.val[-1]["loss"]
+
+
 class Pairs(torch.utils.data.Dataset):
     def __init__(self, x, y):
         self.x, self.y = x, y

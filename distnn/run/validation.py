@@ -63,7 +63,7 @@ def evaluate(model: nn.Module, rows: RowSource, job: Job, *, chunk_rows: int,
                 loss = job.loss(output, y)
             if not counted:
                 continue
-            totals[0] += loss.double()
+            totals[0] += loss.double().reshape(())  # a loss of shape [1] too, as in training
             totals[1] += job.count(y).to(device)
             if job.scored:
                 totals[2] += correct_predictions(scores_of(output), y, ignored)
