@@ -86,6 +86,30 @@ def test_integer_targets_are_class_labels(tmp_path):
         assert y_rows.dtype == torch.int64 and y_rows.tolist() == [3, 2]
 
 
+@pytest.mark.parametrize("name", ["t.npz", "t.safetensors", "t.pt"])
+def test_unsigned_token_ids_train_as_int64_ones_do(tmp_path, no_launcher, name):
+    # uint16 token ids, as nanoGPT writes them (uint32 in .pt): the same labels, the same run
+    tokens = torch.randint(0, 256, (24, 9), generator=torch.Generator().manual_seed(4))
+    narrow = torch.uint32 if name.endswith(".pt") else torch.uint16
+    runs = []
+    for path, dtype in ((tmp_path / f"wide-{name}", torch.int64),
+                        (tmp_path / name, narrow)):
+        if name.endswith(".npz"):
+            rows = tokens.numpy().astype(np.uint16 if dtype == narrow else np.int64)
+            np.savez(path, x=rows[:, :-1], y=rows[:, 1:])
+        else:
+            write(path, tokens[:, :-1].to(dtype).contiguous(),
+                  tokens[:, 1:].to(dtype).contiguous())
+        assert DataFile(str(path)).check_labels() == int(tokens[:, 1:].max())
+        metrics = tmp_path / f"{path.stem}.jsonl"
+        assert main(["--data", str(path), "--model", "distnn.models.gpt:build", "--d-out",
+                     "256", "--model-args", '{"d_model": 16, "n_layers": 1, "n_heads": 2}',
+                     "--loss", "cross-entropy", "--batch-size", "8", "--steps", "3",
+                     "--metrics", str(metrics), "--quiet"]) == 0
+        runs.append(read_losses(metrics))
+    assert runs[0] == runs[1]
+
+
 def test_training_on_a_file_matches_the_reference_on_three_ranks(tmp_path):
     x, y = make_tensors(rows=11, d_in=7, d_out=2, seed=3)
     path = write(tmp_path / "d.safetensors", x, y)
@@ -132,6 +156,12 @@ BAD_FILES = {
                                 "least one value in each row",
     "no_y_columns.safetensors": "holds x of shape [4, 3] and y of shape [4, 0]",
     "folder.safetensors": "is a directory; allowed: a data file",
+    # what a .pt file can hold beyond plain tensors: refused by name, not a traceback
+    "fp8.pt": "holds x of shape [4, 3] and dtype float8_e4m3fn; allowed: rows [N, ...] of "
+              "numbers",
+    "sparse.pt": "holds x as a sparse_coo tensor; allowed: dense tensors with their values",
+    "csr.pt": "holds y as a sparse_csr tensor",
+    "meta.pt": "holds x as a tensor without values (on the meta device)",
 }
 
 
@@ -162,6 +192,14 @@ def make_bad(tmp_path, name):
         save_file({"x": x, "y": torch.zeros(4, 0)}, path)
     elif name == "folder.safetensors":
         path.mkdir()
+    elif name == "fp8.pt":
+        torch.save({"x": x.to(torch.float8_e4m3fn), "y": y}, path)
+    elif name == "sparse.pt":
+        torch.save({"x": x.to_sparse(), "y": y}, path)
+    elif name == "csr.pt":
+        torch.save({"x": x, "y": y.to_sparse_csr()}, path)
+    elif name == "meta.pt":
+        torch.save({"x": x.to("meta"), "y": y}, path)
     return path
 
 

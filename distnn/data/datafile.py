@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import struct
+import warnings
 import weakref
 import zipfile
 from dataclasses import dataclass
@@ -36,8 +37,15 @@ SCAN_BYTES = 4 * 2**20
 _SAFETENSORS_DTYPES = {
     "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
     "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-    "I64": torch.int64, "BOOL": torch.bool,
+    "I64": torch.int64, "U16": torch.uint16, "U32": torch.uint32, "BOOL": torch.bool,
 }
+# what rows may hold: numbers a float32 or an int64 can take (uint16 token ids, as nanoGPT
+# stores them, included)
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16,
+            torch.uint32)
+# the unsigned ones torch's CPU kernels take few operations of (no aminmax): widened first
+_NARROW_KERNELS = (torch.uint16, torch.uint32)
 
 
 @dataclass(frozen=True)
@@ -95,10 +103,17 @@ class DataFile:
                                 "a file holding tensors named 'x' and 'y'")
         self.x, self.y = columns["x"], columns["y"]
         for name, column in (("x", self.x), ("y", self.y)):
-            if column.dtype == torch.bool or not column.shape:
+            if column.dtype not in FLOATS + INTEGERS or not column.shape:
                 raise self.fail(f"holds {name} of shape {list(column.shape)} and dtype "
                                 f"{str(column.dtype).removeprefix('torch.')}",
-                                "rows [N, ...] of numbers (floating point, or integers)")
+                                "rows [N, ...] of numbers (float16, bfloat16, float32 or "
+                                "float64; integers of 8 to 64 bits, unsigned to 32)")
+            tensor = column.tensor
+            if tensor is not None and (tensor.layout != torch.strided or tensor.is_meta):
+                kind = ("a tensor without values (on the meta device)" if tensor.is_meta
+                        else f"a {str(tensor.layout).removeprefix('torch.')} tensor")
+                raise self.fail(f"holds {name} as {kind}",
+                                "dense tensors with their values (torch.save of plain tensors)")
         self.labels = not self.y.dtype.is_floating_point
         if self.x.shape[0] != self.y.shape[0] or self.x.shape[0] < 1:
             raise self.fail(f"holds {self.x.shape[0]} rows of x and {self.y.shape[0]} of y",
@@ -197,6 +212,8 @@ class DataFile:
             # the range first, in the file's dtype: it settles a chunk with no label to leave
             # out, with no int64 copy or mask (over 1 GiB of uint8 labels those took 87 s
             # on this project's CPU, docs/benchmarks.md#a-1-gib-token-file-memory-per-rank)
+            if labels.dtype in _NARROW_KERNELS:
+                labels = labels.long()
             low, high = (int(value) for value in torch.aminmax(labels))
             if low <= ignore_index <= high:
                 wide = labels.long()
@@ -343,10 +360,12 @@ def _npy_header(member) -> tuple[tuple[int, ...], bool, np.dtype]:
 
 def _pt_columns(path: str) -> dict[str, Column]:
     """A ``torch.save``d dict, memory-mapped (pages are read as rows are indexed)."""
-    try:
-        loaded, mapped = torch.load(path, weights_only=True, mmap=True), True
-    except RuntimeError:  # files in the legacy (non-zip) format cannot be mapped
-        loaded, mapped = torch.load(path, weights_only=True), False
+    with warnings.catch_warnings():  # torch's own about odd tensors (sparse, quantized):
+        warnings.simplefilter("ignore")  # what is wrong with them is said in one line
+        try:
+            loaded, mapped = torch.load(path, weights_only=True, mmap=True), True
+        except RuntimeError:  # files in the legacy (non-zip) format cannot be mapped
+            loaded, mapped = torch.load(path, weights_only=True), False
     if not isinstance(loaded, dict):
         raise ValueError(f"holds a {type(loaded).__name__}, not a dict of tensors")
     return {name: Column(shape=tuple(tensor.shape), dtype=tensor.dtype, tensor=tensor,
