@@ -287,8 +287,8 @@ class Trainer:
         clip = ([ClipGradNorm(config.clip_grad_norm, grad_norms.put, norm=self.sync.grad_norm)]
                 if grad_norms else [])
         return Update(optimizer=job.optimizer, lr=config.lr, schedule=schedule, start=start,
-                      transforms=clip, scheduler=job.scheduler,
-                      mean_count=counts)
+                      transforms=clip, scheduler=job.scheduler, mean_count=counts,
+                      says_rates=self.rt.is_main)  # rank 0's StepLog says them
 
     def _rows_between(self, start: int, stop: int) -> int:
         """The global batch rows that steps ``start`` to ``stop - 1`` train on."""

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from distnn.step.update import Update
 from distnn.train import main
 from tests.conftest import REPO, clean_env, read_metrics, run_cli, run_world
 from tests.reference import assert_close_run
@@ -236,3 +237,19 @@ def test_a_scheduler_of_another_optimizer_or_with_a_schedule_is_refused(no_launc
     with pytest.raises(UsageError, match="got scheduler= and lr_schedule='cosine'"):
         distnn.fit(model, train=(x, y), loss="cross-entropy", optimizer=optimizer,
                    scheduler=mine, steps=2, lr_schedule="cosine")
+
+
+def test_only_the_rank_that_says_a_scheduler_s_rates_keeps_them():
+    # kept until said, a rate a step: on a rank that never says them (not rank 0), a long
+    # run's memory would grow by one entry every step
+    weight = torch.nn.Parameter(torch.ones(2))
+    for says in (True, False):
+        optimizer = torch.optim.SGD([weight], lr=0.1)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 2, gamma=0.5)
+        update = Update(optimizer=optimizer, lr=0.1, scheduler=scheduler, says_rates=says)
+        for _ in range(5):
+            weight.grad = torch.ones(2)
+            update(None, torch.zeros(()))
+        said = [update.rate_of(index) for index in range(5)]
+        assert said == ([0.1, 0.1, 0.05, 0.05, 0.025] if says else [None] * 5)
+        assert [update.rate_of(index) for index in range(5)] == [None] * 5  # said once

@@ -47,13 +47,15 @@ class Update:
     count of targets (``mean_count(update)``: --loss-reduction mean); ``transforms`` in
     order; then the optimizer's step, or with no optimizer ``p -= rate * grad``, at
     ``schedule``'s rate (else ``lr``), or the optimizer's own ``scheduler`` (distnn.fit's
-    scheduler=, stepped after each update; :meth:`rate_of` says each update's rate).
-    ``start``: the index of the first update (a resumed run's step)."""
+    scheduler=, stepped after each update; :meth:`rate_of` says each update's rate, where
+    ``says_rates``: a scheduler's rates are kept until said, so only the rank that says
+    them keeps them). ``start``: the index of the first update (a resumed run's step)."""
 
     def __init__(self, *, optimizer: torch.optim.Optimizer | None, lr: float,
                  transforms: Sequence[GradientTransform] = (), schedule: Schedule | None = None,
                  mean_count: Callable[[int], int] | None = None, start: int = 0,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                 says_rates: bool = True) -> None:
         self.optimizer = optimizer
         self.lr = lr
         self.transforms = tuple(transforms)
@@ -63,6 +65,7 @@ class Update:
         self.scheduler = (schedule.scheduler(optimizer, start)
                           if schedule is not None and optimizer is not None else scheduler)
         self._rates: dict[int, float] = {}  # a user's scheduler: the rate of each update
+        self._keep_rates = says_rates and self.scheduler is not None and schedule is None
 
     def __call__(self, sync: FlatGradSync, loss: torch.Tensor) -> torch.Tensor:
         """Updates the weights from the summed gradients; returns the step's loss (the
@@ -79,7 +82,7 @@ class Update:
         if self.optimizer is None:
             sync.sgd_step(self.schedule.rate(update) if self.schedule else self.lr)
         else:
-            if self.scheduler is not None and self.schedule is None:
+            if self._keep_rates:
                 self._rates[update] = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
             if self.scheduler is not None:
