@@ -210,7 +210,7 @@ class Trainer:
         self.verifier = self.checkpointer.verifier = Verifier(
             self.losses, every=config.verify_every, start=start,
             distributed=rt.communicates, kept=self.checkpointer.kept, grad_norms=grad_norms)
-        val_results = self.checkpointer.restore_weights(job.model)
+        self.checkpointer.restore_weights(job.model)
         self.sync = self._place()
         self.checkpointer.use(self.sync)
         self.checkpointer.restore_state(job.model, job.optimizer, start)
@@ -224,7 +224,7 @@ class Trainer:
                 rate=update.rate_of if update.scheduled else None, grad_norms=grad_norms,
                 sinks=[TensorBoardSink(config.tensorboard)] if config.tensorboard else [])
         self.validator = Validator(job, rt, autocast=self.precision.autocast,
-                                   results=val_results,
+                                   results=agreed.val,
                                    report=self.steps_log.event if self.steps_log else None)
         self.validator.lockstep = self.sync.sharded
         self.steps = StepBuilder(job, rt, precision=self.precision, update=update,

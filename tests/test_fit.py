@@ -3,6 +3,7 @@ against the independent one-process reference (tests/reference.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -96,6 +97,44 @@ def test_ranks_given_different_data_are_refused_on_every_rank_before_training(tm
         said = (tmp_path / f"rank{rank}.txt").read_text()
         assert said.startswith("the ranks were started differently: validation rows (rank 0 "
                                "15, rank 1 None)"), said
+
+
+def _resuming_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    """fit to 4 steps, resumed to 8, then resumed with a model of other widths: writes
+    each rank's validations of the resumed run, the refusal and how long it took."""
+    as_rank(rank, world, port)
+    ck, said = os.path.join(out_dir, "ck"), {}
+    settings = dict(train=data(), val=data(rows=15, seed=4), loss="cross-entropy",
+                    batch_size=8, val_every=2, checkpoint_dir=ck, log_every=0, quiet=True)
+    with distnn.setup(device="cpu", sharding=False, timeout_s=60) as rt:
+        for steps in (4, 8):
+            torch.manual_seed(0)
+            result = distnn.fit(build(), steps=steps, runtime=rt, **settings)
+        said["val"] = [record["step"] for record in result.val]
+        wider = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+        started = time.monotonic()
+        try:
+            distnn.fit(wider, steps=12, runtime=rt, **settings)
+        except distnn.UsageError as error:
+            said["error"], said["s"] = str(error), time.monotonic() - started
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(said))
+
+
+def test_a_resume_gives_every_rank_the_validations_and_refuses_another_model_on_all(tmp_path):
+    # the checkpoint is rank 0's: what it holds reaches the others in the start-up exchange,
+    # so their results hold its validations too, and a model it does not fit (the same
+    # arguments, other widths) stops every rank at once, not rank 0 alone
+    start_ranks(_resuming_rank, (2, free_port(), str(tmp_path)), nprocs=2)
+    ck = tmp_path / "ck"
+    for rank in range(2):
+        said = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert said["val"] == [2, 4, 6, 8], said
+        assert said["error"] == (f"--checkpoint-dir: {ck / 'step-8'} holds weights that do "
+                                 "not fit the model: 0.weight [12, 6] (the model's [16, 6]), "
+                                 "0.bias [12] (the model's [16]), 2.weight [3, 12] (the "
+                                 "model's [3, 16]); allowed: resume with the same model, or "
+                                 "use another --checkpoint-dir"), said
+        assert said["s"] < 20, said  # not the collective's timeout
 
 
 def test_fit_runs_outside_the_main_thread(no_launcher):

@@ -34,6 +34,7 @@ class Agreed:
     job: Job  # its config is the run's, resolved (the job's sizes filled in)
     start: int  # the step to start at (0, or the resumed checkpoint's)
     tail: list[float]  # the losses of the steps before ``start``, from the checkpoint
+    val: list[dict]  # the validations before ``start``, from the checkpoint
     checkpoint: Checkpoint | None  # rank 0's checkpoint to resume from (None elsewhere)
     lock: FolderLock | None  # rank 0's hold on --checkpoint-dir (the caller releases it)
 
@@ -70,6 +71,9 @@ def agree_at_start(config: TrainConfig, runtime: Runtime, build_job: JobBuilder)
             _release(lock)
             raise
         error, code = str(failed), failed.exit_code
+    except BaseException:  # (a long-lived process may run again on the folder)
+        _release(lock)
+        raise
     try:
         views = gather_objects({
             "error": error,
@@ -79,13 +83,14 @@ def agree_at_start(config: TrainConfig, runtime: Runtime, build_job: JobBuilder)
             "scored": job.scored if job is not None else False,
             "start": checkpoint.step if checkpoint else 0,
             "tail": checkpoint.losses.tolist() if checkpoint else [],
+            "val": list(checkpoint.state.get("val", [])) if checkpoint else [],
         }, distributed=runtime.distributed)
         _refuse_disagreement(views)
     except BaseException:
         _release(lock)
         raise
     job.scored = views[0]["scored"]  # rank 0 alone looked at the model's output
-    return Agreed(job=job, start=views[0]["start"], tail=views[0]["tail"],
+    return Agreed(job=job, start=views[0]["start"], tail=views[0]["tail"], val=views[0]["val"],
                   checkpoint=checkpoint, lock=lock)
 
 

@@ -94,19 +94,14 @@ class Checkpointer:
 
     # -- resume ---------------------------------------------------------------------------
 
-    def restore_weights(self, model: nn.Module) -> list[dict]:
+    def restore_weights(self, model: nn.Module) -> None:
         """Rank 0: loads the resumed checkpoint's weights into ``model`` (before the model is
-        placed and broadcast); returns its validation results (none elsewhere)."""
+        placed and broadcast; that they fit was checked at start-up, check_resume)."""
         checkpoint, config = self.resumed, self.config
         if checkpoint is None:
-            return []
+            return
         if not checkpoint.sharded:  # (a sharded one is read once the model is placed)
-            try:
-                model.load_state_dict(checkpoint.weights)
-            except RuntimeError as error:
-                raise UsageError(f"--checkpoint-dir: {checkpoint.path} holds weights that do "
-                                 f"not fit the model ({str(error).splitlines()[0]}); "
-                                 "allowed: resume with the same model") from None
+            model.load_state_dict(checkpoint.weights)
         log.info(f"resuming from {checkpoint.path}: {checkpoint.step} of {config.steps} "
                  "steps done")
         saved_world = checkpoint.state.get("world_size")
@@ -114,7 +109,6 @@ class Checkpointer:
             log.warning(f"the checkpoint was written by {saved_world} ranks and this run "
                         f"has {self.rt.world_size}: the result differs from an "
                         "uninterrupted run only by rounding")
-        return list(checkpoint.state.get("val", []))
 
     def restore_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                       start: int) -> None:

@@ -16,6 +16,7 @@ import logging
 import os
 
 import torch
+from torch import nn
 
 from distnn.config import TrainConfig, flag_text
 from distnn.data.batches import RowSource
@@ -220,11 +221,29 @@ def check_outputs_distinct(job: Job) -> None:
         named.setdefault(key, flag)
 
 
+def check_weights_fit(checkpoint: Checkpoint, model: nn.Module) -> None:
+    """Refuses a checkpoint whose weights are not the model's, by name and shape: the
+    flags may agree while the model differs (another --model, or fit's model edited)."""
+    want = {name: list(value.shape) for name, value in model.state_dict().items()}
+    have = {name: list(value.shape) for name, value in checkpoint.weights.items()}
+    if want == have:
+        return
+    differ = [f"{name} {have[name]} (the model's {want[name]})"
+              for name in want if name in have and have[name] != want[name]]
+    differ += [f"no {name}" for name in want if name not in have]
+    differ += [f"{name}, which the model has not" for name in have if name not in want]
+    raise UsageError(f"--checkpoint-dir: {checkpoint.path} holds weights that do not fit the "
+                     f"model: {', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''}; "
+                     "allowed: resume with the same model, or use another --checkpoint-dir")
+
+
 def check_resume(checkpoint: Checkpoint, job: Job) -> None:
     """Refuses a checkpoint made for another run: other sizes, batch order, data, loss or
     optimizer, or more steps done than this run asks for."""
     config = job.config
     check_compatible(checkpoint, dataclasses.asdict(config))
+    if not checkpoint.sharded:  # (each rank reads its shards at the resume)
+        check_weights_fit(checkpoint, job.model)
     rows = job.plan.rows if job.plan else None
     if checkpoint.state.get("rows") != rows:
         raise UsageError(f"--checkpoint-dir: {checkpoint.path} was made on "
