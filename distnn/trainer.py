@@ -127,18 +127,22 @@ class Trainer:
         Raises RunFailed to stop."""
         with self.precision.matmuls():
             try:
-                # a peer lost inside torch's own collectives (FSDP2's gathers in a forward,
-                # ZeroRedundancyOptimizer's broadcasts) is said in one line, as in distnn's
-                with communication("a collective inside torch (FSDP2, ZeroRedundancyOptimizer)"):
-                    done, wall_s = self._run()
-            except RuntimeError as error:  # torch.OutOfMemoryError is one
-                failed = out_of_memory(error, self.rt.device)
-                if failed is None:
-                    raise
-                failed.alone = True
-                raise failed from None
-            finally:
-                self._close()
+                try:
+                    # a peer lost inside torch's own collectives (FSDP2's gathers in a forward,
+                    # ZeroRedundancyOptimizer's broadcasts) is said in one line, as distnn's
+                    with communication("a collective inside torch (FSDP2, "
+                                       "ZeroRedundancyOptimizer)"):
+                        done, wall_s = self._run()
+                except RuntimeError as error:  # torch.OutOfMemoryError is one
+                    failed = out_of_memory(error, self.rt.device)
+                    if failed is None:
+                        raise
+                    failed.alone = True
+                    raise failed from None
+            except BaseException:
+                self._close(failing=True)
+                raise
+            self._close()
         return TrainResult(model=self.job.model, wall_s=wall_s, steps=done,
                            val=self.validator.results, is_main=self.rt.is_main,
                            losses=list(self.losses.tail), compiled=self.steps.compiled,
@@ -334,9 +338,18 @@ class Trainer:
         if config.save:
             self.checkpointer.save_weights()
 
-    def _close(self) -> None:
+    def _close(self, *, failing: bool = False) -> None:
         """Releases what the run holds (the rows' reader, the checkpoint folder's lock),
-        also after a failure; closes rank 0's metrics file."""
+        also after a failure; closes rank 0's metrics file. Every part is closed even if
+        one fails to (a flush that reads a stalled device, say); the first such error is
+        raised, unless the run is ``failing`` already: its own error is the one to say."""
+        first = None
         for part in (self.steps, self.steps_log, self.checkpointer):
             if part is not None:
-                part.close()
+                try:
+                    part.close()
+                except Exception as error:  # noqa: BLE001 - raised below, or the run's is
+                    first = first or error
+                    log.debug(f"closing {type(part).__name__}: {error!r}")
+        if first is not None and not failing:
+            raise first

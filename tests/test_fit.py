@@ -137,6 +137,30 @@ def test_a_resume_gives_every_rank_the_validations_and_refuses_another_model_on_
         assert said["s"] < 20, said  # not the collective's timeout
 
 
+def test_a_part_that_fails_to_close_leaves_the_others_closed(tmp_path, no_launcher,
+                                                              monkeypatch):
+    # the metrics' last flush fails: the checkpoint folder's lock is still let go, so the
+    # same process can run on the folder again (a notebook); and when the run itself failed,
+    # its error is the one raised, not the close's
+    from distnn.run.metrics import StepLog
+    from distnn.trainer import Trainer
+
+    def fails(self):
+        raise OSError("the last flush failed")
+
+    settings = dict(train=data(), loss="cross-entropy", batch_size=8, log_every=0,
+                    checkpoint_dir=str(tmp_path / "ck"), quiet=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(StepLog, "close", fails)
+        with pytest.raises(OSError, match="the last flush failed"):
+            distnn.fit(build(), steps=2, **settings)
+        patch.setattr(Trainer, "_finish", lambda *args: (_ for _ in ()).throw(
+            ValueError("the run's own error")))
+        with pytest.raises(ValueError, match="the run's own error"):
+            distnn.fit(build(), steps=3, **settings)
+    assert distnn.fit(build(), steps=4, **settings).steps == 4  # the folder is free
+
+
 def test_fit_runs_outside_the_main_thread(no_launcher):
     import threading
 
