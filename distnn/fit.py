@@ -151,6 +151,10 @@ def _check_scheduler(scheduler: object, optimizer: object, settings: dict[str, A
     if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
         raise UsageError(f"distnn.fit: scheduler is a {type(scheduler).__name__}; allowed: a "
                          "torch.optim.lr_scheduler.LRScheduler")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise UsageError(f"distnn.fit: got scheduler= with optimizer={optimizer!r}, a name of "
+                         "distnn's; allowed: a scheduler with the torch.optim optimizer it "
+                         "steps, passed as optimizer=, or lr_schedule= with a name")
     if scheduler.optimizer is not optimizer:
         raise UsageError("distnn.fit: the scheduler is built on another optimizer than the one "
                          "given; allowed: a scheduler built on the optimizer passed in")

@@ -243,7 +243,8 @@ class Trainer:
         job, rt, config = self.job, self.rt, self.config
         before = [p for p in job.model.parameters() if p.requires_grad]
         check_shardable(job.optimizer, before, config.shard)  # refused alike on one rank
-        names = [name.strip() for name in (config.shard_blocks or "").split(",") if name]
+        names = [name.strip() for name in (config.shard_blocks or "").split(",")
+                 if name.strip()]
         blocks = find_blocks(job.model, names)
         if config.activation_checkpointing:
             if not blocks:

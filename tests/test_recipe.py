@@ -162,6 +162,16 @@ def test_a_non_finite_gradient_norm_stops_the_run_with_exit_3(tmp_path, no_launc
     assert "non-finite" in capsys.readouterr().err
 
 
+def test_weights_made_non_finite_by_an_update_of_a_finite_loss_are_named_so(no_launcher,
+                                                                            capsys):
+    # step 0's loss is finite; its update at this rate overflows the weights
+    assert main(["--steps", "5", "--lr", "1e38", "--verify-every", "1", "--log-every",
+                 "0"]) == 3
+    assert capsys.readouterr().err.splitlines() == [
+        "distnn: error: non-finite weights after step 0 (its loss 628.283935546875 was "
+        "finite); stopping: no checkpoint was written; try a smaller --lr"]
+
+
 def test_the_docs_define_the_rate_as_the_tests_do():
     text = (REPO / "docs" / "data-and-models.md").read_text()
     assert "lr * (s + 1) / W" in text and "(1 + cos(pi * (s - W) / (S - W))) / 2" in text
@@ -234,6 +244,8 @@ def test_a_scheduler_of_another_optimizer_or_with_a_schedule_is_refused(no_launc
         distnn.fit(model, train=(x, y), loss="cross-entropy", optimizer=optimizer,
                    scheduler=other, steps=2)
     mine = torch.optim.lr_scheduler.StepLR(optimizer, 3)
+    with pytest.raises(UsageError, match="got scheduler= with optimizer='sgd', a name of "):
+        distnn.fit(model, train=(x, y), loss="cross-entropy", scheduler=mine, steps=2)
     with pytest.raises(UsageError, match="got scheduler= and lr_schedule='cosine'"):
         distnn.fit(model, train=(x, y), loss="cross-entropy", optimizer=optimizer,
                    scheduler=mine, steps=2, lr_schedule="cosine")

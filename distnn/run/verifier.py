@@ -53,7 +53,9 @@ class Verifier:
                                 f"stopping: {self.kept()}; try a smaller --lr", EXIT_GUARD)
         if bad is None and not sync.weights_finite():
             # the last update made the weights non-finite; the loss was still finite
-            bad = (done - 1, self.losses.last(), None)
+            raise RunFailed(f"non-finite weights after step {done - 1} (its loss "
+                            f"{self.losses.last()!r} was finite); stopping: {self.kept()}; "
+                            "try a smaller --lr", EXIT_GUARD)
         if bad is not None:
             step, loss, previous = bad
             last = f"{previous!r} at step {step - 1}" if previous is not None else "none"
