@@ -4,9 +4,11 @@ Every failure a user can meet ends as one line on stderr, on every rank, and one
 exit codes (docs/checkpoints-and-faults.md lists them with examples):
 
 ====  =====================================================================================
-   2  EXIT_USAGE: a bad flag, argument, data file, environment or launch (UsageError)
-   3  EXIT_GUARD: non-finite loss or gradient, or replicas that diverged
-   4  EXIT_OUTPUT: a checkpoint, --save or --metrics that could not be written
+   2  EXIT_USAGE: a bad flag, argument, data file, environment or launch (UsageError);
+      a lost peer (a failed collective)
+   3  EXIT_GUARD: non-finite loss, gradient or weights, or replicas that diverged
+   4  EXIT_OUTPUT: a checkpoint or --save that could not be written (--metrics and
+      --tensorboard only warn: the weights are the run's result)
    5  EXIT_MEMORY: something that does not fit in memory
 128+N stopped by signal N (SIGTERM, SIGHUP, SIGINT: preemption), after a checkpoint
 ====  =====================================================================================

@@ -67,8 +67,8 @@ class TrainResult:
     steps it finished, the validation results (one dict per validation, in order), and
     whether this is rank 0 (the rank that prints). ``losses``: the global losses of the
     newest steps (up to 1000: all of a short run); ``compiled``: under --compile, whether
-    the whole step compiled (False: it ran eagerly); ``compile_s``: seconds spent compiling
-    and capturing, outside ``wall_s``."""
+    it compiled (the whole step; under --shard, each unit's forward) or fell back to
+    eager; ``compile_s``: seconds spent compiling and capturing, outside ``wall_s``."""
 
     model: nn.Module
     wall_s: float

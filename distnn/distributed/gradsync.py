@@ -221,11 +221,6 @@ class FlatGradSync:
                         lambda _, bucket=bucket: grad_ready(bucket))
 
     @property
-    def extras(self) -> torch.Tensor:
-        """The summed extra slots (1-dim), overwritten in place by every :meth:`all_reduce`."""
-        return self._extras
-
-    @property
     def grads(self) -> torch.Tensor:
         """The gradient part of the buffer (1-dim, the parameters' layout in ``flat_params``)."""
         return self._grads

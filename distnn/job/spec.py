@@ -131,7 +131,7 @@ def job_from_flags(config: TrainConfig, *, world_size: int, rank: int,
 def rows_job(config: TrainConfig, *, source: RowSource, d_in: int, d_out: int,
              model: nn.Module | Callable[[TrainConfig], nn.Module], loss_fn: LossFn,
              classification: bool, world_size: int, rank: int,
-             optimizer: torch.optim.Optimizer | None = None, builtin_loss: bool = True) -> Job:
+             builtin_loss: bool = True) -> Job:
     """A Job training on ``source`` in mini-batches (BatchPlan from the config's batch
     size, by default all of the source's rows, and its seed, shuffle and drop_last); the
     config resolved with the rows' widths ``d_in`` and ``d_out``, the batch and the steps of
@@ -143,7 +143,8 @@ def rows_job(config: TrainConfig, *, source: RowSource, d_in: int, d_out: int,
     config = config.resolved(d_in=d_in, d_out=d_out, batch_size=plan.batch_size,
                              steps=config.epochs and config.epochs * plan.per_epoch)
     job = Job(config=config, model=model if isinstance(model, nn.Module) else model(config),
-              loss_fn=loss_fn, builtin_loss=builtin_loss, optimizer=optimizer, plan=plan,
+              loss_fn=loss_fn, builtin_loss=builtin_loss, plan=plan,
+              optimizer=None,  # the caller builds it, or fit brings it, for this model
               source=source, classification=classification)
     if plan.per_epoch == 1 and not plan.shuffle:
         job.fixed = source.read(plan.shard(0, world_size, rank))

@@ -1,4 +1,6 @@
-"""Guards against silent failure: config agreement, replica agreement, non-finite values."""
+"""Guards against silent failure: the ranks' agreement on the config (fingerprints) and on
+the replicas' weights (checksums). The finite checks are the weights' holders'
+(gradsync.all_finite, ShardedSync.weights_finite) and the loss record's."""
 
 from __future__ import annotations
 

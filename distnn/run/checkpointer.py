@@ -180,8 +180,9 @@ class Checkpointer:
              before_write: Callable[[], None] | None = None) -> None:
         """Verifies, then rank 0 writes ``step-{done}`` (``before_write`` first: the metrics
         file then holds every step up to the checkpoint). Every rank learns whether the
-        write worked; if not, all stop (exit 4). Sharded weights and optimizer state are
-        gathered whole for rank 0 first (every rank takes part)."""
+        write worked; if not, all stop (exit 4). Sharded weights and optimizer state: each
+        rank writes its own shards into a folder every rank shares, or, where the ranks do
+        not share it, they are gathered whole for rank 0 first (every rank takes part)."""
         if self.verifier:
             self.verifier.verify(done, sync)
         config = self.config

@@ -58,8 +58,10 @@ class LossRecord:
         """For a step that writes its own loss: the window, and the 0-dim device index of
         the slot for the next step's loss. The step writes ``window[slot] = loss`` and
         advances ``slot`` by one, modulo the window's length; then :meth:`wrote`. A run
-        uses this or :meth:`put`, not both (``put`` does not move ``slot``): the trainer's
-        choice is fixed for a run (wholestep's fused step, or not)."""
+        uses this or :meth:`put`, not both (``put`` does not move ``slot``): a run's
+        WholeStep is given the target only without micro-batches, where a step is one compiled
+        function that writes its loss (one process, the reference update) for every step
+        of the run or for none (builder)."""
         return self._window, self._slot
 
     def wrote(self, step: int) -> None:

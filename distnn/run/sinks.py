@@ -1,5 +1,6 @@
 """Where rank 0's metrics records go: a sink takes each record (a JSON-able dict: a logged
-step's ``{"step", "loss", "ms_per_step", "samples_per_s"}``, an event such as
+step's ``{"step", "loss", "ms_per_step", "samples_per_s"}``, with ``"lr"`` under a
+schedule and ``"grad_norm"`` under clipping, an event such as
 ``{"event": "val", "step": S, ...}``, the closing ``{"event": "summary", ...}``).
 
 The JSON Lines file of --metrics is one; another (TensorBoard, say) is one more class with

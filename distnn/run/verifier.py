@@ -19,8 +19,9 @@ class Verifier:
 
     A non-finite gradient makes the weights non-finite, and those the next loss, so the
     checks are: the losses since the last check, and the weights now. Every rank reaches the
-    same verdict without communicating (the losses are all-reduced, so equal everywhere); the
-    replica check is one small all-gather. ``kept()`` says where the last good weights are,
+    same verdict (the losses are all-reduced, so equal everywhere; replicated weights are
+    checked without communicating, sharded ones with one all-reduce of the ranks' verdicts);
+    the replica check is one small all-gather. ``kept()`` says where the last good weights are,
     for the report.
     """
 

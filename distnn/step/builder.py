@@ -64,7 +64,8 @@ class StepBuilder:
         self.stream: ShardStream | None = None  # the training rows, when read per step
         self.sharded = False  # the model sharded by FSDP2 (set by build)
         self.compile_s = 0.0
-        self.compiled: bool | None = None  # --compile: whether the whole step compiled
+        # --compile: whether it compiled (the whole step; under --shard each unit's forward)
+        self.compiled: bool | None = None
 
     def build(self, sync: FlatGradSync, ballot: Ballot, *, start: int,
               loss_target: tuple[torch.Tensor, torch.Tensor]) -> Callable[[], Summed]:
