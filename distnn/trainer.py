@@ -27,6 +27,7 @@ from distnn.distributed.process_group import DeviceWatch, communication
 from distnn.distributed.replicas import place_whole, replicate
 from distnn.distributed.runtime import Runtime
 from distnn.distributed.sharding import (
+    GradSync,
     ShardedSync,
     check_shardable,
     find_blocks,
@@ -46,7 +47,7 @@ from distnn.run.sinks import TensorBoardSink
 from distnn.run.startup import check_memory
 from distnn.run.targetcount import TargetCounts
 from distnn.run.validation import Validator
-from distnn.run.verifier import GradSync, Verifier
+from distnn.run.verifier import Verifier
 from distnn.settings import Settings
 from distnn.step.builder import StepBuilder
 from distnn.step.precision import Precision
@@ -116,7 +117,7 @@ class Trainer:
         self.job: Job | None = None
         self.losses: LossRecord | None = None  # the global loss of every step
         self.sync: GradSync | None = None  # the gradients' sum; the weights, whole or sharded
-        self.steps: StepBuilder | None = None
+        self.builder: StepBuilder | None = None
         self.checkpointer: Checkpointer | None = None
         self.verifier: Verifier | None = None
         self.validator: Validator | None = None
@@ -145,14 +146,14 @@ class Trainer:
             self._close()
         return TrainResult(model=self.job.model, wall_s=wall_s, steps=done,
                            val=self.validator.results, is_main=self.rt.is_main,
-                           losses=list(self.losses.tail), compiled=self.steps.compiled,
-                           compile_s=self.steps.compile_s)
+                           losses=list(self.losses.tail), compiled=self.builder.compiled,
+                           compile_s=self.builder.compile_s)
 
     def _run(self) -> tuple[int, float]:
         """The run's start-up, steps and end; returns the steps done and the steps' wall
         seconds."""
         start = self._start_up()
-        run_step = self.steps.build(self.sync, self.stop.ballot, start=start,
+        run_step = self.builder.build(self.sync, self.stop.ballot, start=start,
                                     loss_target=self.losses.target)
         with self.stop.installed():
             if self.steps_log:
@@ -160,7 +161,7 @@ class Trainer:
             # The device finishes the work queued before the steps (placing the
             # weights, a capture's warm-up) before the clock starts, outside the range.
             self.watch.wait()
-            with torch.profiler.record_function(STEPS_RANGE), self.steps.after_warm_up():
+            with torch.profiler.record_function(STEPS_RANGE), self.builder.after_warm_up():
                 started = time.perf_counter()
                 done = self._run_steps(run_step, start)
                 if self.steps_log:
@@ -231,7 +232,7 @@ class Trainer:
                                    results=agreed.val,
                                    report=self.steps_log.event if self.steps_log else None)
         self.validator.lockstep = self.sync.sharded
-        self.steps = StepBuilder(job, rt, precision=self.precision, update=update,
+        self.builder = StepBuilder(job, rt, precision=self.precision, update=update,
                                  watch=self.watch, weight_grad=self.settings.weight_grad,
                                  bf16_fusions=self.settings.bf16_fusions)
         return start
@@ -332,7 +333,7 @@ class Trainer:
                 "steps": config.steps,
                 "start_step": start,
                 "wall_s": round(wall_s, 6),
-                "compile_s": round(self.steps.compile_s, 3),
+                "compile_s": round(self.builder.compile_s, 3),
                 "samples_per_s": round(rows / wall_s, 1) if ran else 0.0,
                 "final_loss": self.losses.last(),
             })
@@ -345,7 +346,7 @@ class Trainer:
         one fails to (a flush that reads a stalled device, say); the first such error is
         raised, unless the run is ``failing`` already: its own error is the one to say."""
         first = None
-        for part in (self.steps, self.steps_log, self.checkpointer):
+        for part in (self.builder, self.steps_log, self.checkpointer):
             if part is not None:
                 try:
                     part.close()

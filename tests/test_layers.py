@@ -84,4 +84,5 @@ def test_no_import_circle():
 def test_the_check_sees_the_package_s_imports():
     edges = graph()
     assert "distnn.run.checkpointer" in edges["distnn.trainer"]
-    assert "distnn.distributed.gradsync" in edges["distnn.step.update"]
+    assert "distnn.distributed.sharding" in edges["distnn.step.update"]
+    assert "distnn.distributed.gradsync" in edges["distnn.step.builder"]

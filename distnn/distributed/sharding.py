@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from distnn.distributed.gradsync import FlatGradSync
 from distnn.distributed.process_group import collective
 from distnn.errors import UsageError
 
@@ -305,3 +306,7 @@ def load_zero_state(optimizer: torch.optim.Optimizer,
                        "params": list(range(first, first + count))})
         first += count
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# What sums a run's gradients and holds its weights: flat and replicated, or sharded.
+GradSync = FlatGradSync | ShardedSync

@@ -26,6 +26,7 @@ from torch import nn
 from distnn.distributed.process_group import collective, gather_objects
 from distnn.distributed.runtime import Runtime
 from distnn.distributed.sharding import (
+    GradSync,
     consolidated_state,
     is_zero,
     load_zero_state,
@@ -44,7 +45,7 @@ from distnn.resilience.outputs import check_space, describe_os_error, save_weigh
 from distnn.resilience.shards import load_shards, shard_state, state_bytes, write_shards
 from distnn.run.lossrecord import LossRecord
 from distnn.run.startup import data_digest, job_objects
-from distnn.run.verifier import GradSync, Verifier
+from distnn.run.verifier import Verifier
 
 log = logging.getLogger("distnn")
 

@@ -9,6 +9,9 @@ full) and whenever someone needs them (the log's flush about once a second, the 
 checkpoint). On the host the record keeps only what the run reports: the newest ``TAIL``
 losses (for checkpoints and messages) and the first non-finite loss. Listeners (rank 0's
 StepLog) get every pulled loss once.
+
+It records any one number a step: under --clip-grad-norm a second LossRecord keeps each
+update's gradient norm the same way (its first non-finite one stops the run first).
 """
 
 from __future__ import annotations

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from distnn.distributed.gradsync import FlatGradSync
-from distnn.distributed.sharding import ShardedSync
+from distnn.distributed.sharding import GradSync
 from distnn.errors import EXIT_GUARD, RunFailed
 from distnn.resilience.guards import check_replicas
 from distnn.run.lossrecord import LossRecord
-
-GradSync = FlatGradSync | ShardedSync
 
 
 class Verifier:

@@ -23,6 +23,7 @@ from distnn.data.shards import shard_bounds
 from distnn.distributed.gradsync import FlatGradSync
 from distnn.distributed.process_group import DeviceWatch
 from distnn.distributed.runtime import Runtime
+from distnn.distributed.sharding import GradSync
 from distnn.job.spec import Job
 from distnn.resilience.memory import out_of_memory
 from distnn.step import wgrad
@@ -67,7 +68,7 @@ class StepBuilder:
         # --compile: whether it compiled (the whole step; under --shard each unit's forward)
         self.compiled: bool | None = None
 
-    def build(self, sync: FlatGradSync, ballot: Ballot, *, start: int,
+    def build(self, sync: GradSync, ballot: Ballot, *, start: int,
               loss_target: tuple[torch.Tensor, torch.Tensor]) -> Callable[[], Summed]:
         """The function that runs one step and returns its global loss and stop votes (a
         loss of None: the compiled step wrote it into ``loss_target`` itself, see
@@ -145,7 +146,7 @@ class StepBuilder:
             pieces.append((x_shard[first:stop], y_shard[first:stop]))
         return pieces
 
-    def _eager(self, sync: FlatGradSync, pieces: list[Batch], vote: torch.Tensor) -> Summed:
+    def _eager(self, sync: GradSync, pieces: list[Batch], vote: torch.Tensor) -> Summed:
         """One eager step's work on the device; returns the global loss and stop votes.
 
         Every piece but the last only accumulates its gradients; the last one's backward

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from distnn.distributed.gradsync import FlatGradSync
+from distnn.distributed.sharding import GradSync
 from distnn.step.schedule import Schedule
 
 GradientTransform = Callable[[list[torch.Tensor], int], None]
@@ -67,7 +67,7 @@ class Update:
         self._rates: dict[int, float] = {}  # a user's scheduler: the rate of each update
         self._keep_rates = says_rates and self.scheduler is not None and schedule is None
 
-    def __call__(self, sync: FlatGradSync, loss: torch.Tensor) -> torch.Tensor:
+    def __call__(self, sync: GradSync, loss: torch.Tensor) -> torch.Tensor:
         """Updates the weights from the summed gradients; returns the step's loss (the
         summed ``loss``, or under a mean reduction that sum over the count)."""
         update = self.index
