@@ -17,6 +17,10 @@ from typing import Any
 
 from distnn.errors import UsageError
 
+# what --bucket-mb and --shard default to and allow; the library's pieces use these too
+DEFAULT_BUCKET_MB = 25.0
+SHARD_MODES = ("none", "optimizer", "gradients", "parameters")
+
 
 def _option(default: Any, help: str, *, minimum: float | None = None, inclusive: bool = False,
             maximum: float | None = None, choices: tuple[str, ...] | None = None,
@@ -128,8 +132,9 @@ class TrainConfig:
                                 "replicas' weights; 0: only at checkpoints and the end",
                                 minimum=0, metavar="K")
 
-    bucket_mb: float = _option(25.0, "gradient bucket size in MiB: larger models all-reduce "
-                               "bucket by bucket, overlapped with backward", minimum=0.0)
+    bucket_mb: float = _option(DEFAULT_BUCKET_MB, "gradient bucket size in MiB: larger models "
+                               "all-reduce bucket by bucket, overlapped with backward",
+                               minimum=0.0)
     micro_batches: int = _option(1, "split each rank's shard into M pieces and accumulate their "
                                  "gradients before the one all-reduce (bounds activation "
                                  "memory; the result is unchanged)", minimum=1, metavar="M")
@@ -138,7 +143,7 @@ class TrainConfig:
                          "ZeroRedundancyOptimizer), gradients (also the gradients: FSDP2), "
                          "parameters (also the parameters between uses: FSDP2 resharding "
                          "after forward)",
-                         choices=("none", "optimizer", "gradients", "parameters"))
+                         choices=SHARD_MODES)
     shard_blocks: str | None = _option(None, "the class names of the modules FSDP2 shards as "
                                        "units, comma-separated (default: each module in an "
                                        "nn.ModuleList of the model)", metavar="NAME[,NAME]")

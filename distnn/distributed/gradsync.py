@@ -68,9 +68,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from distnn.config import DEFAULT_BUCKET_MB
 from distnn.distributed.process_group import collective
 
-DEFAULT_BUCKET_MB = 25.0
 # Each parameter's first element in the flat buffers: a multiple of this many elements, so
 # 64 bytes in fp32 and 32 in a bf16 copy, at least the 16 that vectorised loads need.
 ALIGN = 16

@@ -39,8 +39,6 @@ from distnn.errors import UsageError
 
 log = logging.getLogger("distnn")
 
-MODES = ("none", "optimizer", "gradients", "parameters")
-
 
 def is_dtensor(value: object) -> bool:
     """Whether ``value`` is a DTensor. FSDP2 and DTensor are imported only by the runs that

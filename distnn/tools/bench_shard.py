@@ -54,9 +54,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import distnn
+from distnn.config import SHARD_MODES as MODES
 from distnn.data.shards import shard_bounds
 from distnn.distributed.runtime import Runtime, setup
-from distnn.distributed.sharding import MODES
 from distnn.models.gpt import build
 from distnn.tools.bench_data import below_one, load_average, machine, proc_kb, write_report
 from distnn.tools.bench_lm import Recipe, cpu_seconds, timed_rounds, token_data

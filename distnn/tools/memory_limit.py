@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from distnn.distributed.sharding import MODES
+from distnn.config import SHARD_MODES as MODES
 from distnn.tools.bench_data import below_one, load_average, machine, write_report
 from distnn.tools.bench_shard import ALLOCATORS, GPTShape, train_command, write_tokens
 
