@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 import shutil
 
 import pytest
@@ -84,6 +86,72 @@ def test_partial_checkpoints_are_skipped(tmp_path, damage):
         (newest / "losses.safetensors").unlink()
     checkpoint, notices = latest_checkpoint(str(tmp_path))
     assert checkpoint.step == 10 and len(notices) == 1
+
+
+def _edit_state(folder, edit):
+    path = folder / "state.json"
+    state = json.loads(path.read_text())
+    path.write_text(json.dumps(edit(state)))
+
+
+def _resaved_losses(folder, losses):
+    # a losses file of another shape, with its checksum brought up to date (as an edit would)
+    save_file({"loss": losses}, folder / "losses.safetensors")
+    digest = hashlib.sha256((folder / "losses.safetensors").read_bytes()).hexdigest()
+    return lambda state: {**state, "sha256": {**state["sha256"], "losses.safetensors": digest}}
+
+
+# state.json has no checksum of its own: what an edit or a damaged write can leave in it
+STATE_DAMAGE = {
+    "a list": (lambda state: [], "state.json holds a list, not an object"),
+    "null": (lambda state: None, "state.json holds a NoneType"),
+    "config a list": (lambda state: {**state, "config": []}, "state.json's 'config' is []"),
+    "val a number": (lambda state: {**state, "val": 5}, "state.json's 'val' is 5"),
+    "val of numbers": (lambda state: {**state, "val": [1]}, "other things than validation"),
+    "objects text": (lambda state: {**state, "objects": "x"}, "state.json's 'objects' is \"x\""),
+    "step a float": (lambda state: {**state, "step": 20.7}, "state.json's 'step' is 20.7"),
+    "step true": (lambda state: {**state, "step": True}, "state.json's 'step' is true"),
+    "step not the folder's": (lambda state: {**state, "step": 25},
+                              "state.json's step 25 is not the folder's"),
+    "world size text": (lambda state: {**state, "world_size": "x"}, "'world_size' is \"x\""),
+    "a file outside": (lambda state: {**state, "sha256": {**state["sha256"], "../x": "0"}},
+                       "state.json lists \"../x\", not a file of the checkpoint"),
+    "an endless file": (lambda state: {**state, "sha256": {**state["sha256"],
+                                                            "/dev/zero": "0"}},
+                        "state.json lists \"/dev/zero\", not a file of the checkpoint"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(STATE_DAMAGE))
+def test_a_state_json_distnn_could_not_have_written_is_skipped(tmp_path, damage):
+    save(tmp_path, 10)
+    save(tmp_path, 20)
+    edit, words = STATE_DAMAGE[damage]
+    _edit_state(tmp_path / "step-20", edit)
+    checkpoint, notices = latest_checkpoint(str(tmp_path))
+    assert checkpoint.step == 10 and len(notices) == 1, notices
+    assert words in notices[0], notices[0]
+
+
+def test_losses_of_another_shape_or_a_fifo_listed_are_skipped(tmp_path):
+    save(tmp_path, 10)
+    save(tmp_path, 20)
+    newest = tmp_path / "step-20"
+    _edit_state(newest, _resaved_losses(newest, torch.zeros(4, 5)))
+    assert latest_checkpoint(str(tmp_path))[1] == [
+        f"checkpoint {newest} is corrupt or partial (holds losses of shape [4, 5] and dtype "
+        "float32 for 20 steps); skipping it"]
+    save(tmp_path, 20)
+    os.mkfifo(newest / "pipe")  # read, it would never end
+    _edit_state(newest, lambda state: {**state, "sha256": {**state["sha256"], "pipe": "0"}})
+    checkpoint, notices = latest_checkpoint(str(tmp_path))
+    assert checkpoint.step == 10 and "pipe is not a regular file" in notices[0], notices
+
+
+def test_a_step_folder_of_another_spelling_is_no_checkpoint(tmp_path):
+    save(tmp_path, 10)
+    shutil.copytree(tmp_path / "step-10", tmp_path / "step-030")  # no step's name
+    assert list_checkpoints(str(tmp_path)) == [10]
 
 
 def test_temporary_folders_of_an_interrupted_write_are_not_checkpoints(tmp_path):

@@ -33,7 +33,7 @@ from distnn.config import flag_name, flag_text
 from distnn.errors import UsageError
 from distnn.resilience.outputs import check_space, tensor_bytes
 
-STEP_DIR = re.compile(r"^step-(\d+)$")
+STEP_DIR = re.compile(r"^step-(0|[1-9]\d*)$")  # step-30; not step-030, a name of no step
 WEIGHTS, LOSSES, STATE = "weights.safetensors", "losses.safetensors", "state.json"
 OPTIMIZER = "optimizer.safetensors"
 LOCK = ".distnn-lock"
@@ -42,6 +42,13 @@ TEMPORARY_PREFIX = ".step-"  # a checkpoint being written: ".step-N.tmp-XXXX"
 # the batches and the meaning of the saved state.
 MUST_MATCH = ("batch_size", "d_in", "hidden", "d_out", "model", "model_args", "seed", "no_shuffle",
               "drop_last", "loss", "optimizer")
+# What state.json's entries must be (distnn writes them so; older versions wrote fewer of
+# them): it has no checksum of its own, so an edited or damaged one is caught here.
+STATE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "step": int, "sha256": dict, "config": dict, "objects": dict, "val": list,
+    "world_size": int, "rows": (int, type(None)), "data": (str, type(None)), "format": str,
+    "scheduler": dict, "epoch": int, "batch_in_epoch": int, "optimizer_state": bool,
+}
 
 
 @dataclass(frozen=True)
@@ -193,10 +200,12 @@ def list_checkpoints(directory: str) -> list[int]:
 
 
 def read_checkpoint(path: str) -> Checkpoint:
-    """Reads and verifies one checkpoint folder; raises ValueError saying what is wrong."""
+    """Reads and verifies one checkpoint folder ``.../step-N``; raises ValueError saying
+    what is wrong."""
     try:
         with open(os.path.join(path, STATE), encoding="utf-8") as file:
             state = json.load(file)
+        check_state(state, path)
         sharded = state.get("format") == "sharded"
         if sharded and "shards/.metadata" not in state["sha256"]:
             raise ValueError("its shards' index is not listed in state.json")
@@ -207,13 +216,43 @@ def read_checkpoint(path: str) -> Checkpoint:
         losses = load_file(os.path.join(path, LOSSES))["loss"]
         optimizer = (load_file(os.path.join(path, OPTIMIZER))
                      if OPTIMIZER in state["sha256"] else None)
-        step = int(state["step"])
-    except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
+    except (OSError, KeyError, TypeError, RecursionError, json.JSONDecodeError) as error:
         raise ValueError(f"unreadable ({type(error).__name__}: {error})") from None
-    if losses.numel() > step:
-        raise ValueError(f"holds {losses.numel()} losses for {step} steps")
+    step = state["step"]
+    if losses.dim() != 1 or not losses.is_floating_point() or losses.numel() > step:
+        raise ValueError(f"holds losses of shape {list(losses.shape)} and dtype "
+                         f"{str(losses.dtype).removeprefix('torch.')} for {step} steps")
     return Checkpoint(path=path, step=step, weights=weights, losses=losses, state=state,
                       optimizer=optimizer)
+
+
+def check_state(state: Any, path: str) -> None:
+    """Raises ValueError unless ``state`` is a state.json that distnn could have written in
+    ``path``: its entries of their types, its step the folder's, and the files it lists
+    regular files inside the folder (a name such as ``../x`` or ``/dev/zero`` would have
+    the checksums read any file, or one that never ends)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"state.json holds a {type(state).__name__}, not an object")
+    for key, kind in STATE_TYPES.items():
+        value = state.get(key)
+        if key in state and (not isinstance(value, kind)
+                             or (isinstance(value, bool) and kind is not bool)):
+            raise ValueError(f"state.json's {key!r} is {json.dumps(value)[:40]}")
+    if not all(isinstance(record, dict) for record in state.get("val", [])):
+        raise ValueError("state.json's 'val' holds other things than validation records")
+    named = STEP_DIR.match(os.path.basename(os.path.normpath(path)))
+    if "step" not in state or state["step"] < 0 or (
+            named and state["step"] != int(named.group(1))):
+        raise ValueError(f"state.json's step {state.get('step')} is not the folder's")
+    for name, digest in state.get("sha256", {}).items():
+        inside = os.path.normpath(name)
+        if (not isinstance(digest, str) or os.path.isabs(name) or inside != name
+                or inside.split(os.sep)[0] == os.pardir):
+            raise ValueError(f"state.json lists {json.dumps(name)[:60]}, not a file of the "
+                             "checkpoint")
+        file = os.path.join(path, name)
+        if os.path.islink(file) or (os.path.exists(file) and not os.path.isfile(file)):
+            raise ValueError(f"{name} is not a regular file")
 
 
 def latest_checkpoint(directory: str) -> tuple[Checkpoint | None, list[str]]:
