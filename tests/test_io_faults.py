@@ -383,3 +383,20 @@ def test_a_checkpoint_folder_removed_mid_run_is_said_as_it_is(tmp_path):
                         r"step-\d+ \(No such file or directory\); the last checkpoint, "
                         rf"{re.escape(str(ck))}/step-\d+, is gone too; make room \(or make "
                         r"the folder again\) and run the same command to continue", lines[0]), lines
+
+
+def test_a_checkpoint_folder_that_can_be_written_but_not_listed_is_one_line(tmp_path):
+    # chmod 300: the write probe passes, and listing its checkpoints would raise
+    folder = tmp_path / "unlistable"
+    folder.mkdir()
+    folder.chmod(0o300)
+    as_user = []
+    if os.geteuid() == 0:  # root reads any folder: drop the capabilities that let it
+        if shutil.which("setpriv") is None:
+            pytest.skip("root, and no setpriv to drop the right to read any folder")
+        as_user = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    result = run_cli([*as_user, sys.executable, "-m", "distnn.train", *TINY, "--steps", "2",
+                      "--checkpoint-dir", str(folder)], timeout=60)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        f"distnn: error: --checkpoint-dir: cannot list {str(folder)!r} (Permission denied); "
+        "allowed: a directory this user can read and write"], result.stderr

@@ -145,6 +145,12 @@ def claim_checkpoint_dir(config: TrainConfig) -> FolderLock | None:
         raise UsageError(f"--checkpoint-dir: cannot create {config.checkpoint_dir!r} "
                          f"({error.strerror}); allowed: a writable directory") from None
     check_writable(os.path.join(config.checkpoint_dir, ".distnn-probe"), "--checkpoint-dir")
+    try:  # a folder one may write to but not list (chmod 300): no checkpoint could be found
+        os.listdir(config.checkpoint_dir)
+    except OSError as error:
+        raise UsageError(f"--checkpoint-dir: cannot list {config.checkpoint_dir!r} "
+                         f"({error.strerror}); allowed: a directory this user can read and "
+                         "write") from None
     lock = FolderLock(config.checkpoint_dir)
     try:
         for path in remove_temporaries(config.checkpoint_dir):
