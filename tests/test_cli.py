@@ -82,7 +82,17 @@ def test_outputs_that_are_pipes_or_another_files_path_are_refused(tmp_path, caps
             (["--data", str(data), "--save", str(data)], "the file that --data names"),
             (["--data", str(data), "--metrics", str(data)], "the file that --data names"),
             (["--metrics", str(tmp_path / "o"), "--save", str(tmp_path / "o")],
-             "the file that --metrics names")]:
+             "the file that --metrics names"),
+            # pruned with its checkpoint, or overwriting the lock or a checkpoint's file
+            (["--checkpoint-dir", str(tmp_path / "ck"), "--metrics",
+              str(tmp_path / "ck" / "step-20" / "m.jsonl")],
+             f"--metrics: got {str(tmp_path / 'ck' / 'step-20' / 'm.jsonl')!r}, inside "
+             f"--checkpoint-dir {str(tmp_path / 'ck')!r}, whose checkpoints the run replaces "
+             "and deletes; allowed: a path outside it"),
+            (["--checkpoint-dir", str(tmp_path / "ck"), "--save",
+              str(tmp_path / "ck" / ".distnn-lock")], "--save: got"),
+            (["--checkpoint-dir", str(tmp_path), "--tensorboard", str(tmp_path / "tb")],
+             "--tensorboard: got")]:
         assert main([*argv, "--steps", "2"]) == 2
         err = capsys.readouterr().err
         assert words in err and len(err.splitlines()) == 1, err

@@ -174,7 +174,7 @@ class FolderLock:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._file.seek(0)
-            holder = self._file.read().strip() or "unknown"
+            holder = self._file.readline(200).strip() or "unknown"  # (what distnn wrote)
             self._file.close()
             raise UsageError(f"--checkpoint-dir: {directory!r} is in use by another job "
                              f"({holder}); allowed: one job per checkpoint folder: wait for "

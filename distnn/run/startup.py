@@ -166,11 +166,11 @@ def prepare_outputs(job: Job) -> Checkpoint | None:
     whose writing was cut short removed), and the newest good checkpoint, checked to fit
     the run (None: nothing to resume)."""
     config = job.config
+    check_outputs_distinct(job)
     for flag, path, in_place in (("--metrics", config.metrics, True),
                                  ("--save", config.save, False)):
         if path:
             check_writable(path, flag, in_place=in_place)
-    check_outputs_distinct(job)
     if config.tensorboard:
         check_tensorboard(config.tensorboard)
     for flag, output in (("--save", config.save), ("--metrics", config.metrics)):
@@ -206,8 +206,17 @@ def check_tensorboard(directory: str) -> None:
 def check_outputs_distinct(job: Job) -> None:
     """Refuses --metrics, --save or --tensorboard naming a file that an input (a data file
     of the command line or of distnn.fit) or another output names (through a link too): the
-    run would overwrite it."""
+    run would overwrite it; or a path inside --checkpoint-dir, whose folders and lock file
+    the run replaces and deletes."""
     config = job.config
+    if config.checkpoint_dir:
+        folder = os.path.realpath(config.checkpoint_dir)
+        for flag, path in (("--metrics", config.metrics), ("--save", config.save),
+                           ("--tensorboard", config.tensorboard)):
+            if path and os.path.realpath(path).startswith(folder + os.sep):
+                raise UsageError(f"{flag}: got {path!r}, inside --checkpoint-dir "
+                                 f"{config.checkpoint_dir!r}, whose checkpoints the run "
+                                 "replaces and deletes; allowed: a path outside it")
     inputs = [(data.flag, data.path) for data in (job.source, job.val)
               if isinstance(data, DataFile)]
     named: dict[object, str] = {}
