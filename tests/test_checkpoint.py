@@ -240,3 +240,19 @@ def test_the_command_line_keeps_the_checkpoints_it_is_told_to(a_finished_run, tm
     assert main([*given, *extra]) == 0
     assert sorted(p.name for p in (tmp_path / "ck").iterdir() if p.name.startswith("step-")) \
         == kept
+
+
+@pytest.mark.parametrize("entry", ["a link to itself", "a file", "a folder"])
+def test_what_stands_at_a_step_s_name_is_replaced_by_its_checkpoint(tmp_path, entry):
+    # a corrupt entry skipped at the resume must not block the write of that step
+    path = tmp_path / "step-9"
+    if entry == "a link to itself":
+        path.symlink_to("step-9")
+    elif entry == "a file":
+        path.write_text("not a checkpoint")
+    else:
+        path.mkdir()
+        (path / "state.json").write_text("{")
+    assert latest_checkpoint(str(tmp_path))[0] is None
+    save(tmp_path, 9)
+    assert read_checkpoint(str(path)).step == 9

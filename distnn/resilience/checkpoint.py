@@ -133,7 +133,11 @@ def save_checkpoint(directory: str, *, step: int, weights: dict[str, torch.Tenso
                 file.write(data)
                 file.flush()
                 os.fsync(file.fileno())
-        if os.path.exists(final):  # a step saved twice (e.g. after a restart): replace it
+        # a step saved twice (after a restart), or a corrupt entry of its name skipped at the
+        # resume (a file, a link, a folder): replace it
+        if os.path.islink(final) or os.path.isfile(final):
+            os.unlink(final)
+        elif os.path.lexists(final):
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync(directory)
