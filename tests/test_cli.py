@@ -64,7 +64,7 @@ def test_output_paths_that_are_directories_or_under_a_file_are_refused(tmp_path,
     assert main(["--save", str(tmp_path)]) == 2
     assert "which is a directory" in capsys.readouterr().err
     assert main(["--metrics", str(a_file / "m.jsonl")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert f"the directory {str(a_file)!r} is a file, not a directory" in capsys.readouterr().err
 
 
 def test_outputs_that_are_pipes_or_another_files_path_are_refused(tmp_path, capsys,

@@ -63,8 +63,9 @@ def check_writable(path: str, flag: str, *, in_place: bool = False) -> None:
         return
     directory = os.path.dirname(os.path.realpath(path))
     if not os.path.isdir(directory):
-        raise UsageError(f"{flag}: got {path!r}{link} but the directory {directory!r} does not "
-                         "exist; allowed: a path in an existing, writable directory")
+        problem = "is a file, not a directory" if os.path.exists(directory) else "does not exist"
+        raise UsageError(f"{flag}: got {path!r}{link} but the directory {directory!r} "
+                         f"{problem}; allowed: a path in an existing, writable directory")
     try:
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".distnn-probe-"):
             pass
