@@ -315,14 +315,15 @@ class Trainer:
         if done < config.steps:
             name = signal.Signals(self.stop.signum or signal.SIGTERM).name
             if config.checkpoint_dir and done > start:
-                saved = f"wrote {os.path.join(config.checkpoint_dir, f'step-{done}')}"
+                saved = (f"wrote {os.path.join(config.checkpoint_dir, f'step-{done}')}; run the "
+                         "same command to continue")
             elif config.checkpoint_dir:
-                saved = "no new step to checkpoint"
+                saved = "no new step to checkpoint; run the same command to continue"
             else:
-                saved = "no --checkpoint-dir, so nothing was saved"
-            raise RunFailed(f"preempted ({name}) after step {done} of {config.steps}: {saved}; "
-                            "run the same command to continue", self.stop.exit_code,
-                            label="stopped")
+                saved = ("no --checkpoint-dir, so nothing was saved; a rerun starts again "
+                         "(with --checkpoint-dir it would continue from here)")
+            raise RunFailed(f"preempted ({name}) after step {done} of {config.steps}: {saved}",
+                            self.stop.exit_code, label="stopped")
         if self.steps_log:
             ran = done - start
             rows = self._rows_between(start, done)

@@ -235,6 +235,24 @@ def test_one_process_stops_after_the_step_its_signal_arrived_in_and_resumes_the_
     assert_same_bits(tmp_path / "whole.safetensors", tmp_path / "w.safetensors")
 
 
+def test_a_run_without_a_checkpoint_folder_says_a_rerun_starts_again(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    job = subprocess.Popen([sys.executable, "-m", "distnn.train", *TINY, "--steps", "10000000",
+                            "--log-every", "1", "--metrics", str(metrics)], env=clean_env(),
+                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (metrics.exists() and metrics.read_text()) and job.poll() is None:
+        assert time.monotonic() < deadline, "no step was recorded"
+        time.sleep(0.01)  # a step recorded: the steps run, and the signal is caught
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=60)
+    assert job.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert re.fullmatch(r"distnn: warning: stopped: preempted \(SIGTERM\) after step \d+ of "
+                        r"10000000: no --checkpoint-dir, so nothing was saved; a rerun starts "
+                        r"again \(with --checkpoint-dir it would continue from here\)",
+                        stderr.strip()), stderr
+
+
 def test_a_repeated_sigterm_is_the_same_request_and_a_second_sigint_interrupts():
     from distnn.resilience.preemption import StopRequests
 
