@@ -23,7 +23,7 @@ def test_check_writable_accepts_a_new_file_in_an_existing_directory(tmp_path):
 @pytest.mark.parametrize("make_path, words", [
     (lambda d: d, "which is a directory"),
     (lambda d: d / "absent" / "w.safetensors", "does not exist"),
-    (lambda d: d / "a_file" / "w.safetensors", "does not exist"),
+    (lambda d: d / "a_file" / "w.safetensors", "is a file, not a directory"),
 ])
 def test_check_writable_refuses_unusable_paths(tmp_path, make_path, words):
     (tmp_path / "a_file").write_text("")
