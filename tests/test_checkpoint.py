@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -172,6 +173,10 @@ def test_a_checkpoint_of_other_shapes_or_data_is_refused(tmp_path):
     with pytest.raises(UsageError) as info:
         check_compatible(checkpoint, {**CONFIG, "hidden": (5,), "seed": 1})
     assert "--hidden 4 (now 5)" in str(info.value) and "--seed 0 (now 1)" in str(info.value)
+    _edit_state(tmp_path / "step-10",
+                lambda state: {**state, "config": {**state["config"], "seed": "0"}})
+    with pytest.raises(UsageError, match=re.escape('--seed "0" (now 0)')):  # not "0 (now 0)"
+        check_compatible(read_checkpoint(str(tmp_path / "step-10")), CONFIG)
 
 
 def test_state_json_records_checksums(tmp_path):

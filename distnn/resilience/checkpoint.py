@@ -281,11 +281,19 @@ def changed_settings(checkpoint: Checkpoint, config: dict[str, Any],
             for name in names if name in saved and saved[name] != config.get(name)]
 
 
+def _shown(saved: Any, now: Any) -> str:
+    """``saved (now now)`` as flags read, or as JSON where that reads the same (a state.json
+    edited to hold "10" for 10, say)."""
+    if flag_text(saved) == flag_text(now):
+        return f"{json.dumps(saved)} (now {json.dumps(now)})"
+    return f"{flag_text(saved)} (now {flag_text(now)})"
+
+
 def check_compatible(checkpoint: Checkpoint, config: dict[str, Any]) -> None:
     """Raises UsageError when the checkpoint was made for other shapes, batch or data."""
     saved = checkpoint.state.get("config", {})
     now = json.loads(json.dumps(config))  # tuples become lists, as in state.json
-    differ = [f"{flag_name(name)} {flag_text(saved.get(name))} (now {flag_text(now[name])})"
+    differ = [f"{flag_name(name)} {_shown(saved.get(name), now[name])}"
               for name in MUST_MATCH if name in now and saved.get(name) != now[name]]
     if differ:
         raise UsageError(f"--checkpoint-dir: {checkpoint.path} was made with "
