@@ -2,6 +2,7 @@
 plain Python slicing (chunked or not, any stride), the validation split loses and repeats no
 byte, and each bad input is one line on stderr and exit 2, with nothing left behind."""
 
+import errno
 import os
 import subprocess
 import sys
@@ -112,6 +113,13 @@ def bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
                                    "--context", "8"], "does not exist"),
         "output not safetensors": ([str(text), str(tmp_path / "out.npz"), "--context", "8"],
                                    "does not end in .safetensors"),
+        "output is the input": ([str(text), str(text), "--context", "8"],
+                                f"OUTPUT {text} is the input {text}, which writing it would "
+                                "destroy; allowed: another path"),
+        "val output is the input": ([str(text), out, "--context", "8", "--val-fraction",
+                                     "0.1", "--val-output", str(text)], "--val-output"),
+        "output folder a file": ([str(text), str(text / "o.safetensors"), "--context", "8"],
+                                 "is a file, not a folder"),
     }
 
 
@@ -124,6 +132,30 @@ def test_each_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         assert len(lines) == 1 and lines[0].startswith("distnn: error: "), (name, lines)
         assert expected in lines[0], (name, lines)
         assert sorted(os.listdir(tmp_path)) == ["in.txt", "short.txt"], name
+
+
+def test_a_write_that_fails_replaces_neither_file(tmp_path, capsys, monkeypatch):
+    # the training file is written, the validation file's write fails (a full disk): both
+    # files appear, or neither
+    text = tmp_path / "in.txt"
+    text.write_bytes(TEXT * 20)
+    out, val = tmp_path / "out.safetensors", tmp_path / "val.safetensors"
+    out.write_bytes(b"the previous tokens")
+    write, calls = tokens._write_windows, []
+
+    def second_fails(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(tokens, "_write_windows", second_fails)
+    assert tokens.main([str(text), str(out), "--context", "8", "--val-fraction", "0.5",
+                        "--val-output", str(val)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"distnn: error: could not write {val} (No space left on device); nothing was written"]
+    assert out.read_bytes() == b"the previous tokens" and not val.exists()
+    assert sorted(os.listdir(tmp_path)) == ["in.txt", "out.safetensors"]  # no temporary
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write to any folder")

@@ -62,15 +62,30 @@ def write_tokens(text_path: str, out_path: str, *, context: int, stride: int,
                  start: int = 0, stop: int | None = None) -> int:
     """Writes the windows of bytes ``start:stop`` of ``text_path`` (default: all of it) to
     ``out_path`` as uint8 ``x`` and ``y`` [N, context] and returns N. ``out_path`` appears
-    only once complete; raises UsageError when the bytes hold no window."""
+    only once complete; raises UsageError when the bytes hold no window, OSError when the
+    file cannot be written."""
+    temp_path = _temporary(out_path)
+    rows = _write_windows(text_path, temp_path, context=context, stride=stride, start=start,
+                          stop=stop)
+    os.replace(temp_path, out_path)
+    return rows
+
+
+def _temporary(out_path: str) -> str:
+    """Where ``out_path`` is written before it gets its name."""
+    return os.path.join(os.path.dirname(os.path.abspath(out_path)),
+                        f".{os.path.basename(out_path)}.{os.getpid()}.tmp")
+
+
+def _write_windows(text_path: str, temp_path: str, *, context: int, stride: int,
+                   start: int = 0, stop: int | None = None) -> int:
+    """write_tokens' file at ``temp_path``, removed again if its writing fails."""
     stop = os.path.getsize(text_path) if stop is None else stop
     _need_a_window(text_path, stop - start, context)
     rows = row_count(stop - start, context=context, stride=stride)
     header = _header(rows, context, stride)
     x_at, y_at = len(header), len(header) + rows * context
     rows_per_chunk = max(1, CHUNK_BYTES // max(stride, context + 1))
-    temp_path = os.path.join(os.path.dirname(os.path.abspath(out_path)),
-                             f".{os.path.basename(out_path)}.{os.getpid()}.tmp")
     try:
         with open(temp_path, "wb") as out:
             out.write(header)
@@ -86,7 +101,6 @@ def write_tokens(text_path: str, out_path: str, *, context: int, stride: int,
                 out.write(np.ascontiguousarray(windows[:, :-1]))
                 out.seek(y_at + first * context)
                 out.write(np.ascontiguousarray(windows[:, 1:]))
-        os.replace(temp_path, out_path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp_path)
@@ -105,17 +119,21 @@ def _check_paths(args: argparse.Namespace) -> None:
     outputs = [("OUTPUT", args.output)]
     if args.val_output is not None:
         outputs.append(("--val-output", args.val_output))
-        if os.path.abspath(args.val_output) == os.path.abspath(args.output):
+        if os.path.realpath(args.val_output) == os.path.realpath(args.output):
             raise UsageError(f"--val-output {args.val_output} is OUTPUT too; allowed: "
                              "another path")
     for name, path in outputs:
         folder = os.path.dirname(os.path.abspath(path))
+        if os.path.realpath(path) == os.path.realpath(args.input):
+            raise UsageError(f"{name} {path} is the input {args.input}, which writing it "
+                             "would destroy; allowed: another path")
         if not path.endswith(".safetensors"):
             raise UsageError(f"{name} {path} does not end in .safetensors")
         if os.path.isdir(path):
             raise UsageError(f"{name} {path} is a directory; allowed: a file path")
         if not os.path.isdir(folder):
-            raise UsageError(f"{name} {path}: the folder {folder} does not exist")
+            kind = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+            raise UsageError(f"{name} {path}: the folder {folder} {kind}")
         if not os.access(folder, os.W_OK | os.X_OK):
             raise UsageError(f"{name} {path}: the folder {folder} is not writable")
 
@@ -139,11 +157,23 @@ def _run(args: argparse.Namespace) -> str:
     for path, start, stop in parts:  # refuse before writing anything
         part = f" (the part for {path})" if len(parts) > 1 else ""
         _need_a_window(args.input + part, stop - start, args.context)
-    written = []
-    for path, start, stop in parts:
-        rows = write_tokens(args.input, path, context=args.context, stride=args.stride,
-                            start=start, stop=stop)
-        written.append(f"{rows} rows ({rows * args.context} tokens) to {path}")
+    written, temporaries = [], []
+    try:  # every file written under a temporary name first: all of them appear, or none
+        for path, start, stop in parts:
+            temporaries.append(_temporary(path))
+            try:
+                rows = _write_windows(args.input, temporaries[-1], context=args.context,
+                                      stride=args.stride, start=start, stop=stop)
+            except OSError as error:
+                raise UsageError(f"could not write {path} ({error.strerror}); nothing was "
+                                 "written") from None
+            written.append(f"{rows} rows ({rows * args.context} tokens) to {path}")
+        for temporary, (path, _, _) in zip(temporaries, parts, strict=True):
+            os.replace(temporary, path)
+    finally:
+        for temporary in temporaries:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
     return f"wrote {'; '.join(written)}; T={args.context}, stride {args.stride}"
 
 
