@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 
 
@@ -19,10 +21,35 @@ def read_rows(path: str) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 raise ValueError(f"{path}:{number} is not JSON") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number} is not a JSON object (a metrics record)")
+            rows.append(row)
     return rows
+
+
+def _number(value: object) -> bool:
+    """Whether ``value`` is a number a record's field may hold (null, text: not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _shown(value: object, spec: str) -> str:
+    return format(value, spec) if _number(value) else "n/a"
+
+
+def records(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The step records with a loss, and the validation records with a loss per sample;
+    raises ValueError when no step has a finite loss to draw."""
+    steps = [row for row in rows if "step" in row and "event" not in row
+             and _number(row["step"]) and _number(row.get("loss"))]
+    val = [row for row in rows if row.get("event") == "val" and _number(row.get("step"))
+           and _number(row.get("loss_per_sample"))]
+    if not any(math.isfinite(row["loss"]) for row in steps):
+        raise ValueError("the metrics file has no step records with a finite loss (was it "
+                         "written with --log-every 0?)")
+    return steps, val
 
 
 def plot(rows: list[dict], output: str, *, title: str | None = None) -> None:
@@ -34,11 +61,8 @@ def plot(rows: list[dict], output: str, *, title: str | None = None) -> None:
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
-    steps = [row for row in rows if "step" in row and "event" not in row]
-    val = [row for row in rows if row.get("event") == "val"]
-    if not steps:
-        raise ValueError("the metrics file has no step rows (was it written with --log-every 0?)")
-    timed = [row for row in steps if "samples_per_s" in row]
+    steps, val = records(rows)
+    timed = [row for row in steps if _number(row.get("samples_per_s"))]
     figure, (loss_axes, speed_axes) = plt.subplots(2, 1, sharex=True, figsize=(7, 6),
                                                    height_ratios=(2, 1))
     loss_axes.plot([r["step"] for r in steps], [r["loss"] for r in steps], linewidth=1.2,
@@ -49,7 +73,7 @@ def plot(rows: list[dict], output: str, *, title: str | None = None) -> None:
     if val:
         val_axes = loss_axes.twinx()
         label = "validation (per sample)"
-        if "accuracy" in val[-1]:
+        if _number(val[-1].get("accuracy")):  # (null: every label of the set ignored)
             label += f"; final accuracy {val[-1]['accuracy']:.3g}"
         val_axes.plot([r["step"] for r in val], [r["loss_per_sample"] for r in val],
                       marker="o", markersize=3, color="tab:orange", label=label)
@@ -65,9 +89,10 @@ def plot(rows: list[dict], output: str, *, title: str | None = None) -> None:
     speed_axes.grid(True, alpha=0.3)
     summary = next((row for row in rows if row.get("event") == "summary"), None)
     if title is None and summary:
-        backend = summary['backend'] if summary['backend'] != 'none' else 'one process'
-        title = (f"world size {summary['world_size']}, {summary['device']}, "
-                 f"{backend}: final loss {summary['final_loss']:.4g}")
+        backend = summary.get("backend", "?")
+        title = (f"world size {summary.get('world_size', '?')}, {summary.get('device', '?')}, "
+                 f"{'one process' if backend == 'none' else backend}: final loss "
+                 f"{_shown(summary.get('final_loss'), '.4g')}")
     if title:
         figure.suptitle(title)
     figure.tight_layout()
@@ -75,24 +100,44 @@ def plot(rows: list[dict], output: str, *, title: str | None = None) -> None:
     plt.close(figure)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse would print the usage too
+        raise ValueError(f"{message}; see python -m distnn.plot --help")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distnn.plot", description=__doc__)
+    parser = _Parser(prog="python -m distnn.plot", description=__doc__)
     parser.add_argument("metrics", help="a JSON Lines file written by --metrics")
-    parser.add_argument("-o", "--output", default="loss.png", help="the PNG to write")
+    parser.add_argument("-o", "--output", default="loss.png",
+                        help="the image to write (.png unless it names another format)")
     parser.add_argument("--title", default=None, help="the figure's title")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         import matplotlib  # noqa: F401
+    except ValueError as error:
+        print(f"distnn: error: {error}", file=sys.stderr)
+        return 2
     except ImportError:
         print("distnn: error: plotting needs matplotlib; install it with "
               "pip install 'distnn[plot]'", file=sys.stderr)
         return 2
     try:
-        plot(read_rows(args.metrics), args.output, title=args.title)
-    except (OSError, ValueError, KeyError) as error:
+        rows = read_rows(args.metrics)
+        records(rows)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
         print(f"distnn: error: {args.metrics}: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {args.output}")
+    # what matplotlib writes: a name without an extension gets .png
+    output = args.output if os.path.splitext(args.output)[1] else f"{args.output}.png"
+    try:
+        if not os.path.basename(args.output) or os.path.isdir(output):
+            raise ValueError("not a file name")
+        plot(rows, output, title=args.title)
+    except (OSError, ValueError) as error:
+        said = error.strerror if isinstance(error, OSError) and error.strerror else error
+        print(f"distnn: error: -o {args.output}: {said}", file=sys.stderr)
+        return 2
+    print(f"wrote {output}")
     return 0
 
 
