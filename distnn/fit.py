@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from distnn.config import TrainConfig
@@ -65,6 +66,9 @@ def fit(model: nn.Module, *, train: Data,
     Raises UsageError (a ValueError) for bad input, RunFailed when the run must stop
     (non-finite values, diverged replicas, preemption: its ``exit_code`` says which).
     """
+    # paths may come as pathlib.Path, as train= may
+    settings = {name: os.fspath(value) if isinstance(value, os.PathLike) else value
+                for name, value in settings.items()}
     given = sorted(set(settings) & set(_NOT_SETTINGS))
     if given:
         raise UsageError(f"distnn.fit: got {', '.join(given)} as settings; allowed: the model, "
@@ -136,10 +140,25 @@ def fit(model: nn.Module, *, train: Data,
                        build_job=build_job).train()
 
     if runtime is not None:
+        _check_runtime(runtime)
         return run(runtime)
+    if dist.is_available() and dist.is_initialized():
+        raise UsageError("distnn.fit: this process is in a process group already (inside "
+                         "`with distnn.setup() as rt:`?); allowed: runtime=rt, the setup's "
+                         "runtime")
     with setup(device=config.device, backend=config.backend, timeout_s=config.timeout_s,
                sharding=config.shard != "none") as rt:
         return run(rt)
+
+
+def _check_runtime(runtime: object) -> None:
+    """Refuses a runtime= that is not distnn.setup's, or one whose group has ended."""
+    if not isinstance(runtime, Runtime):
+        raise UsageError(f"distnn.fit: runtime is a {type(runtime).__name__}; allowed: the "
+                         "runtime of `with distnn.setup() as rt:` (runtime=rt)")
+    if runtime.distributed and not dist.is_initialized():
+        raise UsageError("distnn.fit: runtime=rt's process group has ended (the `with "
+                         "distnn.setup() as rt:` block is over); allowed: fit inside that block")
 
 
 def _check_scheduler(scheduler: object, optimizer: object, settings: dict[str, Any]) -> None:
@@ -151,6 +170,10 @@ def _check_scheduler(scheduler: object, optimizer: object, settings: dict[str, A
     if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
         raise UsageError(f"distnn.fit: scheduler is a {type(scheduler).__name__}; allowed: a "
                          "torch.optim.lr_scheduler.LRScheduler")
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise UsageError("distnn.fit: scheduler is a ReduceLROnPlateau, which steps on a "
+                         "metric that fit does not pass it; allowed: a scheduler stepped once "
+                         "an update (StepLR, CosineAnnealingLR, LambdaLR, ...)")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise UsageError(f"distnn.fit: got scheduler= with optimizer={optimizer!r}, a name of "
                          "distnn's; allowed: a scheduler with the torch.optim optimizer it "
@@ -213,8 +236,12 @@ def _rows(data: Data, name: str, ignore_index: int, batching: dict[str, Any]) ->
     keys and num_workers); raises UsageError naming ``name``."""
     if isinstance(data, (str, os.PathLike)):
         return DataFile(os.fspath(data), flag=f"distnn.fit {name}")
-    if isinstance(data, tuple) and len(data) == 2 and all(
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(
             isinstance(t, torch.Tensor) for t in data):
+        if data[0].dim() == 0 or data[1].dim() == 0:
+            raise UsageError(f"distnn.fit: {name} holds tensors of shapes "
+                             f"{list(data[0].shape)} and {list(data[1].shape)}; allowed: rows "
+                             "[N, ...] of inputs and of targets")
         if len(data[0]) != len(data[1]) or len(data[0]) == 0:
             raise UsageError(f"distnn.fit: {name} holds {len(data[0])} inputs and "
                              f"{len(data[1])} targets; allowed: the same number, at least one")
@@ -228,6 +255,15 @@ def _rows(data: Data, name: str, ignore_index: int, batching: dict[str, Any]) ->
                              f"{int(labels.min())}; allowed: class labels 0, 1, 2, ..., or "
                              f"the ignored label {ignore_index} (ignore_index)")
         return TensorRows(*data)
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(
+            hasattr(array, "__array__") and not isinstance(array, torch.Tensor)
+            for array in data):
+        raise UsageError(f"distnn.fit: {name} holds {type(data[0]).__name__} arrays; allowed: "
+                         "(x, y) torch tensors (torch.from_numpy(x), say)")
+    if isinstance(data, Mapping):  # a dict is not indexed by row
+        raise UsageError(f"distnn.fit: {name} is a {type(data).__name__}; allowed: (x, y) "
+                         "tensors (a dict of tensors d: (d['x'], d['y'])), a map-style "
+                         "dataset, or a data file's path")
     if hasattr(data, "__len__") and hasattr(data, "__getitem__"):
         return _dataset_rows(data, name, batching)
     raise UsageError(f"distnn.fit: {name} is a {type(data).__name__}; allowed: (x, y) "

@@ -117,6 +117,14 @@ def _resuming_rank(rank: int, world: int, port: int, out_dir: str) -> None:
             distnn.fit(wider, steps=12, runtime=rt, **settings)
         except distnn.UsageError as error:
             said["error"], said["s"] = str(error), time.monotonic() - started
+        try:  # the runtime forgotten: fit would join a second group
+            distnn.fit(build(), steps=12, **settings)
+        except distnn.UsageError as error:
+            said["no runtime"] = str(error)
+    try:  # the group is over
+        distnn.fit(build(), steps=12, runtime=rt, **settings)
+    except distnn.UsageError as error:
+        said["ended"] = str(error)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(said))
 
 
@@ -135,6 +143,24 @@ def test_a_resume_gives_every_rank_the_validations_and_refuses_another_model_on_
                                  "model's [3, 16]); allowed: resume with the same model, or "
                                  "use another --checkpoint-dir"), said
         assert said["s"] < 20, said  # not the collective's timeout
+        assert said["no runtime"].startswith("distnn.fit: this process is in a process group "
+                                             "already (inside `with distnn.setup() as rt:`?); "
+                                             "allowed: runtime=rt"), said
+        assert said["ended"].startswith("distnn.fit: runtime=rt's process group has ended"), said
+
+
+def test_paths_may_be_pathlib_paths_and_a_plateau_scheduler_is_refused(tmp_path, no_launcher):
+    result = distnn.fit(build(), train=data(), loss="cross-entropy", steps=2, log_every=0,
+                        quiet=True, save=tmp_path / "w.safetensors",
+                        metrics=tmp_path / "m.jsonl", checkpoint_dir=tmp_path / "ck")
+    assert result.steps == 2 and (tmp_path / "w.safetensors").exists()
+    assert (tmp_path / "m.jsonl").exists() and (tmp_path / "ck" / "step-2").is_dir()
+    model = build()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(distnn.UsageError, match="scheduler is a ReduceLROnPlateau, which steps "
+                                                "on a metric that fit does not pass it"):
+        distnn.fit(model, train=data(), loss="cross-entropy", optimizer=optimizer, steps=2,
+                   scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer))
 
 
 def test_a_part_that_fails_to_close_leaves_the_others_closed(tmp_path, no_launcher,
@@ -315,6 +341,18 @@ def test_fit_resumes_bitwise_from_its_checkpoint(tmp_path, no_launcher):
      "distnn.fit: val holds targets of shape [] a row; allowed: [1], as the training "
      "data's"),
     ({"loss": 123}, "distnn.fit: loss is a int; allowed: 'mse'"),
+    ({"train": {"x": torch.zeros(4, 6), "y": torch.zeros(4, 3)}},
+     "distnn.fit: train is a dict; allowed: (x, y) tensors (a dict of tensors d: (d['x'], "
+     "d['y']))"),
+    ({"train": (torch.zeros(4, 6).numpy(), torch.zeros(4, 3).numpy())},
+     "distnn.fit: train holds ndarray arrays; allowed: (x, y) torch tensors"),
+    ({"train": (torch.tensor(1.0), torch.tensor(2.0))},
+     "distnn.fit: train holds tensors of shapes [] and []; allowed: rows [N, ...]"),
+    ({"runtime": 5}, "distnn.fit: runtime is a int; allowed: the runtime of `with "
+                     "distnn.setup() as rt:`"),
+    ({"train": Pairs(torch.zeros(4, 6), torch.zeros(4, 3)),
+      "collate_fn": lambda items: (torch.zeros(3, 6), torch.zeros(3, 3))},
+     "distnn.fit: the collate_fn made [3, 6] inputs and [3, 3] targets of 1 items; allowed"),
 ])
 def test_bad_fit_arguments_raise_usage_errors(kwargs, words, no_launcher):
     arguments = {"train": data(), "log_every": 0, **kwargs}

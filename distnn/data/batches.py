@@ -144,7 +144,8 @@ class DatasetRows:
     def read(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not len(indices):
             return self.empty()
-        return self.pair(self.collate_fn([self.dataset[i] for i in indices.tolist()]))
+        return _rows_of(self.pair(self.collate_fn([self.dataset[i] for i in indices.tolist()])),
+                        len(indices))
 
     def read_targets(self, indices: torch.Tensor) -> torch.Tensor:
         return self.read(indices)[1]
@@ -183,7 +184,20 @@ class _Collate:
         self.collate_fn, self.pair, self.empty = collate_fn, pair, empty
 
     def __call__(self, items: list) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.pair(self.collate_fn(items)) if items else self.empty
+        return _rows_of(self.pair(self.collate_fn(items)), len(items)) if items else self.empty
+
+
+def _rows_of(batch: tuple[torch.Tensor, torch.Tensor],
+             items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch``, refused unless it holds one input and one target for each of the ``items``
+    collated: a collate_fn that drops or adds rows would train on other rows than the plan's
+    (and the global batch would not be the one-process batch)."""
+    x, y = batch
+    if x.dim() == 0 or y.dim() == 0 or len(x) != items or len(y) != items:
+        raise UsageError(f"distnn.fit: the collate_fn made {list(x.shape)} inputs and "
+                         f"{list(y.shape)} targets of {items} items; allowed: a batch "
+                         "with a row of each for every item")
+    return batch
 
 
 class _Shards:
