@@ -145,13 +145,30 @@ BAD_INPUT = [
     (["--worlds", "1,-2"], "--worlds"),
     (["--scaling", "sideways"], "--scaling"),
     (["--cluster", "UNREADABLE"], "could not be read"),
+    (["--bucket-mb", "nan"], "--bucket-mb nan is not allowed; allowed: a finite number > 0"),
+    (["--compute-ms", "inf"], "--compute-ms inf is not allowed"),
+    (["--fixed-ms", "1"], "--fixed-ms is a part of --compute-ms; allowed: --fixed-ms with"),
+    (["--measure", "--compute-ms", "2"], "--measure and --compute-ms both give"),
+    (["--compute-ms", "1", "--plot", "OUT/x.xyz"], "Format 'xyz' is not supported"),
+    (["--json", "OUT/missing/x.json"], "--json: got"),
+    (["calibrate", "--out", "OUT/missing/x.json"], "--out: got"),  # before any measuring
+    (["--compute-ms", "1", "--cluster", "TEXT_GPUS"],
+     "gpus_per_node is '8'; allowed: an integer >= 1"),
+    (["--compute-ms", "1", "--cluster", "BOGUS_ALGORITHM"],
+     "algorithm is 'bogus'; allowed: ring, tree, auto"),
 ]
 
 
 def _bad_args(args, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    return [str(bad) if a == "UNREADABLE" else a for a in args]
+    preset = costmodel.PRESETS["horovod-roce25"].to_json()
+    clusters = {"TEXT_GPUS": {**preset, "gpus_per_node": "8"},
+                "BOGUS_ALGORITHM": {**preset, "algorithm": "bogus"}}
+    for name, cluster in clusters.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(cluster))
+    return [str(bad) if a == "UNREADABLE" else str(tmp_path / f"{a}.json") if a in clusters
+            else a.replace("OUT", str(tmp_path)) for a in args]
 
 
 @pytest.mark.parametrize("args, says", BAD_INPUT)

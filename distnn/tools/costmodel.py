@@ -161,11 +161,34 @@ class Cluster:
 
     @classmethod
     def from_json(cls, data: dict) -> Cluster:
+        """A cluster from its JSON description; raises ValueError naming a field that is
+        unknown, missing, or not a value the model can use."""
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown cluster fields {sorted(unknown)}")
+        for name, value in data.items():
+            if name in _COUNTS and not (value is None and name in ("inter_links", "cores")) and (
+                    not _is_number(value) or value != int(value) or value < 1):
+                raise ValueError(f"{name} is {value!r}; allowed: an integer >= 1")
+            if name in _AMOUNTS and not (value is None and name == "flop_per_s") and (
+                    not _is_number(value) or value < 0 or (name == "flop_per_s" and not value)):
+                raise ValueError(f"{name} is {value!r}; allowed: a finite number >= 0")
+        if data.get("algorithm", "ring") not in ("ring", "tree", "auto"):
+            raise ValueError(f"algorithm is {data['algorithm']!r}; allowed: ring, tree, auto")
+        if data.get("backend", "nccl") not in ("nccl", "gloo"):
+            raise ValueError(f"backend is {data['backend']!r}; allowed: nccl, gloo")
         return cls(**data)
+
+
+_COUNTS = ("gpus_per_node", "inter_links", "cores")
+_AMOUNTS = ("intra_alpha_s", "intra_beta_s", "inter_alpha_s", "inter_beta_s",
+            "compute_contention", "flop_per_s", "step_floor_ms", "burst_bytes", "burst_beta_s")
+
+
+def _is_number(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def pipelined_tree_allreduce_s(n_bytes: float, p: int, alpha: float, beta: float) -> float:

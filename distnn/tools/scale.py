@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 
 from distnn.errors import UsageError
+from distnn.resilience.outputs import check_writable
 from distnn.tools import calibrate, costmodel, steptime
 from distnn.tools.calibrate import measure_compute
 
@@ -42,8 +44,9 @@ def _ints(text: str, flag: str, minimum: int) -> list[int]:
 
 
 def _positive(value: float | None, flag: str, *, zero_ok: bool = False) -> None:
-    if value is not None and (value < 0 or (value == 0 and not zero_ok)):
-        raise UsageError(f"{flag} {value:g} is not allowed; allowed: a number "
+    if value is not None and (not math.isfinite(value) or value < 0
+                              or (value == 0 and not zero_ok)):
+        raise UsageError(f"{flag} {value:g} is not allowed; allowed: a finite number "
                          f"{'>= 0' if zero_ok else '> 0'}")
 
 
@@ -160,6 +163,7 @@ def _calibrate(argv: list[str]) -> int:
         if value < 1:
             raise UsageError(f"{flag} {value} is not allowed; allowed: integers >= 1")
     _positive(args.run_seconds, "--run-seconds")
+    check_writable(args.out, "--out")  # before the minutes of measuring, not after
     load = os.getloadavg()[0]  # other work on these cores slows all that is measured
     started = time.perf_counter()
     samples = calibrate.measure(worlds, sizes, repeats=args.repeats,
@@ -325,6 +329,9 @@ def _predict(argv: list[str]) -> int:
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     args = parser.parse_args(argv)
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_writable(path, flag)
 
     if args.scaling not in ("strong", "weak"):
         raise UsageError(f"--scaling {args.scaling!r} is not known; allowed: strong, weak")
@@ -337,6 +344,12 @@ def _predict(argv: list[str]) -> int:
     hidden = _ints(args.hidden, "--hidden", 1) if args.hidden else []
     worlds = _ints(args.worlds, "--worlds", 1)
     cluster = load_cluster(args.cluster)
+    if args.measure and args.compute_ms is not None:
+        raise UsageError("--measure and --compute-ms both give the step's compute; allowed: "
+                         "one of them")
+    if args.fixed_ms and args.compute_ms is None:
+        raise UsageError("--fixed-ms is a part of --compute-ms; allowed: --fixed-ms with "
+                         "--compute-ms")
     if args.measure and args.params is not None:
         raise UsageError("--measure needs the MLP flags, not --params; allowed: --measure with "
                          "--d-in/--hidden/--d-out, or --params with --compute-ms")
@@ -382,7 +395,11 @@ def _predict(argv: list[str]) -> int:
         with open(args.json, "w", encoding="utf-8") as file:
             json.dump(rows, file, indent=1)
     if args.plot:
-        plot(rows, args.plot, header)
+        try:
+            plot(rows, args.plot, header)
+        except ValueError as error:  # matplotlib's: a format it does not write
+            said = str(error).replace(" (supported formats: ", "; allowed: ").rstrip(")")
+            raise UsageError(f"--plot {args.plot}: {said}") from None
     return 0
 
 
