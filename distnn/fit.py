@@ -85,6 +85,13 @@ def fit(model: nn.Module, *, train: Data,
         names = {"optimizer": optimizer}
     elif isinstance(optimizer, torch.optim.Optimizer):
         _check_optimizes(optimizer, model)
+        unused = [f"{name}={settings[name]!r}" for name in ("lr", "momentum", "weight_decay")
+                  if name in settings]
+        if unused:
+            raise UsageError(f"distnn.fit: got {', '.join(unused)} with a torch.optim "
+                             "optimizer, which brings its own and would leave them unused; "
+                             "allowed: them with optimizer='sgd', 'momentum' or 'adamw', or "
+                             "set them on the optimizer")
         names = {}
     else:
         raise UsageError(f"distnn.fit: optimizer is a {type(optimizer).__name__}; allowed: "
@@ -238,6 +245,12 @@ def _rows(data: Data, name: str, ignore_index: int, batching: dict[str, Any]) ->
         return DataFile(os.fspath(data), flag=f"distnn.fit {name}")
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(
             isinstance(t, torch.Tensor) for t in data):
+        given = [f"{name}={batching[name]!r}" for name in ("collate_fn", "num_workers")
+                 if batching[name] not in (None, 0)]
+        if given:
+            raise UsageError(f"distnn.fit: got {', '.join(given)} with {name} as tensors, "
+                             "which are not collated or read by workers; allowed: them with a "
+                             "dataset")
         if data[0].dim() == 0 or data[1].dim() == 0:
             raise UsageError(f"distnn.fit: {name} holds tensors of shapes "
                              f"{list(data[0].shape)} and {list(data[1].shape)}; allowed: rows "

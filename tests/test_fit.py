@@ -348,6 +348,10 @@ def test_fit_resumes_bitwise_from_its_checkpoint(tmp_path, no_launcher):
      "distnn.fit: train holds ndarray arrays; allowed: (x, y) torch tensors"),
     ({"train": (torch.tensor(1.0), torch.tensor(2.0))},
      "distnn.fit: train holds tensors of shapes [] and []; allowed: rows [N, ...]"),
+    ({"optimizer": "OWN", "lr": 5.0, "momentum": 0.5},
+     "distnn.fit: got lr=5.0, momentum=0.5 with a torch.optim optimizer, which brings its own"),
+    ({"collate_fn": lambda items: items, "num_workers": 2},
+     "got collate_fn=<function"),
     ({"runtime": 5}, "distnn.fit: runtime is a int; allowed: the runtime of `with "
                      "distnn.setup() as rt:`"),
     ({"train": Pairs(torch.zeros(4, 6), torch.zeros(4, 3)),
@@ -355,9 +359,12 @@ def test_fit_resumes_bitwise_from_its_checkpoint(tmp_path, no_launcher):
      "distnn.fit: the collate_fn made [3, 6] inputs and [3, 3] targets of 1 items; allowed"),
 ])
 def test_bad_fit_arguments_raise_usage_errors(kwargs, words, no_launcher):
+    model = build()
+    if kwargs.get("optimizer") == "OWN":  # an optimizer of this model's
+        kwargs = {**kwargs, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1)}
     arguments = {"train": data(), "log_every": 0, **kwargs}
     with pytest.raises(distnn.UsageError, match=re.escape(words)):
-        distnn.fit(build(), **arguments)
+        distnn.fit(model, **arguments)
 
 
 def test_a_data_file_is_checked_as_the_command_line_checks_it(tmp_path, no_launcher):
