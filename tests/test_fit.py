@@ -254,6 +254,19 @@ def test_a_loss_of_shape_1_trains_and_validates_as_its_value(no_launcher):
     assert shaped.val[-1]["loss"] == plain.val[-1]["loss"]
 
 
+class Items(torch.utils.data.Dataset):
+    """16 items, ``make(i)`` each."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, index):
+        return self.make(index)
+
+
 class Pairs(torch.utils.data.Dataset):
     def __init__(self, x, y):
         self.x, self.y = x, y
@@ -352,6 +365,9 @@ def test_fit_resumes_bitwise_from_its_checkpoint(tmp_path, no_launcher):
      "distnn.fit: got lr=5.0, momentum=0.5 with a torch.optim optimizer, which brings its own"),
     ({"collate_fn": lambda items: items, "num_workers": 2},
      "got collate_fn=<function"),
+    ({"train": Items(lambda i: None if i == 5 else (torch.zeros(6), torch.zeros(3))),
+      "batch_size": 4, "steps": 3},
+     "distnn.fit: the dataset's rows 0, 1, 2, 3, ... cannot be batched (TypeError: "),
     ({"runtime": 5}, "distnn.fit: runtime is a int; allowed: the runtime of `with "
                      "distnn.setup() as rt:`"),
     ({"train": Pairs(torch.zeros(4, 6), torch.zeros(4, 3)),

@@ -144,8 +144,8 @@ class DatasetRows:
     def read(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not len(indices):
             return self.empty()
-        return _rows_of(self.pair(self.collate_fn([self.dataset[i] for i in indices.tolist()])),
-                        len(indices))
+        rows = indices.tolist()
+        return _collated(self.collate_fn, self.pair, [self.dataset[i] for i in rows], rows)
 
     def read_targets(self, indices: torch.Tensor) -> torch.Tensor:
         return self.read(indices)[1]
@@ -184,20 +184,29 @@ class _Collate:
         self.collate_fn, self.pair, self.empty = collate_fn, pair, empty
 
     def __call__(self, items: list) -> tuple[torch.Tensor, torch.Tensor]:
-        return _rows_of(self.pair(self.collate_fn(items)), len(items)) if items else self.empty
+        return _collated(self.collate_fn, self.pair, items) if items else self.empty
 
 
-def _rows_of(batch: tuple[torch.Tensor, torch.Tensor],
-             items: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``batch``, refused unless it holds one input and one target for each of the ``items``
-    collated: a collate_fn that drops or adds rows would train on other rows than the plan's
-    (and the global batch would not be the one-process batch)."""
-    x, y = batch
-    if x.dim() == 0 or y.dim() == 0 or len(x) != items or len(y) != items:
+def _collated(collate_fn: Callable, pair: Callable, items: list,
+              rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (x, y) of ``items`` (the dataset's ``rows``, where known) batched; UsageError,
+    in one line, for items the collate_fn cannot batch, and for a batch that does not hold
+    one input and one target for each item (a collate_fn that drops or adds rows would train
+    on other rows than the plan's, and the global batch would not be one process's)."""
+    try:
+        x, y = pair(collate_fn(items))
+    except Exception as error:  # noqa: BLE001 - the user's items or collate_fn: one line
+        said = (str(error).strip().splitlines() or [""])[0]
+        where = (f"{len(items)} items" if not rows else f"row {rows[0]}" if len(rows) == 1
+                 else f"rows {', '.join(map(str, rows[:4]))}{', ...' if len(rows) > 4 else ''}")
+        raise UsageError(f"distnn.fit: the dataset's {where} cannot be batched "
+                         f"({type(error).__name__}: {said}); allowed: items that the "
+                         "collate_fn turns into an (x, y) pair or a dict of tensors") from None
+    if x.dim() == 0 or y.dim() == 0 or len(x) != len(items) or len(y) != len(items):
         raise UsageError(f"distnn.fit: the collate_fn made {list(x.shape)} inputs and "
-                         f"{list(y.shape)} targets of {items} items; allowed: a batch "
+                         f"{list(y.shape)} targets of {len(items)} items; allowed: a batch "
                          "with a row of each for every item")
-    return batch
+    return x, y
 
 
 class _Shards:
