@@ -17,7 +17,7 @@ from torch import nn
 
 from distnn.config import TrainConfig
 from distnn.data.batches import DatasetRows, RowSource, TensorRows
-from distnn.data.datafile import DataFile
+from distnn.data.datafile import FLOATS, INTEGERS, DataFile
 from distnn.distributed.runtime import Runtime, setup
 from distnn.errors import UsageError
 from distnn.job.losses import sum_loss
@@ -251,6 +251,12 @@ def _rows(data: Data, name: str, ignore_index: int, batching: dict[str, Any]) ->
             raise UsageError(f"distnn.fit: got {', '.join(given)} with {name} as tensors, "
                              "which are not collated or read by workers; allowed: them with a "
                              "dataset")
+        for tensor, what in zip(data, ("inputs", "targets"), strict=True):
+            if tensor.dtype not in FLOATS + INTEGERS or tensor.layout != torch.strided:
+                raise UsageError(f"distnn.fit: {name} holds {what} of dtype "
+                                 f"{str(tensor.dtype).removeprefix('torch.')} and layout "
+                                 f"{str(tensor.layout).removeprefix('torch.')}; allowed: dense "
+                                 "tensors of floating-point numbers or integers")
         if data[0].dim() == 0 or data[1].dim() == 0:
             raise UsageError(f"distnn.fit: {name} holds tensors of shapes "
                              f"{list(data[0].shape)} and {list(data[1].shape)}; allowed: rows "

@@ -368,6 +368,10 @@ def test_fit_resumes_bitwise_from_its_checkpoint(tmp_path, no_launcher):
     ({"train": Items(lambda i: None if i == 5 else (torch.zeros(6), torch.zeros(3))),
       "batch_size": 4, "steps": 3},
      "distnn.fit: the dataset's rows 0, 1, 2, 3, ... cannot be batched (TypeError: "),
+    ({"train": (torch.zeros(4, 6), torch.zeros(4, 3, dtype=torch.complex64))},
+     "distnn.fit: train holds targets of dtype complex64 and layout strided; allowed: dense"),
+    ({"train": (torch.zeros(4, 6).to_sparse(), torch.zeros(4, 3))},
+     "distnn.fit: train holds inputs of dtype float32 and layout sparse_coo; allowed: dense"),
     ({"runtime": 5}, "distnn.fit: runtime is a int; allowed: the runtime of `with "
                      "distnn.setup() as rt:`"),
     ({"train": Pairs(torch.zeros(4, 6), torch.zeros(4, 3)),
