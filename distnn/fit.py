@@ -18,6 +18,7 @@ from torch import nn
 from distnn.config import TrainConfig
 from distnn.data.batches import DatasetRows, RowSource, TensorRows
 from distnn.data.datafile import FLOATS, INTEGERS, DataFile
+from distnn.distributed.environment import detect_launch
 from distnn.distributed.runtime import Runtime, setup
 from distnn.errors import UsageError
 from distnn.job.losses import sum_loss
@@ -149,7 +150,8 @@ def fit(model: nn.Module, *, train: Data,
     if runtime is not None:
         _check_runtime(runtime)
         return run(runtime)
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and detect_launch(
+            os.environ).needs_process_group:  # (a group of the program's own, alone: allowed)
         raise UsageError("distnn.fit: this process is in a process group already (inside "
                          "`with distnn.setup() as rt:`?); allowed: runtime=rt, the setup's "
                          "runtime")

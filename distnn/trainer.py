@@ -320,8 +320,8 @@ class Trainer:
             elif config.checkpoint_dir:
                 saved = "no new step to checkpoint; run the same command to continue"
             else:
-                saved = ("no --checkpoint-dir, so nothing was saved; a rerun starts again "
-                         "(with --checkpoint-dir it would continue from here)")
+                saved = ("no --checkpoint-dir, so nothing was saved and a rerun starts from "
+                         "the beginning (a run with --checkpoint-dir can be continued)")
             raise RunFailed(f"preempted ({name}) after step {done} of {config.steps}: {saved}",
                             self.stop.exit_code, label="stopped")
         if self.steps_log:

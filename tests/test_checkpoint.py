@@ -149,6 +149,17 @@ def test_losses_of_another_shape_or_a_fifo_listed_are_skipped(tmp_path):
     assert checkpoint.step == 10 and "pipe is not a regular file" in notices[0], notices
 
 
+def test_files_that_are_links_to_regular_files_are_read_through(tmp_path):
+    # as git-annex or a DVC cache leave them
+    save(tmp_path, 10)
+    store = tmp_path / "store"
+    store.mkdir()
+    weights = tmp_path / "step-10" / "weights.safetensors"
+    weights.rename(store / "w")
+    weights.symlink_to(store / "w")
+    assert latest_checkpoint(str(tmp_path))[0].step == 10
+
+
 def test_a_step_folder_of_another_spelling_is_no_checkpoint(tmp_path):
     save(tmp_path, 10)
     shutil.copytree(tmp_path / "step-10", tmp_path / "step-030")  # no step's name

@@ -87,16 +87,19 @@ def test_outputs_that_are_pipes_or_another_files_path_are_refused(tmp_path, caps
             (["--checkpoint-dir", str(tmp_path / "ck"), "--metrics",
               str(tmp_path / "ck" / "step-20" / "m.jsonl")],
              f"--metrics: got {str(tmp_path / 'ck' / 'step-20' / 'm.jsonl')!r}, inside "
-             f"--checkpoint-dir {str(tmp_path / 'ck')!r}, whose checkpoints the run replaces "
-             "and deletes; allowed: a path outside it"),
+             f"--checkpoint-dir {str(tmp_path / 'ck')!r}'s step-20, which the run replaces "
+             "or deletes; allowed: a path outside its checkpoints and lock"),
             (["--checkpoint-dir", str(tmp_path / "ck"), "--save",
               str(tmp_path / "ck" / ".distnn-lock")], "--save: got"),
-            (["--checkpoint-dir", str(tmp_path), "--tensorboard", str(tmp_path / "tb")],
+            (["--checkpoint-dir", str(tmp_path), "--tensorboard", str(tmp_path / ".step-9.tmp-x")],
              "--tensorboard: got")]:
         assert main([*argv, "--steps", "2"]) == 2
         err = capsys.readouterr().err
         assert words in err and len(err.splitlines()) == 1, err
     assert data.read_bytes() == before and stat.S_ISFIFO(os.stat(pipe).st_mode)
+    # beside the checkpoints, in the same folder (--checkpoint-dir .), outputs are fine
+    assert main(["--steps", "2", "--checkpoint-dir", str(tmp_path), "--metrics",
+                 str(tmp_path / "m.jsonl"), "--log-every", "0"]) == 0
 
 
 def test_more_micro_batches_than_rows_is_one_a_row(tmp_path):

@@ -248,9 +248,9 @@ def test_a_run_without_a_checkpoint_folder_says_a_rerun_starts_again(tmp_path):
     _, stderr = job.communicate(timeout=60)
     assert job.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert re.fullmatch(r"distnn: warning: stopped: preempted \(SIGTERM\) after step \d+ of "
-                        r"10000000: no --checkpoint-dir, so nothing was saved; a rerun starts "
-                        r"again \(with --checkpoint-dir it would continue from here\)",
-                        stderr.strip()), stderr
+                        r"10000000: no --checkpoint-dir, so nothing was saved and a rerun "
+                        r"starts from the beginning \(a run with --checkpoint-dir can be "
+                        r"continued\)", stderr.strip()), stderr
 
 
 def test_a_repeated_sigterm_is_the_same_request_and_a_second_sigint_interrupts():

@@ -149,6 +149,25 @@ def test_a_resume_gives_every_rank_the_validations_and_refuses_another_model_on_
         assert said["ended"].startswith("distnn.fit: runtime=rt's process group has ended"), said
 
 
+class Many(torch.utils.data.Dataset):
+    """3000 rows, beyond what start-up reads of a dataset; row 1500 is None."""
+
+    def __len__(self):
+        return 3000
+
+    def __getitem__(self, index):
+        return None if index == 1500 else (torch.zeros(6), torch.zeros(3))
+
+
+def test_a_bad_item_a_dataloader_worker_meets_is_one_line(no_launcher):
+    with pytest.raises(distnn.UsageError) as error:
+        distnn.fit(build(), train=Many(), batch_size=500, steps=6, num_workers=1, log_every=0,
+                   quiet=True)
+    assert str(error.value).startswith("distnn.fit: the dataset's item ")
+    assert "cannot be batched (TypeError: " in str(error.value)
+    assert "\n" not in str(error.value)  # not torch's worker traceback
+
+
 def test_paths_may_be_pathlib_paths_and_a_plateau_scheduler_is_refused(tmp_path, no_launcher):
     result = distnn.fit(build(), train=data(), loss="cross-entropy", steps=2, log_every=0,
                         quiet=True, save=tmp_path / "w.safetensors",
@@ -367,7 +386,7 @@ def test_fit_resumes_bitwise_from_its_checkpoint(tmp_path, no_launcher):
      "got collate_fn=<function"),
     ({"train": Items(lambda i: None if i == 5 else (torch.zeros(6), torch.zeros(3))),
       "batch_size": 4, "steps": 3},
-     "distnn.fit: the dataset's rows 0, 1, 2, 3, ... cannot be batched (TypeError: "),
+     "distnn.fit: the dataset's row 5 cannot be batched (TypeError: "),
     ({"train": (torch.zeros(4, 6), torch.zeros(4, 3, dtype=torch.complex64))},
      "distnn.fit: train holds targets of dtype complex64 and layout strided; allowed: dense"),
     ({"train": (torch.zeros(4, 6).to_sparse(), torch.zeros(4, 3))},
@@ -376,7 +395,7 @@ def test_fit_resumes_bitwise_from_its_checkpoint(tmp_path, no_launcher):
                      "distnn.setup() as rt:`"),
     ({"train": Pairs(torch.zeros(4, 6), torch.zeros(4, 3)),
       "collate_fn": lambda items: (torch.zeros(3, 6), torch.zeros(3, 3))},
-     "distnn.fit: the collate_fn made [3, 6] inputs and [3, 3] targets of 1 items; allowed"),
+     "distnn.fit: the collate_fn made [3, 6] inputs and [3, 3] targets of 1 item; allowed"),
 ])
 def test_bad_fit_arguments_raise_usage_errors(kwargs, words, no_launcher):
     model = build()

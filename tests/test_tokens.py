@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from distnn.errors import UsageError
 from distnn.tools import tokens
 
 REPO = Path(__file__).parent.parent
@@ -81,7 +82,8 @@ def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setattr(tokens.np, "fromfile", second_read_fails)
     text = tmp_path / "in.txt"
     text.write_bytes(TEXT)
-    with pytest.raises(OSError, match="disk went away"):
+    # a read of the text that fails is said as the text's, not the output's
+    with pytest.raises(UsageError, match=f"{text} cannot be read \\(disk went away\\)"):
         tokens.write_tokens(str(text), str(tmp_path / "out.safetensors"), context=8, stride=8)
     assert os.listdir(tmp_path) == ["in.txt"]
 
@@ -93,6 +95,9 @@ def bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     short.write_bytes(b"12345")
     out = str(tmp_path / "out.safetensors")
     val = ["--val-output", str(tmp_path / "val.safetensors")]
+    named, link = tmp_path / "text.safetensors", tmp_path / "link.safetensors"
+    named.write_bytes(TEXT)
+    link.symlink_to(text)
     return {
         "missing input": ([str(tmp_path / "nope.txt"), out, "--context", "8"], "nope.txt"),
         "input is a folder": ([str(tmp_path), out, "--context", "8"], "is a directory"),
@@ -116,8 +121,12 @@ def bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "output is the input": ([str(text), str(text), "--context", "8"],
                                 f"OUTPUT {text} is the input {text}, which writing it would "
                                 "destroy; allowed: another path"),
-        "val output is the input": ([str(text), out, "--context", "8", "--val-fraction",
-                                     "0.1", "--val-output", str(text)], "--val-output"),
+        # a text named .safetensors, and a link to it: both the input itself
+        "val output is the input": ([str(named), out, "--context", "8", "--val-fraction",
+                                     "0.1", "--val-output", str(named)],
+                                    f"--val-output {named} is the input {named}"),
+        "output a link to the input": ([str(text), str(link), "--context", "8"],
+                                       f"OUTPUT {link} is the input {text}"),
         "output folder a file": ([str(text), str(text / "o.safetensors"), "--context", "8"],
                                  "is a file, not a folder"),
     }
@@ -131,7 +140,9 @@ def test_each_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         lines = captured.err.splitlines()
         assert len(lines) == 1 and lines[0].startswith("distnn: error: "), (name, lines)
         assert expected in lines[0], (name, lines)
-        assert sorted(os.listdir(tmp_path)) == ["in.txt", "short.txt"], name
+        assert sorted(os.listdir(tmp_path)) == ["in.txt", "link.safetensors", "short.txt",
+                                                "text.safetensors"], name
+        assert (tmp_path / "text.safetensors").read_bytes() == TEXT, name
 
 
 def test_a_write_that_fails_replaces_neither_file(tmp_path, capsys, monkeypatch):

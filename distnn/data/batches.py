@@ -172,7 +172,7 @@ class DatasetRows:
         loader = DataLoader(self.dataset, batch_sampler=shards, num_workers=self.num_workers,
                             collate_fn=_Collate(self.collate_fn, self.pair, self.empty()),
                             pin_memory=pin_memory)
-        return iter(loader)
+        return _said_in_one_line(iter(loader))
 
 
 class _Collate:
@@ -183,8 +183,25 @@ class _Collate:
                  empty: tuple[torch.Tensor, torch.Tensor]) -> None:
         self.collate_fn, self.pair, self.empty = collate_fn, pair, empty
 
-    def __call__(self, items: list) -> tuple[torch.Tensor, torch.Tensor]:
-        return _collated(self.collate_fn, self.pair, items) if items else self.empty
+    def __call__(self, items: list) -> tuple[torch.Tensor, torch.Tensor] | _Refused:
+        try:
+            return _collated(self.collate_fn, self.pair, items) if items else self.empty
+        except UsageError as error:  # a worker's exception reaches the loop as a traceback
+            return _Refused(str(error))
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """A batch a DataLoader worker refused (the one line why), raised in the main process."""
+
+    message: str
+
+
+def _said_in_one_line(batches: Iterator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for batch in batches:
+        if isinstance(batch, _Refused):
+            raise UsageError(batch.message)
+        yield batch
 
 
 def _collated(collate_fn: Callable, pair: Callable, items: list,
@@ -197,16 +214,30 @@ def _collated(collate_fn: Callable, pair: Callable, items: list,
         x, y = pair(collate_fn(items))
     except Exception as error:  # noqa: BLE001 - the user's items or collate_fn: one line
         said = (str(error).strip().splitlines() or [""])[0]
-        where = (f"{len(items)} items" if not rows else f"row {rows[0]}" if len(rows) == 1
-                 else f"rows {', '.join(map(str, rows[:4]))}{', ...' if len(rows) > 4 else ''}")
-        raise UsageError(f"distnn.fit: the dataset's {where} cannot be batched "
-                         f"({type(error).__name__}: {said}); allowed: items that the "
-                         "collate_fn turns into an (x, y) pair or a dict of tensors") from None
+        raise UsageError(f"distnn.fit: the dataset's {_first_bad(collate_fn, pair, items, rows)} "
+                         f"cannot be batched ({type(error).__name__}: {said}); allowed: items "
+                         "that the collate_fn turns into an (x, y) pair or a dict of "
+                         "tensors") from None
     if x.dim() == 0 or y.dim() == 0 or len(x) != len(items) or len(y) != len(items):
         raise UsageError(f"distnn.fit: the collate_fn made {list(x.shape)} inputs and "
-                         f"{list(y.shape)} targets of {len(items)} items; allowed: a batch "
-                         "with a row of each for every item")
+                         f"{list(y.shape)} targets of {len(items)} "
+                         f"item{'s' if len(items) != 1 else ''}; allowed: a batch with a row "
+                         "of each for every item")
     return x, y
+
+
+def _first_bad(collate_fn: Callable, pair: Callable, items: list,
+               rows: list[int] | None) -> str:
+    """Which of ``items`` (the dataset's ``rows``, where known) the collate_fn cannot batch
+    alone, as words; the whole batch's when each can (two items of other shapes, say)."""
+    for index, item in enumerate(items):
+        try:
+            pair(collate_fn([item]))
+        except Exception:  # noqa: BLE001 - this one is the culprit
+            return f"row {rows[index]}" if rows else f"item {index} of a batch"
+    if rows:
+        return f"rows {', '.join(map(str, rows[:4]))}{', ...' if len(rows) > 4 else ''}"
+    return f"batch of {len(items)} items"
 
 
 class _Shards:

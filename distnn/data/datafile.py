@@ -37,15 +37,16 @@ SCAN_BYTES = 4 * 2**20
 _SAFETENSORS_DTYPES = {
     "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
     "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-    "I64": torch.int64, "U16": torch.uint16, "U32": torch.uint32, "BOOL": torch.bool,
+    "I64": torch.int64, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "BOOL": torch.bool,
 }
 # what rows may hold: numbers a float32 or an int64 can take (uint16 token ids, as nanoGPT
 # stores them, included)
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16,
-            torch.uint32)
+            torch.uint32, torch.uint64)
 # the unsigned ones torch's CPU kernels take few operations of (no aminmax): widened first
-_NARROW_KERNELS = (torch.uint16, torch.uint32)
+_NARROW_KERNELS = (torch.uint16, torch.uint32, torch.uint64)
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ class DataFile:
                 raise self.fail(f"holds {name} of shape {list(column.shape)} and dtype "
                                 f"{str(column.dtype).removeprefix('torch.')}",
                                 "rows [N, ...] of numbers (float16, bfloat16, float32 or "
-                                "float64; integers of 8 to 64 bits, unsigned to 32)")
+                                "float64; integers of 8 to 64 bits)")
             tensor = column.tensor
             if tensor is not None and (tensor.layout != torch.strided or tensor.is_meta):
                 kind = ("a tensor without values (on the meta device)" if tensor.is_meta

@@ -31,6 +31,9 @@ from distnn.job.checks import (
 )
 from distnn.job.spec import Job
 from distnn.resilience.checkpoint import (
+    LOCK,
+    STEP_DIR,
+    TEMPORARY_PREFIX,
     Checkpoint,
     FolderLock,
     changed_settings,
@@ -213,10 +216,13 @@ def check_outputs_distinct(job: Job) -> None:
         folder = os.path.realpath(config.checkpoint_dir)
         for flag, path in (("--metrics", config.metrics), ("--save", config.save),
                            ("--tensorboard", config.tensorboard)):
-            if path and os.path.realpath(path).startswith(folder + os.sep):
+            inside = os.path.relpath(os.path.realpath(path), folder) if path else os.pardir
+            entry = inside.split(os.sep)[0]
+            if entry == LOCK or STEP_DIR.match(entry) or entry.startswith(TEMPORARY_PREFIX):
                 raise UsageError(f"{flag}: got {path!r}, inside --checkpoint-dir "
-                                 f"{config.checkpoint_dir!r}, whose checkpoints the run "
-                                 "replaces and deletes; allowed: a path outside it")
+                                 f"{config.checkpoint_dir!r}'s {entry}, which the run "
+                                 "replaces or deletes; allowed: a path outside its checkpoints "
+                                 "and lock")
     inputs = [(data.flag, data.path) for data in (job.source, job.val)
               if isinstance(data, DataFile)]
     named: dict[object, str] = {}

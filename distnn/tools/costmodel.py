@@ -171,9 +171,11 @@ class Cluster:
             if name in _COUNTS and not (value is None and name in ("inter_links", "cores")) and (
                     not _is_number(value) or value != int(value) or value < 1):
                 raise ValueError(f"{name} is {value!r}; allowed: an integer >= 1")
-            if name in _AMOUNTS and not (value is None and name == "flop_per_s") and (
-                    not _is_number(value) or value < 0 or (name == "flop_per_s" and not value)):
-                raise ValueError(f"{name} is {value!r}; allowed: a finite number >= 0")
+            rate = name == "flop_per_s"  # (a rate of 0 would make every step endless)
+            if name in _AMOUNTS and not (value is None and rate) and (
+                    not _is_number(value) or value < 0 or (rate and not value)):
+                raise ValueError(f"{name} is {value!r}; allowed: a finite number "
+                                 f"{'> 0' if rate else '>= 0'}")
         if data.get("algorithm", "ring") not in ("ring", "tree", "auto"):
             raise ValueError(f"algorithm is {data['algorithm']!r}; allowed: ring, tree, auto")
         if data.get("backend", "nccl") not in ("nccl", "gloo"):

@@ -163,7 +163,7 @@ def _calibrate(argv: list[str]) -> int:
         if value < 1:
             raise UsageError(f"{flag} {value} is not allowed; allowed: integers >= 1")
     _positive(args.run_seconds, "--run-seconds")
-    check_writable(args.out, "--out")  # before the minutes of measuring, not after
+    check_writable(args.out, "--out", in_place=True)  # before the minutes of measuring
     load = os.getloadavg()[0]  # other work on these cores slows all that is measured
     started = time.perf_counter()
     samples = calibrate.measure(worlds, sizes, repeats=args.repeats,
@@ -329,9 +329,9 @@ def _predict(argv: list[str]) -> int:
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     args = parser.parse_args(argv)
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+    for flag, path, in_place in (("--json", args.json, True), ("--plot", args.plot, False)):
         if path:
-            check_writable(path, flag)
+            check_writable(path, flag, in_place=in_place)
 
     if args.scaling not in ("strong", "weak"):
         raise UsageError(f"--scaling {args.scaling!r} is not known; allowed: strong, weak")

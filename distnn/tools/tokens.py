@@ -92,8 +92,12 @@ def _write_windows(text_path: str, temp_path: str, *, context: int, stride: int,
             for first in range(0, rows, rows_per_chunk):
                 count = min(rows_per_chunk, rows - first)
                 needed = (count - 1) * stride + context + 1
-                span = np.fromfile(text_path, dtype=np.uint8, count=needed,
-                                   offset=start + first * stride)
+                try:
+                    span = np.fromfile(text_path, dtype=np.uint8, count=needed,
+                                       offset=start + first * stride)
+                except OSError as error:
+                    raise UsageError(f"{text_path} cannot be read "
+                                     f"({error.strerror or error})") from None
                 if span.size < needed:
                     raise UsageError(f"{text_path} got shorter while being read")
                 windows = sliding_window_view(span, context + 1)[::stride]
@@ -165,8 +169,8 @@ def _run(args: argparse.Namespace) -> str:
                 rows = _write_windows(args.input, temporaries[-1], context=args.context,
                                       stride=args.stride, start=start, stop=stop)
             except OSError as error:
-                raise UsageError(f"could not write {path} ({error.strerror}); nothing was "
-                                 "written") from None
+                raise UsageError(f"could not write {path} ({error.strerror or error}); "
+                                 "nothing was written") from None
             written.append(f"{rows} rows ({rows * args.context} tokens) to {path}")
         for temporary, (path, _, _) in zip(temporaries, parts, strict=True):
             os.replace(temporary, path)
