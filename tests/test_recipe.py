@@ -148,6 +148,7 @@ def test_a_run_killed_mid_warmup_and_again_mid_decay_resumes_to_the_same_bits(tm
      "--min-lr: got 1.0, above the learning rate 0.1; allowed: a rate from 0 to it"),
     (["--min-lr", "1e-3", "--lr", "1e-4"],  # the constant schedule, as docs/flags.md says
      "--min-lr: got 0.001, above the learning rate 0.0001; allowed: a rate from 0 to it"),
+    (["--val-every", "5"], "--val-every 5: no validation data; allowed: it with --val-data"),
     (["--clip-grad-norm", "-1"], "--clip-grad-norm: got -1.0; allowed:"),
     (["--clip-grad-norm", "nan"], "--clip-grad-norm: got nan; allowed:"),
 ])

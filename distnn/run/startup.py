@@ -111,6 +111,9 @@ def check_job(job: Job, *, ranks: int = 1, main: bool = True) -> None:
     if config.min_lr > job.lr:  # (a constant schedule never reads it: a slip all the same)
         raise UsageError(f"--min-lr: got {config.min_lr!r}, above the learning rate {job.lr!r}; "
                          "allowed: a rate from 0 to it")
+    if config.val_every and job.val is None:  # it would be left unused
+        raise UsageError(f"--val-every {config.val_every}: no validation data; allowed: it "
+                         "with --val-data (distnn.fit: val=)")
     if config.steps is not None and config.warmup_steps > config.steps:
         raise UsageError(f"--warmup-steps: got {config.warmup_steps}, beyond the run's "
                          f"{config.steps} steps; allowed: 0 to {config.steps}")
