@@ -102,6 +102,10 @@ def test_only_a_torchelastic_agent_is_a_launcher_to_watch(environ, agent):
     ({**TORCHRUN, "RANK": "4"}, "0 <= RANK < WORLD_SIZE"),
     ({**TORCHRUN, "LOCAL_RANK": "2"}, "LOCAL_RANK < LOCAL_WORLD_SIZE"),
     ({**TORCHRUN, "MASTER_PORT": ""}, "MASTER_PORT is not set"),
+    # torch would raise its ValueError, with a traceback, as it joined
+    ({**TORCHRUN, "MASTER_PORT": "abc"}, "MASTER_PORT='abc'; allowed: a port number from 0"),
+    ({**TORCHRUN, "MASTER_PORT": "65536"}, "MASTER_PORT='65536'"),
+    ({**TORCHRUN, "MASTER_PORT": "-1"}, "MASTER_PORT='-1'"),
 ])
 def test_inconsistent_launch_variables_are_usage_errors(environ, words):
     with pytest.raises(UsageError) as info:

@@ -375,9 +375,10 @@ def test_a_peer_that_never_arrives_ends_the_run_after_the_timeout():
 
 
 def test_fault_variables_are_validated(no_launcher, capsys, monkeypatch):
-    monkeypatch.setenv("DISTNN_FAULT_STEP", "soon")
-    assert main(["--steps", "3"]) == 2
-    assert "DISTNN_FAULT_STEP='soon'" in capsys.readouterr().err
+    for value in ("soon", "²"):  # ('²' is a digit to Python's str.isdigit)
+        monkeypatch.setenv("DISTNN_FAULT_STEP", value)
+        assert main(["--steps", "3"]) == 2
+        assert f"DISTNN_FAULT_STEP={value!r}" in capsys.readouterr().err
 
 
 def test_the_stall_fault_on_the_cpu_is_refused_at_start_on_every_rank():

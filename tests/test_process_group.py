@@ -91,3 +91,30 @@ def test_a_restarted_attempt_over_gloo_is_told_the_variable_that_lets_it_join(mo
     assert _restart_hint(first, gloo) == ""
     monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     assert _restart_hint(launch, gloo) == ""
+
+
+def test_a_master_address_that_does_not_resolve_or_a_port_in_use_is_one_line(monkeypatch):
+    # torch would try the address until the timeout, twice, then blame a peer; and it says
+    # a port in use as a failed join
+    import socket
+
+    import distnn
+
+    launch = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+              "MASTER_ADDR": "no.such.host.invalid", "MASTER_PORT": str(free_port())}
+    for name, value in launch.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(distnn.UsageError, match="environment: MASTER_ADDR='no.such.host."
+                                                "invalid' does not resolve"):
+        with distnn.setup(device="cpu", sharding=False, timeout_s=10):
+            pass
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        with pytest.raises(distnn.UsageError, match=f"environment: MASTER_PORT={port} is in "
+                                                    "use by another process on this host"):
+            with distnn.setup(device="cpu", sharding=False, timeout_s=10):
+                pass

@@ -89,6 +89,10 @@ def detect_launch(environ: Mapping[str, str]) -> LaunchEnv:
         if not environ.get(name):
             raise UsageError(f"environment: {name} is not set but RANK/WORLD_SIZE are; "
                              "launch with torchrun or accelerate launch")
+    port = environ["MASTER_PORT"]
+    if not (port.isascii() and port.isdigit() and int(port) <= 65535):
+        raise UsageError(f"environment: MASTER_PORT={port!r}; allowed: a port number from 0 "
+                         "to 65535")
     if world_size < 1 or not 0 <= rank < world_size:
         raise UsageError(f"environment: RANK={rank}, WORLD_SIZE={world_size}; "
                          "allowed: WORLD_SIZE >= 1 and 0 <= RANK < WORLD_SIZE")

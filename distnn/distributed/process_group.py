@@ -7,10 +7,11 @@ import importlib
 import json
 import os
 import re
+import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -155,9 +156,17 @@ def process_group(launch: LaunchEnv, placement: Placement, *, timeout_s: float,
     if sharding:
         for module in SHARDING_MODULES:
             importlib.import_module(module)
+    _check_master_address(os.environ)
     with collective(f"joining the process group{_restart_hint(launch, placement)}"):
-        dist.init_process_group(backend=placement.backend,
-                                timeout=timedelta(seconds=timeout_s))
+        try:
+            dist.init_process_group(backend=placement.backend,
+                                    timeout=timedelta(seconds=timeout_s))
+        except RuntimeError as error:
+            if "EADDRINUSE" not in str(error):
+                raise
+            raise UsageError(f"environment: MASTER_PORT={os.environ.get('MASTER_PORT')} is in "
+                             "use by another process on this host; allowed: a free port "
+                             "(torchrun --master-port, or --rdzv-endpoint HOST:PORT)") from None
     try:
         yield True
     finally:
@@ -181,6 +190,20 @@ def _clear_sharding_caches() -> None:
 
 
 _left: list[bool] = []  # whether this process has left a process group (see process_group)
+
+
+def _check_master_address(environ: Mapping[str, str]) -> None:
+    """A MASTER_ADDR that does not resolve is refused at once: torch would try to reach it
+    until the timeout, twice, and then blame a peer."""
+    address = environ.get("MASTER_ADDR")
+    if not address:
+        return
+    try:
+        socket.getaddrinfo(address, None)
+    except (socket.gaierror, UnicodeError) as error:
+        reason = getattr(error, "strerror", None) or error
+        raise UsageError(f"environment: MASTER_ADDR={address!r} does not resolve ({reason}); "
+                         "allowed: the host name or IP address of the job's rank 0") from None
 
 
 def _restart_hint(launch: LaunchEnv, placement: Placement) -> str:

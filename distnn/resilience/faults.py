@@ -51,7 +51,7 @@ class FaultPlan:
         values = {}
         for name, key in (("DISTNN_FAULT_STEP", "step"), ("DISTNN_FAULT_RANK", "rank")):
             text = environ.get(name, "0")
-            if not text.isdigit():
+            if not (text.isascii() and text.isdigit()):  # ('²' is a digit to Python)
                 raise UsageError(f"environment: {name}={text!r}; allowed: an integer >= 0")
             values[key] = int(text)
         kind = environ.get("DISTNN_FAULT_KIND", "exit")
