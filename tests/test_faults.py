@@ -379,6 +379,10 @@ def test_fault_variables_are_validated(no_launcher, capsys, monkeypatch):
         monkeypatch.setenv("DISTNN_FAULT_STEP", value)
         assert main(["--steps", "3"]) == 2
         assert f"DISTNN_FAULT_STEP={value!r}" in capsys.readouterr().err
+    monkeypatch.delenv("DISTNN_FAULT_STEP")
+    monkeypatch.setenv("DISTNN_FAULT_KIND", "bogus")  # a drill that would do nothing
+    assert main(["--steps", "3"]) == 2
+    assert "DISTNN_FAULT_KIND is set but DISTNN_FAULT_STEP is not" in capsys.readouterr().err
 
 
 def test_the_stall_fault_on_the_cpu_is_refused_at_start_on_every_rank():

@@ -47,6 +47,10 @@ class FaultPlan:
     def from_environ(cls, environ: Mapping[str, str]) -> FaultPlan | None:
         """The planned fault, or None (none asked for)."""
         if "DISTNN_FAULT_STEP" not in environ:
+            alone = [name for name in ("DISTNN_FAULT_RANK", "DISTNN_FAULT_KIND") if name in environ]
+            if alone:  # a drill mistyped would pass as one that did nothing
+                raise UsageError(f"environment: {alone[0]} is set but DISTNN_FAULT_STEP is not; "
+                                 "allowed: DISTNN_FAULT_STEP with it (a drill), or neither")
             return None
         values = {}
         for name, key in (("DISTNN_FAULT_STEP", "step"), ("DISTNN_FAULT_RANK", "rank")):
