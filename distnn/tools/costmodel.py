@@ -168,14 +168,15 @@ class Cluster:
         if unknown:
             raise ValueError(f"unknown cluster fields {sorted(unknown)}")
         for name, value in data.items():
-            if name in _COUNTS and not (value is None and name in ("inter_links", "cores")) and (
-                    not _is_number(value) or value != int(value) or value < 1):
+            if value is None and name in _OPTIONAL:
+                continue
+            if name in _COUNTS and (not _is_number(value) or value != int(value) or value < 1):
                 raise ValueError(f"{name} is {value!r}; allowed: an integer >= 1")
-            rate = name == "flop_per_s"  # (a rate of 0 would make every step endless)
-            if name in _AMOUNTS and not (value is None and rate) and (
-                    not _is_number(value) or value < 0 or (rate and not value)):
+            positive = name == "flop_per_s"  # (a rate of 0 would make every step endless)
+            if name in _AMOUNTS and (not _is_number(value) or value < 0
+                                     or (positive and value == 0)):
                 raise ValueError(f"{name} is {value!r}; allowed: a finite number "
-                                 f"{'> 0' if rate else '>= 0'}")
+                                 f"{'> 0' if positive else '>= 0'}")
         if data.get("algorithm", "ring") not in ("ring", "tree", "auto"):
             raise ValueError(f"algorithm is {data['algorithm']!r}; allowed: ring, tree, auto")
         if data.get("backend", "nccl") not in ("nccl", "gloo"):
@@ -184,6 +185,7 @@ class Cluster:
 
 
 _COUNTS = ("gpus_per_node", "inter_links", "cores")
+_OPTIONAL = ("inter_links", "cores", "flop_per_s")  # None: see the fields' comments
 _AMOUNTS = ("intra_alpha_s", "intra_beta_s", "inter_alpha_s", "inter_beta_s",
             "compute_contention", "flop_per_s", "step_floor_ms", "burst_bytes", "burst_beta_s")
 
