@@ -128,18 +128,7 @@ class Trainer:
         Raises RunFailed to stop."""
         with self.precision.matmuls():
             try:
-                try:
-                    # a peer lost inside torch's own collectives (FSDP2's gathers in a forward,
-                    # ZeroRedundancyOptimizer's broadcasts) is said in one line, as distnn's
-                    with communication("a collective inside torch (FSDP2, "
-                                       "ZeroRedundancyOptimizer)"):
-                        done, wall_s = self._run()
-                except RuntimeError as error:  # torch.OutOfMemoryError is one
-                    failed = out_of_memory(error, self.rt.device)
-                    if failed is None:
-                        raise
-                    failed.alone = True
-                    raise failed from None
+                done, wall_s = self._run_said()
             except BaseException:
                 self._close(failing=True)
                 raise
@@ -148,6 +137,20 @@ class Trainer:
                            val=self.validator.results, is_main=self.rt.is_main,
                            losses=list(self.losses.tail), compiled=self.builder.compiled,
                            compile_s=self.builder.compile_s)
+
+    def _run_said(self) -> tuple[int, float]:
+        """:meth:`_run`, its failures of torch's own collectives and of memory in one line."""
+        try:
+            # a peer lost inside torch's own collectives (FSDP2's gathers in a forward,
+            # ZeroRedundancyOptimizer's broadcasts) is said in one line, as distnn's are
+            with communication("a collective inside torch (FSDP2, ZeroRedundancyOptimizer)"):
+                return self._run()
+        except RuntimeError as error:  # torch.OutOfMemoryError is one
+            failed = out_of_memory(error, self.rt.device)
+            if failed is None:
+                raise
+            failed.alone = True
+            raise failed from None
 
     def _run(self) -> tuple[int, float]:
         """The run's start-up, steps and end; returns the steps done and the steps' wall
