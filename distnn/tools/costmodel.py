@@ -172,6 +172,8 @@ class Cluster:
                 continue
             if name in _COUNTS and (not _is_number(value) or value != int(value) or value < 1):
                 raise ValueError(f"{name} is {value!r}; allowed: an integer >= 1")
+            if name in _FITTED and not _is_number(value):
+                raise ValueError(f"{name} is {value!r}; allowed: a finite number")
             positive = name == "flop_per_s"  # (a rate of 0 would make every step endless)
             if name in _AMOUNTS and (not _is_number(value) or value < 0
                                      or (positive and value == 0)):
@@ -186,8 +188,10 @@ class Cluster:
 
 _COUNTS = ("gpus_per_node", "inter_links", "cores")
 _OPTIONAL = ("inter_links", "cores", "flop_per_s")  # None: see the fields' comments
-_AMOUNTS = ("intra_alpha_s", "intra_beta_s", "inter_alpha_s", "inter_beta_s",
-            "compute_contention", "flop_per_s", "step_floor_ms", "burst_bytes", "burst_beta_s")
+# (the links' latencies and inverse bandwidths only need be finite: calibrate fits them to
+# timings, and a fit of a fast link may come out a hair below zero)
+_FITTED = ("intra_alpha_s", "intra_beta_s", "inter_alpha_s", "inter_beta_s")
+_AMOUNTS = ("compute_contention", "flop_per_s", "step_floor_ms", "burst_bytes", "burst_beta_s")
 
 
 def _is_number(value: object) -> bool:
