@@ -109,7 +109,8 @@ class Trainer:
         self.precision = Precision(config.precision, device=runtime.device,
                                    cuda_graph=config.cuda_graph)
         self.fault = settings.fault and settings.fault.for_attempt(
-            restart_count=runtime.launch.restart_count, device=runtime.device)
+            restart_count=runtime.launch.restart_count, device=runtime.device,
+            world_size=runtime.world_size)
         # Every read of step results waits through it: a GPU stuck behind a collective fails
         # after --timeout-s instead of hanging (also under --cuda-graph, out of NCCL's sight).
         self.watch = DeviceWatch(runtime.device, timeout_s=config.timeout_s)
@@ -215,6 +216,8 @@ class Trainer:
                       if config.clip_grad_norm else None)
         self.checkpointer = Checkpointer(job, rt, self.losses, resumed=agreed.checkpoint,
                                          start=start, lock=agreed.lock)
+        if self.fault:  # (the checkpointer holds the folder's lock now: closing frees it)
+            self.fault.check_step(config.steps)
         self.verifier = self.checkpointer.verifier = Verifier(
             self.losses, every=config.verify_every, start=start,
             distributed=rt.communicates, kept=self.checkpointer.kept, grad_norms=grad_norms)

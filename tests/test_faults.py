@@ -383,6 +383,17 @@ def test_fault_variables_are_validated(no_launcher, capsys, monkeypatch):
     monkeypatch.setenv("DISTNN_FAULT_KIND", "bogus")  # a drill that would do nothing
     assert main(["--steps", "3"]) == 2
     assert "DISTNN_FAULT_KIND is set but DISTNN_FAULT_STEP is not" in capsys.readouterr().err
+    # drills that could never fire (one process: rank 0 of 1; 3 steps: 0 to 2)
+    for env, said in ((dict(DISTNN_FAULT_STEP="1", DISTNN_FAULT_RANK="1"),
+                       "DISTNN_FAULT_RANK=1, but the job has 1 rank(s); allowed: 0 to 0"),
+                      (dict(DISTNN_FAULT_STEP="3"),
+                       "DISTNN_FAULT_STEP=3, but the run has 3 step(s); allowed: 0 to 2")):
+        for name in ("DISTNN_FAULT_STEP", "DISTNN_FAULT_RANK", "DISTNN_FAULT_KIND"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        assert main(["--steps", "3"]) == 2
+        assert f"error: environment: {said}\n" in capsys.readouterr().err
 
 
 def test_the_stall_fault_on_the_cpu_is_refused_at_start_on_every_rank():

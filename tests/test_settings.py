@@ -46,8 +46,24 @@ def test_a_fault_fires_on_the_first_attempt_only_and_a_stall_needs_cuda():
                                       "DISTNN_FAULT_KIND": "diverge"})
     assert settings.fault == FaultPlan(step=4, rank=1, kind="diverge")
     cpu = torch.device("cpu")
-    assert settings.fault.for_attempt(restart_count=0, device=cpu) == settings.fault
-    assert settings.fault.for_attempt(restart_count=1, device=cpu) is None
+    assert settings.fault.for_attempt(restart_count=0, device=cpu,
+                                      world_size=2) == settings.fault
+    assert settings.fault.for_attempt(restart_count=1, device=cpu, world_size=2) is None
     stall = Settings.from_environ({"DISTNN_FAULT_STEP": "4", "DISTNN_FAULT_KIND": "stall"})
     with pytest.raises(UsageError, match="stall needs a CUDA device"):
-        stall.fault.for_attempt(restart_count=0, device=cpu)
+        stall.fault.for_attempt(restart_count=0, device=cpu, world_size=1)
+
+
+def test_a_drill_that_could_never_fire_is_refused():
+    # a rank the job does not have, or a step the run never takes, was a drill doing nothing
+    plan = FaultPlan(step=4, rank=2)
+    cpu = torch.device("cpu")
+    with pytest.raises(UsageError, match=r"DISTNN_FAULT_RANK=2, but the job has 2 rank\(s\); "
+                                         r"allowed: 0 to 1$"):
+        plan.for_attempt(restart_count=0, device=cpu, world_size=2)
+    assert plan.for_attempt(restart_count=0, device=cpu, world_size=3) == plan
+    assert plan.for_attempt(restart_count=1, device=cpu, world_size=2) is None  # restarted
+    plan.check_step(5)
+    with pytest.raises(UsageError, match=r"DISTNN_FAULT_STEP=4, but the run has 4 step\(s\); "
+                                         r"allowed: 0 to 3$"):
+        plan.check_step(4)

@@ -64,17 +64,29 @@ class FaultPlan:
                              f"allowed: {', '.join(KINDS)}")
         return cls(kind=kind, **values)
 
-    def for_attempt(self, *, restart_count: int, device: torch.device) -> FaultPlan | None:
+    def for_attempt(self, *, restart_count: int, device: torch.device,
+                    world_size: int) -> FaultPlan | None:
         """The fault for this attempt of the job: None after an elastic restart (the restart
         runs clean). Checked when a rank starts, on every rank alike, so a fault that cannot
-        happen on ``device`` stops them all at once rather than the one rank when it comes
-        to fire."""
+        happen (on ``device``, or on a rank the job does not have) stops them all at once
+        rather than passing as a drill that did nothing."""
         if restart_count > 0:
             return None
         if self.kind == "stall" and device.type != "cuda":
             raise UsageError("environment: DISTNN_FAULT_KIND=stall needs a CUDA device; "
                              f"this rank computes on {device}")
+        if self.rank >= world_size:
+            raise UsageError(f"environment: DISTNN_FAULT_RANK={self.rank}, but the job has "
+                             f"{world_size} rank(s); allowed: 0 to {world_size - 1}")
         return self
+
+    def check_step(self, steps: int) -> None:
+        """Refuses a fault at or past the run's last step (``steps``, known once the job is):
+        it would never fire. A resumed run that has passed the step is fine: its first
+        attempt fired it."""
+        if self.step >= steps:
+            raise UsageError(f"environment: DISTNN_FAULT_STEP={self.step}, but the run has "
+                             f"{steps} step(s); allowed: 0 to {steps - 1}")
 
     def maybe_fire(self, *, step: int, rank: int, flat_params: torch.Tensor) -> None:
         """Misbehaves if this is the planned rank and step; otherwise does nothing."""
