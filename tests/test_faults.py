@@ -374,6 +374,41 @@ def test_a_peer_that_never_arrives_ends_the_run_after_the_timeout():
     assert "joining the process group failed" in result.stderr and "--timeout-s 2" in result.stderr
 
 
+def test_a_rank_that_cannot_reach_rank_zero_ends_after_the_timeout_in_one_line(monkeypatch):
+    # torch's own client tried twice (up to 3x --timeout-s) and printed ~40 lines first
+    import socket
+    import threading
+
+    from distnn.distributed.environment import LaunchEnv, Placement
+    from distnn.distributed.process_group import (
+        CollectiveFailed,
+        _wait_for_store,
+        process_group,
+    )
+
+    port = free_port()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    launch = LaunchEnv(launcher="env", rank=1, local_rank=1, world_size=2, local_world_size=2,
+                       rendezvous=True)
+    started = time.monotonic()
+    with pytest.raises(CollectiveFailed, match=rf"^joining the process group failed: nothing "
+                       rf"listened at 127.0.0.1:{port} \(MASTER_ADDR:MASTER_PORT, where rank 0 "
+                       r"serves the job's store\): Connection refused$"):
+        with process_group(launch, Placement("cpu", "gloo"), timeout_s=1.0, sharding=False):
+            pass
+    assert 1.0 <= time.monotonic() - started < 3.0
+    # rank 0 later than the others is fine: the wait ends once something listens there
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", port))
+        late = threading.Timer(0.5, listener.listen)
+        late.start()
+        started = time.monotonic()
+        _wait_for_store(os.environ, 5.0)
+        late.join()
+    assert 0.5 <= time.monotonic() - started < 2.0
+
+
 def test_fault_variables_are_validated(no_launcher, capsys, monkeypatch):
     for value in ("soon", "²"):  # ('²' is a digit to Python's str.isdigit)
         monkeypatch.setenv("DISTNN_FAULT_STEP", value)

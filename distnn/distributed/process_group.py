@@ -50,6 +50,7 @@ class DeviceStalled(CollectiveFailed):
 
 FAILURE_KEY = "distnn/failure"  # a rank's reason for stopping, in the job's store
 STORE_WAIT_S = 2.0  # how long reading or writing it may take: the store may be gone too
+STORE_PROBE_S = 0.2  # how often a rank tries to reach rank 0's store before joining
 SPIN_S = 0.01  # DeviceWatch polls without sleeping for this long, then once a millisecond
 
 
@@ -157,6 +158,8 @@ def process_group(launch: LaunchEnv, placement: Placement, *, timeout_s: float,
         for module in SHARDING_MODULES:
             importlib.import_module(module)
     _check_master_address(os.environ)
+    if not launch.agent_store and launch.rank != 0:  # (rank 0 serves it; an agent's is up)
+        _wait_for_store(os.environ, timeout_s)
     with collective(f"joining the process group{_restart_hint(launch, placement)}"):
         try:
             dist.init_process_group(backend=placement.backend,
@@ -204,6 +207,28 @@ def _check_master_address(environ: Mapping[str, str]) -> None:
         reason = getattr(error, "strerror", None) or error
         raise UsageError(f"environment: MASTER_ADDR={address!r} does not resolve ({reason}); "
                          "allowed: the host name or IP address of the job's rank 0") from None
+
+
+def _wait_for_store(environ: Mapping[str, str], timeout_s: float) -> None:
+    """Returns once something listens at MASTER_ADDR:MASTER_PORT, where rank 0's process
+    serves the job's store, trying for ``timeout_s`` (rank 0 may start later). Nothing there
+    is CollectiveFailed in one line after ``timeout_s``: torch's own client would try for
+    ``timeout_s``, then again after a random delay (up to 3x in all), printing some 40 lines
+    of warnings and C++ frames before it gave up."""
+    address, port = environ["MASTER_ADDR"], int(environ["MASTER_PORT"])
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((address, port), timeout=max(0.1, min(1.0, left))):
+                return
+        except OSError as error:
+            reason = error.strerror or str(error) or type(error).__name__
+        if left <= 0:
+            raise CollectiveFailed(f"joining the process group failed: nothing listened at "
+                                   f"{address}:{port} (MASTER_ADDR:MASTER_PORT, where rank 0 "
+                                   f"serves the job's store): {reason}")
+        time.sleep(min(STORE_PROBE_S, max(0.0, left)))
 
 
 def _restart_hint(launch: LaunchEnv, placement: Placement) -> str:
