@@ -28,13 +28,17 @@ $(STAMP): pyproject.toml Makefile
 run: $(STAMP)
 	$(BIN)/torchrun --nproc_per_node=$(NPROC) -m distnn.train $(ARGS)
 
-# All tests; the CUDA ones skip cleanly on a machine without a GPU.
+# All tests; the CUDA ones skip cleanly on a machine without a GPU. TEST_WORKERS test files
+# run at a time (pytest-xdist), each file's tests in order on one worker: many tests wait
+# (for a timeout, a peer, a launcher) with the CPU idle. (TEST_WORKERS=0: one at a time.)
+TEST_WORKERS ?= 2
+PYTEST = $(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 # The whole suite forced onto the CPU (gloo), as on a machine with no GPU.
 test-cpu: $(STAMP)
-	CUDA_VISIBLE_DEVICES= $(BIN)/python -m pytest -q
+	CUDA_VISIBLE_DEVICES= $(PYTEST)
 
 # Only the tests that need CUDA (they fail, not skip, when CUDA is missing).
 test-gpu: $(STAMP)
