@@ -118,3 +118,8 @@ def batch_norm(d_in: int, d_out: int) -> nn.Module:
 
 def with_dropout(d_in: int, d_out: int) -> nn.Module:
     return nn.Sequential(nn.Linear(d_in, 8), nn.Dropout(0.2), nn.Linear(8, d_out))
+
+
+def bag_of_tokens(d_in: int, d_out: int) -> nn.Module:
+    """Token ids [N, T] to one score vector a row, [N, d_out]: not a next-token model."""
+    return nn.EmbeddingBag(d_out, d_out)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -83,6 +84,41 @@ def seeded_model(config: TrainConfig) -> nn.Module:
     """``torch.manual_seed(seed)``, then the model: its weights do not depend on the data."""
     torch.manual_seed(config.seed)
     return config_model(config)
+
+
+# --save's metadata: how to build the trained model again (distnn.tools.sample reads it)
+RECIPE = ("distnn.model", "distnn.model_args", "distnn.d_in", "distnn.d_out", "distnn.hidden")
+
+
+def model_recipe(config: TrainConfig) -> dict[str, str]:
+    """How to build ``config``'s model again, untrained, as safetensors metadata (text
+    values): --model ("" for the MLP), --model-args, the sizes and the MLP's --hidden."""
+    return dict(zip(RECIPE, (config.model or "", json.dumps(config.model_kwargs),
+                             str(config.d_in), str(config.d_out),
+                             json.dumps(list(config.hidden or ()))), strict=True))
+
+
+def model_from_recipe(recipe: Mapping[str, str], *, where: str) -> tuple[nn.Module, int, int]:
+    """The model, untrained, that a :func:`model_recipe` of ``where`` (a file) describes,
+    with its d_in and d_out. UsageError when the recipe is missing or not one distnn wrote."""
+    if not all(key in recipe for key in RECIPE):
+        raise UsageError(f"{where} does not say which model it holds (no distnn.model in its "
+                         "metadata); allowed: a file distnn.train's --save wrote (distnn.fit's "
+                         "model is yours: call distnn.models.sampling.generate on it)")
+    try:
+        kwargs = json.loads(recipe["distnn.model_args"])
+        hidden = json.loads(recipe["distnn.hidden"])
+        d_in, d_out = int(recipe["distnn.d_in"]), int(recipe["distnn.d_out"])
+        if not (isinstance(kwargs, dict) and isinstance(hidden, list) and d_in > 0 and d_out > 0
+                and all(isinstance(width, int) and width > 0 for width in hidden)):
+            raise ValueError("values of the wrong kind")
+    except ValueError as error:  # JSONDecodeError is one
+        raise UsageError(f"{where}: its distnn metadata is damaged ({error}); allowed: a file "
+                         "distnn.train's --save wrote, unchanged") from None
+    spec = recipe["distnn.model"]
+    if spec:
+        return import_model(spec, d_in=d_in, d_out=d_out, kwargs=kwargs), d_in, d_out
+    return build_model(d_in, hidden, d_out), d_in, d_out
 
 
 def _first_line(error: BaseException) -> str:

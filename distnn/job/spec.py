@@ -17,7 +17,7 @@ from distnn.data.datafile import DataFile
 from distnn.data.shards import reference_setup, shard_bounds
 from distnn.errors import UsageError
 from distnn.job.losses import LossFn, apply_loss, counted_targets, sum_loss
-from distnn.job.model import seeded_model
+from distnn.job.model import model_recipe, seeded_model
 from distnn.job.optimizers import build_optimizer
 from distnn.job.targets import loss_mismatch, val_mismatch
 
@@ -51,6 +51,9 @@ class Job:
     data_digest: str | None = None  # startup.data_digest's, once computed ("" for none)
     # distnn.fit's scheduler=: the user's, stepped after each update
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    # how to build the model again, for --save's metadata (model.model_recipe); None: a
+    # model given from Python (distnn.fit), which no flags describe
+    recipe: dict[str, str] | None = None
 
     def loss(self, output: object, targets: torch.Tensor) -> torch.Tensor:
         """The summed loss of a model's ``output`` against ``targets``."""
@@ -125,6 +128,7 @@ def job_from_flags(config: TrainConfig, *, world_size: int, rank: int,
     job.optimizer = build_optimizer(config.optimizer, job.model.parameters(), lr=config.lr,
                                     momentum=config.momentum,
                                     weight_decay=config.weight_decay)
+    job.recipe = model_recipe(config)
     return job
 
 

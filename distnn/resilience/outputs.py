@@ -128,20 +128,23 @@ def _running(pid: int) -> bool:
     return True
 
 
-def tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
-    """``tensors`` as the bytes of a safetensors file (CPU copies, contiguous)."""
+def tensor_bytes(tensors: dict[str, torch.Tensor],
+                 metadata: dict[str, str] | None = None) -> bytes:
+    """``tensors`` as the bytes of a safetensors file (CPU copies, contiguous), with the
+    text ``metadata`` in its header."""
     return save({name: tensor.detach().to("cpu", copy=True).contiguous()
-                 for name, tensor in tensors.items()})
+                 for name, tensor in tensors.items()}, metadata=metadata)
 
 
-def save_weights(weights: nn.Module | dict[str, torch.Tensor], path: str) -> None:
+def save_weights(weights: nn.Module | dict[str, torch.Tensor], path: str,
+                 metadata: dict[str, str] | None = None) -> None:
     """Writes ``weights`` (a module's state dict, or the module) to ``path`` as
-    safetensors, whole or not at all.
+    safetensors, whole or not at all, with ``metadata`` (text) in its header.
 
     Raises OSError (the file and the reason) when it cannot be written.
     """
     state = weights.state_dict() if isinstance(weights, nn.Module) else weights
-    write_file(path, tensor_bytes(state))
+    write_file(path, tensor_bytes(state, metadata))
 
 
 def describe_os_error(error: OSError) -> str:

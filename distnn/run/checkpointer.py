@@ -274,12 +274,13 @@ class Checkpointer:
         return made[0], {name: digest for _, part in views for name, digest in part.items()}
 
     def save_weights(self) -> None:
-        """--save: rank 0 writes the trained weights as one safetensors file."""
-        config = self.config
+        """--save: rank 0 writes the trained weights as one safetensors file, and in its
+        metadata how to build the model again (job.recipe; none for distnn.fit's)."""
+        config, recipe = self.config, self.job.recipe
         kept = (f"the trained weights are in the final checkpoint {self.last}" if self.last
                 else "the trained weights are lost (no --checkpoint-dir)")
         weights = self._whole_weights()
-        write_on_rank_0(self.rt, lambda: save_weights(weights, config.save),
+        write_on_rank_0(self.rt, lambda: save_weights(weights, config.save, recipe),
                         f"could not write --save {config.save}", kept)
 
     def _whole_weights(self) -> dict[str, torch.Tensor] | None:

@@ -1,0 +1,133 @@
+"""``python -m distnn.tools.sample WEIGHTS [--prompt TEXT] [--tokens N] [--temperature T]
+[--top-k K] [--seed S] [--device auto|cpu|cuda]``: text that a language model distnn.train
+trained writes.
+
+WEIGHTS is the file ``--save`` wrote: its metadata says which model it holds (``--model``,
+``--model-args`` and the sizes), so nothing else is needed. Tokens are bytes, as
+distnn.tools.tokens makes them: the prompt's UTF-8 bytes go in, and the prompt and the N
+bytes the model adds come out on stdout, as they are (a byte sequence cut mid-character is
+the model's). Each byte is drawn from the model's scores over ``--temperature`` among the
+``--top-k`` likeliest (``--temperature 0``: always the likeliest), repeatably for a
+``--seed`` on one machine (distnn.models.sampling.generate, which also takes your own model
+from Python).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from distnn.errors import EXIT_USAGE, UsageError
+from distnn.job.model import model_from_recipe
+from distnn.models.sampling import generate
+from distnn.tools.tokens import VOCAB_SIZE
+
+
+def load_trained(path: str, device: torch.device) -> tuple[torch.nn.Module, int, int]:
+    """The model ``path`` (a --save file) holds, with its trained weights, on ``device``;
+    with its context (d_in) and vocabulary (d_out)."""
+    try:
+        with safe_open(path, framework="pt") as file:
+            recipe = file.metadata() or {}
+            weights = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+    except OSError as error:
+        raise UsageError(f"cannot read {path} ({error.strerror or error}); allowed: a file "
+                         "distnn.train's --save wrote") from None
+    except SafetensorError as error:
+        raise UsageError(f"{path} is not a safetensors file ({error}); allowed: a file "
+                         "distnn.train's --save wrote") from None
+    model, context, vocab = model_from_recipe(recipe, where=path)
+    if not recipe["distnn.model"]:
+        raise UsageError(f"{path} holds distnn's MLP (no --model), which scores rows of "
+                         "features, not next tokens; allowed: a language model's file "
+                         "(--model distnn.models.gpt:build, say)")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0]
+        raise UsageError(f"{path}: its weights do not fit the model its metadata names "
+                         f"({first}); allowed: the file as --save wrote it") from None
+    return model.to(device), context, vocab
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device: got 'cuda' but CUDA is not available on this machine; "
+                         "allowed here: auto, cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _run(args: argparse.Namespace) -> bytes:
+    if args.tokens < 0:
+        raise UsageError(f"--tokens {args.tokens}; allowed: 0 or more")
+    if args.temperature < 0:
+        raise UsageError(f"--temperature {args.temperature:g}; allowed: 0 (always the "
+                         "likeliest byte) or more")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError(f"--top-k {args.top_k}; allowed: 1 or more")
+    prompt = args.prompt.encode("utf-8", "surrogateescape")  # argv's bytes, whatever they are
+    if not prompt:
+        raise UsageError("--prompt is empty; allowed: at least one character")
+    device = _device(args.device)
+    model, context, vocab = load_trained(args.weights, device)
+    if vocab > VOCAB_SIZE:
+        raise UsageError(f"{args.weights}: the model scores {vocab} tokens, and this tool's "
+                         f"tokens are bytes ({VOCAB_SIZE}, distnn.tools.tokens'); allowed: a "
+                         "model of a byte vocabulary (for another tokenizer, call "
+                         "distnn.models.sampling.generate and decode its ids yourself)")
+    if max(prompt) >= vocab:
+        raise UsageError(f"--prompt holds the byte {max(prompt)}, and the model knows bytes "
+                         f"0 to {vocab - 1} only; allowed: a prompt of those bytes")
+    ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+    with torch.no_grad():
+        scores = model.eval()(ids[:, -context:])
+    if not (isinstance(scores, torch.Tensor) and scores.dim() == 3
+            and scores.shape[-1] == vocab):
+        shape = list(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise UsageError(f"{args.weights}: the model maps token ids [1, {ids.shape[1]}] to "
+                         f"{shape}, not to next-token scores [1, {ids.shape[1]}, {vocab}]; "
+                         "allowed: a language model (--model distnn.models.gpt:build, say)")
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    out = generate(model, ids, new_tokens=args.tokens, context=context,
+                   temperature=args.temperature, top_k=args.top_k, generator=generator)
+    return bytes(out[0].tolist())
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse would print usage and exit
+        raise UsageError(f"{message}; see python -m distnn.tools.sample --help")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(prog="python -m distnn.tools.sample", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("weights", help="the .safetensors file distnn.train's --save wrote")
+    parser.add_argument("--prompt", default="\n", help="the text to go on from (default: a "
+                        "newline)")
+    parser.add_argument("--tokens", type=int, default=200, help="bytes to add (default: 200)")
+    parser.add_argument("--temperature", type=float, default=0.8,
+                        help="below 1: surer, above 1: more varied; 0: always the likeliest "
+                        "(default: 0.8)")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="draw among the K likeliest bytes only (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the draws (default: 0)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the model runs (default: auto, a GPU if there is one)")
+    try:
+        args = parser.parse_args(argv)
+        text = _run(args)
+    except UsageError as error:
+        print(f"distnn: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    sys.stdout.buffer.write(text + b"\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
