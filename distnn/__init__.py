@@ -7,6 +7,8 @@ optimizer and data. Its pieces, for a loop of your own: ``setup`` joins the job,
 update, ``shard_bounds`` says which rows of a batch are this rank's.
 """
 
+# first: it notes the parent process before the imports below (torch's) take seconds
+from distnn import _launched  # noqa: F401
 from distnn._version import __version__
 from distnn.data.shards import shard_bounds
 from distnn.distributed.gradsync import FlatGradSync

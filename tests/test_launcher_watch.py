@@ -126,11 +126,33 @@ with launcher_watch(True, interval_s=0.2, grace_s=2.0):
 """
 
 
-def orphan_after_parent_dies(tmp_path: Path, mode: str) -> tuple[float, int]:
+# A child whose parent dies after it imported distnn and before its watch starts (while
+# a rank imports torch, say): the watch still knows the parent it started under.
+LATE_CHILD = """
+import os, signal, sys, time
+from pathlib import Path
+import distnn._launched  # what `import distnn` does first
+out, first = Path(sys.argv[1]), os.getppid()
+(out / "ready").write_text("")
+while os.getppid() == first:  # the parent is killed now
+    time.sleep(0.01)
+from distnn.distributed.launcher_watch import launcher_watch
+caught = []
+signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
+with launcher_watch(True, interval_s=0.2, grace_s=2.0):
+    deadline = time.monotonic() + 10
+    while not caught and time.monotonic() < deadline:
+        time.sleep(0.01)
+(out / "result").write_text("caught SIGTERM" if caught else "no signal")
+"""
+
+
+def orphan_after_parent_dies(tmp_path: Path, mode: str, child: str = CHILD
+                             ) -> tuple[float, int]:
     """Kills the parent of a watched child; returns (seconds until the child was gone,
     the dead parent's pid)."""
     with (tmp_path / "stderr").open("w") as stderr:
-        parent = subprocess.Popen([sys.executable, "-c", PARENT, sys.executable, "-c", CHILD,
+        parent = subprocess.Popen([sys.executable, "-c", PARENT, sys.executable, "-c", child,
                                    str(tmp_path), mode], env=clean_env(), cwd=REPO,
                                   stdout=subprocess.DEVNULL, stderr=stderr)
     child: list[int] = []
@@ -150,6 +172,16 @@ def orphan_after_parent_dies(tmp_path: Path, mode: str) -> tuple[float, int]:
 
 def test_an_orphan_that_catches_sigterm_gets_it_within_the_poll(tmp_path):
     elapsed, parent = orphan_after_parent_dies(tmp_path, "catch")
+    assert (tmp_path / "result").read_text() == "caught SIGTERM"
+    assert elapsed < 3
+    assert (tmp_path / "stderr").read_text().count(
+        f"the launcher (pid {parent}) is gone; stopping as if preempted (SIGTERM)") == 1
+
+
+def test_a_launcher_killed_before_the_watch_started_is_still_seen_gone(tmp_path):
+    # (torchrun SIGKILLed while its ranks imported torch left them waiting ~43 s on its
+    # dead store, then failing with C++ frames)
+    elapsed, parent = orphan_after_parent_dies(tmp_path, "catch", LATE_CHILD)
     assert (tmp_path / "result").read_text() == "caught SIGTERM"
     assert elapsed < 3
     assert (tmp_path / "stderr").read_text().count(

@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).parent.parent / "distnn"
 
 # Lowest first. A module may import modules of its own layer or of any lower one.
 LAYERS = [
-    {"distnn._version", "distnn.errors", "distnn.config", "distnn.logs"},
+    {"distnn._launched", "distnn._version", "distnn.errors", "distnn.config", "distnn.logs"},
     {"distnn.data", "distnn.job", "distnn.distributed", "distnn.models"},
     {"distnn.resilience"},
     {"distnn.step"},

@@ -34,6 +34,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from distnn._launched import STARTED
+
 log = logging.getLogger("distnn")
 
 POLL_S = 1.0  # seconds between looks at the parent: the delay before a rank notices
@@ -46,22 +48,32 @@ def sigterm_is_caught() -> bool:
     return callable(signal.getsignal(signal.SIGTERM))
 
 
+def parent_at_start() -> int:
+    """The parent this process had when it first imported distnn (distnn._launched), before
+    torch's imports: a launcher killed during those seconds is seen gone too. A process
+    forked after that import (its pid differs) has its parent of now."""
+    pid, parent = STARTED
+    return parent if pid == os.getpid() else os.getppid()
+
+
 @contextmanager
 def launcher_watch(enabled: bool, *, interval_s: float = POLL_S,
                    grace_s: float = GRACE_S) -> Iterator[None]:
     """While inside, sends this process SIGTERM (once) when its parent process goes away.
 
-    Nothing happens when ``enabled`` is False. The parent is the one at entry. The signal
-    goes within ``interval_s`` seconds of the parent's death while SIGTERM is caught by a
-    Python handler, else ``grace_s`` seconds after the watch noticed (or as soon as a
-    handler is installed). The watch runs in a daemon thread (it never keeps the process
-    alive) that wakes every ``interval_s`` seconds and touches nothing the training step
-    uses; it is stopped and joined on the way out, after which it never signals.
+    Nothing happens when ``enabled`` is False. The parent is the one this process had when
+    it first imported distnn (:func:`parent_at_start`), so one gone already is seen at the
+    first poll. The signal goes within ``interval_s`` seconds of the parent's death while
+    SIGTERM is caught by a Python handler, else ``grace_s`` seconds after the watch noticed
+    (or as soon as a handler is installed). The watch runs in a daemon thread (it never
+    keeps the process alive) that wakes every ``interval_s`` seconds and touches nothing the
+    training step uses; it is stopped and joined on the way out, after which it never
+    signals.
     """
     if not enabled:
         yield
         return
-    parent = os.getppid()
+    parent = parent_at_start()
     stopped = threading.Event()
     signalling = threading.Lock()  # a stop and a signal never cross
 
