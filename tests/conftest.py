@@ -9,6 +9,8 @@ import re
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -161,6 +163,20 @@ def run_cli(args: list[str], *, env: dict[str, str] | None = None, timeout: floa
     """Runs a command (a list, the program first) with a clean launch environment."""
     return subprocess.run(args, env=env or clean_env(), capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)
+
+
+@contextmanager
+def running(args: list[str], **kwargs) -> Iterator[subprocess.Popen]:
+    """``subprocess.Popen(args, **kwargs)``, killed on the way out if it still runs: a test
+    that fails while a long run goes on (10**7 steps, say) leaves no process behind to eat
+    the CPU of the tests after it. (Popen's own ``with`` waits for it instead.)"""
+    job = subprocess.Popen(args, **kwargs)
+    try:
+        yield job
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
 
 
 def bin_path(name: str) -> str:

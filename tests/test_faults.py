@@ -18,7 +18,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from distnn.train import main
-from tests.conftest import REPO, bin_path, clean_env, free_port, read_losses, run_cli
+from tests.conftest import (
+    REPO,
+    bin_path,
+    clean_env,
+    free_port,
+    read_losses,
+    run_cli,
+    running,
+)
 
 # Small and quick: at this size a step is one gloo round trip.
 TINY = ["--d-in", "10", "--hidden", "10", "--log-every", "1"]
@@ -134,14 +142,14 @@ def test_elastic_restart_resumes_to_the_same_bits(tmp_path, uninterrupted, minib
 def signal_once(command: list[str], appears, signum: int) -> tuple[int, str]:
     """Runs ``command``, sends it ``signum`` as soon as the path ``appears``; returns its exit
     code and standard error."""
-    job = subprocess.Popen(command, env=clean_env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not appears.exists() and job.poll() is None:
-        assert time.monotonic() < deadline, f"{appears} did not appear"
-        time.sleep(0.01)
-    job.send_signal(signum)
-    _, stderr = job.communicate(timeout=60)
+    with running(command, env=clean_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                 stderr=subprocess.PIPE, text=True) as job:
+        deadline = time.monotonic() + 60
+        while not appears.exists() and job.poll() is None:
+            assert time.monotonic() < deadline, f"{appears} did not appear"
+            time.sleep(0.01)
+        job.send_signal(signum)
+        _, stderr = job.communicate(timeout=60)
     return job.returncode, stderr
 
 
@@ -237,15 +245,15 @@ def test_one_process_stops_after_the_step_its_signal_arrived_in_and_resumes_the_
 
 def test_a_run_without_a_checkpoint_folder_says_a_rerun_starts_again(tmp_path):
     metrics = tmp_path / "m.jsonl"
-    job = subprocess.Popen([sys.executable, "-m", "distnn.train", *TINY, "--steps", "10000000",
-                            "--log-every", "1", "--metrics", str(metrics)], env=clean_env(),
-                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not (metrics.exists() and metrics.read_text()) and job.poll() is None:
-        assert time.monotonic() < deadline, "no step was recorded"
-        time.sleep(0.01)  # a step recorded: the steps run, and the signal is caught
-    job.send_signal(signal.SIGTERM)
-    _, stderr = job.communicate(timeout=60)
+    with running([sys.executable, "-m", "distnn.train", *TINY, "--steps", "10000000",
+                  "--log-every", "1", "--metrics", str(metrics)], env=clean_env(), cwd=REPO,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as job:
+        deadline = time.monotonic() + 60
+        while not (metrics.exists() and metrics.read_text()) and job.poll() is None:
+            assert time.monotonic() < deadline, "no step was recorded"
+            time.sleep(0.01)  # a step recorded: the steps run, and the signal is caught
+        job.send_signal(signal.SIGTERM)
+        _, stderr = job.communicate(timeout=60)
     assert job.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert re.fullmatch(r"distnn: warning: stopped: preempted \(SIGTERM\) after step \d+ of "
                         r"10000000: no --checkpoint-dir, so nothing was saved and a rerun "
@@ -295,16 +303,16 @@ def test_a_repeated_sigterm_is_the_same_request_and_a_second_sigint_interrupts()
 def test_two_sigterms_at_once_still_stop_at_a_step_with_a_checkpoint(tmp_path):
     command = [sys.executable, "-m", "distnn.train", *TINY, "--steps", "5000",
                "--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "100"]
-    job = subprocess.Popen(command, env=clean_env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not (tmp_path / "ck" / "step-100").exists() and job.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    job.send_signal(signal.SIGTERM)  # as a scheduler signals every process of a job, and
-    time.sleep(0.2)  # (once the first was handled: two at once arrive as one)
-    job.send_signal(signal.SIGTERM)  # torchrun forwards its own copy
-    _, stderr = job.communicate(timeout=60)
+    with running(command, env=clean_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                 stderr=subprocess.PIPE, text=True) as job:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "ck" / "step-100").exists() and job.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        job.send_signal(signal.SIGTERM)  # as a scheduler signals every process of a job, and
+        time.sleep(0.2)  # (once the first was handled: two at once arrive as one)
+        job.send_signal(signal.SIGTERM)  # torchrun forwards its own copy
+        _, stderr = job.communicate(timeout=60)
     assert job.returncode == 143, stderr[-3000:]
     match = re.search(r"preempted \(SIGTERM\) after step (\d+) of 5000: wrote (\S+);", stderr)
     assert match and os.path.isdir(match.group(2)), stderr[-3000:]

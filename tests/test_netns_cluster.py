@@ -20,6 +20,9 @@ from tests.reference import assert_matches_reference
 
 SCRIPT = REPO / "launch" / "netns-cluster.sh"
 STEPS = 100
+# a step count no other test uses: its processes are found by it (pgrep), and other test
+# files run beside this one (make test: pytest-xdist)
+LONG_RUN = "1000017"
 
 
 @functools.cache
@@ -96,7 +99,7 @@ def test_a_failing_host_fails_the_run_and_leaves_nothing(cluster):
 
 def test_ctrl_c_tears_the_cluster_down(cluster):
     bin_path("torchrun")
-    agent = subprocess.Popen(["bash", str(SCRIPT), "--hosts", "2", "--", "--steps", "1000000",
+    agent = subprocess.Popen(["bash", str(SCRIPT), "--hosts", "2", "--", "--steps", LONG_RUN,
                               "--log-every", "0"], cwd=REPO,
                              env=clean_env(PYTHON=sys.executable),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -116,7 +119,8 @@ def test_ctrl_c_tears_the_cluster_down(cluster):
             agent.kill()
     assert agent.returncode == 130, err[-2000:]
     assert own_namespaces(agent.pid) == []
-    leftover = subprocess.run(["pgrep", "-f", "steps 1000000"], capture_output=True, text=True)
+    leftover = subprocess.run(["pgrep", "-f", f"steps {LONG_RUN}( |$)"], capture_output=True,
+                              text=True)
     assert leftover.stdout == ""
 
 
