@@ -28,11 +28,11 @@ $(STAMP): pyproject.toml Makefile
 run: $(STAMP)
 	$(BIN)/torchrun --nproc_per_node=$(NPROC) -m distnn.train $(ARGS)
 
-# All tests; the CUDA ones skip cleanly on a machine without a GPU. TEST_WORKERS test files
-# run at a time (pytest-xdist), each file's tests in order on one worker: many tests wait
-# (for a timeout, a peer, a launcher) with the CPU idle. (TEST_WORKERS=0: one at a time.)
+# All tests; the CUDA ones skip cleanly on a machine without a GPU. TEST_WORKERS tests run
+# at a time (pytest-xdist): many wait (for a timeout, a peer, a launcher) with the CPU idle.
+# (TEST_WORKERS=0: one at a time.)
 TEST_WORKERS ?= 2
-PYTEST = $(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
+PYTEST = $(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS))
 test: $(STAMP)
 	$(PYTEST)
 

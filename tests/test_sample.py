@@ -17,7 +17,7 @@ from distnn.resilience.outputs import save_weights
 from distnn.tools.sample import main as sample
 from distnn.train import main as train
 from tests.conftest import LAUNCH_VARS
-from tests.user_models import bag_of_tokens
+from tests.user_models import bag_of_tokens, logits_in_a_dict
 
 CONTEXT = 8
 
@@ -68,9 +68,24 @@ def test_draws_are_repeatable_for_a_seed_and_stay_among_the_top_k():
         assert out[position] in scores.topk(3).indices.tolist(), position
 
 
+def test_outputs_the_loss_reads_are_read_and_a_tiny_temperature_is_greedy():
+    model = tiny_gpt()
+    prompt = torch.tensor([[7, 8, 9]])
+    greedy = generate(model, prompt, new_tokens=10, context=CONTEXT, temperature=0)
+    in_a_dict = logits_in_a_dict(CONTEXT, 256, d_model=16, n_layers=1, n_heads=2)
+    in_a_dict.gpt.load_state_dict(model.state_dict())
+    assert torch.equal(generate(in_a_dict, prompt, new_tokens=10, context=CONTEXT,
+                                temperature=0), greedy)
+    # scores / 1e-40 would overflow to inf - inf = nan; the best score is taken out first
+    assert torch.equal(generate(model, prompt, new_tokens=10, context=CONTEXT,
+                                temperature=1e-40), greedy)
+
+
 def test_bad_arguments_are_refused():
-    with pytest.raises(ValueError, match="allowed: new_tokens >= 0"):
-        generate(tiny_gpt(), torch.tensor([[1]]), new_tokens=1, context=CONTEXT, top_k=0)
+    for kwargs in (dict(top_k=0), dict(temperature=float("nan")), dict(temperature=-1.0),
+                   dict(temperature=float("inf"))):
+        with pytest.raises(ValueError, match="allowed: new_tokens >= 0"):
+            generate(tiny_gpt(), torch.tensor([[1]]), new_tokens=1, context=CONTEXT, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +142,9 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, capfd):
         ([str(trained), "--tokens", "-1"], "--tokens -1; allowed: 0 or more"),
         ([str(trained), "--top-k", "0"], "--top-k 0; allowed: 1 or more"),
         ([str(trained), "--temperature", "-1"], "--temperature -1; allowed: 0"),
+        ([str(trained), "--temperature", "nan"], "--temperature nan; allowed: 0"),
+        ([str(trained), "--seed", "-1"], "--seed -1; allowed: 0 to 2**63 - 1"),
+        ([str(trained), "--seed", str(2**64)], "allowed: 0 to 2**63 - 1"),
         ([str(trained), "--prompt", ""], "--prompt is empty"),
         ([str(trained), "--bogus"], "unrecognized arguments: --bogus; see python -m"),
     ]
@@ -155,7 +173,13 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, capfd):
                   "the byte 195, and the model knows bytes 0 to 99 only"))
     save_weights(tiny_gpt(vocab=100), str(tmp_path / "other.safetensors"),
                  dict(gpt, **{"distnn.d_out": "90"}))  # metadata that the weights do not fit
-    cases.append(([str(tmp_path / "other.safetensors")], "its weights do not fit the model"))
+    cases.append(([str(tmp_path / "other.safetensors")], "its weights do not fit the model "
+                  "its metadata names (size mismatch for tokens.weight"))
+    save_weights(tiny_gpt(vocab=100), str(tmp_path / "gone.safetensors"),
+                 dict(gpt, **{"distnn.model": "no_such_module:build"}))  # not importable here
+    cases.append(([str(tmp_path / "gone.safetensors")], "gone.safetensors was trained with "
+                  "--model no_such_module:build, which cannot be built here: --model: cannot "
+                  "import 'no_such_module'"))
     save_weights(tiny_gpt(vocab=100), str(tmp_path / "damaged.safetensors"),
                  dict(gpt, **{"distnn.d_in": "eight"}))
     cases.append(([str(tmp_path / "damaged.safetensors")], "its distnn metadata is damaged"))

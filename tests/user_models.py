@@ -123,3 +123,20 @@ def with_dropout(d_in: int, d_out: int) -> nn.Module:
 def bag_of_tokens(d_in: int, d_out: int) -> nn.Module:
     """Token ids [N, T] to one score vector a row, [N, d_out]: not a next-token model."""
     return nn.EmbeddingBag(d_out, d_out)
+
+
+class LogitsInADict(nn.Module):
+    """distnn's GPT whose forward returns {"logits": scores}, as some libraries' models do."""
+
+    def __init__(self, d_in: int, d_out: int, **kwargs) -> None:
+        super().__init__()
+        from distnn.models.gpt import build
+
+        self.gpt = build(d_in=d_in, d_out=d_out, **kwargs)
+
+    def forward(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.gpt(ids)}
+
+
+def logits_in_a_dict(d_in: int, d_out: int, **kwargs) -> nn.Module:
+    return LogitsInADict(d_in, d_out, **kwargs)

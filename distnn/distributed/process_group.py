@@ -225,9 +225,10 @@ def _wait_for_store(environ: Mapping[str, str], timeout_s: float) -> None:
         except OSError as error:
             reason = error.strerror or str(error) or type(error).__name__
         if left <= 0:
+            where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"  # IPv6
             raise CollectiveFailed(f"joining the process group failed: nothing listened at "
-                                   f"{address}:{port} (MASTER_ADDR:MASTER_PORT, where rank 0 "
-                                   f"serves the job's store): {reason}")
+                                   f"{where} (MASTER_ADDR:MASTER_PORT, where rank 0 serves "
+                                   f"the job's store): {reason}")
         time.sleep(min(STORE_PROBE_S, max(0.0, left)))
 
 

@@ -110,15 +110,19 @@ def model_from_recipe(recipe: Mapping[str, str], *, where: str) -> tuple[nn.Modu
         hidden = json.loads(recipe["distnn.hidden"])
         d_in, d_out = int(recipe["distnn.d_in"]), int(recipe["distnn.d_out"])
         if not (isinstance(kwargs, dict) and isinstance(hidden, list) and d_in > 0 and d_out > 0
-                and all(isinstance(width, int) and width > 0 for width in hidden)):
+                and all(type(width) is int and width > 0 for width in hidden)):
             raise ValueError("values of the wrong kind")
     except ValueError as error:  # JSONDecodeError is one
         raise UsageError(f"{where}: its distnn metadata is damaged ({error}); allowed: a file "
                          "distnn.train's --save wrote, unchanged") from None
     spec = recipe["distnn.model"]
-    if spec:
+    if not spec:
+        return build_model(d_in, hidden, d_out), d_in, d_out
+    try:
         return import_model(spec, d_in=d_in, d_out=d_out, kwargs=kwargs), d_in, d_out
-    return build_model(d_in, hidden, d_out), d_in, d_out
+    except UsageError as error:  # (it speaks of --model: the flag the file was trained with)
+        raise UsageError(f"{where} was trained with --model {spec}, which cannot be built "
+                         f"here: {error}") from None
 
 
 def _first_line(error: BaseException) -> str:

@@ -15,12 +15,14 @@ from Python).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from distnn.errors import EXIT_USAGE, UsageError
+from distnn.job.losses import scores_of
 from distnn.job.model import model_from_recipe
 from distnn.models.sampling import generate
 from distnn.tools.tokens import VOCAB_SIZE
@@ -46,10 +48,11 @@ def load_trained(path: str, device: torch.device) -> tuple[torch.nn.Module, int,
                          "(--model distnn.models.gpt:build, say)")
     try:
         model.load_state_dict(weights)
-    except RuntimeError as error:
-        first = str(error).strip().splitlines()[0]
+    except RuntimeError as error:  # "Error(s) in loading state_dict for GPT:", then what
+        what = " ".join(str(error).split("\n", 1)[-1].split())
+        what = what if len(what) <= 300 else what[:297] + "..."
         raise UsageError(f"{path}: its weights do not fit the model its metadata names "
-                         f"({first}); allowed: the file as --save wrote it") from None
+                         f"({what}); allowed: the file as --save wrote it") from None
     return model.to(device), context, vocab
 
 
@@ -65,9 +68,11 @@ def _device(name: str) -> torch.device:
 def _run(args: argparse.Namespace) -> bytes:
     if args.tokens < 0:
         raise UsageError(f"--tokens {args.tokens}; allowed: 0 or more")
-    if args.temperature < 0:
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise UsageError(f"--temperature {args.temperature:g}; allowed: 0 (always the "
-                         "likeliest byte) or more")
+                         "likeliest byte) or a finite number above it")
+    if not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed {args.seed}; allowed: 0 to 2**63 - 1")
     if args.top_k is not None and args.top_k < 1:
         raise UsageError(f"--top-k {args.top_k}; allowed: 1 or more")
     prompt = args.prompt.encode("utf-8", "surrogateescape")  # argv's bytes, whatever they are
@@ -85,10 +90,9 @@ def _run(args: argparse.Namespace) -> bytes:
                          f"0 to {vocab - 1} only; allowed: a prompt of those bytes")
     ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
     with torch.no_grad():
-        scores = model.eval()(ids[:, -context:])
-    if not (isinstance(scores, torch.Tensor) and scores.dim() == 3
-            and scores.shape[-1] == vocab):
-        shape = list(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        scores = scores_of(model.eval()(ids[:, -context:]))
+    if scores.dim() != 3 or scores.shape[-1] != vocab:
+        shape = list(scores.shape)
         raise UsageError(f"{args.weights}: the model maps token ids [1, {ids.shape[1]}] to "
                          f"{shape}, not to next-token scores [1, {ids.shape[1]}, {vocab}]; "
                          "allowed: a language model (--model distnn.models.gpt:build, say)")
