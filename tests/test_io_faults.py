@@ -108,7 +108,7 @@ def test_the_rank_exit_code_of_a_failed_write_is_4(tmp_path, capsys, no_launcher
 
 def test_a_failed_save_names_the_checkpoint_that_holds_the_weights(tmp_path, capsys,
                                                                      no_launcher, monkeypatch):
-    def no_space(module, path):
+    def no_space(module, path, metadata=None):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
     monkeypatch.setattr("distnn.run.checkpointer.save_weights", no_space)

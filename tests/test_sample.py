@@ -108,7 +108,8 @@ def _train() -> None:
     args = json.dumps({"d_model": 16, "n_layers": 1, "n_heads": 2})
     assert train(["--data", "tokens.safetensors", "--model", "distnn.models.gpt:build",
                   "--model-args", args, "--d-out", "256", "--loss", "cross-entropy",
-                  "--steps", "3", "--quiet", "--save", "lm.safetensors"]) == 0
+                  "--steps", "3", "--quiet", "--save", "lm.safetensors",
+                  "--checkpoint-dir", "ck"]) == 0
 
 
 def test_the_tool_continues_a_prompt_with_what_save_wrote(trained, capfdbinary):
@@ -128,6 +129,10 @@ def test_the_tool_continues_a_prompt_with_what_save_wrote(trained, capfdbinary):
     model.load_state_dict(load_file(trained))
     want = bytes(greedy_by_hand(model.eval(), list(b"the ranks"), 12)) + b"\n"
     assert capfdbinary.readouterr().out == want
+    # the final checkpoint holds the same weights, and says which model too
+    assert sample([str(trained.parent / "ck" / "step-3"), "--prompt", "the ranks",
+                   "--tokens", "12", "--temperature", "0"]) == 0
+    assert capfdbinary.readouterr().out == want
 
 
 def one_error(capfd) -> str:
@@ -139,6 +144,7 @@ def one_error(capfd) -> str:
 def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, capfd):
     cases = [
         ([str(tmp_path / "none.safetensors")], "cannot read "),
+        ([str(tmp_path)], f"{tmp_path} holds no weights.safetensors (a sharded checkpoint"),
         ([str(trained), "--tokens", "-1"], "--tokens -1; allowed: 0 or more"),
         ([str(trained), "--top-k", "0"], "--top-k 0; allowed: 1 or more"),
         ([str(trained), "--temperature", "-1"], "--temperature -1; allowed: 0"),

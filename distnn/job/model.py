@@ -103,8 +103,9 @@ def model_from_recipe(recipe: Mapping[str, str], *, where: str) -> tuple[nn.Modu
     with its d_in and d_out. UsageError when the recipe is missing or not one distnn wrote."""
     if not all(key in recipe for key in RECIPE):
         raise UsageError(f"{where} does not say which model it holds (no distnn.model in its "
-                         "metadata); allowed: a file distnn.train's --save wrote (distnn.fit's "
-                         "model is yours: call distnn.models.sampling.generate on it)")
+                         "metadata); allowed: a file distnn.train's --save wrote, or its "
+                         "checkpoint's (distnn.fit's model is yours: call "
+                         "distnn.models.sampling.generate on it)")
     try:
         kwargs = json.loads(recipe["distnn.model_args"])
         hidden = json.loads(recipe["distnn.hidden"])

@@ -99,12 +99,15 @@ def temporary_folder(directory: str, step: int) -> str:
 def save_checkpoint(directory: str, *, step: int, weights: dict[str, torch.Tensor] | None,
                     losses: torch.Tensor, state: dict[str, Any], keep: int,
                     optimizer: dict[str, torch.Tensor] | None = None,
-                    written: tuple[str, dict[str, str]] | None = None) -> str:
+                    written: tuple[str, dict[str, str]] | None = None,
+                    recipe: dict[str, str] | None = None) -> str:
     """Writes ``directory/step-{step}`` atomically, then keeps only the newest ``keep`` of
     the checkpoints up to it (a folder of a later step is left alone).
 
     ``state`` is stored in state.json with the step and the files' checksums added;
     ``optimizer`` (optimizers.state_tensors) in optimizer.safetensors when given.
+    ``recipe``: how to build the model again, in weights.safetensors' metadata as in
+    --save's (distnn.tools.sample reads either).
     ``written``: a sharded checkpoint's temporary folder (:func:`temporary_folder`), which
     already holds the ranks' shards, and their checksums by path; ``weights`` is then None.
     Returns the checkpoint's path. Rank 0 alone calls this. Raises OSError (the file, the
@@ -114,7 +117,7 @@ def save_checkpoint(directory: str, *, step: int, weights: dict[str, torch.Tenso
     final = os.path.join(directory, f"step-{step}")
     files = {LOSSES: tensor_bytes({"loss": losses.detach().to(torch.float32)})}
     if weights is not None:
-        files[WEIGHTS] = tensor_bytes(weights)
+        files[WEIGHTS] = tensor_bytes(weights, recipe)
     if optimizer is not None:
         files[OPTIMIZER] = tensor_bytes(optimizer)
     digests = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}

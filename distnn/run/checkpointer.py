@@ -208,7 +208,7 @@ class Checkpointer:
             save_checkpoint(config.checkpoint_dir, step=done, weights=weights,
                             losses=torch.tensor(list(self.losses.tail)),
                             keep=config.keep_checkpoints, state=self._record(done, val),
-                            optimizer=optimizer, written=written)
+                            optimizer=optimizer, written=written, recipe=self.job.recipe)
             log.debug(f"wrote checkpoint step-{done}")
 
         write_on_rank_0(self.rt, write, failed, after)

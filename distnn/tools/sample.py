@@ -2,8 +2,9 @@
 [--top-k K] [--seed S] [--device auto|cpu|cuda]``: text that a language model distnn.train
 trained writes.
 
-WEIGHTS is the file ``--save`` wrote: its metadata says which model it holds (``--model``,
-``--model-args`` and the sizes), so nothing else is needed. Tokens are bytes, as
+WEIGHTS is the file ``--save`` wrote, or a checkpoint's step-N folder: the metadata of its
+weights says which model it holds (``--model``, ``--model-args`` and the sizes), so nothing
+else is needed. Tokens are bytes, as
 distnn.tools.tokens makes them: the prompt's UTF-8 bytes go in, and the prompt and the N
 bytes the model adds come out on stdout, as they are (a byte sequence cut mid-character is
 the model's). Each byte is drawn from the model's scores over ``--temperature`` among the
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 import torch
@@ -25,12 +27,21 @@ from distnn.errors import EXIT_USAGE, UsageError
 from distnn.job.losses import scores_of
 from distnn.job.model import model_from_recipe
 from distnn.models.sampling import generate
+from distnn.resilience.checkpoint import WEIGHTS
 from distnn.tools.tokens import VOCAB_SIZE
 
 
 def load_trained(path: str, device: torch.device) -> tuple[torch.nn.Module, int, int]:
-    """The model ``path`` (a --save file) holds, with its trained weights, on ``device``;
-    with its context (d_in) and vocabulary (d_out)."""
+    """The model ``path`` (a --save file, or a checkpoint's step-N folder) holds, with its
+    trained weights, on ``device``; with its context (d_in) and vocabulary (d_out)."""
+    if os.path.isdir(path):
+        weights_file = os.path.join(path, WEIGHTS)
+        if not os.path.isfile(weights_file):
+            raise UsageError(f"{path} holds no {WEIGHTS} (a sharded checkpoint of --shard "
+                             "gradients or parameters, where each rank wrote its part, or "
+                             "not a checkpoint); allowed: a --save file, or the step-N folder "
+                             "of an unsharded run's checkpoint")
+        path = weights_file
     try:
         with safe_open(path, framework="pt") as file:
             recipe = file.metadata() or {}
@@ -110,7 +121,8 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="python -m distnn.tools.sample", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("weights", help="the .safetensors file distnn.train's --save wrote")
+    parser.add_argument("weights", help="the .safetensors file distnn.train's --save wrote, "
+                        "or a checkpoint's step-N folder")
     parser.add_argument("--prompt", default="\n", help="the text to go on from (default: a "
                         "newline)")
     parser.add_argument("--tokens", type=int, default=200, help="bytes to add (default: 200)")
