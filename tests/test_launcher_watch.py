@@ -147,6 +147,16 @@ with launcher_watch(True, interval_s=0.2, grace_s=2.0):
 """
 
 
+# The same, reaching distnn.train's start-up (a torchrun rank's variables) once orphaned.
+LATE_RANK = LATE_CHILD.split("from distnn.distributed.launcher_watch")[0] + """
+from distnn.train import main
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                  MASTER_ADDR="127.0.0.1", MASTER_PORT="1", TORCHELASTIC_RUN_ID="late",
+                  TORCHELASTIC_RESTART_COUNT="0")
+(out / "result").write_text(str(main(["--steps", "3"])))
+"""
+
+
 def orphan_after_parent_dies(tmp_path: Path, mode: str, child: str = CHILD
                              ) -> tuple[float, int]:
     """Kills the parent of a watched child; returns (seconds until the child was gone,
@@ -186,6 +196,15 @@ def test_a_launcher_killed_before_the_watch_started_is_still_seen_gone(tmp_path)
     assert elapsed < 3
     assert (tmp_path / "stderr").read_text().count(
         f"the launcher (pid {parent}) is gone; stopping as if preempted (SIGTERM)") == 1
+
+
+def test_a_rank_whose_launcher_died_before_it_joined_stops_at_once(tmp_path):
+    elapsed, parent = orphan_after_parent_dies(tmp_path, "catch", LATE_RANK)
+    assert (tmp_path / "result").read_text() == "143"
+    assert elapsed < 15  # importing torch, then at once (not the watch's 10 s grace)
+    assert (tmp_path / "stderr").read_text().splitlines() == [
+        f"distnn: rank 0: warning: stopped: the launcher (pid {parent}) was gone before this "
+        "rank joined the job, so nothing was trained (as if preempted before the first step)"]
 
 
 def test_an_orphan_that_does_not_catch_sigterm_ends_after_the_grace(tmp_path):

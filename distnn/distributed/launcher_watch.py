@@ -56,6 +56,13 @@ def parent_at_start() -> int:
     return parent if pid == os.getpid() else os.getppid()
 
 
+def launcher_gone() -> int | None:
+    """The pid of the parent this process started under (:func:`parent_at_start`) when it
+    is gone (the process was reparented); None while it lives."""
+    parent = parent_at_start()
+    return parent if os.getppid() != parent else None
+
+
 @contextmanager
 def launcher_watch(enabled: bool, *, interval_s: float = POLL_S,
                    grace_s: float = GRACE_S) -> Iterator[None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,9 +18,9 @@ from distnn.distributed.environment import (
     resolve_placement,
     single_process_notice,
 )
-from distnn.distributed.launcher_watch import launcher_watch
+from distnn.distributed.launcher_watch import launcher_gone, launcher_watch
 from distnn.distributed.process_group import process_group
-from distnn.errors import UsageError
+from distnn.errors import EXIT_SIGNAL_BASE, RunFailed, UsageError
 
 log = logging.getLogger("distnn")
 
@@ -68,7 +69,8 @@ def setup(*, device: str = "auto", backend: str = "auto", timeout_s: float = 300
     a launcher it yields a single-process runtime with no process group.
     Under torchrun's agent (``launch.agent``) a rank whose agent dies sends itself SIGTERM
     within about a second, so it stops as if preempted instead of training on as an orphan
-    (distnn.distributed.launcher_watch); the watch ends when this context does.
+    (distnn.distributed.launcher_watch); the watch ends when this context does. An agent
+    gone already is RunFailed (exit 143) at once.
     ``sharding=False`` promises that no run inside shards (``shard="none"``), which saves
     each rank importing torch's sharding modules (0.7 s on a CPU): they must be imported
     before the group is made, or they hold it past its end and the process may abort as it
@@ -77,6 +79,11 @@ def setup(*, device: str = "auto", backend: str = "auto", timeout_s: float = 300
     """
     _check_arguments(device=device, backend=backend, timeout_s=timeout_s)
     launch = launch or detect_launch(os.environ)
+    gone = launcher_gone() if launch.agent else None
+    if gone is not None:  # killed while this rank started: its store went with it
+        raise RunFailed(f"the launcher (pid {gone}) was gone before this rank joined the job, "
+                        "so nothing was trained (as if preempted before the first step)",
+                        EXIT_SIGNAL_BASE + signal.SIGTERM, label="stopped")
     placement = resolve_placement(device=device, backend=backend, launch=launch,
                                   cuda_devices=torch.cuda.device_count())
     if launch.is_main:
