@@ -17,6 +17,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from distnn.distributed.environment import LaunchEnv, detect_launch
 from distnn.distributed.launcher_watch import THREAD_NAME
 from distnn.distributed.runtime import setup
@@ -180,18 +182,12 @@ def orphan_after_parent_dies(tmp_path: Path, mode: str, child: str = CHILD
         kill_left_over(child)
 
 
-def test_an_orphan_that_catches_sigterm_gets_it_within_the_poll(tmp_path):
-    elapsed, parent = orphan_after_parent_dies(tmp_path, "catch")
-    assert (tmp_path / "result").read_text() == "caught SIGTERM"
-    assert elapsed < 3
-    assert (tmp_path / "stderr").read_text().count(
-        f"the launcher (pid {parent}) is gone; stopping as if preempted (SIGTERM)") == 1
-
-
-def test_a_launcher_killed_before_the_watch_started_is_still_seen_gone(tmp_path):
-    # (torchrun SIGKILLed while its ranks imported torch left them waiting ~43 s on its
-    # dead store, then failing with C++ frames)
-    elapsed, parent = orphan_after_parent_dies(tmp_path, "catch", LATE_CHILD)
+# LATE_CHILD: the launcher killed before the watch started (torchrun SIGKILLed while its
+# ranks imported torch left them waiting ~43 s on its dead store, then failing with C++
+# frames): it is still seen gone
+@pytest.mark.parametrize("child", [CHILD, LATE_CHILD], ids=["watched", "killed-before-watch"])
+def test_an_orphan_that_catches_sigterm_gets_it_within_the_poll(tmp_path, child):
+    elapsed, parent = orphan_after_parent_dies(tmp_path, "catch", child)
     assert (tmp_path / "result").read_text() == "caught SIGTERM"
     assert elapsed < 3
     assert (tmp_path / "stderr").read_text().count(

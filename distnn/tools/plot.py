@@ -6,11 +6,12 @@ Needs matplotlib (``pip install 'distnn[plot]'``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
+
+from distnn.tools.cli import Parser
 
 
 def read_rows(path: str) -> list[dict]:
@@ -100,13 +101,8 @@ def plot(rows: list[dict], output: str, *, title: str | None = None) -> None:
     plt.close(figure)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse would print the usage too
-        raise ValueError(f"{message}; see python -m distnn.plot --help")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="python -m distnn.plot", description=__doc__)
+    parser = Parser(prog="python -m distnn.plot", description=__doc__)
     parser.add_argument("metrics", help="a JSON Lines file written by --metrics")
     parser.add_argument("-o", "--output", default="loss.png",
                         help="the image to write (.png unless it names another format)")

@@ -23,11 +23,13 @@ import sys
 import torch
 from safetensors import SafetensorError, safe_open
 
+from distnn.distributed.environment import detect_launch, resolve_placement
 from distnn.errors import EXIT_USAGE, UsageError
 from distnn.job.losses import scores_of
 from distnn.job.model import model_from_recipe
 from distnn.models.sampling import generate
 from distnn.resilience.checkpoint import WEIGHTS
+from distnn.tools.cli import Parser
 from distnn.tools.tokens import VOCAB_SIZE
 
 
@@ -67,15 +69,6 @@ def load_trained(path: str, device: torch.device) -> tuple[torch.nn.Module, int,
     return model.to(device), context, vocab
 
 
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device: got 'cuda' but CUDA is not available on this machine; "
-                         "allowed here: auto, cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def _run(args: argparse.Namespace) -> bytes:
     if args.tokens < 0:
         raise UsageError(f"--tokens {args.tokens}; allowed: 0 or more")
@@ -89,7 +82,9 @@ def _run(args: argparse.Namespace) -> bytes:
     prompt = args.prompt.encode("utf-8", "surrogateescape")  # argv's bytes, whatever they are
     if not prompt:
         raise UsageError("--prompt is empty; allowed: at least one character")
-    device = _device(args.device)
+    device = torch.device(resolve_placement(  # as --device picks it for one process
+        device=args.device, backend="auto", launch=detect_launch({}),
+        cuda_devices=torch.cuda.device_count()).device)
     model, context, vocab = load_trained(args.weights, device)
     if vocab > VOCAB_SIZE:
         raise UsageError(f"{args.weights}: the model scores {vocab} tokens, and this tool's "
@@ -113,13 +108,8 @@ def _run(args: argparse.Namespace) -> bytes:
     return bytes(out[0].tolist())
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse would print usage and exit
-        raise UsageError(f"{message}; see python -m distnn.tools.sample --help")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="python -m distnn.tools.sample", description=__doc__,
+    parser = Parser(prog="python -m distnn.tools.sample", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("weights", help="the .safetensors file distnn.train's --save wrote, "
                         "or a checkpoint's step-N folder")

@@ -27,6 +27,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from distnn.errors import EXIT_USAGE, UsageError
+from distnn.tools.cli import Parser
 
 VOCAB_SIZE = 256
 CHUNK_BYTES = 16 << 20  # input read per chunk; the chunk's x and y copies are no larger
@@ -181,13 +182,8 @@ def _run(args: argparse.Namespace) -> str:
     return f"wrote {'; '.join(written)}; T={args.context}, stride {args.stride}"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse would print usage and exit
-        raise UsageError(f"{message}; see python -m distnn.tools.tokens --help")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="python -m distnn.tools.tokens", description=__doc__,
+    parser = Parser(prog="python -m distnn.tools.tokens", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="the text file; each byte is a token (0..255)")
     parser.add_argument("output", help="the .safetensors file to write")
